@@ -1,0 +1,40 @@
+"""User-facing errors: one line saying what was wrong, where, and what to do.
+
+The CLI prints `mmdiag: error: <message>` and exits non-zero; it never shows a
+traceback for these. Anything else escaping is a bug in mmdiag.
+"""
+from __future__ import annotations
+
+
+class MmdiagError(Exception):
+    """A problem the user can act on. `exit_code` is what the CLI returns."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        parts = [f"{self.where}: {self.what}" if self.where else self.what]
+        if self.fix:
+            parts.append(self.fix)
+        return "; ".join(parts)
+
+
+class TraceError(MmdiagError):
+    """A trace file is unreadable or malformed."""
+
+
+class ProfileError(MmdiagError):
+    """A workload profile or criteria file is unknown or malformed."""
+
+
+class ReplayError(MmdiagError):
+    """A replay could not start or a rank failed."""
+
+    exit_code = 3
+
+
+class RunFileError(MmdiagError):
+    """A Run JSON file is missing, truncated or of the wrong schema."""

@@ -1,0 +1,264 @@
+"""One replay rank's scheduler loop, shaped like SGLang's event loop.
+
+Each iteration, on every rank:
+  recv_requests            the entry rank admits the requests that have arrived and
+                           hands them to all ranks with broadcast_pyobj   -> `recv`
+  process_input_requests   the strategy materializes / broadcasts mm inputs
+                           (from_dict, pickle, broadcast, unpickle)
+  run_forward_step         the model step stand-in: optional sleep (GPU time,
+                           GIL released) plus a tiny all_reduce that keeps the TP
+                           ranks in lock-step as the real forward does  -> `forward`
+The all_reduce also carries how many requests every rank holds (MIN over ranks),
+which is how the entry rank runs a closed loop and knows when to stop.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from array import array
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..run import summarize_ms
+from ..strategies.base import Strategy
+from ..trace import DTYPES, TraceReader, TraceRequest
+from .comm import broadcast_pyobj
+from .mm import MultimodalDataItem, hash_feature
+from .timers import PhaseTimers
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
+assert set(TORCH_DTYPES) == set(DTYPES)
+# Distinct fill values per request keep hashes distinct without paying for random data.
+FILL_VALUES = 64
+IDLE_TICK_S = 0.05
+
+
+@dataclass
+class ReplayRequest:
+    """What the entry rank receives from the tokenizer (TokenizedGenerateReqInput's role)."""
+    rid: str
+    idx: int
+    input_ids: list[int]
+    mm_inputs: dict[str, Any] | None
+    arrival: float
+
+
+def make_feature(shape: tuple[int, ...], dtype: str, idx: int) -> torch.Tensor:
+    return torch.full(shape, (idx % FILL_VALUES) + 1, dtype=TORCH_DTYPES[dtype])
+
+
+def make_request(tr: TraceRequest, idx: int, arrival: float, image_token_id: int,
+                 hashes: list[int] | None = None) -> ReplayRequest:
+    n_tokens = tr.prompt_len + sum(it.shape[0] // 4 for it in tr.mm)  # merge 2x2 -> tokens
+    mm = None
+    if tr.mm:
+        items = []
+        for k, it in enumerate(tr.mm):
+            h = it.hash if it.hash is not None else (hashes[k] if hashes else None)
+            items.append(MultimodalDataItem(it.modality, make_feature(it.shape, it.dtype, idx), hash=h))
+        mm = {"mm_items": items, "im_token_id": image_token_id}
+    return ReplayRequest(tr.rid, idx, [image_token_id] * n_tokens, mm, arrival)
+
+
+def tokenizer_prepass(trace_path: str) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """The precompute strategy's tokenizer-side hashing, run before the timed window.
+    Returns per-request item hashes and per-request hashing seconds. Identical
+    features (same shape, dtype, fill) are hashed once and their measured time reused."""
+    hashes: dict[int, list[int]] = {}
+    seconds: dict[int, float] = {}
+    cache: dict[tuple, tuple[int, float]] = {}
+    with TraceReader(trace_path) as reader:
+        for idx, tr in enumerate(reader):
+            hs, total = [], 0.0
+            for it in tr.mm:
+                key = (it.shape, it.dtype, idx % FILL_VALUES)
+                if key not in cache:
+                    f = make_feature(it.shape, it.dtype, idx)
+                    t0 = time.perf_counter()
+                    h = hash_feature(f)
+                    cache[key] = (h, time.perf_counter() - t0)
+                    del f
+                h, dt = cache[key]
+                hs.append(it.hash if it.hash is not None else h)
+                total += dt if it.hash is None else 0.0
+            if tr.mm:
+                hashes[idx] = hs
+                seconds[idx] = total
+    return hashes, seconds
+
+
+class Intake:
+    """The entry rank's view of the trace: who has arrived, and the closed loop."""
+
+    def __init__(self, trace_path: str, start: float, max_concurrency: int | None,
+                 max_recv_bytes: int | None = None):
+        self.reader = TraceReader(trace_path)
+        self._it: Iterator[TraceRequest] = iter(self.reader)
+        self.start = start
+        self.max_concurrency = max_concurrency
+        self.max_recv_bytes = max_recv_bytes
+        self.next: TraceRequest | None = next(self._it, None)
+        self.admitted = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next is None
+
+    def next_arrival(self) -> float | None:
+        return None if self.next is None else self.start + self.next.t
+
+    def admit(self, now: float, globally_held: int) -> list[tuple[int, TraceRequest, float]]:
+        out, nbytes = [], 0
+        while self.next is not None and self.start + self.next.t <= now:
+            if self.max_concurrency is not None and self.admitted - globally_held >= self.max_concurrency:
+                break
+            # Bound one recv's feature bytes (memory); SGLang's tokenizer paces arrivals instead.
+            nbytes += self.next.mm_bytes
+            if out and self.max_recv_bytes is not None and nbytes > self.max_recv_bytes:
+                break
+            # Open loop: the request arrived at its offset. Closed loop: when its slot freed.
+            arrival = self.start + self.next.t if self.max_concurrency is None else now
+            out.append((self.admitted, self.next, arrival))
+            self.admitted += 1
+            self.next = next(self._it, None)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    cpu_s: float
+    wall_s: float
+    phases_ms: dict[str, float]
+    iterations: int
+    loop_stall_ms: dict[str, float]
+    collectives: int
+    bytes_sent: int
+    recv_bytes: int
+    holds: dict[str, float]
+    arrivals: dict[str, tuple[float, int]] = field(default_factory=dict)  # entry rank: rid -> (time, idx)
+    digest: str = ""
+    held: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class ReplayScheduler:
+    def __init__(self, rank: int, world: int, strategy: Strategy, timers: PhaseTimers, *,
+                 cpu_group: Any = None, timeout: timedelta = timedelta(seconds=60),
+                 forward_ms: float = 0.0, progress: Any = None):
+        self.rank, self.world = rank, world
+        self.is_entry_rank = rank == 0
+        self.strategy = strategy
+        self.timers = timers
+        self.cpu_group = cpu_group
+        self.timeout = timeout
+        self.forward_s = forward_ms / 1000.0
+        self.progress = progress
+        self.holds: dict[str, float] = {}
+        self.fingerprints: dict[str, tuple] = {}
+        self.recv_bytes = 0
+        self.arrivals: dict[str, tuple[float, int]] = {}
+        self.globally_held = 0
+        self.stop = False
+
+    # --- the loop ---------------------------------------------------------------
+    def event_loop(self, intake: Intake | None, total: int | None) -> RankOutcome:
+        t = self.timers
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        stalls = array("d")
+        batch_sizes: list[int] = []
+        iterations = 0
+        self.strategy.setup(self)
+        try:
+            while True:
+                it0 = time.perf_counter()
+                idle0, fwd0 = t.get("idle"), t.get("forward")
+                reqs = self.recv_requests(intake)
+                if self.stop:
+                    break
+                ready = self.process_input_requests(reqs)
+                ready += self.strategy.poll(self)
+                self.hold(ready)
+                self.run_forward_step(busy=bool(reqs or ready))
+                iterations += 1
+                if reqs:
+                    batch_sizes.append(len(reqs))
+                stalls.append((time.perf_counter() - it0 - (t.get("idle") - idle0)
+                               - (t.get("forward") - fwd0)) * 1000.0)
+                t.maybe_flush()
+                if self.progress is not None:
+                    self.progress(self.globally_held, total)
+        finally:
+            self.strategy.teardown(self)
+        t.maybe_flush(force=True)
+        digest = hashlib.sha256(repr(sorted(self.fingerprints.items())).encode()).hexdigest()
+        return RankOutcome(
+            rank=self.rank, cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
+            phases_ms=t.totals_ms(), iterations=iterations,
+            loop_stall_ms=summarize_ms(list(stalls)), collectives=t.collectives,
+            bytes_sent=t.sent_bytes, recv_bytes=self.recv_bytes, holds=self.holds, arrivals=self.arrivals,
+            digest=digest, held=len(self.holds), batch_sizes=batch_sizes)
+
+    def recv_requests(self, intake: Intake | None) -> list[ReplayRequest]:
+        msg = None
+        if self.is_entry_rank:
+            assert intake is not None
+            self._wait_for_arrivals(intake)
+            with self.timers.phase("recv"):
+                admitted = intake.admit(time.time(), self.globally_held)
+                reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx))
+                        for idx, tr, arr in admitted]
+                for r in reqs:
+                    self.arrivals[r.rid] = (r.arrival, r.idx)
+                done = intake.exhausted and self.globally_held >= intake.admitted and not reqs
+                msg = ("stop", []) if done else ("reqs", reqs)
+        with self.timers.phase("recv"):
+            msg, nbytes = broadcast_pyobj(msg, self.rank, self.cpu_group)
+        self.recv_bytes += nbytes
+        kind, reqs = msg
+        self.stop = kind == "stop"
+        return reqs
+
+    # Filled by the worker before the loop (entry rank only).
+    image_token_id: int = 0
+    precomputed: dict[int, list[int]] = {}
+
+    def _wait_for_arrivals(self, intake: Intake) -> None:
+        """Nothing to do until the next arrival: sleep (the loop is idle, not stalled)."""
+        nxt = intake.next_arrival()
+        if nxt is None or self.strategy.pending() or self.globally_held < intake.admitted:
+            return
+        delay = nxt - time.time()
+        if delay > 0:
+            with self.timers.phase("idle"):
+                time.sleep(min(delay, IDLE_TICK_S))
+
+    def process_input_requests(self, reqs: list[ReplayRequest]):
+        ready = [(r, None) for r in reqs if r.mm_inputs is None]
+        return ready + self.handle_generate_request(reqs)
+
+    def handle_generate_request(self, reqs: list[ReplayRequest]):
+        return self.strategy.process(self, reqs)
+
+    def hold(self, ready) -> None:
+        now = time.time()
+        for r, mm in ready:
+            self.holds[r.rid] = now
+            self.fingerprints[r.rid] = mm.fingerprint() if mm is not None else ()
+            r.mm_inputs = None  # free the features as soon as the rank holds its own copy
+
+    def run_forward_step(self, busy: bool) -> None:
+        with self.timers.phase("forward"):
+            if busy and self.forward_s > 0:
+                time.sleep(self.forward_s)
+            held = torch.tensor([len(self.holds)], dtype=torch.long)
+            dist.all_reduce(held, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            self.globally_held = int(held.item())

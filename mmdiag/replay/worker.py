@@ -1,0 +1,189 @@
+"""A replay rank: `python -m mmdiag.replay.worker` (started by mmdiag's launcher,
+or by `torchrun --nproc-per-node N -m mmdiag.replay.worker TRACE --out run.json`,
+which spans nodes through env:// rendezvous).
+
+Every rank joins one gloo group (SGLang's CPU group), runs each strategy's loop
+in turn, and sends its measurements to rank 0, which writes the Run.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .. import strategies as strategy_registry
+from ..errors import MmdiagError
+from ..trace import scan
+from ..vocab import REPLAY_RANK_TITLE
+from .assemble import assemble_run, strategy_result
+from .comm import broadcast_pyobj, install_torch_timers
+from .scheduler import Intake, ReplayScheduler, tokenizer_prepass
+from .timers import PhaseTimers
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Started by mmdiag's launcher: go when it goes, even if it is SIGKILLed."""
+    parent = int(os.environ.get("MMDIAG_PARENT_PID", "0"))
+    if not parent:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _set_title(rank: int) -> None:
+    try:
+        import setproctitle
+        setproctitle.setproctitle(f"{REPLAY_RANK_TITLE}_TP{rank}")
+    except ImportError:
+        pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mmdiag.replay.worker",
+                                description="One mmdiag replay rank (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from env, as torchrun sets them).")
+    p.add_argument("trace")
+    p.add_argument("--out", required=True, help="Run JSON written by rank 0")
+    p.add_argument("--strategy", action="append", default=[], help="strategy name (repeatable) or 'all'")
+    p.add_argument("--timeout", type=float, default=60.0, help="collective timeout, seconds")
+    p.add_argument("--forward-ms", type=float, default=0.0)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--max-recv-mb", type=float, default=256.0,
+                   help="most feature MB the entry rank admits in one loop iteration (bounds memory)")
+    p.add_argument("--timeline-dir", default=None)
+    p.add_argument("--progress-file", default=None)
+    return p.parse_args(argv)
+
+
+class _Progress:
+    """Rank 0 writes where it is, a few times a second, for the launcher's bar."""
+
+    def __init__(self, path: str | None):
+        self.path, self.last, self.label = path, 0.0, ""
+
+    def __call__(self, done: int, total: int | None, force: bool = False) -> None:
+        now = time.time()
+        if not self.path or (not force and now - self.last < 0.2):
+            return
+        self.last = now
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"label": self.label, "done": done, "total": total}, f)
+        os.replace(tmp, self.path)
+
+
+def _warm_up(rank: int, group, nbytes: int) -> None:
+    """The first collectives of a size pay for buffers and page faults; pay them here,
+    not in the first strategy measured."""
+    size, _ = broadcast_pyobj(nbytes, rank, group)
+    payload = torch.ones(max(size, 1), dtype=torch.uint8) if rank == 0 else None
+    broadcast_pyobj(payload, rank, group)
+    objs = [payload]
+    dist.broadcast_object_list(objs, src=0, group=group)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _set_title(rank)
+    timeout = timedelta(seconds=args.timeout)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    group = dist.group.WORLD
+    names = strategy_registry.resolve(args.strategy)
+    tracer = None
+    if args.timeline_dir:
+        from viztracer import VizTracer
+        tracer = VizTracer(output_file=os.path.join(args.timeline_dir, f"rank{rank}.json"),
+                           max_stack_depth=0, verbose=0, pid_suffix=False, process_name=f"rank {rank}")
+        tracer.start()
+    header = stats = None
+    if rank == 0:
+        header, stats = scan(args.trace)
+    _warm_up(rank, group, stats.max_request_bytes if stats else 0)
+    timers = PhaseTimers(rank, tracer=tracer, stats_dir=os.environ.get("MMDIAG_STATS_DIR"))
+    install_torch_timers(timers)
+    progress = _Progress(args.progress_file) if rank == 0 else None
+
+    if rank == 0:
+        max_conc = args.max_concurrency
+        if max_conc is None and header.arrival.get("mode") == "closed":
+            max_conc = int(header.arrival["max_concurrency"])
+        image_token_id = int(header.model.get("image_token_id", 0))
+    results = {}
+    for name in names:
+        runs = []
+        for rep in range(args.repeat):
+            strategy = strategy_registry.get(name)()
+            timers.reset(name)
+            sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=timeout,
+                                    forward_ms=args.forward_ms, progress=progress)
+            tok_s: dict[int, float] = {}
+            if rank == 0:
+                progress.label = f"{name}" + (f" {rep + 1}/{args.repeat}" if args.repeat > 1 else "")
+                sched.image_token_id = image_token_id
+                if strategy.hashes_in_tokenizer:
+                    sched.precomputed, tok_s = tokenizer_prepass(args.trace)
+            dist.barrier(group=group)
+            intake = (Intake(args.trace, time.time(), max_conc, int(args.max_recv_mb * 2**20))
+                      if rank == 0 else None)
+            try:
+                outcome = sched.event_loop(intake, stats.requests if stats else None)
+            finally:
+                if intake is not None:
+                    intake.close()
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(outcome, gathered, dst=0, group=group)
+            if rank == 0:
+                runs.append(strategy_result(name, gathered, tok_s, stats))
+                progress(stats.requests, stats.requests, force=True)
+            del outcome, sched, strategy
+        if rank == 0:
+            results[name] = runs
+    if tracer is not None:
+        tracer.stop()
+        tracer.save()
+    dist.barrier(group=group)
+    if rank == 0:
+        run = assemble_run(results, world, args, header, stats)
+        run.save(args.out)
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "?")
+    try:
+        return run_rank(args)
+    except KeyboardInterrupt:
+        return 130
+    except MmdiagError as e:
+        print(f"mmdiag replay: rank {rank}: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except (RuntimeError, ConnectionError, OSError) as e:
+        # A peer that died shows up here as a failed or timed-out collective.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmdiag replay: rank {rank}: collective failed on {socket.gethostname()}: {first}", file=sys.stderr)
+        if os.environ.get("MMDIAG_DEBUG"):
+            traceback.print_exc()
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The strategy registry: one name per way of getting mm inputs to every TP rank.
+
+Names come from mmdiag.vocab.STRATEGIES and are the same in the replay, the live
+profiler, recommend, apply and the report.
+"""
+from __future__ import annotations
+
+from ..errors import MmdiagError
+from ..vocab import STRATEGIES
+from .async_ import Async
+from .base import Strategy
+from .batch import Batch
+from .commit import Commit
+from .dict_ import Dict
+from .precompute import Precompute
+from .revert import Revert
+
+REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async)}
+assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
+
+
+def get(name: str) -> type[Strategy]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise MmdiagError(f"unknown strategy {name!r}", fix=f"choose from: {', '.join(STRATEGIES)}, or 'all'") from None
+
+
+def resolve(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand 'all', check names, keep the canonical order, drop repeats."""
+    if not names or "all" in names:
+        return list(STRATEGIES)
+    for n in names:
+        get(n)
+    return [n for n in STRATEGIES if n in names]

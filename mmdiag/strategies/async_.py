@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch.distributed as dist
+
+from ..replay.comm import broadcast_object_list_timed
+from ..replay.mm import MultimodalInputs
+from .base import Ready, Strategy
+
+_STOP = object()
+
+
+class Async(Strategy):
+    """The seeds' background broadcaster. A thread on every rank runs the 17a57fd
+    broadcast for each multimodal request, in arrival order, on a gloo group of its
+    own (collectives on one group from two threads could interleave differently on
+    different ranks); the main loop goes on and picks results up when ready."""
+
+    name = "async"
+    summary = "17a57fd's per-request broadcast moved to a background thread on its own gloo group; the loop does not block"
+    collectives = "per request"
+
+    def setup(self, s) -> None:
+        # new_group is itself collective: every rank calls it here, in the same order.
+        self.group = dist.new_group(backend="gloo", timeout=s.timeout)
+        self.todo: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.inflight = 0
+        self.thread = threading.Thread(target=self._async_broadcast_worker, args=(s,), name="mm-broadcaster", daemon=True)
+        self.thread.start()
+
+    def _async_broadcast_worker(self, s) -> None:
+        try:
+            while (r := self.todo.get()) is not _STOP:
+                if s.is_entry_rank:
+                    with s.timers.phase("from_dict"):
+                        objs = [MultimodalInputs.from_dict(r.mm_inputs)]
+                else:
+                    objs = [None]
+                broadcast_object_list_timed(s.timers, objs, src=0, group=self.group)
+                self.done.put((r, objs[0]))
+        except BaseException as e:  # surfaced on the main thread by poll()
+            self.error = e
+            self.done.put(None)
+
+    def process(self, s, reqs) -> Ready:
+        for r in self.mm_reqs(reqs):
+            self.inflight += 1
+            self.todo.put(r)
+        return self.poll(s)
+
+    def poll(self, s) -> Ready:
+        out = []
+        while True:
+            try:
+                item = self.done.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                raise RuntimeError(f"background broadcaster failed: {self.error}")
+            self.inflight -= 1
+            out.append(item)
+        return out
+
+    def pending(self) -> int:
+        return self.inflight
+
+    def teardown(self, s) -> None:
+        self.todo.put(_STOP)
+        self.thread.join(timeout=s.timeout.total_seconds())
+        dist.destroy_process_group(self.group)

@@ -1,0 +1,50 @@
+"""What a strategy is: how the scheduler ranks turn each received request's raw
+mm_inputs into materialized MultimodalInputs.
+
+The replay's scheduler (mmdiag.replay.scheduler) calls, on every rank and in
+the same order: `setup` once, `process` once per loop iteration with that
+iteration's requests (identical on all ranks, since they came through the recv
+broadcast), `poll` once per iteration, `teardown` once. Any collective a
+strategy issues must be decided from that identical data, so every rank enters
+the same collectives in the same order.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..replay.scheduler import ReplayRequest, ReplayScheduler
+    from ..replay.mm import MultimodalInputs
+
+Ready = list[tuple["ReplayRequest", "MultimodalInputs"]]
+
+
+class Strategy:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # How many collectives of its own it adds: "none", "per request", "per iteration".
+    collectives: ClassVar[str]
+    # Hashing happens before the scheduler (reported as tokenizer-side time).
+    hashes_in_tokenizer: ClassVar[bool] = False
+
+    def setup(self, s: "ReplayScheduler") -> None:
+        pass
+
+    def process(self, s: "ReplayScheduler", reqs: list["ReplayRequest"]) -> Ready:
+        raise NotImplementedError
+
+    def poll(self, s: "ReplayScheduler") -> Ready:
+        return []
+
+    def pending(self) -> int:
+        return 0
+
+    def teardown(self, s: "ReplayScheduler") -> None:
+        pass
+
+    @staticmethod
+    def mm_reqs(reqs: list["ReplayRequest"]) -> list["ReplayRequest"]:
+        return [r for r in reqs if r.mm_inputs is not None]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "summary": self.summary, "collectives": self.collectives}

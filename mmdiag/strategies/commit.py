@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from ..replay.comm import broadcast_object_list_timed
+from ..replay.mm import MultimodalInputs
+from .base import Ready, Strategy
+
+
+def _process_and_broadcast_mm_inputs(s, raw_mm_inputs):
+    """17a57fd: the entry rank materializes, then one blocking broadcast_object_list
+    of the materialized object per request; other ranks wait for it."""
+    if s.is_entry_rank:
+        with s.timers.phase("from_dict"):
+            mm = MultimodalInputs.from_dict(raw_mm_inputs)
+        objs = [mm]
+    else:
+        objs = [None]
+    broadcast_object_list_timed(s.timers, objs, src=0, group=s.cpu_group)
+    return objs[0]
+
+
+class Commit(Strategy):
+    name = "commit"
+    summary = "17a57fd: entry rank materializes, one blocking broadcast_object_list per multimodal request"
+    collectives = "per request"
+
+    def process(self, s, reqs) -> Ready:
+        return [(r, _process_and_broadcast_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from ..replay.comm import broadcast_object_list_timed
+from ..replay.mm import MultimodalInputs
+from .base import Ready, Strategy
+
+
+def _broadcast_raw_mm_inputs(s, raw_mm_inputs):
+    """The seeds' 'broadcast the raw dict' fix: the entry rank sends the unmaterialized
+    dict, every rank materializes. Note the dict already reached every rank through the
+    recv broadcast, so this resends the same feature bytes."""
+    objs = [raw_mm_inputs if s.is_entry_rank else None]
+    broadcast_object_list_timed(s.timers, objs, src=0, group=s.cpu_group)
+    with s.timers.phase("from_dict"):
+        return MultimodalInputs.from_dict(objs[0])
+
+
+class Dict(Strategy):
+    name = "dict"
+    summary = "broadcast the raw mm_inputs dict per request, then every rank materializes"
+    collectives = "per request"
+
+    def process(self, s, reqs) -> Ready:
+        return [(r, _broadcast_raw_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

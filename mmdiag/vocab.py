@@ -1,0 +1,42 @@
+"""The one vocabulary of mmdiag: phase and strategy names.
+
+Every collector (replay, live profile), analysis, patch and renderer uses these
+names and no others, so a live profile and a replay compare key for key.
+"""
+from __future__ import annotations
+
+# Scheduler-side phases of one rank, in the order a request meets them.
+#   recv       recv_requests: the entry rank's intake plus the broadcast_pyobj that
+#              every SGLang version uses to hand each request (mm_inputs included)
+#              to all TP ranks. Baseline transport, present in every strategy.
+#   from_dict  MultimodalInputs materialization: validation + sha256 feature hashing.
+#   pickle     serializing mm inputs for the strategy's own collective(s).
+#   broadcast  waiting in the strategy's own collective(s) (broadcast_object_list).
+#   unpickle   deserializing what that collective delivered.
+CONTRACT_PHASES = ("recv", "from_dict", "pickle", "broadcast", "unpickle")
+
+# Extra phases the replay measures (the live profiler maps to these too).
+#   forward    the per-iteration model step stand-in (sleep + tiny all_reduce sync).
+#   other      scheduler work outside the phases above.
+#   idle       waiting for the next arrival with nothing to do.
+PHASES = CONTRACT_PHASES + ("forward", "other", "idle")
+
+# Time spent before the scheduler (the tokenizer manager): the precompute strategy
+# moves hashing there. Reported separately, never folded into a scheduler phase.
+TOKENIZER_PHASES = ("tokenizer_hash",)
+
+# Strategy names, in the order they are shown. Descriptions live with each
+# strategy module (mmdiag.strategies); this tuple is the canonical order.
+STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async")
+
+# Strategies `mmdiag apply` can patch into an installed SGLang.
+PATCHABLE_STRATEGIES = ("revert", "dict", "batch", "precompute")
+
+REPLAY_SCHEMA = "mmdiag.replay/1"
+PROFILE_SCHEMA = "mmdiag.profile/1"
+TRACE_SCHEMA = "mmdiag.trace/1"
+
+# Process titles: SGLang's scheduler ranks and mmdiag's replay ranks. The live
+# profiler discovers ranks by these prefixes.
+SGLANG_SCHEDULER_TITLE = "sglang::scheduler"
+REPLAY_RANK_TITLE = "mmdiag::scheduler"

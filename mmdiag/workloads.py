@@ -1,0 +1,174 @@
+"""Workload profiles (data in profiles/) and trace synthesis from them.
+
+Feature shapes come from model geometry (profiles/models/*.toml): images are resized
+as Qwen2-VL's smart_resize does (sides to multiples of patch*merge, pixel budget),
+then one row per patch; video folds `temporal_patch_size` frames into a row.
+Arrivals follow `sglang.bench_serving`: Poisson at `--request-rate`, or a closed
+loop at `--max-concurrency`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ProfileError
+from .trace import MMItem, TraceHeader, TraceRequest, write_trace
+
+PROFILES_DIR = Path(os.environ.get("MMDIAG_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ProfileError("no such file", where=str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"invalid TOML ({e})", where=str(path)) from None
+
+
+def _names(sub: str) -> list[str]:
+    d = PROFILES_DIR / sub
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def workload_names() -> list[str]:
+    return _names("workloads")
+
+
+def defaults() -> dict[str, Any]:
+    return _load_toml(PROFILES_DIR / "defaults.toml")
+
+
+def load_model(name: str) -> dict[str, Any]:
+    if name not in _names("models"):
+        raise ProfileError(f"unknown model geometry {name!r}", fix=f"known: {', '.join(_names('models'))}")
+    return _load_toml(PROFILES_DIR / "models" / f"{name}.toml")
+
+
+@dataclass
+class Workload:
+    name: str
+    data: dict[str, Any]
+    model: dict[str, Any]
+
+    @property
+    def description(self) -> str:
+        return " ".join(self.data.get("description", "").split())
+
+
+def load_workload(name_or_path: str) -> Workload:
+    """A profile by name (profiles/workloads/NAME.toml) or by path to a .toml file."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        data, name = _load_toml(p), p.stem
+    elif name_or_path in workload_names():
+        data, name = _load_toml(PROFILES_DIR / "workloads" / f"{name_or_path}.toml"), name_or_path
+    else:
+        raise ProfileError(f"unknown workload profile {name_or_path!r}",
+                           fix=f"choose one of: {', '.join(workload_names())} (or a path to a .toml profile)")
+    _check_profile(data, name)
+    return Workload(name, data, load_model(data["model"]))
+
+
+def _check_profile(d: dict[str, Any], name: str) -> None:
+    where = f"profile {name}"
+    for key in ("model", "arrival", "mix"):
+        if key not in d:
+            raise ProfileError(f"missing key {key!r}", where=where)
+    mode = d["arrival"].get("mode")
+    if mode not in ("poisson", "closed"):
+        raise ProfileError(f"arrival.mode must be 'poisson' or 'closed', got {mode!r}", where=where)
+    if not d["mix"] or any(m.get("weight", 0) < 0 for m in d["mix"]):
+        raise ProfileError("mix must be a non-empty list with non-negative weights", where=where)
+
+
+# --- geometry ------------------------------------------------------------------
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: round each side to a multiple of `factor`, then scale
+    into [min_pixels, max_pixels] keeping the aspect ratio."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def feature_shape(model: dict[str, Any], spec: dict[str, Any]) -> tuple[int, ...]:
+    """pixel_values shape for one item spec ({modality, width, height[, frames|seconds]})."""
+    modality = spec["modality"]
+    if modality == "audio":
+        a = model["audio"]
+        return (a["mel_bins"], int(round(spec["seconds"] * a["frames_per_second"])))
+    p, m, tp = model["patch_size"], model["merge_size"], model["temporal_patch_size"]
+    row = model["channels"] * tp * p * p
+    factor = p * m
+    if modality == "image":
+        h, w = smart_resize(spec["height"], spec["width"], factor, model["min_pixels"], model["max_pixels"])
+        return ((h // p) * (w // p), row)
+    if modality == "video":
+        frames = max(tp, int(spec["frames"]) // tp * tp)
+        h, w = smart_resize(spec["height"], spec["width"], factor, model["min_pixels"], model["video_max_pixels"])
+        return ((frames // tp) * (h // p) * (w // p), row)
+    raise ProfileError(f"unknown modality {modality!r} in mix")
+
+
+# --- synthesis -----------------------------------------------------------------
+
+def synthesize(workload: Workload, n: int, *, request_rate: float | None = None,
+               max_concurrency: int | None = None, seed: int = 0) -> tuple[TraceHeader, Iterator[TraceRequest]]:
+    """A trace header and a lazy request stream, deterministic in `seed`."""
+    if n < 1:
+        raise ProfileError("-n must be at least 1")
+    if request_rate is not None and max_concurrency is not None:
+        raise ProfileError("give --request-rate or --max-concurrency, not both")
+    arrival = dict(workload.data["arrival"])
+    if request_rate is not None:
+        if request_rate <= 0:
+            raise ProfileError("--request-rate must be positive")
+        arrival = {"mode": "poisson", "request_rate": float(request_rate)}
+    elif max_concurrency is not None:
+        if max_concurrency < 1:
+            raise ProfileError("--max-concurrency must be at least 1")
+        arrival = {"mode": "closed", "max_concurrency": int(max_concurrency)}
+    model = workload.model
+    mix = workload.data["mix"]
+    weights = [m.get("weight", 1.0) for m in mix]
+    shapes = [[(it["modality"], feature_shape(model, it)) for it in m.get("items", [])] for m in mix]
+    prompt = workload.data.get("prompt", {})
+    pmin, pmax = int(prompt.get("min", 128)), int(prompt.get("max", 128))
+    header = TraceHeader(
+        source={"tool": "mmdiag trace synth", "profile": workload.name, "seed": seed, "requests": n},
+        model={k: v for k, v in model.items() if not isinstance(v, dict)},
+        arrival=arrival,
+    )
+
+    def requests() -> Iterator[TraceRequest]:
+        rng = random.Random(seed)
+        t = 0.0
+        for i in range(n):
+            if arrival["mode"] == "poisson":
+                t += rng.expovariate(arrival["request_rate"])
+            k = rng.choices(range(len(mix)), weights=weights)[0]
+            items = tuple(MMItem(mod, shape, model.get("dtype", "float32")) for mod, shape in shapes[k])
+            yield TraceRequest(f"r{i:06d}", t, rng.randint(pmin, pmax), items)
+
+    return header, requests()
+
+
+def synth_to_file(profile: str, n: int | None, out: str, **kw: Any) -> int:
+    wl = load_workload(profile)
+    header, reqs = synthesize(wl, n if n is not None else int(wl.data.get("requests", 200)), **kw)
+    return write_trace(out, header, reqs)
