@@ -1,0 +1,272 @@
+"""The `mmdiag` command line: a thin skin over the library.
+
+Each command parses, calls one library function, renders. User mistakes arrive as
+MmdiagError and leave as one line on stderr with a non-zero exit, no traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import click
+
+from . import strategies as strategy_registry
+from .errors import MmdiagError
+from .vocab import STRATEGIES
+
+EXIT_INTERRUPTED = 130
+
+
+class MmdiagGroup(click.Group):
+    def invoke(self, ctx):
+        warnings.showwarning = lambda msg, *a, **k: click.echo(f"mmdiag: warning: {msg}", err=True)
+        try:
+            return super().invoke(ctx)
+        except MmdiagError as e:
+            click.echo(f"mmdiag: error: {e.one_line()}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mmdiag: interrupted; every rank was stopped, nothing was written", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=MmdiagGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mmdiag")
+def main():
+    """Diagnose SGLang's multimodal-input path under tensor parallelism.
+
+    \b
+    Upstream commit 17a57fd86 (PR #11910) made the entry TP rank materialize each
+    request's images/video once and broadcast the result to the other ranks with a
+    blocking broadcast_object_list. That helps large video and hurts small images at
+    high concurrency. mmdiag measures which way it goes for YOUR traffic:
+
+    \b
+      mmdiag trace synth --profile small-image-c96 -o trace.jsonl
+      mmdiag replay trace.jsonl --tp 4 --json run.json     # every strategy, side by side
+      mmdiag demo                                          # both steps on the default workload
+      mmdiag doctor                                        # which path your SGLang runs
+      mmdiag apply batch                                   # patch it (mmdiag apply --undo)
+
+    \b
+    Strategies (one name everywhere): revert, commit, dict, batch, precompute, async.
+    Phases (per rank): recv, from_dict, pickle, broadcast, unpickle (+ forward, idle).
+    """
+
+
+# --- trace ---------------------------------------------------------------------
+
+@main.group()
+def trace():
+    """Make and inspect request traces (trace.jsonl)."""
+
+
+@trace.command("synth")
+@click.option("--profile", "profile", default=None, metavar="NAME",
+              help="workload profile from profiles/workloads (or a .toml path); default from profiles/defaults.toml")
+@click.option("-n", "n", type=int, default=None, help="number of requests (default: the profile's)")
+@click.option("--request-rate", type=float, default=None, help="Poisson arrivals at this many req/s (like bench_serving)")
+@click.option("--max-concurrency", type=int, default=None, help="closed loop with this many requests in flight")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="trace file to write")
+def trace_synth(profile, n, request_rate, max_concurrency, seed, output):
+    """Synthesize a trace from a workload profile.
+
+    Feature shapes follow real model geometry (Qwen2.5-VL: sides rounded to multiples
+    of 28, one 1176-float row per 14x14 patch; video folds 2 frames per row).
+    """
+    from .workloads import defaults, load_workload, synth_to_file
+
+    profile = profile or defaults()["workload"]
+    count = synth_to_file(profile, n, output, request_rate=request_rate,
+                          max_concurrency=max_concurrency, seed=seed)
+    click.echo(f"wrote {count} requests ({load_workload(profile).name}) to {output}")
+
+
+@trace.command("info")
+@click.argument("trace_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def trace_info(trace_file, as_json):
+    """Validate a trace (every line) and print its totals."""
+    from .trace import scan
+
+    header, st = scan(trace_file)
+    d = {"schema": header.schema, "source": header.source, "arrival": header.arrival,
+         "model": header.model.get("name"), "requests": st.requests, "mm_requests": st.mm_requests,
+         "items": st.items, "modalities": st.modalities, "mm_gb": round(st.mm_bytes / 1e9, 3),
+         "max_request_mb": round(st.max_request_bytes / 2**20, 1), "span_s": st.duration_s}
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+    else:
+        for k, v in d.items():
+            click.echo(f"{k:15} {v}")
+
+
+@trace.command("profiles")
+def trace_profiles():
+    """List the bundled workload profiles."""
+    from .workloads import defaults, load_workload, workload_names
+
+    default = defaults()["workload"]
+    for name in workload_names():
+        wl = load_workload(name)
+        mark = " (default)" if name == default else ""
+        click.echo(f"{name}{mark}\n    {wl.description}\n")
+
+
+# --- replay --------------------------------------------------------------------
+
+class _Bar:
+    """A progress line on stderr: a redrawn bar on a terminal, a line per step otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty, self.label = enabled, sys.stderr.isatty(), None
+
+    def __call__(self, p: dict) -> None:
+        if not self.enabled:
+            return
+        label, done, total = p.get("label", ""), p.get("done", 0), p.get("total") or 0
+        if self.tty:
+            width = 30
+            fill = int(width * done / total) if total else 0
+            click.echo(f"\r  {label:<14} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} requests",
+                       err=True, nl=False)
+        if label != self.label:
+            if self.label is not None and self.tty:
+                click.echo("", err=True)
+            elif not self.tty:
+                click.echo(f"  replaying {label} ...", err=True)
+            self.label = label
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.label is not None:
+            click.echo("", err=True)
+
+
+def _replay_options(f):
+    opts = [
+        click.option("--tp", type=int, default=None, help="tensor-parallel ranks (processes) [default: 4, from profiles/defaults.toml]"),
+        click.option("--strategy", "strategies", multiple=True, metavar="NAME",
+                     help=f"repeatable: {', '.join(STRATEGIES)} or all [default: all]"),
+        click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+                     help="write the Run (schema mmdiag.replay/1) here; '-' prints it instead of the table"),
+        click.option("--timeline", type=click.Path(dir_okay=False), default=None,
+                     help="write one Chrome-trace/Perfetto JSON of every rank's phases (open in ui.perfetto.dev)"),
+        click.option("--timeout", type=float, default=60.0, show_default=True,
+                     help="seconds a rank waits in a collective before giving up (a dead rank stops the rest)"),
+        click.option("--forward-ms", type=float, default=0.0, show_default=True,
+                     help="model step per busy loop iteration (GPU time stand-in; the GIL is free meanwhile)"),
+        click.option("--max-concurrency", type=int, default=None, help="override the trace's closed-loop concurrency"),
+        click.option("--max-recv-mb", type=float, default=256.0, show_default=True,
+                     help="most feature MB the entry rank takes in one iteration (bounds replay memory)"),
+        click.option("--repeat", type=int, default=1, show_default=True,
+                     help="run each strategy N times; the report judges differences against this noise"),
+        click.option("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 [default: a free one]"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bar"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_replay(trace_file, tp, strategies, json_out, timeline, timeout, forward_ms, max_concurrency,
+                max_recv_mb, repeat, port, quiet):
+    from .render.table import render_run
+    from .replay import ReplayOptions, replay
+    from .workloads import defaults
+
+    tp = tp if tp is not None else int(defaults()["tp"])
+    if repeat < 1:
+        raise MmdiagError("--repeat must be at least 1")
+    names = strategy_registry.resolve(list(strategies))
+    bar = _Bar(enabled=not quiet and json_out != "-")
+    opts = ReplayOptions(tp=tp, strategies=names, timeout=timeout, forward_ms=forward_ms,
+                         max_concurrency=max_concurrency, max_recv_mb=max_recv_mb, repeat=repeat,
+                         port=port, timeline=timeline)
+    if json_out and json_out != "-":
+        _check_writable(json_out)
+    if timeline:
+        _check_writable(timeline)
+    try:
+        run = replay(trace_file, opts, progress=bar)
+    finally:
+        bar.close()
+    if json_out == "-":
+        click.echo(json.dumps(run.to_dict(), indent=1))
+    else:
+        click.echo(render_run(run))
+        if json_out:
+            run.save(json_out)
+            click.echo(f"\nRun written to {json_out}")
+        if timeline:
+            click.echo(f"timeline written to {timeline} (open in https://ui.perfetto.dev)")
+    if any(s.ranks_agree is False for s in run.strategies.values()):
+        raise MmdiagError("ranks ended with different hashes or pad values; the measurements are not valid")
+    return run
+
+
+def _check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(d):
+        raise MmdiagError("directory does not exist", where=path)
+    if not os.access(d, os.W_OK):
+        raise MmdiagError("directory is not writable", where=path)
+
+
+@main.command("replay")
+@click.argument("trace_file", metavar="TRACE", type=click.Path(dir_okay=False))
+@_replay_options
+def replay_cmd(trace_file, **kw):
+    """Replay TRACE through --tp real rank processes, strategy by strategy.
+
+    \b
+    Every rank is a separate process in one torch.distributed gloo group, as SGLang's
+    CPU group. Rank 0 (the entry rank) admits requests at their arrival times and sends
+    each loop iteration's requests to all ranks by pickle over broadcast (SGLang's
+    recv_requests / broadcast_pyobj); then every rank handles them with the strategy:
+    \b
+      revert      every rank materializes (pre-17a57fd)
+      commit      entry rank materializes, broadcast_object_list per request (17a57fd)
+      dict        broadcast the raw dict per request, every rank materializes
+      batch       one broadcast_object_list per loop iteration
+      precompute  hashes computed before the scheduler (shown as tokenizer time)
+      async       17a57fd's broadcast on a background thread
+    \b
+    Materialization costs SGLang's: sha256 over each feature's bytes. Every rank must
+    end with the same hashes and pad values; that is checked.
+    """
+    _run_replay(trace_file, **kw)
+
+
+@main.command("demo")
+@click.option("--profile", default=None, metavar="NAME", help="workload profile [default: profiles/defaults.toml]")
+@click.option("-n", "n", type=int, default=None, help="requests to synthesize [default: the profile's]")
+@_replay_options
+def demo_cmd(profile, n, **kw):
+    """Synthesize the default workload and replay it over every strategy (the README's first command)."""
+    from .workloads import defaults, synth_to_file
+
+    profile = profile or defaults()["workload"]
+    with tempfile.TemporaryDirectory(prefix="mmdiag-demo-") as tmp:
+        path = os.path.join(tmp, "trace.jsonl")
+        count = synth_to_file(profile, n, path)
+        click.echo(f"synthesized {count} requests of profile {profile!r}", err=True)
+        _run_replay(path, **kw)
+
+
+def _register_optional():
+    try:
+        from .sglang.commands import apply_command, doctor_command
+    except ImportError:  # pragma: no cover - the sglang subpackage is part of mmdiag
+        return
+    main.add_command(doctor_command)
+    main.add_command(apply_command)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()
