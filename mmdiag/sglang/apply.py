@@ -1,0 +1,350 @@
+"""Apply and undo a strategy patch on an SGLang install, safely.
+
+- plan first, show a unified diff; every patched file must compile;
+- refuse with no write: unknown layout, a file changed since the apply, another
+  strategy applied, a read-only install, another apply holding the lock;
+- write: backups (original bytes) and a manifest (strategy, variant, files,
+  sha256 before/after) in `<sglang>/.mmdiag/`, then each target via temp file +
+  fsync + os.replace (mode kept); a failure midway restores what was replaced;
+- applying the same strategy twice is a no-op; undo restores the original bytes
+  exactly, after checking every file still has the bytes mmdiag wrote.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import difflib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..vocab import PATCHABLE_STRATEGIES
+from .detect import MANIFEST_NAME, Detection, detect
+from .errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, ReadOnlyInstall,
+                     SGLangError, UnknownLayout)
+from .facts import file_rel
+from .locate import SGLangInstall
+from .patches import strategy_module
+
+LOCK_NAME = "apply.lock"
+BACKUP_DIR = "backup"
+MANIFEST_SCHEMA = "mmdiag.sglang-patch/1"
+
+
+@dataclass
+class ApplyResult:
+    strategy: str | None
+    status: str  # "dry-run" | "applied" | "already-applied" | "nothing-to-do" | "undone" | "declined"
+    variant: str | None
+    diff: str = ""
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    manifest: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def unified_diff(old: str, new: str, path: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                        fromfile=f"a/{path}", tofile=f"b/{path}"))
+
+
+# ---------------------------------------------------------------- file safety
+
+def check_writable(paths: list[Path]) -> None:
+    """ReadOnlyInstall unless every path and its folder can be written.
+
+    os.access answers for the mode bits (and says yes to root); the probe, a temp
+    file created and removed in the folder, catches read-only mounts (EROFS) and
+    other refusals that os.access does not see.
+    """
+    dirs = []
+    for p in paths:
+        if p.exists() and not os.access(p, os.W_OK):
+            raise ReadOnlyInstall("file is not writable", where=str(p),
+                                  fix="run as the install's owner or use a writable copy; nothing was changed")
+        d = p if p.is_dir() else p.parent
+        if d not in dirs:
+            dirs.append(d)
+    for d in dirs:
+        if not os.access(d, os.W_OK):
+            raise ReadOnlyInstall("folder is not writable", where=str(d),
+                                  fix="run as the install's owner or use a writable copy; nothing was changed")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".mmdiag-probe-", dir=d)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise ReadOnlyInstall(f"cannot write here ({e.strerror or e})", where=str(d),
+                                  fix="the install is read-only (image layer, read-only mount?); "
+                                  "nothing was changed") from None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Temp file beside `path`, fsync, os.replace: the target is old or new, never half."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    fd, tmp = tempfile.mkstemp(prefix=".mmdiag-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _oserror(e: OSError, path: Path, doing: str) -> SGLangError:
+    if e.errno == errno.ENOSPC:
+        return SGLangError(f"no space left while {doing}", where=str(path),
+                           fix="free disk space and retry; the original files are intact")
+    return SGLangError(f"{doing} failed ({e.strerror or e})", where=str(path),
+                       fix="the original files are intact; fix the cause and retry")
+
+
+@contextlib.contextmanager
+def install_lock(install: SGLangInstall) -> Iterator[Path]:
+    """Exclusive, non-blocking flock on <sglang>/.mmdiag/apply.lock (released on exit or crash)."""
+    install.state_dir.mkdir(exist_ok=True)
+    path = install.state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ApplyLocked("another mmdiag apply is running on this install", where=str(path),
+                              fix="wait for it to finish and retry") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ manifest
+
+def _manifest_path(install: SGLangInstall) -> Path:
+    return install.state_dir / MANIFEST_NAME
+
+
+def _backup_path(install: SGLangInstall, rel: str) -> Path:
+    return install.state_dir / BACKUP_DIR / rel
+
+
+def _current_vs_manifest(install: SGLangInstall, manifest: dict) -> list[tuple[str, str]]:
+    """[(rel, state)] with state 'after' | 'before' | 'changed' | 'missing'."""
+    out = []
+    for rel, f in manifest["files"].items():
+        p = install.package_dir / rel
+        try:
+            h = sha256(p.read_bytes())
+        except FileNotFoundError:
+            out.append((rel, "missing"))
+            continue
+        out.append((rel, "after" if h == f["sha256_after"] else "before" if h == f["sha256_before"] else "changed"))
+    return out
+
+
+def _changed_error(install: SGLangInstall, manifest: dict, states, doing: str) -> ChangedSinceApply:
+    bad = [rel for rel, s in states if s in ("changed", "missing")]
+    rel = bad[0]
+    p = install.package_dir / rel
+    detail = ""
+    patched = install.state_dir / BACKUP_DIR / (rel + ".patched")
+    if p.exists() and patched.exists():
+        d = unified_diff(patched.read_text(encoding="utf-8"), p.read_text(encoding="utf-8"), rel)
+        detail = d
+    err = ChangedSinceApply(
+        f"{', '.join(bad)} changed since mmdiag applied `{manifest['strategy']}`",
+        where=str(p), fix=f"{doing} refused, nothing was changed; restore the file or reinstall SGLang",
+    )
+    err.detail = detail  # the difference, shown by the CLI under the one-line error
+    return err
+
+
+# --------------------------------------------------------------------- plan
+
+def _texts(install: SGLangInstall) -> dict[str, str]:
+    return {k: install.path(k).read_text(encoding="utf-8")
+            for k in ("scheduler", "tokenizer_manager") if install.path(k).exists()}
+
+
+def plan(install: SGLangInstall, strategy: str, det: Detection | None = None):
+    """(Plan, Detection, diff text); raises when the strategy cannot be applied."""
+    if strategy not in PATCHABLE_STRATEGIES:
+        raise SGLangError(f"unknown strategy {strategy!r}",
+                          fix=f"choose one of {', '.join(PATCHABLE_STRATEGIES)}")
+    det = det or detect(install)
+    if det.variant is None:
+        raise UnknownLayout(
+            f"unknown SGLang layout (version {install.version or 'unknown'}, {install.layout}); "
+            + "; ".join(det.notes), where=str(install.package_dir), fix="nothing was changed")
+    p = strategy_module(strategy).build(det, _texts(install))
+    diffs = []
+    for key, new in p.new_texts.items():
+        try:
+            compile(new, str(install.path(key)), "exec")
+        except SyntaxError as e:  # a bug in mmdiag's patch, never written
+            raise SGLangError(f"patched {file_rel(key)} does not compile (line {e.lineno}: {e.msg})",
+                              where=str(install.path(key)), fix="nothing was changed; report this") from None
+        diffs.append(unified_diff(install.path(key).read_text(encoding="utf-8"), new, file_rel(key)))
+    return p, det, "".join(diffs)
+
+
+def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confirm=None) -> ApplyResult:
+    """Apply `strategy`. `confirm(diff) -> bool` is asked before writing (None: yes)."""
+    det = detect(install)
+    manifest = det.manifest
+    if manifest:
+        states = _current_vs_manifest(install, manifest)
+        if any(s in ("changed", "missing") for _, s in states):
+            raise _changed_error(install, manifest, states, "apply")
+        if manifest["strategy"] == strategy and all(s == "after" for _, s in states):
+            return ApplyResult(strategy, "already-applied", manifest.get("variant"),
+                               files=list(manifest["files"]),
+                               notes=[f"`{strategy}` is already applied: nothing to do"],
+                               manifest=str(_manifest_path(install)))
+        raise AlreadyPatched(f"mmdiag strategy `{manifest['strategy']}` is applied to this install",
+                             where=str(install.package_dir),
+                             fix="run `mmdiag apply --undo` first")
+    if det.patch_markers:
+        raise UnknownLayout("mmdiag patch markers found but no manifest", where=str(install.package_dir),
+                            fix="reinstall SGLang (or git checkout the files); nothing was changed")
+    p, det, diff = plan(install, strategy, det)
+    files = [file_rel(k) for k in p.new_texts]
+    if p.nothing_to_do:
+        return ApplyResult(strategy, "nothing-to-do", det.variant, notes=p.notes)
+    if dry_run:
+        return ApplyResult(strategy, "dry-run", det.variant, diff, files, p.notes)
+    targets = [install.path(k) for k in p.new_texts]
+    check_writable(targets + [install.package_dir])
+    if install.state_dir.exists():
+        check_writable([install.state_dir])
+    if confirm is not None and not confirm(diff):
+        return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
+
+    with install_lock(install):
+        # Re-read under the lock: another apply may have finished meanwhile.
+        if _manifest_path(install).exists():
+            raise AlreadyPatched("another mmdiag apply finished while this one waited",
+                                 where=str(install.package_dir), fix="run `mmdiag doctor` to see its state")
+        originals = {k: install.path(k).read_bytes() for k in p.new_texts}
+        news = {k: p.new_texts[k].encode("utf-8") for k in p.new_texts}
+        for k in p.new_texts:
+            if originals[k].decode("utf-8") != _texts(install)[k]:
+                raise ChangedSinceApply("file changed while planning", where=str(install.path(k)))
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "strategy": strategy,
+            "variant": det.variant,
+            "sglang_version": install.version,
+            "layout": install.layout,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "status": "applying",
+            "files": {file_rel(k): {"sha256_before": sha256(originals[k]), "sha256_after": sha256(news[k]),
+                                    "backup": str(Path(BACKUP_DIR) / file_rel(k))} for k in p.new_texts},
+        }
+        mpath = _manifest_path(install)
+        try:
+            for k in p.new_texts:  # backups first: the original bytes and the bytes we write
+                b = _backup_path(install, file_rel(k))
+                b.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(b, originals[k])
+                write_bytes_atomic(b.with_name(b.name + ".patched"), news[k])
+            write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
+        except OSError as e:
+            _cleanup_state(install)
+            raise _oserror(e, install.state_dir, "writing the backup") from None
+        done: list[str] = []
+        try:
+            for k in p.new_texts:
+                write_bytes_atomic(install.path(k), news[k])
+                done.append(k)
+        except BaseException as e:
+            for k in done:  # put back what was already replaced
+                with contextlib.suppress(OSError):
+                    write_bytes_atomic(install.path(k), originals[k])
+            _cleanup_state(install)
+            if isinstance(e, OSError):
+                raise _oserror(e, install.path(k), "writing the patched file") from None
+            raise
+        manifest["status"] = "applied"
+        write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
+    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath))
+
+
+def _cleanup_state(install: SGLangInstall) -> None:
+    with contextlib.suppress(OSError):
+        _manifest_path(install).unlink()
+    b = install.state_dir / BACKUP_DIR
+    if b.exists():
+        for f in sorted(b.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                f.unlink() if f.is_file() else f.rmdir()
+        with contextlib.suppress(OSError):
+            b.rmdir()
+
+
+def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> ApplyResult:
+    """Restore the original bytes recorded by the manifest."""
+    mpath = _manifest_path(install)
+    det = detect(install)
+    manifest = det.manifest
+    if manifest is None:
+        raise NoManifest("no mmdiag patch recorded for this install", where=str(mpath),
+                         fix="nothing to undo" + ("; mmdiag-patch markers are present, reinstall SGLang"
+                                                   if det.patch_markers else ""))
+    states = _current_vs_manifest(install, manifest)
+    if any(s in ("changed", "missing") for _, s in states):
+        raise _changed_error(install, manifest, states, "undo")
+    diffs, restore = [], {}
+    for rel, state in states:
+        f = manifest["files"][rel]
+        b = install.state_dir / f["backup"]
+        try:
+            orig = b.read_bytes()
+        except OSError:
+            raise NoManifest("backup missing", where=str(b), fix="reinstall SGLang to restore") from None
+        if sha256(orig) != f["sha256_before"]:
+            raise ChangedSinceApply("backup does not match the manifest", where=str(b),
+                                    fix="reinstall SGLang to restore; nothing was changed")
+        if state == "after":
+            cur = (install.package_dir / rel).read_text(encoding="utf-8")
+            diffs.append(unified_diff(cur, orig.decode("utf-8"), rel))
+            restore[rel] = orig
+    diff = "".join(diffs)
+    if dry_run:
+        return ApplyResult(manifest["strategy"], "dry-run", manifest.get("variant"), diff, list(restore))
+    check_writable([install.package_dir / r for r in restore] + [install.state_dir])
+    if confirm is not None and not confirm(diff):
+        return ApplyResult(manifest["strategy"], "declined", manifest.get("variant"), diff, list(restore))
+    with install_lock(install):
+        for rel, data in restore.items():
+            try:
+                write_bytes_atomic(install.package_dir / rel, data)
+            except OSError as e:
+                raise _oserror(e, install.package_dir / rel, "restoring the original") from None
+        _cleanup_state(install)
+    return ApplyResult(manifest["strategy"], "undone", manifest.get("variant"), diff, list(restore),
+                       [f"restored the original bytes of {', '.join(restore) or 'nothing'}"])

@@ -1,0 +1,72 @@
+"""Small AST helpers shared by detection, patching and the runtime loader."""
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpan:
+    """Where a function or method sits in a source file (1-based, inclusive lines)."""
+
+    name: str
+    start: int  # first line, decorators included
+    def_line: int  # the `def` line
+    end: int
+    indent: str
+    node: ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def parse(text: str, filename: str) -> ast.Module:
+    return ast.parse(text, filename=filename)
+
+
+def find_class(tree: ast.Module, name: str) -> ast.ClassDef | None:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    return None
+
+
+def _span(node, lines: list[str]) -> MethodSpan:
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    line = lines[node.lineno - 1]
+    indent = line[: len(line) - len(line.lstrip())]
+    return MethodSpan(node.name, start, node.lineno, node.end_lineno, indent, node)
+
+
+def methods(cls: ast.ClassDef, lines: list[str]) -> dict[str, MethodSpan]:
+    out = {}
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = _span(node, lines)
+    return out
+
+
+def functions(tree: ast.Module, lines: list[str]) -> dict[str, MethodSpan]:
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = _span(node, lines)
+    return out
+
+
+def fingerprint(node: ast.AST) -> str:
+    """Hash of a function's structure: comments, formatting and docstring ignored."""
+    node = copy.deepcopy(node)
+    body = getattr(node, "body", None)
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
+        node.body = body[1:] or [ast.Pass()]
+    dump = ast.dump(node, annotate_fields=True, include_attributes=False)
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
+
+
+def source_of(lines: list[str], span: MethodSpan) -> str:
+    return "".join(lines[span.start - 1 : span.end])

@@ -1,0 +1,221 @@
+"""Which multimodal path an SGLang install carries, by code structure.
+
+Variants (mmdiag/sglang/variants.toml): `per-rank`, `broadcast-always`,
+`broadcast-flag`; anything else is reported as unknown with the markers found.
+Also says whether an mmdiag patch is applied (code markers + manifest).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import astutil
+from .errors import UnknownLayout
+from .facts import facts, file_rel, layouts, release, variants
+from .locate import SGLangInstall
+
+PATCH_MARKER_RE = re.compile(r"#\s*mmdiag-patch:\s*([a-z_-]+)")
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Detection:
+    install: SGLangInstall
+    variant: str | None  # None: a layout mmdiag does not know
+    summary: str
+    scheduler_lines: int
+    markers: dict[str, list[int]]  # marker -> 1-based lines in scheduler.py
+    methods: dict[str, int]  # Scheduler methods of interest -> def line
+    mm_call: str | None  # what handle_generate_request calls on recv_req.mm_inputs
+    layouts: dict[str, str | None]  # target -> known layout description, None = unknown
+    patched: str | None  # strategy named by mmdiag-patch markers / manifest
+    patch_markers: dict[str, list[str]]  # file key -> strategies marked in it
+    manifest: dict[str, Any] | None
+    release: dict[str, Any] | None  # the variants.toml row for install.version
+    flag: dict[str, Any] | None  # where --enable-broadcast-mm-inputs-process is defined
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return self.variant is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["install"] = self.install.to_dict()
+        return d
+
+
+def _read(install: SGLangInstall, key: str) -> str | None:
+    try:
+        return install.path(key).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def scheduler_methods(text: str, filename: str = "scheduler.py") -> dict[str, astutil.MethodSpan]:
+    tree = astutil.parse(text, filename)
+    cls = astutil.find_class(tree, "Scheduler")
+    if cls is None:
+        return {}
+    return astutil.methods(cls, text.splitlines(keepends=True))
+
+
+def mm_call_of(span: astutil.MethodSpan | None, arg: str = "recv_req.mm_inputs") -> str | None:
+    """Callee that a handler applies to `recv_req.mm_inputs` (or `arg`)."""
+    if span is None:
+        return None
+    for node in ast.walk(span.node):
+        if isinstance(node, ast.Call) and any(
+            ast.unparse(a) == arg for a in node.args
+        ):
+            callee = ast.unparse(node.func)
+            if callee not in ("self.pad_input_ids_func",):
+                return callee
+    return None
+
+
+def layout_of(target: str, node: ast.AST | None) -> str | None:
+    if node is None:
+        return None
+    return layouts(target).get(astutil.fingerprint(node))
+
+
+def tokenizer_mm_statement(text: str) -> ast.stmt | None:
+    """The `mm_inputs = await ...` statement of TokenizerManager._tokenize_one_request."""
+    tree = astutil.parse(text, "tokenizer_manager.py")
+    cls = astutil.find_class(tree, "TokenizerManager")
+    if cls is None:
+        return None
+    m = astutil.methods(cls, text.splitlines(keepends=True)).get("_tokenize_one_request")
+    if m is None:
+        return None
+    for node in ast.walk(m.node):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Await):
+            tgt = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+            if isinstance(tgt, ast.Name) and tgt.id == "mm_inputs":
+                return node
+    return None
+
+
+def flag_location(install: SGLangInstall, field_name: str, option: str) -> dict[str, Any] | None:
+    text = _read(install, "server_args")
+    if text is None:
+        return None
+    out: dict[str, Any] = {"option": option, "field": field_name, "file": str(install.path("server_args"))}
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith(f"{field_name}:") and "field_line" not in out:
+            out["field_line"] = i
+            out["default"] = s.split("=", 1)[1].strip() if "=" in s else None
+        if f'"{option}"' in s and "option_line" not in out:
+            out["option_line"] = i
+    return out if "field_line" in out else None
+
+
+def read_manifest(install: SGLangInstall) -> dict[str, Any] | None:
+    p = install.state_dir / MANIFEST_NAME
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UnknownLayout(f"unreadable mmdiag manifest ({e})", where=str(p),
+                            fix="restore it from backup or remove the .mmdiag folder by hand") from None
+
+
+def _match_variant(methods: dict[str, Any], text: str, mm_call: str | None, patched: bool):
+    for v in variants():
+        if not all(m in methods for m in v["methods_present"]):
+            continue
+        if any(m in methods for m in v["methods_absent"]):
+            continue
+        if not all(t in text for t in v["text_present"]):
+            continue
+        # A patch keeps the call site; an unpatched file must call what the variant calls.
+        if mm_call != v["mm_call"] and not patched:
+            continue
+        return v
+    return None
+
+
+def detect(install: SGLangInstall) -> Detection:
+    text = _read(install, "scheduler")
+    if text is None:
+        raise UnknownLayout(f"missing {file_rel('scheduler')}", where=str(install.package_dir))
+    try:
+        spans = scheduler_methods(text)
+    except SyntaxError as e:
+        raise UnknownLayout(f"scheduler.py does not parse (line {e.lineno}: {e.msg})",
+                            where=str(install.path("scheduler")),
+                            fix="restore the file (pip install --force-reinstall, git checkout)") from None
+    lines = text.splitlines()
+    markers = {
+        m: [i for i, line in enumerate(lines, 1) if m in line]
+        for m in facts()["markers"]["scheduler_text"]
+    }
+    markers = {k: v for k, v in markers.items() if v}
+    interesting = ("_process_and_broadcast_mm_inputs", "_get_multimodal_inputs",
+                   "process_input_requests", "_mmdiag_orig_process_input_requests",
+                   "handle_generate_request", "abort_request")
+    methods = {k: spans[k].def_line for k in interesting if k in spans}
+    mm_call = mm_call_of(spans.get("handle_generate_request"))
+
+    patch_markers: dict[str, list[str]] = {}
+    for key in ("scheduler", "tokenizer_manager"):
+        t = text if key == "scheduler" else _read(install, key)
+        found = sorted(set(PATCH_MARKER_RE.findall(t or "")))
+        if found:
+            patch_markers[key] = found
+    manifest = read_manifest(install)
+    patched = manifest["strategy"] if manifest else None
+    if patched is None and patch_markers:
+        patched = sorted({s for v in patch_markers.values() for s in v})[0]
+
+    v = _match_variant(spans, text, mm_call, bool(patch_markers))
+    if manifest and manifest.get("variant"):
+        vname = manifest["variant"]
+    else:
+        vname = v["name"] if v else None
+    summary = next((x["summary"] for x in variants() if x["name"] == vname), "unknown layout")
+
+    lay = {}
+    for target, name in (("Scheduler._process_and_broadcast_mm_inputs", "_process_and_broadcast_mm_inputs"),
+                         ("Scheduler._get_multimodal_inputs", "_get_multimodal_inputs"),
+                         ("Scheduler.process_input_requests", "process_input_requests")):
+        if name in spans:
+            lay[target] = layout_of(target, spans[name].node)
+    tm = _read(install, "tokenizer_manager")
+    if tm is not None:
+        try:
+            st = tokenizer_mm_statement(tm)
+        except SyntaxError:
+            st = None
+        lay["TokenizerManager._tokenize_one_request:mm_inputs"] = layout_of(
+            "TokenizerManager._tokenize_one_request:mm_inputs", st)
+
+    flag = None
+    if vname == "broadcast-flag":
+        vf = next(x for x in variants() if x["name"] == "broadcast-flag")
+        flag = flag_location(install, vf["flag_field"], vf["flag"])
+
+    rel = release(install.version)
+    notes = []
+    if vname is None:
+        notes.append("unknown layout: markers found in scheduler.py: "
+                     + (", ".join(f"{k} (line {v[0]})" for k, v in markers.items()) or "none")
+                     + f"; Scheduler methods: {', '.join(methods) or 'none'}; mm call: {mm_call}")
+    if rel and vname and rel["variant"] != vname:
+        notes.append(f"version {install.version} is listed as {rel['variant']} but the code is {vname} "
+                     "(a modified install or checkout): the code wins")
+    if rel and not patch_markers and rel.get("scheduler_lines") not in (None, len(lines)):
+        notes.append(f"scheduler.py has {len(lines)} lines, release {install.version} has "
+                     f"{rel['scheduler_lines']}: locally modified")
+    if patch_markers and not manifest:
+        notes.append("mmdiag patch markers found but no manifest: the patch was not applied by this "
+                     "mmdiag or its state folder was removed; undo is not possible automatically")
+    return Detection(install, vname, summary, len(lines), markers, methods, mm_call, lay,
+                     patched, patch_markers, manifest, rel, flag, notes)

@@ -1,0 +1,40 @@
+"""The data table behind detection and patching (variants.toml beside this file)."""
+from __future__ import annotations
+
+import functools
+import tomllib
+from pathlib import Path
+from typing import Any
+
+FACTS_PATH = Path(__file__).with_name("variants.toml")
+
+
+@functools.lru_cache(maxsize=1)
+def facts() -> dict[str, Any]:
+    with open(FACTS_PATH, "rb") as f:
+        return tomllib.load(f)
+
+
+def file_rel(key: str) -> str:
+    """Path of one SGLang file, relative to the `sglang` package folder."""
+    return facts()["files"][key]
+
+
+def variants() -> list[dict[str, Any]]:
+    return facts()["variants"]
+
+
+def variant(name: str) -> dict[str, Any]:
+    return next(v for v in variants() if v["name"] == name)
+
+
+def layouts(target: str) -> dict[str, str]:
+    return facts()["layouts"].get(target, {})
+
+
+def release(version: str | None) -> dict[str, Any] | None:
+    return next((r for r in facts()["releases"] if r["version"] == version), None)
+
+
+def releases() -> list[dict[str, Any]]:
+    return facts()["releases"]

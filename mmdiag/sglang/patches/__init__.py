@@ -1,0 +1,12 @@
+"""One module per patchable strategy (names: mmdiag.vocab.PATCHABLE_STRATEGIES)."""
+from __future__ import annotations
+
+from importlib import import_module
+
+from ...vocab import PATCHABLE_STRATEGIES
+
+
+def strategy_module(name: str):
+    if name not in PATCHABLE_STRATEGIES:
+        raise KeyError(name)
+    return import_module(f"{__name__}.{name}")

@@ -1,0 +1,144 @@
+"""`batch`: one collective per `process_input_requests` call for all its multimodal requests.
+
+Why every rank enters the same collectives in the same order: the decision to
+broadcast (and what to broadcast) is computed from `recv_reqs` alone, and every
+rank of cpu_group received the same `recv_reqs` from recv_requests'
+broadcast_pyobj (with DP attention, cpu_group is the attention-TP group and the
+work requests are broadcast within that same group). It never depends on local
+state (caches, queues, health-check skips), so a call without multimodal requests
+enters no collective on any rank, and a call with some enters exactly one on all.
+The entry rank never raises between deciding and broadcasting: a from_dict failure
+is sent as None and every rank then materializes that request itself (raising the
+same error everywhere, as the per-rank path would). A prepared result that is not
+consumed (early return, abort) falls back to local from_dict, never to a
+collective. Results are cached only for the duration of one call (bounded by the
+requests in that call), dropped by abort_request, and cleared when the call ends.
+"""
+from __future__ import annotations
+
+from .common import (MARK, Plan, insert_after_method, not_applicable, rename_method,
+                     replace_method, require_layout)
+from .dict import DISPATCH
+
+STRATEGY = "batch"
+DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
+
+METHOD = f'''
+def _process_and_broadcast_mm_inputs(
+    self,
+    raw_mm_inputs: Optional[dict],
+):
+    {MARK} batch -- take what _mmdiag_batch_prepare materialized for this call.
+    if raw_mm_inputs is None:
+        return None
+    hit = (getattr(self, "_mmdiag_mm_cache", None) or {{}}).pop(id(raw_mm_inputs), None)
+    if hit is not None and hit[0] is raw_mm_inputs:
+        return hit[2]
+    # Not prepared (aborted, failed on the entry rank, single rank, or called outside
+    # process_input_requests): materialize here. No collective, so no rank can wait.
+    return MultimodalInputs.from_dict(raw_mm_inputs)
+'''
+
+HELPERS = f'''
+{MARK} batch -- helpers. See mmdiag.sglang.patches.batch for why ranks stay in step.
+@staticmethod
+def _mmdiag_mm_payloads(recv_reqs):
+    """(rid, raw mm dict) of every multimodal request in recv_reqs, in order.
+
+    A pure function of recv_reqs, which every rank of cpu_group received
+    identically (broadcast_pyobj in recv_requests): all ranks get the same list.
+    """
+    out = []
+    for req in recv_reqs:
+        if isinstance(req, (BatchTokenizedGenerateReqInput, BatchTokenizedEmbeddingReqInput)):
+            subs = list(req.batch)
+        else:
+            subs = [req]
+        for sub in subs:
+            if isinstance(sub, TokenizedGenerateReqInput):
+                raw = sub.mm_inputs
+            elif isinstance(sub, TokenizedEmbeddingReqInput):
+                raw = sub.image_inputs
+            else:
+                continue
+            if raw is not None:
+                out.append((sub.rid, raw))
+    return out
+
+def _mmdiag_batch_prepare(self, recv_reqs):
+    """One broadcast_object_list for all multimodal requests of this call, or none."""
+    self._mmdiag_mm_cache = {{}}
+    payloads = self._mmdiag_mm_payloads(recv_reqs)
+    if not payloads:
+        return  # same on every rank: the list is computed from identical recv_reqs
+    group = self.cpu_group
+    world = 1
+    if (
+        group is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        world = torch.distributed.get_world_size(group=group)
+    if world <= 1:
+        return  # materialized per request, locally
+    is_src = torch.distributed.get_rank(group=group) == 0
+    if is_src:
+        results = []
+        for _rid, raw in payloads:
+            try:
+                results.append(MultimodalInputs.from_dict(raw))
+            except Exception as e:  # never skip the collective the others entered
+                logger.warning(f"mmdiag batch: from_dict failed on the entry rank ({{e}}); "
+                               "every rank will materialize this request itself")
+                results.append(None)
+        obj_list = [results]
+    else:
+        obj_list = [None]
+    torch.distributed.broadcast_object_list(
+        obj_list, src=torch.distributed.get_global_rank(group, 0), group=group
+    )
+    for (rid, raw), mm in zip(payloads, obj_list[0]):
+        if mm is not None:
+            self._mmdiag_mm_cache[id(raw)] = (raw, rid, mm)
+
+def process_input_requests(self, recv_reqs: List):
+    {MARK} batch -- prepare once, run SGLang's own loop, drop what is left.
+    self._mmdiag_batch_prepare(recv_reqs)
+    try:
+        return self._mmdiag_orig_process_input_requests(recv_reqs)
+    finally:
+        self._mmdiag_mm_cache = {{}}
+
+def abort_request(self, recv_req: AbortReq):
+    {MARK} batch -- an aborted request leaves nothing cached.
+    cache = getattr(self, "_mmdiag_mm_cache", None)
+    if cache:
+        abort_all = getattr(recv_req, "abort_all", False)
+        prefix = getattr(recv_req, "rid", None)
+        for key, (_raw, rid, _mm) in list(cache.items()):
+            if abort_all or (isinstance(rid, str) and isinstance(prefix, str) and rid.startswith(prefix)):
+                del cache[key]
+    return self._mmdiag_orig_abort_request(recv_req)
+'''
+
+
+def build(det, texts: dict[str, str]) -> Plan:
+    plan = Plan(STRATEGY, det.variant)
+    if det.variant == "per-rank":
+        raise not_applicable(STRATEGY, det.variant, "it predates 17a57fd: no entry-rank path to patch")
+    where = str(det.install.path("scheduler"))
+    s = texts["scheduler"]
+    require_layout(s, "Scheduler", "_process_and_broadcast_mm_inputs", where)
+    require_layout(s, "Scheduler", "process_input_requests", where)
+    require_layout(s, "Scheduler", "abort_request", where)  # presence (no fingerprints listed)
+    # Rename first: afterwards the wrappers take the original names.
+    s = rename_method(s, "Scheduler", "process_input_requests", "_mmdiag_orig_process_input_requests", STRATEGY)
+    s = rename_method(s, "Scheduler", "abort_request", "_mmdiag_orig_abort_request", STRATEGY)
+    s = replace_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", METHOD)
+    s = insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", HELPERS)
+    if det.variant == "broadcast-flag":
+        require_layout(s, "Scheduler", "_get_multimodal_inputs", where)
+        s = replace_method(s, "Scheduler", "_get_multimodal_inputs", DISPATCH.format(strategy=STRATEGY))
+        plan.notes.append("active whatever --enable-broadcast-mm-inputs-process says")
+    plan.new_texts["scheduler"] = s
+    return plan

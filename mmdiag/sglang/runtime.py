@@ -1,0 +1,426 @@
+"""Run an install's own multimodal scheduler path (patched or not) outside SGLang.
+
+SGLang's import chain needs CUDA-only packages, so the code is taken out of the
+install's files by AST and compiled into one module (registered in sys.modules
+under a name derived from the install path, so objects pickle across ranks):
+
+  from scheduler.py      Scheduler._process_and_broadcast_mm_inputs, _get_multimodal_inputs,
+                         process_input_requests (and _mmdiag_* batch helpers,
+                         _mmdiag_orig_process_input_requests, abort_request when patched),
+                         handle_batch_generate_request, handle_batch_embedding_request,
+                         is_health_check_generate_req
+  from schedule_batch.py Modality, MultimodalDataItem, MultimodalInputs (SGLang's own)
+  from mm_utils.py       data_hash, tensor_hash, hash_feature
+  from utils/common.py   flatten_nested_list, broadcast_pyobj
+  from tokenizer_manager.py  _mmdiag_precompute_mm_hashes (when `precompute` is applied)
+
+`from sglang... import` statements inside extracted functions are removed (the
+names they bind are module globals here). Stand-ins, each minimal and documented
+where defined below: request/abort classes, the dispatcher, the scheduler state
+the extracted methods read, handle_generate_request/handle_embedding_request
+(only their multimodal part, with the call expression taken from the install's
+own handler), the untouched part of abort_request, and CUDA-only helpers.
+
+API (what the replay calls, inside real gloo process groups):
+
+    path = load_sglang_mm_path(sglang_dir)          # -> SGLangMMPath (call on every rank)
+    sched = path.make_scheduler(cpu_group, enable_broadcast_mm_inputs_process=False)
+    item = path.make_item(feature_tensor, modality="IMAGE")
+    raw = path.make_mm_inputs([item, ...])           # the dict the tokenizer manager produces
+    path.tokenizer_side(raw)                         # the install's tokenizer-side step
+                                                     # (hashing when `precompute` is applied)
+    reqs = [path.generate_req(rid, raw), path.generate_req(rid2), path.abort_req(rid3), ...]
+    reqs = path.broadcast_pyobj(reqs, group)         # SGLang's own recv_requests transport
+    out = path.process_input_requests(sched, reqs)   # {rid: MultimodalInputs | None}
+    path.stats                                       # RuntimeStats of this process
+    sched._mmdiag_mm_cache                           # batch only: {} after every call
+"""
+from __future__ import annotations
+
+import __future__
+import ast
+import dataclasses
+import enum
+import hashlib
+import logging
+import pickle
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import astutil
+from .detect import detect, mm_call_of, scheduler_methods
+from .errors import UnknownLayout
+from .locate import SGLangInstall, locate
+
+logger = logging.getLogger("mmdiag.sglang.runtime")
+
+
+# ---- stand-ins for io_struct request classes (only the fields the mm path reads) ----
+@dataclass
+class TokenizedGenerateReqInput:
+    rid: str
+    mm_inputs: dict | None = None
+    input_ids: list = field(default_factory=list)
+
+
+@dataclass
+class TokenizedEmbeddingReqInput:
+    rid: str
+    image_inputs: dict | None = None
+    input_ids: list = field(default_factory=list)
+
+
+@dataclass
+class BatchTokenizedGenerateReqInput:
+    batch: list
+
+    def __len__(self):
+        return len(self.batch)
+
+    def __iter__(self):
+        return iter(self.batch)
+
+
+@dataclass
+class BatchTokenizedEmbeddingReqInput(BatchTokenizedGenerateReqInput):
+    pass
+
+
+@dataclass
+class AbortReq:
+    rid: str = ""
+    abort_all: bool = False
+
+
+class RpcReqOutput:  # stand-in: never produced here (no RPC requests are replayed)
+    pass
+
+
+class CudaIpcTensorTransportProxy:  # stand-in: CPU path only, never matches a feature
+    pass
+
+
+def gpu_tensor_hash(tensor):  # stand-in: mm_utils hashes CUDA tensors with a triton kernel
+    raise RuntimeError("mmdiag runtime replays the CPU path; CUDA features are not supported")
+
+
+class _EmptyBatch:  # stand-in for Scheduler.running_batch: nothing running
+    def is_empty(self):
+        return True
+
+
+class _Dispatcher:  # stand-in for sglang.utils.TypeBasedDispatcher
+    def __init__(self, mapping):
+        self._mapping = mapping
+
+    def __call__(self, obj):
+        for ty, fn in self._mapping:
+            if isinstance(obj, ty):
+                return fn(obj)
+        raise ValueError(f"mmdiag runtime: no handler for {type(obj).__name__}")
+
+
+@dataclass
+class RuntimeStats:
+    """Counters of this process, for tests and the replay's phase timers."""
+
+    from_dict_calls: int = 0
+    from_dict_s: float = 0.0
+    hash_calls: int = 0
+    hash_s: float = 0.0
+    collectives: int = 0
+    collective_s: float = 0.0
+    # Hashing done by tokenizer_side (the tokenizer manager, phase `tokenizer_hash`),
+    # kept out of the scheduler's hash counters above.
+    tokenizer_hash_calls: int = 0
+    tokenizer_hash_s: float = 0.0
+
+    def reset(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
+
+
+class _DistProxy:
+    """torch.distributed for the extracted code: counts and times broadcast_object_list."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+    def broadcast_object_list(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return torch.distributed.broadcast_object_list(*a, **k)
+        finally:
+            self._stats.collectives += 1
+            self._stats.collective_s += time.perf_counter() - t0
+
+
+class _TorchProxy:
+    def __init__(self, stats):
+        self.distributed = _DistProxy(stats)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class _StripSGLangImports(ast.NodeTransformer):
+    """Drop `from sglang... import x` inside extracted code; x is a module global here."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def visit_ImportFrom(self, node):
+        if node.module and node.module.split(".")[0] == "sglang":
+            self.names += [a.asname or a.name for a in node.names]
+            return ast.Pass()
+        return node
+
+
+def _extract(path: Path, names: list[str], *, cls: str | None = None, required=True) -> list[ast.stmt]:
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text, str(path))
+    body = tree.body
+    if cls is not None:
+        c = astutil.find_class(tree, cls)
+        if c is None:
+            raise UnknownLayout(f"class {cls} not found", where=str(path))
+        body = c.body
+    found = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in names:
+            found[node.name] = node
+    missing = [n for n in names if n not in found]
+    if missing and required:
+        raise UnknownLayout(f"{', '.join(missing)} not found", where=str(path),
+                            fix="mmdiag's runtime does not know this layout")
+    return [found[n] for n in names if n in found]
+
+
+def _module_name(install: SGLangInstall) -> str:
+    h = hashlib.sha256(str(install.package_dir).encode()).hexdigest()[:12]
+    return f"_mmdiag_sglang_rt_{h}"
+
+
+def _mm_handler_source(name: str, attr: str, callee: str | None) -> str:
+    """Stand-in handler: the install's multimodal call on recv_req.<attr>, nothing else."""
+    call = f"{callee}(recv_req.{attr})" if callee else "None"
+    return (
+        f"def {name}(self, recv_req):\n"
+        f"    image_inputs = None\n"
+        f"    if recv_req.{attr} is not None:\n"
+        f"        image_inputs = {call}\n"
+        f"    self.mm_results[recv_req.rid] = image_inputs\n"
+    )
+
+
+class SGLangMMPath:
+    """The multimodal part of one install's scheduler, runnable in a gloo group."""
+
+    def __init__(self, install: SGLangInstall):
+        self.install = install
+        self.detection = det = detect(install)
+        if det.variant is None:
+            raise UnknownLayout("unknown SGLang layout; " + "; ".join(det.notes),
+                                where=str(install.package_dir), fix="the replay cannot run this code")
+        self.variant = det.variant
+        self.patched = det.patched
+        self.stats = RuntimeStats()
+        self.module_name = _module_name(install)
+        # Rebuild on every load (the files may have been patched meanwhile).
+        mod = types.ModuleType(self.module_name)
+        mod.__file__ = str(install.path("scheduler"))
+        ns = mod.__dict__
+        ns.update({
+            "torch": _TorchProxy(self.stats), "np": np, "dist": _DistProxy(self.stats),
+            "pickle": pickle, "hashlib": hashlib, "logger": logger, "dataclasses": dataclasses,
+            "Enum": enum.Enum, "auto": enum.auto,
+            **{n: getattr(typing, n) for n in ("Any", "List", "Optional", "Union", "Tuple", "Dict")},
+            "TokenizedGenerateReqInput": TokenizedGenerateReqInput,
+            "TokenizedEmbeddingReqInput": TokenizedEmbeddingReqInput,
+            "BatchTokenizedGenerateReqInput": BatchTokenizedGenerateReqInput,
+            "BatchTokenizedEmbeddingReqInput": BatchTokenizedEmbeddingReqInput,
+            "AbortReq": AbortReq, "RpcReqOutput": RpcReqOutput,
+            "CudaIpcTensorTransportProxy": CudaIpcTensorTransportProxy,
+            "gpu_tensor_hash": gpu_tensor_hash,
+        })
+        sys.modules[self.module_name] = mod
+        nodes: list[ast.stmt] = []
+        nodes += _extract(install.path("utils_common"), ["flatten_nested_list", "broadcast_pyobj"])
+        nodes += _extract(install.path("mm_utils"), ["data_hash", "tensor_hash", "hash_feature"])
+        nodes += _extract(install.path("schedule_batch"), ["Modality", "MultimodalDataItem", "MultimodalInputs"])
+        nodes += _extract(install.path("scheduler"), ["is_health_check_generate_req"])
+        tm = install.path("tokenizer_manager")
+        if tm.exists():
+            nodes += _extract(tm, ["_mmdiag_precompute_mm_hashes"], required=False)
+        self._exec(nodes, ns, str(install.path("schedule_batch")))
+
+        spans = scheduler_methods(install.path("scheduler").read_text(encoding="utf-8"))
+        wanted = [n for n in spans if n in (
+            "_process_and_broadcast_mm_inputs", "_get_multimodal_inputs", "process_input_requests",
+            "handle_batch_generate_request", "handle_batch_embedding_request",
+            "_mmdiag_orig_process_input_requests") or n.startswith("_mmdiag_")]
+        if "_mmdiag_orig_abort_request" in spans:
+            wanted.append("abort_request")  # the batch wrapper; the original part is a stand-in
+        methods = [spans[n].node for n in wanted if n != "_mmdiag_orig_abort_request"]
+        gen_callee = mm_call_of(spans.get("handle_generate_request"))
+        emb_callee = mm_call_of(spans.get("handle_embedding_request"), "recv_req.image_inputs")
+        if gen_callee is None:
+            raise UnknownLayout("handle_generate_request makes no call on recv_req.mm_inputs",
+                                where=str(install.path("scheduler")))
+        handlers = ast.parse(_mm_handler_source("handle_generate_request", "mm_inputs", gen_callee)
+                             + _mm_handler_source("handle_embedding_request", "image_inputs", emb_callee)).body
+        cls = ast.ClassDef(name="Scheduler", bases=[], keywords=[], decorator_list=[],
+                           body=methods + handlers, type_params=[])
+        self._exec([cls], ns, str(install.path("scheduler")))
+        self.Scheduler = ns["Scheduler"]
+        if "abort_request" not in self.Scheduler.__dict__:
+            self.Scheduler.abort_request = _standin_abort
+        else:
+            self.Scheduler._mmdiag_orig_abort_request = _standin_abort
+        self.Modality = ns["Modality"]
+        self.MultimodalDataItem = ns["MultimodalDataItem"]
+        self.MultimodalInputs = ns["MultimodalInputs"]
+        self.ns = ns
+        self._instrument()
+
+    @staticmethod
+    def _exec(nodes, ns, filename):
+        strip = _StripSGLangImports()
+        mod = ast.fix_missing_locations(strip.visit(ast.Module(body=list(nodes), type_ignores=[])))
+        code = compile(mod, filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+        exec(code, ns)
+        missing = [n for n in strip.names if n not in ns]
+        if missing:
+            raise UnknownLayout(f"extracted code imports {', '.join(missing)}, unknown to mmdiag's runtime",
+                                where=filename)
+
+    def _instrument(self):
+        ns, st = self.ns, self.stats
+        real_hash = ns["hash_feature"]
+
+        def hash_feature(f):
+            t0 = time.perf_counter()
+            try:
+                return real_hash(f)
+            finally:
+                st.hash_calls += 1
+                st.hash_s += time.perf_counter() - t0
+
+        ns["hash_feature"] = hash_feature
+        real_from_dict = self.MultimodalInputs.__dict__["from_dict"].__func__
+
+        def from_dict(obj):
+            t0 = time.perf_counter()
+            try:
+                return real_from_dict(obj)
+            finally:
+                st.from_dict_calls += 1
+                st.from_dict_s += time.perf_counter() - t0
+
+        self.MultimodalInputs.from_dict = staticmethod(from_dict)
+
+    # ---------------------------------------------------------------- helpers
+    def make_scheduler(self, cpu_group=None, *, enable_broadcast_mm_inputs_process: bool = False):
+        """A stand-in Scheduler holding only the state the extracted methods read."""
+        s = self.Scheduler.__new__(self.Scheduler)
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        s.cpu_group = s.tp_cpu_group = cpu_group
+        rank_in_group = torch.distributed.get_rank(group=cpu_group) if initialized and cpu_group else 0
+        s.tp_size = torch.distributed.get_world_size(group=cpu_group) if initialized and cpu_group else 1
+        s.is_entry_rank = rank_in_group == 0
+        s.entry_rank = torch.distributed.get_global_rank(cpu_group, 0) if initialized and cpu_group else 0
+        s.server_args = types.SimpleNamespace(
+            enable_broadcast_mm_inputs_process=enable_broadcast_mm_inputs_process)
+        s.chunked_req = None
+        s.running_batch = _EmptyBatch()
+        s.offload_tags = set()
+        s.return_health_check_ct = 0
+        s.recv_from_rpc = None
+        s.send_to_tokenizer = None
+        s.mm_results = {}
+        s.aborted = []
+        s._request_dispatcher = _Dispatcher([
+            (TokenizedGenerateReqInput, s.handle_generate_request),
+            (TokenizedEmbeddingReqInput, s.handle_embedding_request),
+            (BatchTokenizedEmbeddingReqInput, s.handle_batch_embedding_request),
+            (BatchTokenizedGenerateReqInput, s.handle_batch_generate_request),
+            (AbortReq, s.abort_request),
+        ])
+        return s
+
+    def make_item(self, feature, modality: str = "IMAGE", **model_specific):
+        item = self.MultimodalDataItem(modality=self.Modality[modality], feature=feature)
+        item.model_specific_data.update(model_specific)
+        return item
+
+    def make_mm_inputs(self, items, **extra) -> dict:
+        return {"mm_items": list(items), **extra}
+
+    @staticmethod
+    def generate_req(rid: str, mm_inputs: dict | None = None):
+        return TokenizedGenerateReqInput(rid=rid, mm_inputs=mm_inputs)
+
+    @staticmethod
+    def embedding_req(rid: str, image_inputs: dict | None = None):
+        return TokenizedEmbeddingReqInput(rid=rid, image_inputs=image_inputs)
+
+    @staticmethod
+    def abort_req(rid: str = "", abort_all: bool = False):
+        return AbortReq(rid=rid, abort_all=abort_all)
+
+    @staticmethod
+    def batch_req(reqs):
+        return BatchTokenizedGenerateReqInput(batch=list(reqs))
+
+    def tokenizer_side(self, mm_inputs) -> bool:
+        """The install's tokenizer-manager step after the processor; True if it hashed."""
+        fn = self.ns.get("_mmdiag_precompute_mm_hashes")
+        if fn is None or mm_inputs is None:
+            return False
+        st = self.stats
+        calls, hash_s, t0 = st.hash_calls, st.hash_s, time.perf_counter()
+        try:
+            fn(mm_inputs)
+        finally:
+            st.tokenizer_hash_calls += st.hash_calls - calls
+            st.tokenizer_hash_s += time.perf_counter() - t0
+            st.hash_calls, st.hash_s = calls, hash_s
+        return True
+
+    def broadcast_pyobj(self, data, group=None, src_rank_in_group: int = 0):
+        """SGLang's broadcast_pyobj over `group` (recv_requests' transport)."""
+        if group is None or not torch.distributed.is_initialized():
+            return data
+        src = torch.distributed.get_global_rank(group, src_rank_in_group)
+        return self.ns["broadcast_pyobj"](data, torch.distributed.get_rank(), group, src=src)
+
+    def process_input_requests(self, sched, recv_reqs) -> dict:
+        """Run the install's process_input_requests; {rid: MultimodalInputs | None}."""
+        sched.mm_results = {}
+        sched.process_input_requests(recv_reqs)
+        out, sched.mm_results = sched.mm_results, {}
+        return out
+
+
+def _standin_abort(self, recv_req):
+    """Stand-in for the rest of Scheduler.abort_request (queue removal): records the abort
+    and which prepared results (batch) were still cached when it ran."""
+    self.aborted.append(recv_req.rid)
+    cache = getattr(self, "_mmdiag_mm_cache", None) or {}
+    self.abort_snapshot = sorted(rid for (_raw, rid, _mm) in cache.values())
+
+
+def load_sglang_mm_path(sglang_dir: str | Path | None = None) -> SGLangMMPath:
+    """Load the multimodal path of the install at `sglang_dir` (None: this interpreter's)."""
+    return SGLangMMPath(locate(None if sglang_dir is None else str(sglang_dir)))

@@ -1,0 +1,89 @@
+"""Real SGLang wheels for the sglang tests: fetched with `pip download --no-deps`
+into MMDIAG_WHEEL_CACHE (default <repo>/.cache/sglang-wheels) and unpacked.
+
+Only the files mmdiag reads are unpacked (sglang/__init__.py, version.py,
+srt/managers/*, srt/server_args.py, srt/utils/common.py): the same bytes as the
+wheel, a few MB less to copy per test. No SGLang source lives in the repository.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MMDIAG_WHEEL_CACHE", REPO / ".cache" / "sglang-wheels"))
+UNPACKED = CACHE / "unpacked"
+
+# version -> variant by code structure (also in mmdiag/sglang/variants.toml [[releases]])
+RELEASES = {
+    "0.5.4.post1": "per-rank",
+    "0.5.4.post2": "broadcast-always",
+    "0.5.5": "broadcast-always",
+    "0.5.5.post3": "broadcast-flag",
+    "0.5.6": "broadcast-flag",
+}
+KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/srt/managers/", "sglang/srt/server_args.py",
+        "sglang/srt/utils/common.py")
+
+
+def wheel(version: str) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    found = sorted(CACHE.glob(f"sglang-{version}-*.whl"))
+    if found:
+        return found[0]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"sglang=={version}",
+                        "-d", str(CACHE)], capture_output=True, text=True, timeout=300)
+    found = sorted(CACHE.glob(f"sglang-{version}-*.whl"))
+    if not found:
+        pytest.skip(f"sglang=={version} not available from the configured index "
+                    f"(pip download --no-deps: {r.stderr.strip().splitlines()[-1:] or r.returncode})")
+    return found[0]
+
+
+def pristine(version: str) -> Path:
+    """The unpacked `sglang` package of one wheel (shared, never modified)."""
+    dest = UNPACKED / version
+    pkg = dest / "sglang"
+    if (pkg / "srt" / "managers" / "scheduler.py").is_file():
+        return pkg
+    tmp = UNPACKED / f".{version}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel(version)) as z:
+        for name in z.namelist():
+            if name.startswith(KEEP) and not name.endswith("/"):
+                z.extract(name, tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return pkg
+
+
+def site_packages(version: str, root: Path) -> Path:
+    """A writable copy laid out as <root>/site-packages/sglang; returns the package dir."""
+    pkg = root / "site-packages" / "sglang"
+    shutil.copytree(pristine(version), pkg)
+    return pkg
+
+
+def checkout(version: str, root: Path) -> Path:
+    """The same code as a git checkout: <root>/repo/{.git,python/pyproject.toml,python/sglang}."""
+    repo = root / "repo"
+    shutil.copytree(pristine(version), repo / "python" / "sglang")
+    (repo / ".git").mkdir()
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "python" / "pyproject.toml").write_text('[project]\nname = "sglang"\n')
+    return repo / "python" / "sglang"
+
+
+def tree_bytes(pkg: Path) -> dict[str, bytes]:
+    """Every file under the package except mmdiag's state folder."""
+    return {str(p.relative_to(pkg)): p.read_bytes() for p in sorted(pkg.rglob("*"))
+            if p.is_file() and ".mmdiag" not in p.parts and "__pycache__" not in p.parts}

@@ -1,0 +1,241 @@
+"""mmdiag apply / --undo on the real SGLang wheels: diffs, byte-identical undo, refusals."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import py_compile
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from sglang_wheels import RELEASES, checkout, site_packages, tree_bytes
+
+import mmdiag.sglang.apply as A
+from mmdiag.sglang.commands import apply_command, doctor_command
+from mmdiag.sglang.detect import detect
+from mmdiag.sglang.errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, NotApplicable,
+                                  ReadOnlyInstall, UnknownLayout)
+from mmdiag.sglang.locate import locate
+from mmdiag.vocab import PATCHABLE_STRATEGIES
+
+# (version, strategy) -> files written ([] = nothing to patch, None = refused as not applicable)
+EXPECT = {
+    "per-rank": {"revert": [], "dict": None, "batch": None, "precompute": ["tokenizer_manager"]},
+    "broadcast-always": {"revert": ["scheduler"], "dict": ["scheduler"], "batch": ["scheduler"],
+                         "precompute": ["tokenizer_manager", "scheduler"]},
+    "broadcast-flag": {"revert": [], "dict": ["scheduler"], "batch": ["scheduler"],
+                       "precompute": ["tokenizer_manager"]},
+}
+FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
+
+
+def run(*args):
+    r = CliRunner().invoke(apply_command, [str(a) for a in args])
+    assert "Traceback" not in r.output
+    return r
+
+
+@pytest.mark.parametrize("version", list(RELEASES))
+@pytest.mark.parametrize("strategy", PATCHABLE_STRATEGIES)
+def test_apply_undo_roundtrip(version, strategy, tmp_path):
+    layout = "checkout" if version in ("0.5.5", "0.5.6") else "site-packages"
+    pkg = (checkout if layout == "checkout" else site_packages)(version, tmp_path)
+    before = tree_bytes(pkg)
+    expect = EXPECT[RELEASES[version]][strategy]
+    if expect is None:
+        r = run(strategy, "--sglang", pkg, "--yes")
+        assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ") and "does not apply" in r.output
+        assert tree_bytes(pkg) == before
+        return
+    dry = run(strategy, "--sglang", pkg, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert tree_bytes(pkg) == before and not (pkg / ".mmdiag" / "manifest.json").exists()
+    if not expect:
+        assert "nothing to patch" in dry.output
+        if RELEASES[version] == "broadcast-flag":
+            assert "--enable-broadcast-mm-inputs-process" in dry.output and "server_args.py:" in dry.output
+        return
+    for key in expect:
+        assert f"+++ b/{FILES[key]}" in dry.output
+    r = run(strategy, "--sglang", pkg, "--yes")
+    assert r.exit_code == 0, r.output
+    assert r.output.index("+++ b/") < r.output.index("applied `")  # diff shown first
+    for key in expect:
+        py_compile.compile(str(pkg / FILES[key]), doraise=True, cfile=str(tmp_path / "c.pyc"))
+    changed = {k for k in before if tree_bytes(pkg)[k] != before[k]}
+    assert changed == {FILES[k] for k in expect}
+    det = detect(locate(str(pkg)))
+    assert det.patched == strategy and det.variant == RELEASES[version]
+    assert det.manifest["files"].keys() == {FILES[k] for k in expect}
+    # twice: a no-op
+    again = run(strategy, "--sglang", pkg, "--yes")
+    assert again.exit_code == 0 and "already applied" in again.output
+    # another strategy on top: refused
+    other = next(s for s in ("dict", "batch") if s != strategy)
+    with pytest.raises(AlreadyPatched):
+        A.apply(locate(str(pkg)), other)
+    doc = CliRunner().invoke(doctor_command, ["--sglang", str(pkg)])
+    assert re.search(rf"^mmdiag patch\s+{strategy} \(applied", doc.output, re.M), doc.output
+    u = run("--undo", "--sglang", pkg, "--yes")
+    assert u.exit_code == 0, u.output
+    assert tree_bytes(pkg) == before  # byte-identical
+    assert detect(locate(str(pkg))).patched is None
+
+
+def test_unknown_layout_refused_nothing_written(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    sched = pkg / FILES["scheduler"]
+    sched.write_text(sched.read_text().replace("obj_list, src=0, group=self.cpu_group",
+                                               "obj_list, src=1, group=self.cpu_group"))
+    before = tree_bytes(pkg)
+    r = run("dict", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and "matches no known layout" in r.output and "nothing was changed" in r.output
+    assert tree_bytes(pkg) == before and not (pkg / ".mmdiag" / "manifest.json").exists()
+
+
+def test_unknown_release_refused(tmp_path):
+    pkg = site_packages("0.5.6", tmp_path)
+    sched = pkg / FILES["scheduler"]
+    sched.write_text(sched.read_text().replace("MultimodalInputs.from_dict(recv_req",
+                                               "MultimodalInputs.from_processor_output(recv_req")
+                     .replace("_get_multimodal_inputs", "_mm_inputs_v2"))
+    before = tree_bytes(pkg)
+    r = run("batch", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and "unknown SGLang layout" in r.output and "markers found" in r.output
+    assert tree_bytes(pkg) == before
+
+
+def test_read_only_by_mode_bits(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    target = pkg / FILES["scheduler"]
+    os.chmod(target, 0o444)
+    os.chmod(target.parent, 0o555)
+    real_access = os.access
+    # Tests run as root, for whom os.access says yes: answer as an unprivileged user would.
+    monkeypatch.setattr(A.os, "access", lambda p, m: (os.stat(p).st_mode & 0o222) != 0 if m == os.W_OK
+                        else real_access(p, m))
+    try:
+        before = tree_bytes(pkg)
+        r = run("revert", "--sglang", pkg, "--yes")
+        assert r.exit_code != 0 and "not writable" in r.output and "nothing was changed" in r.output
+        assert tree_bytes(pkg) == before
+    finally:
+        os.chmod(target.parent, 0o755)
+        os.chmod(target, 0o644)
+
+
+def test_read_only_mount_probe(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    real = A.tempfile.mkstemp
+
+    def erofs(*a, **k):
+        if "probe" in k.get("prefix", ""):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, **k)
+
+    monkeypatch.setattr(A.tempfile, "mkstemp", erofs)
+    before = tree_bytes(pkg)
+    with pytest.raises(ReadOnlyInstall, match="Read-only file system"):
+        A.apply(locate(str(pkg)), "revert")
+    assert tree_bytes(pkg) == before
+
+
+def test_lock_held_refuses(tmp_path):
+    pkg = site_packages("0.5.4.post2", tmp_path)
+    inst = locate(str(pkg))
+    inst.state_dir.mkdir()
+    fd = os.open(inst.state_dir / A.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another apply in progress
+    try:
+        before = tree_bytes(pkg)
+        r = run("revert", "--sglang", pkg, "--yes")
+        assert r.exit_code == ApplyLocked.exit_code and "another mmdiag apply is running" in r.output
+        assert tree_bytes(pkg) == before
+    finally:
+        os.close(fd)
+    assert run("revert", "--sglang", pkg, "--yes").exit_code == 0
+
+
+def test_undo_without_manifest(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    r = run("--undo", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ") and "no mmdiag patch recorded" in r.output
+    with pytest.raises(NoManifest):
+        A.undo(locate(str(pkg)))
+
+
+def test_undo_after_edit_refused_with_difference(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    assert run("batch", "--sglang", pkg, "--yes").exit_code == 0
+    sched = pkg / FILES["scheduler"]
+    sched.write_text(sched.read_text().replace("def _mmdiag_batch_prepare", "def _mmdiag_batch_prepare_EDITED"))
+    edited = tree_bytes(pkg)
+    r = run("--undo", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and "changed since mmdiag applied `batch`" in r.output
+    assert "+    def _mmdiag_batch_prepare_EDITED" in r.output  # the difference is shown
+    assert tree_bytes(pkg) == edited
+    with pytest.raises(ChangedSinceApply):
+        A.apply(locate(str(pkg)), "batch")
+
+
+def test_interrupted_write_leaves_original(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)  # precompute writes two files
+    before = tree_bytes(pkg)
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("scheduler.py"):  # the second target: the first was already replaced
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(A.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        A.apply(locate(str(pkg)), "precompute")
+    monkeypatch.setattr(A.os, "replace", real)
+    assert tree_bytes(pkg) == before
+    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not list(pkg.rglob(".mmdiag-*"))  # no temp files left behind
+    assert detect(locate(str(pkg))).patched is None
+
+
+def test_disk_full_leaves_original(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    real_fdopen = A.os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(A.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    r = run("dict", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and "no space left" in r.output and "original files are intact" in r.output
+    assert tree_bytes(pkg) == before
+
+
+def test_no_tty_without_yes_writes_nothing(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    r = run("dict", "--sglang", pkg)
+    assert r.exit_code != 0 and "--yes" in r.output
+    assert tree_bytes(pkg) == before
+
+
+def test_usage_errors(tmp_path):
+    r = run("--sglang", tmp_path)
+    assert r.exit_code == 2 and "give a STRATEGY or --undo" in r.output
+    r = run("revert", "--sglang", tmp_path / "missing", "--yes")
+    assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ")

@@ -1,0 +1,207 @@
+"""Proof that each patched (and unpatched) path works: the install's own methods,
+taken out of its files by AST (mmdiag.sglang.runtime), run on 2 and 3 real processes
+in a gloo group. Every rank must end with the same hashes and pad values (equal to
+SGLang's sha256 of the feature bytes), batches mixing multimodal and text-only
+requests and calls without multimodal requests must not hang (gloo timeout 30 s,
+join timeout), an aborted request leaves nothing cached, and the collectives per
+rank are what the strategy promises.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import multiprocessing as mp
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+
+from sglang_wheels import RELEASES, site_packages
+
+import mmdiag.sglang.apply as A
+from mmdiag.sglang.locate import locate
+
+JOIN_TIMEOUT_S = 240
+pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _feature(seed: int):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16 + seed % 7, 24, generator=g)  # small (patches, dim) stand-in for pixel_values
+
+
+def expected_hash(seed: int) -> int:
+    # SGLang: hash_feature(t) -> tensor_hash([t]) -> sha256(bytes)[:8], big endian
+    b = _feature(seed).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(b).digest()[:8], "big")
+
+
+# The calls each rank's scheduler gets: (rid, kind, [feature seeds]).
+CALLS = [
+    [("r1", "gen", [1, 2]), ("t1", "gen", []), ("r2", "gen", [3]),
+     ("batch", [("r3", "gen", [4]), ("t2", "gen", [])]), ("e1", "emb", [5])],
+    [("t3", "gen", []), ("t4", "gen", [])],  # text only
+    [],  # nothing received this iteration
+    [("abort", "r5"), ("r5", "gen", [6]), ("r6", "gen", [7]), ("HEALTH_CHECK_1", "gen", [])],
+]
+MM_RIDS = {"r1": [1, 2], "r2": [3], "r3": [4], "e1": [5], "r5": [6], "r6": [7]}
+
+
+def _build(path, call):
+    reqs = []
+    for spec in call:
+        if spec[0] == "batch":
+            reqs.append(path.batch_req(_build(path, spec[1])))
+        elif spec[0] == "abort":
+            reqs.append(path.abort_req(spec[1]))
+        else:
+            rid, kind, seeds = spec
+            raw = path.make_mm_inputs([path.make_item(_feature(s)) for s in seeds]) if seeds else None
+            path.tokenizer_side(raw)  # the tokenizer manager, before the scheduler (precompute)
+            reqs.append(path.generate_req(rid, raw) if kind == "gen" else path.embedding_req(rid, raw))
+    return reqs
+
+
+def _worker(rank, world, port, configs, out_dir, q):
+    try:
+        import torch.distributed as dist
+        from mmdiag.sglang.runtime import load_sglang_mm_path
+        timeout = datetime.timedelta(seconds=30)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timeout)
+        group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
+        results = {}
+        for name, sglang_dir, flag in configs:
+            path = load_sglang_mm_path(sglang_dir)
+            sched = path.make_scheduler(group, enable_broadcast_mm_inputs_process=flag)
+            path.stats.reset()
+            out, caches = {}, []
+            for call in CALLS:
+                reqs = _build(path, call) if rank == 0 else None
+                reqs = path.broadcast_pyobj(reqs, group)  # SGLang's recv_requests transport
+                got = path.process_input_requests(sched, reqs)
+                for rid, mm in got.items():
+                    out[rid] = None if mm is None else [[it.hash, it.pad_value] for it in mm.mm_items]
+                caches.append(len(getattr(sched, "_mmdiag_mm_cache", {}) or {}))
+            results[name] = {"out": out, "caches": caches, "aborted": sched.aborted,
+                             "abort_snapshot": getattr(sched, "abort_snapshot", None),
+                             "collectives": path.stats.collectives, "hash_calls": path.stats.hash_calls,
+                             "tokenizer_hash_calls": path.stats.tokenizer_hash_calls,
+                             "variant": path.variant, "patched": path.patched}
+            dist.barrier(group)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+        q.put((rank, None))
+    except BaseException:
+        q.put((rank, traceback.format_exc()))
+
+
+def _spawn(world, configs, out_dir):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, configs, str(out_dir), q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    errors = []
+    try:
+        for _ in procs:
+            rank, err = q.get(timeout=JOIN_TIMEOUT_S)
+            if err:
+                errors.append(f"rank {rank}:\n{err}")
+    except Exception:
+        errors.append(f"ranks did not finish within {JOIN_TIMEOUT_S}s (hang)")
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    assert not errors, "\n".join(errors)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _expected_collectives(variant, patched, flag):
+    n_mm_requests = len(MM_RIDS)  # per-request broadcast: one per multimodal request
+    if patched == "batch":
+        return 2  # calls 1 and 4 have multimodal requests; calls 2 and 3 none
+    if patched == "dict":
+        return n_mm_requests
+    if variant == "broadcast-flag":  # precompute leaves the flag in force (it must stay off)
+        return n_mm_requests if flag else 0
+    if patched in ("revert", "precompute") or variant == "per-rank":
+        return 0
+    if variant == "broadcast-always":
+        return n_mm_requests
+    return 0
+
+
+@pytest.fixture(scope="module")
+def installs(tmp_path_factory):
+    """name -> (sglang_dir, flag): every release unpatched, and every applicable patch."""
+    root = tmp_path_factory.mktemp("gloo-installs")
+    configs = []
+    for version, variant in RELEASES.items():
+        base = site_packages(version, root / version / "unpatched")
+        configs.append((f"{version}/unpatched", str(base), False))
+        if variant == "broadcast-flag":
+            configs.append((f"{version}/flag-on", str(base), True))
+        for strategy in ("revert", "dict", "batch", "precompute"):
+            pkg = site_packages(version, root / version / strategy)
+            try:
+                res = A.apply(locate(str(pkg)), strategy)
+            except A.SGLangError:
+                continue  # not applicable (dict/batch on per-rank): covered by the apply tests
+            if res.status == "applied":
+                configs.append((f"{version}/{strategy}", str(pkg), False))
+                if variant == "broadcast-flag":  # the patch no longer reads the flag
+                    configs.append((f"{version}/{strategy}+flag", str(pkg), True))
+    return configs
+
+
+def _check(results, configs):
+    world = len(results)
+    for name, _dir, flag in configs:
+        per_rank = [r[name] for r in results]
+        r0 = per_rank[0]
+        for r in per_rank[1:]:
+            assert r["out"] == r0["out"], f"{name}: ranks disagree"
+        for rid, seeds in MM_RIDS.items():
+            got = r0["out"][rid]
+            assert got == [[expected_hash(s), expected_hash(s) % (1 << 30)] for s in seeds], (name, rid)
+        for rid in ("t1", "t2", "t3", "t4"):
+            assert r0["out"][rid] is None
+        assert "HEALTH_CHECK_1" in r0["out"]  # nothing running: the health check is handled
+        for r in per_rank:
+            assert r["caches"] == [0, 0, 0, 0], f"{name}: results left cached {r['caches']}"
+            assert r["aborted"] == ["r5"]
+            exp = _expected_collectives(r["variant"], r["patched"], flag) if world > 1 else 0
+            assert r["collectives"] == exp, (name, r["collectives"], exp)
+        if r0["patched"] == "precompute":
+            assert all(r["hash_calls"] == 0 for r in per_rank), f"{name}: scheduler ranks hashed"
+            assert r0["tokenizer_hash_calls"] == sum(len(s) for s in MM_RIDS.values())
+        elif r0["collectives"] == 0:
+            n_items = sum(len(s) for s in MM_RIDS.values())
+            assert all(r["hash_calls"] == n_items for r in per_rank), name  # every rank hashes every item
+        if r0["patched"] == "batch" and world > 1:
+            # the abort came before r5's request in the same call: r5 was dropped, r6 still waits
+            assert all(r["abort_snapshot"] == ["r6"] for r in per_rank), name
+
+
+def test_all_paths_two_ranks(installs, tmp_path):
+    names = {n for n, _, _ in installs}
+    assert {"0.5.5/batch", "0.5.6/batch+flag", "0.5.4.post2/dict", "0.5.6/precompute"} <= names
+    _check(_spawn(2, installs, tmp_path), installs)
+
+
+def test_broadcasting_paths_three_ranks(installs, tmp_path):
+    sub = [c for c in installs if c[0].startswith(("0.5.5/", "0.5.6/"))
+           and c[0].split("/")[1] in ("unpatched", "flag-on", "dict", "batch")]
+    _check(_spawn(3, sub, tmp_path), sub)
