@@ -94,10 +94,10 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
     opts.timeline if asked). Raises ReplayError naming the rank that failed."""
     if opts.tp < 1:
         raise ReplayError(f"--tp must be at least 1, got {opts.tp}")
+    scan(trace)  # a malformed trace fails here, before any process starts
     if opts.tp > (os.cpu_count() or 1):
         warnings.warn(f"--tp {opts.tp} is more than this machine's {os.cpu_count()} cores: "
                       "ranks share cores, so timings are pessimistic", stacklevel=2)
-    scan(trace)  # a malformed trace fails here, before any process starts
     if opts.port is not None:
         check_port(opts.port)
     port = opts.port or free_port()
