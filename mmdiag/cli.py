@@ -165,6 +165,12 @@ def _replay_options(f):
         click.option("--repeat", type=int, default=1, show_default=True,
                      help="run each strategy N times; the report judges differences against this noise"),
         click.option("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 [default: a free one]"),
+        click.option("--impl", type=click.Choice(["mmdiag", "sglang"]), default="mmdiag", show_default=True,
+                     help="mmdiag: every strategy's model; sglang: the installed SGLang's own code, as patched"),
+        click.option("--sglang", "sglang_path", metavar="PATH", default=None,
+                     help="with --impl sglang: site-packages sglang folder or checkout's python/ [default: this interpreter's]"),
+        click.option("--enable-broadcast-flag", is_flag=True,
+                     help="with --impl sglang on 0.5.5.post3+: replay as if --enable-broadcast-mm-inputs-process were on"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bar"),
     ]
     for o in reversed(opts):
@@ -173,7 +179,7 @@ def _replay_options(f):
 
 
 def _run_replay(trace_file, tp, strategies, json_out, timeline, timeout, forward_ms, max_concurrency,
-                max_recv_mb, repeat, port, quiet):
+                max_recv_mb, repeat, port, quiet, impl="mmdiag", sglang_path=None, enable_broadcast_flag=False):
     from .render.table import render_run
     from .replay import ReplayOptions, replay
     from .workloads import defaults
@@ -181,11 +187,15 @@ def _run_replay(trace_file, tp, strategies, json_out, timeline, timeout, forward
     tp = tp if tp is not None else int(defaults()["tp"])
     if repeat < 1:
         raise MmdiagError("--repeat must be at least 1")
+    if impl == "sglang" and strategies:
+        raise MmdiagError("--strategy does not apply with --impl sglang",
+                          fix="the install's own code decides; use `mmdiag apply STRATEGY` to change it")
     names = strategy_registry.resolve(list(strategies))
     bar = _Bar(enabled=not quiet and json_out != "-")
     opts = ReplayOptions(tp=tp, strategies=names, timeout=timeout, forward_ms=forward_ms,
                          max_concurrency=max_concurrency, max_recv_mb=max_recv_mb, repeat=repeat,
-                         port=port, timeline=timeline)
+                         port=port, timeline=timeline, impl=impl, sglang_path=sglang_path,
+                         enable_broadcast_flag=enable_broadcast_flag)
     if json_out and json_out != "-":
         _check_writable(json_out)
     if timeline:

@@ -97,6 +97,6 @@ def assemble_run(results: dict[str, list[StrategyResult]], world: int, args: Any
                "mean_mm_request_bytes": stats.mm_bytes / max(stats.mm_requests, 1)},
         config={"forward_ms": args.forward_ms, "max_concurrency": args.max_concurrency,
                 "max_recv_mb": args.max_recv_mb,
-                "repeat": args.repeat, "timeout_s": args.timeout, "impl": "mmdiag",
+                "repeat": args.repeat, "timeout_s": args.timeout, "impl": args.impl,
                 "launcher": os.environ.get("MMDIAG_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env")},
     )

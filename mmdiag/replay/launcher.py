@@ -55,6 +55,10 @@ class ReplayOptions:
     repeat: int = 1
     port: int | None = None
     timeline: str | None = None
+    # "sglang": run the installed SGLang's own mm path (sglang_path, or this interpreter's).
+    impl: str = "mmdiag"
+    sglang_path: str | None = None
+    enable_broadcast_flag: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -117,6 +121,12 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
             cmd += ["--max-concurrency", str(opts.max_concurrency)]
         if tl_dir:
             cmd += ["--timeline-dir", tl_dir]
+        if opts.impl == "sglang":
+            from ..sglang.runtime import load_sglang_mm_path
+            load_sglang_mm_path(opts.sglang_path)  # an unknown install fails here, in one line
+            cmd += ["--impl", "sglang"] + (["--sglang", opts.sglang_path] if opts.sglang_path else [])
+            if opts.enable_broadcast_flag:
+                cmd += ["--enable-broadcast-flag"]
         procs: list[subprocess.Popen] = []
         logs = [os.path.join(tmp, f"rank{r}.log") for r in range(opts.tp)]
         try:

@@ -29,6 +29,7 @@ from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
 from .comm import broadcast_pyobj
 from .mm import MultimodalDataItem, hash_feature
+from .sglang_impl import tokenizer_side
 from .timers import PhaseTimers
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
@@ -53,10 +54,13 @@ def make_feature(shape: tuple[int, ...], dtype: str, idx: int) -> torch.Tensor:
 
 
 def make_request(tr: TraceRequest, idx: int, arrival: float, image_token_id: int,
-                 hashes: list[int] | None = None) -> ReplayRequest:
+                 hashes: list[int] | None = None, installed: Any = None) -> ReplayRequest:
     n_tokens = tr.prompt_len + sum(it.shape[0] // 4 for it in tr.mm)  # merge 2x2 -> tokens
     mm = None
-    if tr.mm:
+    if tr.mm and installed is not None:
+        # --impl sglang: the install's own item classes, hashes set by its tokenizer step.
+        mm = installed.wrap([it.modality for it in tr.mm], [make_feature(it.shape, it.dtype, idx) for it in tr.mm])
+    elif tr.mm:
         items = []
         for k, it in enumerate(tr.mm):
             h = it.hash if it.hash is not None else (hashes[k] if hashes else None)
@@ -166,6 +170,7 @@ class ReplayScheduler:
         self.fingerprints: dict[str, tuple] = {}
         self.recv_bytes = 0
         self.arrivals: dict[str, tuple[float, int]] = {}
+        self.tokenizer_s: dict[int, float] = {}
         self.globally_held = 0
         self.stop = False
 
@@ -214,8 +219,14 @@ class ReplayScheduler:
             self._wait_for_arrivals(intake)
             with self.timers.phase("recv"):
                 admitted = intake.admit(time.time(), self.globally_held)
-                reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx))
+                installed = getattr(self.strategy, "path", None) and self.strategy
+                reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx), installed)
                         for idx, tr, arr in admitted]
+                if installed is not None and installed.hashes_in_tokenizer:
+                    for r in reqs:
+                        if r.mm_inputs is not None:
+                            # On the entry rank here, so it costs this loop time too (noted in the Run).
+                            self.tokenizer_s[r.idx] = tokenizer_side(installed.path, r.mm_inputs)
                 for r in reqs:
                     self.arrivals[r.rid] = (r.arrival, r.idx)
                 done = intake.exhausted and self.globally_held >= intake.admitted and not reqs

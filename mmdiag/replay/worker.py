@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="most feature MB the entry rank admits in one loop iteration (bounds memory)")
     p.add_argument("--timeline-dir", default=None)
     p.add_argument("--progress-file", default=None)
+    p.add_argument("--impl", choices=("mmdiag", "sglang"), default="mmdiag",
+                   help="mmdiag: the strategies' models; sglang: the installed SGLang's own code (--sglang)")
+    p.add_argument("--sglang", default=None, help="with --impl sglang: the install (default: this interpreter's)")
+    p.add_argument("--enable-broadcast-flag", action="store_true",
+                   help="with --impl sglang on flag releases: replay with --enable-broadcast-mm-inputs-process on")
     return p.parse_args(argv)
 
 
@@ -104,7 +109,14 @@ def run_rank(args: argparse.Namespace) -> int:
     timeout = timedelta(seconds=args.timeout)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     group = dist.group.WORLD
-    names = strategy_registry.resolve(args.strategy)
+    installed = None
+    if args.impl == "sglang":
+        from ..sglang.runtime import load_sglang_mm_path
+        from .sglang_impl import InstalledPath
+        installed = load_sglang_mm_path(args.sglang)
+        names = [InstalledPath(installed, args.enable_broadcast_flag).name]
+    else:
+        names = strategy_registry.resolve(args.strategy)
     tracer = None
     if args.timeline_dir:
         from viztracer import VizTracer
@@ -128,7 +140,8 @@ def run_rank(args: argparse.Namespace) -> int:
     for name in names:
         runs = []
         for rep in range(args.repeat):
-            strategy = strategy_registry.get(name)()
+            strategy = (InstalledPath(installed, args.enable_broadcast_flag) if installed is not None
+                        else strategy_registry.get(name)())
             timers.reset(name)
             sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=timeout,
                                     forward_ms=args.forward_ms, progress=progress)
@@ -143,6 +156,8 @@ def run_rank(args: argparse.Namespace) -> int:
                       if rank == 0 else None)
             try:
                 outcome = sched.event_loop(intake, stats.requests if stats else None)
+                if installed is not None:
+                    tok_s = sched.tokenizer_s
             finally:
                 if intake is not None:
                     intake.close()
@@ -160,6 +175,12 @@ def run_rank(args: argparse.Namespace) -> int:
     dist.barrier(group=group)
     if rank == 0:
         run = assemble_run(results, world, args, header, stats)
+        if installed is not None:
+            det = installed.detection
+            run.config["impl"] = "sglang"
+            run.config["sglang"] = {"path": str(installed.install.package_dir), "version": installed.install.version,
+                                    "variant": det.variant, "patched": det.patched,
+                                    "enable_broadcast_flag": args.enable_broadcast_flag}
         run.save(args.out)
     dist.destroy_process_group()
     return 0

@@ -1,0 +1,75 @@
+"""`mmdiag replay --impl sglang --sglang PATH`: the same loop, but each rank runs the
+installed SGLang's own multimodal path (patched by `mmdiag apply` or not), extracted
+by mmdiag.sglang.runtime. The Run names the result by the strategy that install
+implements (its mmdiag patch, or the variant's own path), so a before/after pair
+compares under the one vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..strategies.base import Ready, Strategy
+
+# An unpatched install's own path, in the strategy vocabulary.
+VARIANT_STRATEGY = {"per-rank": "revert", "broadcast-always": "commit"}
+
+
+def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
+    if path.patched:
+        return path.patched
+    if path.variant == "broadcast-flag":
+        return "commit" if enable_broadcast_flag else "revert"
+    return VARIANT_STRATEGY[path.variant]
+
+
+class InstalledPath(Strategy):
+    """Runs `process_input_requests` of the install; times its phases from the
+    runtime's counters (from_dict, collectives) and torch's pickling wrappers."""
+
+    collectives = "as installed"
+
+    def __init__(self, path: Any, enable_broadcast_flag: bool = False):
+        self.path = path
+        self.flag = enable_broadcast_flag
+        self.name = strategy_name(path, enable_broadcast_flag)
+        self.summary = f"installed SGLang {path.install.version or ''} ({path.variant}, patch: {path.patched or 'none'})"
+        self.hashes_in_tokenizer = path.patched == "precompute"
+
+    def setup(self, s) -> None:
+        self.sched = self.path.make_scheduler(s.cpu_group, enable_broadcast_mm_inputs_process=self.flag)
+
+    def wrap(self, item_specs, features) -> dict:
+        """The install's own raw mm_inputs dict for one request (what its tokenizer sends)."""
+        items = [self.path.make_item(f, modality.upper()) for modality, f in zip(item_specs, features)]
+        return self.path.make_mm_inputs(items)
+
+    def process(self, s, reqs) -> Ready:
+        mm = self.mm_reqs(reqs)
+        if not mm:
+            return []
+        st, t = self.path.stats, s.timers
+        fd0, c0, cs0 = st.from_dict_s, st.collectives, st.collective_s
+        p0, u0 = t.get("pickle"), t.get("unpickle")
+        out = self.path.process_input_requests(self.sched, [self.path.generate_req(r.rid, r.mm_inputs) for r in mm])
+        t.add("from_dict", st.from_dict_s - fd0)
+        t.add("broadcast", (st.collective_s - cs0) - (t.get("pickle") - p0) - (t.get("unpickle") - u0))
+        t.collectives += st.collectives - c0
+        return [(r, _Fingerprinted(out[r.rid])) for r in mm]
+
+
+class _Fingerprinted:
+    """SGLang's MultimodalInputs seen through the replay's agreement check."""
+
+    def __init__(self, mm: Any):
+        self.mm = mm
+
+    def fingerprint(self) -> tuple:
+        return tuple((it.hash, it.pad_value) for it in self.mm.mm_items) if self.mm is not None else ()
+
+
+def tokenizer_side(path: Any, raw: dict) -> float:
+    """The install's tokenizer-manager step (hashing when precompute is applied); seconds."""
+    t0 = time.perf_counter()
+    path.tokenizer_side(raw)
+    return time.perf_counter() - t0

@@ -1,0 +1,36 @@
+"""`mmdiag replay --impl sglang`: the installed SGLang's own code in real gloo ranks,
+before and after `mmdiag apply`, on a real release wheel."""
+import json
+
+from sglang_wheels import site_packages
+from conftest import make_trace, mmdiag_cli
+
+
+def test_replay_runs_the_installed_code_before_and_after_apply(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path / "site")  # broadcast-always: the regression itself
+    trace = make_trace(tmp_path / "t.jsonl", n=12, rows=16)
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "--json", str(before))
+    assert r.returncode == 0, r.stderr
+    r = mmdiag_cli("apply", "batch", "--sglang", str(pkg), "--yes")
+    assert r.returncode == 0, r.stderr
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "--json", str(after))
+    assert r.returncode == 0, r.stderr
+    b, a = json.loads(before.read_text()), json.loads(after.read_text())
+    assert list(b["strategies"]) == ["commit"] and list(a["strategies"]) == ["batch"]
+    assert b["config"]["sglang"]["variant"] == "broadcast-always" and a["config"]["sglang"]["patched"] == "batch"
+    mm = b["trace"]["mm_requests"]
+    # The release's own path: one collective per multimodal request; the patch: one per loop iteration.
+    assert b["strategies"]["commit"]["ranks"][0]["collectives"] == mm
+    assert 1 <= a["strategies"]["batch"]["ranks"][0]["collectives"] < mm
+    for run in (b, a):
+        (s,) = run["strategies"].values()
+        assert s["ranks_agree"] is True
+        assert s["ranks"][1]["phases_ms"]["from_dict"] == 0  # non-entry ranks receive, never hash
+
+
+def test_strategy_option_is_refused_with_impl_sglang(tmp_path):
+    pkg = site_packages("0.5.6", tmp_path / "site")
+    trace = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
+    r = mmdiag_cli("replay", trace, "--impl", "sglang", "--sglang", str(pkg), "--strategy", "batch", timeout=60)
+    assert r.returncode == 2 and "does not apply with --impl sglang" in r.stderr
