@@ -36,12 +36,14 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=None, help="requests per trace (default: the profile's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    ap.add_argument("--overhead-only", action="store_true", help="only the harness-overhead table")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the harness-overhead table")
     ap.add_argument("--json", default=None, help="write all Runs here as {profile: {tp: Run}}")
     args = ap.parse_args()
     print(f"host: {os.uname().nodename}, {os.cpu_count()} cores; repeat {args.repeat}; medians", flush=True)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for prof in args.profiles:
+        for prof in ([] if args.overhead_only else args.profiles):
             trace = os.path.join(tmp, f"{prof}.jsonl")
             n = synth_to_file(prof, args.n, trace)
             for tp in args.tp:
@@ -62,6 +64,9 @@ def main() -> int:
                 print(tabulate(rows, headers=["strategy", "req/s median", "range", "vs commit", "p99 ms",
                                               "CPU s all ranks", "rank0 from_dict ms/req", f"rank{tp - 1} broadcast ms/req"]))
         # Harness overhead: text-only requests, so only recv + the per-iteration sync remain.
+        if args.no_overhead:
+            _save(args.json, out)
+            return 0
         trace = os.path.join(tmp, "text.jsonl")
         n = 2000
         text_only_trace(trace, n)
@@ -74,10 +79,14 @@ def main() -> int:
                          f"{s.requests_per_iteration:.1f}"])
         print(f"\n## harness overhead ({n} text-only requests, closed loop 64)")
         print(tabulate(rows, headers=["tp", "req/s median", "ms per request", "req/iter"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f)
+    _save(args.json, out)
     return 0
+
+
+def _save(path: str | None, out: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f)
 
 
 if __name__ == "__main__":
