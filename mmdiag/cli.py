@@ -267,16 +267,16 @@ def demo_cmd(profile, n, **kw):
         _run_replay(path, **kw)
 
 
-def _register_optional():
-    try:
-        from .sglang.commands import apply_command, doctor_command
-    except ImportError:  # pragma: no cover - the sglang subpackage is part of mmdiag
-        return
-    main.add_command(doctor_command)
-    main.add_command(apply_command)
+def _register_commands():
+    # Each subpackage owns its commands; the CLI only gathers them.
+    from .analysis.commands import recommend_command, report_command
+    from .sglang.commands import apply_command, doctor_command
+
+    for cmd in (doctor_command, apply_command, recommend_command, report_command):
+        main.add_command(cmd)
 
 
-_register_optional()
+_register_commands()
 
 if __name__ == "__main__":
     main()

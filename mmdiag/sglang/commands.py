@@ -79,8 +79,22 @@ def doctor_command(sglang_path, as_json):
 @click.option("--dry-run", is_flag=True, help="show the diff, write nothing")
 @click.option("--yes", "-y", is_flag=True, help="do not ask before writing")
 @click.option("--undo", is_flag=True, help="restore the original files recorded by the last apply")
-def apply_command(strategy, sglang_path, dry_run, yes, undo):
-    """Patch the installed SGLang with STRATEGY (revert, dict, batch, precompute), or --undo."""
+@click.option("--verify", is_flag=True,
+              help="replay the installed code, apply, replay again, and write the acceptance report")
+@click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: the trace to replay [default: the bundled default workload]")
+@click.option("--tp", type=int, default=None, help="with --verify: ranks to replay with [default: 4]")
+@click.option("--repeat", type=int, default=2, show_default=True, help="with --verify: repeats per replay")
+@click.option("--criteria", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: acceptance criteria file [default: profiles/criteria/default.toml]")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: write the report here (.html or .md)")
+def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output):
+    """Patch the installed SGLang with STRATEGY (revert, dict, batch, precompute), or --undo.
+
+    With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
+    the result against the acceptance criteria (exit 1 when it fails).
+    """
     if undo == (strategy is not None):
         click.echo("mmdiag: error: give a STRATEGY or --undo (not both); "
                    f"strategies: {', '.join(PATCHABLE_STRATEGIES)}", err=True)
@@ -100,6 +114,18 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo):
             click.echo(diff, nl=False)
         return confirm(diff)
 
+    if verify:
+        if undo or dry_run:
+            click.echo("mmdiag: error: --verify applies a STRATEGY; it does not combine with --undo or --dry-run",
+                       err=True)
+            raise click.exceptions.Exit(2)
+        from ..analysis.commands import run_verify
+        try:
+            code = run_verify(sglang_path, strategy, trace, tp=tp, criteria=criteria, output=output,
+                              repeat=repeat, confirm=show)
+        except MmdiagError as e:
+            _fail(e)
+        raise click.exceptions.Exit(code)
     try:
         inst = locate(sglang_path)
         if undo:

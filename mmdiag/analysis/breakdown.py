@@ -1,0 +1,90 @@
+"""Per-rank phase breakdown: where each rank's scheduler time goes.
+
+Works on both collectors' ranks: a replay rank has `phases_ms` (and cpu_s/wall_s),
+a live-profile rank has `phases_pct` (share of samples), `cpu_pct` and the GIL
+shares. Everything here returns plain numbers keyed by the one vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from ..run import RankResult, Run, StrategyResult
+from ..vocab import PHASES, PROFILE_SCHEMA
+
+# The multimodal path proper: what the strategies change (recv is the every-version transport).
+MM_PHASES = ("from_dict", "pickle", "broadcast", "unpickle")
+# The strategy's own collective: serialize, wait, deserialize.
+COMM_PHASES = ("pickle", "broadcast", "unpickle")
+
+
+def is_profile(run: Run) -> bool:
+    return run.schema == PROFILE_SCHEMA
+
+
+def phase_pct(rank: RankResult) -> dict[str, float]:
+    """Share of the rank's scheduler time per phase, in percent (sums to ~100)."""
+    if rank.phases_pct:
+        return {p: float(rank.phases_pct.get(p, 0.0)) for p in PHASES}
+    total = sum(rank.phases_ms.get(p, 0.0) for p in PHASES)
+    if total <= 0:
+        return {p: 0.0 for p in PHASES}
+    return {p: 100.0 * rank.phases_ms.get(p, 0.0) / total for p in PHASES}
+
+
+def busy_pct(rank: RankResult) -> float:
+    return 100.0 - phase_pct(rank).get("idle", 0.0)
+
+
+def share_of_busy(rank: RankResult, phases: Iterable[str]) -> float:
+    """Percent of the rank's busy (non-idle) time spent in `phases`."""
+    pct = phase_pct(rank)
+    busy = sum(v for k, v in pct.items() if k != "idle")
+    return 100.0 * sum(pct.get(p, 0.0) for p in phases) / busy if busy > 0 else 0.0
+
+
+def mm_share(rank: RankResult) -> float:
+    return share_of_busy(rank, MM_PHASES)
+
+
+def cpu_pct(rank: RankResult) -> float:
+    """Scheduler CPU of the rank as a percent of one core (nan when unknown)."""
+    if rank.cpu_pct is not None:
+        return float(rank.cpu_pct)
+    return 100.0 * rank.cpu_s / rank.wall_s if rank.wall_s else math.nan
+
+
+def max_or_nan(xs: Iterable[float | None]) -> float:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return max(vals) if vals else math.nan
+
+
+def ranks_of(run: Run, strategy: str | None = None) -> list[RankResult]:
+    if strategy is not None:
+        return run.strategies[strategy].ranks
+    if run.ranks is not None:
+        return run.ranks
+    if len(run.strategies) == 1:
+        return next(iter(run.strategies.values())).ranks
+    return []
+
+
+def per_request_ms(s: StrategyResult, rank: RankResult, phase: str) -> float:
+    return rank.phases_ms.get(phase, 0.0) / max(s.requests, 1)
+
+
+def rank_rows(s: StrategyResult) -> list[dict[str, float]]:
+    """One row per rank: phase share (%), and for replays ms per request, CPU %, GIL."""
+    rows = []
+    for r in s.ranks:
+        pct = phase_pct(r)
+        rows.append({
+            "rank": r.rank,
+            "pct": pct,
+            "ms_per_request": ({p: per_request_ms(s, r, p) for p in PHASES} if not r.phases_pct else None),
+            "mm_share_pct": mm_share(r),
+            "cpu_pct": cpu_pct(r),
+            "gil_held_pct": r.gil_held_pct,
+            "gil_wait_pct": r.gil_wait_pct,
+        })
+    return rows

@@ -1,0 +1,355 @@
+"""Which patch, and why: `recommend(runs) -> Recommendation`.
+
+From replay Runs: the measured throughput of every patchable strategy (median
+repeat; precompute capped by the single tokenizer process it hashes in), judged
+against each other with the repeats (Welch t-test, mmdiag.analysis.compare), the
+per-rank CPU, and the cost model (mmdiag.analysis.costmodel) that places the
+workload against the feature size where broadcasting starts to pay. Ties inside
+the noise are broken by the cost model's side of the crossover, then CPU, and are
+reported as low confidence with what to measure next.
+
+From live profiles (no throughput): phase shares per rank, e.g. non-entry ranks
+waiting in the broadcast longer than the entry rank spends materializing.
+
+The rules and thresholds are data: profiles/recommend.toml.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MmdiagError, ProfileError
+from ..run import Run, StrategyResult
+from ..vocab import PATCHABLE_STRATEGIES, PROFILE_SCHEMA, REPLAY_SCHEMA, STRATEGIES
+from . import breakdown as B
+from .compare import NOT_JUDGED, compare_samples, relative_noise
+from ..workloads import PROFILES_DIR
+from .costmodel import CostModel, fit
+
+RULES_FILE = PROFILES_DIR / "recommend.toml"
+NONE = "none"
+
+
+def load_rules(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    p = Path(path) if path else RULES_FILE
+    try:
+        with open(p, "rb") as f:
+            rules = tomllib.load(f)
+    except FileNotFoundError:
+        raise ProfileError("no such file", where=str(p)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"invalid TOML ({e})", where=str(p)) from None
+    for sect in ("thresholds", "candidates", "not_a_fix", "live"):
+        if sect not in rules:
+            raise ProfileError(f"missing section [{sect}]", where=str(p))
+    for name in rules["candidates"].get("order", []):
+        if name not in PATCHABLE_STRATEGIES:
+            raise ProfileError(f"candidates.order names {name!r}, which no patch ships", where=str(p),
+                               fix=f"patchable: {', '.join(PATCHABLE_STRATEGIES)}")
+    return rules
+
+
+@dataclass
+class Option:
+    """One strategy as the recommendation sees it."""
+    name: str
+    throughput_rps: float | None
+    expected_rps: float | None        # measured, capped where a cap applies
+    vs_baseline: float | None         # expected_rps / the baseline's (commit's) throughput
+    max_cpu_pct: float | None
+    p99_ms: float | None
+    noise_pct: float | None
+    repeats: int
+    patchable: bool
+    verdict: str = ""                 # against the recommended one
+    note: str = ""
+
+
+@dataclass
+class Recommendation:
+    recommended: str | None           # a patchable strategy, "none", or None when the data cannot decide
+    confidence: str                   # high | medium | low | undecided
+    source: str                       # replay | profile
+    target: str                       # what workload / Run it is for
+    reasons: list[str] = field(default_factory=list)
+    runners_up: list[Option] = field(default_factory=list)
+    chosen: Option | None = None
+    measure_next: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mm_share_pct: float | None = None
+    baseline: str | None = None
+    cost_model: CostModel | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "recommended": self.recommended, "confidence": self.confidence, "source": self.source,
+            "target": self.target, "baseline": self.baseline, "mm_share_pct": _num(self.mm_share_pct),
+            "reasons": self.reasons,
+            "chosen": _clean(asdict(self.chosen)) if self.chosen else None,
+            "runners_up": [_clean(asdict(o)) for o in self.runners_up],
+            "measure_next": self.measure_next, "notes": self.notes,
+            "cost_model": _clean(self.cost_model.to_dict()) if self.cost_model else None,
+        }
+        return d
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and (math.isnan(x))) else x
+
+
+def _clean(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _clean(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_clean(v) for v in d]
+    if isinstance(d, float):
+        if math.isnan(d):
+            return None
+        if math.isinf(d):
+            return "inf"
+    return d
+
+
+def _describe_target(run: Run) -> str:
+    t = run.trace
+    if run.schema == PROFILE_SCHEMA:
+        return f"live profile at tp {run.tp}" + (f" ({run.host.get('hostname')})" if run.host.get("hostname") else "")
+    prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
+    mb = (t.get("mean_mm_request_bytes") or 0) / 2 ** 20
+    return (f"replay of {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
+            f"{t.get('mm_requests')} multimodal at {mb:.1f} MB each, tp {run.tp}")
+
+
+def _expected(name: str, s: StrategyResult, rules: dict[str, Any]) -> tuple[float, str]:
+    rps = s.throughput_rps
+    if name == "precompute" and rules["candidates"].get("cap_precompute_by_tokenizer", True):
+        cap = (s.tokenizer_ms or {}).get("capacity_rps")
+        if cap is not None and not math.isinf(cap) and cap < rps:
+            return cap, (f"capped at {cap:.1f} req/s: one tokenizer process hashes every feature "
+                         f"({s.tokenizer_ms.get('per_mm_request', 0):.1f} ms per multimodal request)")
+    return rps, ""
+
+
+def _samples(s: StrategyResult, expected: float) -> list[float]:
+    xs = list(s.repeats_rps) or [s.throughput_rps]
+    if expected < s.throughput_rps:  # a cap applies: scale the repeats down with it
+        f = expected / s.throughput_rps if s.throughput_rps else 1.0
+        xs = [x * f for x in xs]
+    return xs
+
+
+def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommendation:
+    """Recommend for the first replay Run (all replay Runs feed the cost model); with only
+    live profiles, from the first profile's phase shares."""
+    if not runs:
+        raise MmdiagError("no Runs to recommend from")
+    rules = rules or load_rules()
+    replays = [r for r in runs if r.schema == REPLAY_SCHEMA]
+    if replays:
+        rec = _from_replay(replays[0], runs, rules)
+        if len(replays) > 1:
+            rec.notes.append(f"recommendation for the first replay Run; all {len(replays)} replay Runs "
+                             "fed the cost model")
+        if any(r.schema == PROFILE_SCHEMA for r in runs):
+            live = _from_profile(next(r for r in runs if r.schema == PROFILE_SCHEMA), rules)
+            rec.notes.append(f"the live profile points to {live.recommended!r}: " + "; ".join(live.reasons[:2]))
+        return rec
+    return _from_profile(runs[0], rules)
+
+
+# --- replay --------------------------------------------------------------------
+
+def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommendation:
+    th, cand = rules["thresholds"], rules["candidates"]
+    model = fit(runs, target=run)
+    rec = Recommendation(None, "undecided", "replay", _describe_target(run), cost_model=model)
+    rec.notes += model.notes
+    baseline_name = next((n for n in ("commit", "revert") if n in run.strategies), None)
+    baseline_name = baseline_name or next(iter(run.strategies), None)
+    rec.baseline = baseline_name
+    if baseline_name is None:
+        rec.reasons.append("the Run has no strategies")
+        rec.measure_next.append("replay with --strategy all")
+        return rec
+    base = run.strategies[baseline_name]
+    share = B.max_or_nan(B.mm_share(r) for r in base.ranks)
+    rec.mm_share_pct = share
+    base_rps = base.throughput_rps if base.throughput_rps else None
+
+    options: dict[str, Option] = {}
+    samples: dict[str, list[float]] = {}
+    for name, s in run.strategies.items():
+        exp, note = _expected(name, s, rules)
+        samples[name] = _samples(s, exp)
+        noise = relative_noise(samples[name])
+        options[name] = Option(
+            name=name, throughput_rps=s.throughput_rps, expected_rps=exp,
+            vs_baseline=exp / base_rps if base_rps else None,
+            max_cpu_pct=B.max_or_nan(B.cpu_pct(r) for r in s.ranks), p99_ms=s.latency_ms.get("p99"),
+            noise_pct=100 * noise if noise is not None else None, repeats=len(s.repeats_rps) or 1,
+            patchable=name in PATCHABLE_STRATEGIES,
+            note=note or rules["not_a_fix"].get(name, ""))
+    if model.workload_mb is not None:
+        x = model.crossover_mb(1.0 / max(model.requests_per_iteration or 1.0, 1.0))
+        xs = "never (sending costs more per MB than every rank hashing)" if x is not None and math.isinf(x) \
+            else (f"{x:.2f} MB" if x is not None else "unknown")
+        rec.reasons.append(
+            f"cost model at tp {model.tp}: materialize {_f(model.m_all_ms_per_mb)} ms/MB with every rank at once, "
+            f"{_f(model.m_one_ms_per_mb)} ms/MB on the entry rank alone; sending {_f(model.k_ms_per_mb)} ms/MB "
+            f"+ {_f(model.c_ms_per_collective)} ms per collective; {_f(model.requests_per_iteration, 1)} requests "
+            f"per loop iteration; batched broadcasting pays above {xs}; this workload: "
+            f"{model.workload_mb:.2f} MB per multimodal request")
+
+    if not math.isnan(share) and share < th["min_mm_share_pct"]:
+        rec.recommended, rec.confidence = NONE, "high" if base.repeats_rps and len(base.repeats_rps) > 1 else "medium"
+        rec.reasons.insert(0, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in "
+                              f"`{baseline_name}` (under {th['min_mm_share_pct']}%): no patch is worth it")
+        rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
+        return rec
+
+    cands = [n for n in cand["order"] if n in options]
+    if not cands:
+        rec.reasons.append(f"none of the patchable strategies ({', '.join(PATCHABLE_STRATEGIES)}) was replayed")
+        rec.measure_next.append("replay with --strategy all (or at least revert, batch and precompute)")
+        rec.runners_up = list(options.values())
+        return rec
+
+    best = max(cands, key=lambda n: options[n].expected_rps or 0.0)
+    tied = [best]
+    for n in cands:
+        if n == best:
+            continue
+        c = compare_samples(samples[best], samples[n], metric="throughput_rps", alpha=th["alpha"])
+        within = abs(1 - c.ratio) * 100 <= th["tie_pct"]
+        if (c.status == NOT_JUDGED and within) or (c.status != NOT_JUDGED and not c.significant):
+            tied.append(n)
+    pays = model.broadcast_pays()
+    if len(tied) > 1:
+        group = cand["when_broadcast_pays"] if pays else cand["when_broadcast_does_not_pay"] if pays is False \
+            else cand["order"]
+        order = cand["order"]
+
+        def cpu(n: str) -> float:
+            v = options[n].max_cpu_pct
+            return v if v is not None and not math.isnan(v) else 1e9
+
+        pick = min(tied, key=lambda n: (n not in group, cpu(n), order.index(n) if n in order else 99))
+    else:
+        pick = best
+    rec.recommended, rec.chosen = pick, options[pick]
+    ch = options[pick]
+
+    # Verdicts of everything else against the pick, with the repeats.
+    for n, o in options.items():
+        if n == pick:
+            continue
+        c = compare_samples(samples[pick], samples[n], metric="throughput_rps", alpha=th["alpha"])
+        o.verdict = c.verdict()
+        rec.runners_up.append(o)
+    rec.runners_up.sort(key=lambda o: -(o.expected_rps or 0))
+
+    vs = f" ({ch.vs_baseline:.2f}x `{baseline_name}`)" if ch.vs_baseline and baseline_name != pick else ""
+    cpu = f", busiest rank's scheduler CPU {ch.max_cpu_pct:.0f}%" if ch.max_cpu_pct is not None and not math.isnan(ch.max_cpu_pct) else ""
+    rec.reasons.insert(0, f"`{pick}` is expected at {ch.expected_rps:.2f} req/s{vs}{cpu}, p99 {_f(ch.p99_ms, 0)} ms"
+                          + (f"; {ch.note}" if ch.note and pick not in rules["not_a_fix"] else ""))
+    rec.reasons.insert(1, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in `{baseline_name}`")
+    if pays is not None:
+        side = "above" if pays else "below"
+        rec.reasons.append(f"the workload is {side} the crossover: broadcasting "
+                           f"{'pays' if pays else 'does not pay'} here")
+        measured_bcast = [n for n in ("batch",) if n in options and n in cands]
+        if measured_bcast and pays and "revert" in options and \
+                (options["revert"].expected_rps or 0) > (options["batch"].expected_rps or 0):
+            rec.notes.append("the cost model and the measured throughput disagree (model: broadcasting pays; "
+                             "measured: revert faster): trust the measurement, and replay again to be sure")
+
+    # Confidence.
+    noise = [o.noise_pct for o in options.values() if o.noise_pct is not None]
+    max_noise = max(noise) if noise else None
+    one_repeat = any(options[n].repeats < 2 for n in cands)
+    if len(tied) > 1:
+        rec.confidence = "low"
+        others = ", ".join(f"`{n}`" for n in tied if n != pick)
+        why = ("the cost model's side of the crossover, then the lower busiest-rank CPU" if pays is not None
+               else "the lower busiest-rank CPU")
+        rec.reasons.append(f"the data cannot decide between `{pick}` and {others}: their throughput differs "
+                           f"inside the noise; `{pick}` is chosen by {why}")
+        rec.measure_next.append(f"replay again with --repeat 5 or more (and more requests, -n) to separate "
+                                f"{', '.join(tied)}" + (f"; repeat noise now up to {max_noise:.0f}%" if max_noise else ""))
+    elif one_repeat:
+        rec.confidence = "low"
+        rec.reasons.append("one repeat per strategy: the noise is unknown, so no difference is judged significant")
+        rec.measure_next.append("replay with --repeat 3 or more to judge the differences")
+    elif max_noise is not None and max_noise > th["max_noise_pct"]:
+        rec.confidence = "medium"
+        rec.measure_next.append(f"repeat noise up to {max_noise:.0f}% (over {th['max_noise_pct']}%): "
+                                "replay on a quieter machine or with more requests")
+    else:
+        rec.confidence = "high"
+    if not model.separable:
+        rec.measure_next.append("to place the crossover precisely, replay commit and batch (or a second workload "
+                                "with a different feature size) so the per-collective cost can be fitted")
+    if options[pick].max_cpu_pct is not None and not math.isnan(options[pick].max_cpu_pct) and run.trace.get(
+            "arrival", {}).get("mode") == "closed":
+        rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
+                         "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
+    return rec
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    return "?" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+# --- live profile ----------------------------------------------------------------
+
+def _from_profile(run: Run, rules: dict[str, Any]) -> Recommendation:
+    th, lv = rules["thresholds"], rules["live"]
+    rec = Recommendation(None, "low", "profile", _describe_target(run))
+    ranks = B.ranks_of(run)
+    if not ranks:
+        raise MmdiagError("the live profile has no ranks", where="recommend",
+                          fix="profile again while the server has multimodal traffic")
+    entry = min(ranks, key=lambda r: r.rank)
+    others = [r for r in ranks if r is not entry]
+    share = B.max_or_nan(B.mm_share(r) for r in ranks)
+    rec.mm_share_pct = share
+    rec.baseline = next(iter(run.strategies), None)
+    rec.measure_next.append("a replay of this traffic is needed for throughput: mmdiag trace synth (or a captured "
+                            "trace), then mmdiag replay --repeat 3 and mmdiag recommend on that Run")
+    gil = [(r.rank, r.gil_wait_pct) for r in ranks if r.gil_wait_pct is not None and r.gil_wait_pct > lv["gil_wait_pct"]]
+    if gil:
+        rec.notes.append("GIL wait over " f"{lv['gil_wait_pct']}% on rank(s) " +
+                         ", ".join(f"{r} ({v:.0f}%)" for r, v in gil))
+    if math.isnan(share) or share < th["min_mm_share_pct"]:
+        rec.recommended = NONE
+        rec.reasons.append(f"the multimodal path is {_f(share, 1)}% of the busiest rank's busy samples "
+                           f"(under {th['min_mm_share_pct']}%): no patch is worth it")
+        return rec
+    wait = (sum(B.share_of_busy(r, ("broadcast", "unpickle")) for r in others) / len(others)) if others else 0.0
+    entry_mat = B.share_of_busy(entry, ("from_dict",))
+    others_mat = (sum(B.share_of_busy(r, ("from_dict",)) for r in others) / len(others)) if others else entry_mat
+    numbers = (f"non-entry ranks wait {wait:.1f}% of their busy time in broadcast+unpickle; the entry rank "
+               f"materializes {entry_mat:.1f}%, the others {others_mat:.1f}%; mm path {share:.1f}% on the busiest rank")
+    if wait >= lv["broadcast_wait_pct"] and wait >= entry_mat:
+        rec.recommended = "revert"
+        rec.reasons.append("the ranks wait in the broadcast longer than materializing on each rank would take: "
+                           "broadcasting does not pay for this traffic")
+    elif wait >= lv["broadcast_wait_pct"]:
+        rec.recommended = "batch"
+        rec.reasons.append("broadcasting saves the other ranks more than they wait for it: keep it, "
+                           "but one collective per loop iteration instead of per request")
+    else:
+        rec.recommended = "precompute"
+        rec.reasons.append("materialization (hashing) dominates on every rank and no broadcast is waited on: "
+                           "hash once, in the tokenizer, off the scheduler loop")
+    rec.reasons.append(numbers)
+    rec.notes.append("from phase shares only (no throughput in a live profile): confidence is low")
+    return rec
+
+
+def strategy_order(names) -> list[str]:
+    return sorted(names, key=lambda n: STRATEGIES.index(n) if n in STRATEGIES else 99)

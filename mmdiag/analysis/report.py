@@ -1,0 +1,358 @@
+"""Before against after: `build_report(before, after, criteria) -> Report`.
+
+Which strategies are compared (the default, documented in `mmdiag report --help`):
+  1. --before-strategy / --after-strategy when given;
+  2. a Run with exactly one strategy: that one (a replay of installed code, a live profile);
+  3. before: `commit` (the regression, the baseline) when the Run has it;
+     after: the strategy `mmdiag recommend` picks from the after Run;
+  4. otherwise an error listing the Run's strategies.
+
+Runs of different schemas (a live profile has no throughput or latency, a replay no
+GIL) or different rank counts (per-rank phases and CPU have no counterpart) are not
+compared: an error says which and why. Differences are judged with the repeats
+(mmdiag.analysis.compare); a difference inside the noise is "not significant".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import MmdiagError
+from ..run import RankResult, Run, StrategyResult
+from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
+from . import breakdown as B
+from .compare import NOT_JUDGED, compare_samples
+from .criteria import Criterion
+
+PASS, FAIL, NA = "pass", "fail", "n/a"
+MB = float(2 ** 20)
+
+
+class ReportError(MmdiagError):
+    """Two Runs that cannot be compared, or a strategy that is not in a Run."""
+
+
+@dataclass
+class Side:
+    label: str              # before | after
+    path: str
+    run: Run
+    strategy: str | None
+    result: StrategyResult | None
+
+    @property
+    def ranks(self) -> list[RankResult]:
+        if self.result is not None:
+            return self.result.ranks
+        return self.run.ranks or []
+
+    @property
+    def is_replay(self) -> bool:
+        return self.run.schema == REPLAY_SCHEMA
+
+    def describe(self) -> str:
+        name = f"`{self.strategy}`" if self.strategy else "profile"
+        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
+
+
+@dataclass
+class MetricRow:
+    metric: str
+    unit: str
+    before: float | None
+    after: float | None
+    change: str         # ratio or difference
+    verdict: str        # significance words
+    better: bool | None = None
+
+
+@dataclass
+class CriterionResult:
+    key: str
+    description: str
+    threshold: str
+    measured: str
+    status: str         # pass | fail | n/a
+    note: str = ""
+
+
+@dataclass
+class Report:
+    before: Side
+    after: Side
+    metrics: list[MetricRow]
+    phases: list[dict[str, Any]]          # per rank and phase: before/after (ms per request or %)
+    phase_unit: str
+    criteria: list[CriterionResult]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.status == FAIL for c in self.criteria)
+
+    @property
+    def verdict(self) -> str:
+        judged = [c for c in self.criteria if c.status != NA]
+        if any(c.status == FAIL for c in judged):
+            return "FAIL"
+        return "PASS" if judged else "NOT JUDGED"
+
+    def to_dict(self) -> dict[str, Any]:
+        def side(s: Side) -> dict[str, Any]:
+            return {"path": s.path, "schema": s.run.schema, "tp": s.run.tp, "strategy": s.strategy,
+                    "trace": s.run.trace, "created": s.run.created}
+        return _clean({
+            "schema": "mmdiag.report/1", "verdict": self.verdict, "passed": self.passed,
+            "before": side(self.before), "after": side(self.after),
+            "metrics": [asdict(m) for m in self.metrics], "phase_unit": self.phase_unit,
+            "phases": self.phases, "criteria": [asdict(c) for c in self.criteria], "notes": self.notes,
+        })
+
+
+def _clean(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _clean(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_clean(v) for v in d]
+    if isinstance(d, float) and (math.isnan(d) or math.isinf(d)):
+        return None
+    return d
+
+
+# --- choosing what to compare ------------------------------------------------------
+
+def check_comparable(before: Run, after: Run, before_path: str, after_path: str) -> None:
+    if before.schema != after.schema:
+        kinds = {REPLAY_SCHEMA: "a replay", PROFILE_SCHEMA: "a live profile"}
+        raise ReportError(
+            f"{before_path} is {kinds.get(before.schema, before.schema)} ({before.schema}) and {after_path} is "
+            f"{kinds.get(after.schema, after.schema)} ({after.schema}): throughput and latency exist only in a "
+            "replay, GIL shares only in a live profile",
+            fix="compare two replays (mmdiag replay) or two live profiles")
+    if before.tp != after.tp:
+        raise ReportError(
+            f"{before_path} has {before.tp} ranks and {after_path} has {after.tp}: per-rank phases and CPU per "
+            "rank have no counterpart, and the collective costs differ with the rank count",
+            fix="replay (or profile) both at the same --tp")
+
+
+def _pick(run: Run, path: str, wanted: str | None, default: str | None, label: str) -> tuple[str | None, StrategyResult | None]:
+    names = list(run.strategies)
+    if wanted:
+        if wanted not in run.strategies:
+            raise ReportError(f"strategy {wanted!r} is not in this Run", where=path,
+                              fix=f"it has: {', '.join(names) or 'none'}")
+        return wanted, run.strategies[wanted]
+    if len(names) == 1:
+        return names[0], run.strategies[names[0]]
+    if not names and run.schema == PROFILE_SCHEMA:
+        return None, None
+    if default and default in run.strategies:
+        return default, run.strategies[default]
+    raise ReportError(f"cannot tell which strategy is the {label} one", where=path,
+                      fix=f"pick it with --{label}-strategy ({', '.join(names) or 'the Run has none'})")
+
+
+def choose(before: Run, after: Run, before_path: str, after_path: str, before_strategy: str | None = None,
+           after_strategy: str | None = None) -> tuple[Side, Side]:
+    check_comparable(before, after, before_path, after_path)
+    bname, bres = _pick(before, before_path, before_strategy, "commit", "before")
+    default_after = None
+    if not after_strategy and len(after.strategies) > 1:
+        from .recommend import recommend
+        rec = recommend([after])
+        default_after = rec.recommended if rec.recommended in after.strategies else None
+        if default_after == bname and before is after:
+            default_after = None
+    aname, ares = _pick(after, after_path, after_strategy, default_after, "after")
+    if before is after and bname == aname:
+        raise ReportError(f"before and after are the same strategy {bname!r} of one Run", where=after_path,
+                          fix="pick another with --after-strategy")
+    return Side("before", before_path, before, bname, bres), Side("after", after_path, after, aname, ares)
+
+
+# --- metrics -----------------------------------------------------------------------
+
+def _ratio(b: float | None, a: float | None) -> str:
+    if b is None or a is None or _nan(b) or _nan(a):
+        return "-"
+    if b == 0:
+        return "-" if a == 0 else "new"
+    return f"{a / b:.2f}x"
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _none(x):
+    return None if _nan(x) else x
+
+
+def _row_plain(metric: str, unit: str, b, a) -> MetricRow:
+    return MetricRow(metric, unit, _none(b), _none(a), _ratio(b, a), "")
+
+
+def _row_judged(metric: str, unit: str, b_s: list[float], a_s: list[float], b: float, a: float,
+                higher_is_better: bool) -> MetricRow:
+    if not b_s or not a_s:
+        return _row_plain(metric, unit, b, a)
+    c = compare_samples(b_s, a_s, metric=metric, higher_is_better=higher_is_better)
+    if len(b_s) > 1 or len(a_s) > 1:
+        # Judged on the repeats: show their means, so the change and the verdict agree.
+        metric = f"{metric}, mean of {len(b_s)}/{len(a_s)} repeats"
+        b, a = c.before, c.after
+    return MetricRow(metric, unit, _none(b), _none(a), _ratio(b, a), c.verdict(),
+                     better=True if c.better else False if c.worse else None)
+
+
+def _max_rank(ranks: list[RankResult], f) -> float | None:
+    v = B.max_or_nan(f(r) for r in ranks)
+    return None if math.isnan(v) else v
+
+
+def metrics(before: Side, after: Side) -> list[MetricRow]:
+    rows: list[MetricRow] = []
+    bs, as_ = before.result, after.result
+    if before.is_replay and bs and as_:
+        rows.append(_row_judged("throughput", "req/s", bs.repeats_rps, as_.repeats_rps, bs.throughput_rps,
+                                as_.throughput_rps, True))
+        rows.append(_row_plain("p50 latency", "ms", bs.latency_ms.get("p50"), as_.latency_ms.get("p50")))
+        rows.append(_row_judged("p99 latency", "ms", bs.repeats_p99_ms, as_.repeats_p99_ms, bs.latency_ms.get("p99"),
+                                as_.latency_ms.get("p99"), False))
+    rows.append(_row_plain("scheduler CPU, busiest rank", "%", _max_rank(before.ranks, B.cpu_pct),
+                           _max_rank(after.ranks, B.cpu_pct)))
+    for r in sorted({r.rank for r in before.ranks} | {r.rank for r in after.ranks}):
+        rb = next((x for x in before.ranks if x.rank == r), None)
+        ra = next((x for x in after.ranks if x.rank == r), None)
+        rows.append(_row_plain(f"scheduler CPU, rank {r}", "%", B.cpu_pct(rb) if rb else None,
+                               B.cpu_pct(ra) if ra else None))
+    rows.append(_row_plain("GIL held, busiest rank", "%", _max_rank(before.ranks, lambda r: r.gil_held_pct),
+                           _max_rank(after.ranks, lambda r: r.gil_held_pct)))
+    rows.append(_row_plain("GIL wait, worst rank", "%", _max_rank(before.ranks, lambda r: r.gil_wait_pct),
+                           _max_rank(after.ranks, lambda r: r.gil_wait_pct)))
+    if bs and as_ and before.is_replay:
+        rows.append(_row_plain("collectives per request", "", bs.collectives_per_request, as_.collectives_per_request))
+        rows.append(_row_plain("MB per request (CPU group)", "MB", bs.bytes_per_request / MB, as_.bytes_per_request / MB))
+        rows.append(_row_plain("requests per loop iteration", "", bs.requests_per_iteration, as_.requests_per_iteration))
+        tb = (bs.tokenizer_ms or {}).get("per_mm_request", 0.0)
+        ta = (as_.tokenizer_ms or {}).get("per_mm_request", 0.0)
+        if tb or ta:
+            rows.append(_row_plain("tokenizer hashing per mm request", "ms", tb, ta))
+    rows.append(_row_plain("mm path share, busiest rank", "%", _max_rank(before.ranks, B.mm_share),
+                           _max_rank(after.ranks, B.mm_share)))
+    return rows
+
+
+def phase_rows(before: Side, after: Side) -> tuple[list[dict[str, Any]], str]:
+    replay = before.is_replay and not any(r.phases_pct for r in before.ranks + after.ranks)
+    unit = "ms per request" if replay else "% of samples"
+    out = []
+    for r in sorted({r.rank for r in before.ranks} | {r.rank for r in after.ranks}):
+        row: dict[str, Any] = {"rank": r, "before": {}, "after": {}}
+        for side, key in ((before, "before"), (after, "after")):
+            rk = next((x for x in side.ranks if x.rank == r), None)
+            if rk is None:
+                continue
+            if replay:
+                n = max(side.result.requests if side.result else 1, 1)
+                row[key] = {p: rk.phases_ms.get(p, 0.0) / n for p in PHASES}
+            else:
+                row[key] = B.phase_pct(rk)
+        out.append(row)
+    return out, unit
+
+
+# --- criteria ----------------------------------------------------------------------
+
+def evaluate(criteria: list[Criterion], before: Side, after: Side) -> list[CriterionResult]:
+    out = []
+    for c in criteria:
+        out.append(_evaluate_one(c, before, after))
+    return out
+
+
+def _cmp(c: Criterion, v: float) -> bool:
+    return v <= c.value if c.field == "max" else v >= c.value
+
+
+def _evaluate_one(c: Criterion, before: Side, after: Side) -> CriterionResult:
+    res = CriterionResult(c.key, c.description, c.threshold(), "n/a", NA)
+    ranks = after.ranks
+    if c.key == "scheduler_cpu_pct":
+        vals = [(r.rank, B.cpu_pct(r)) for r in ranks if not _nan(B.cpu_pct(r))]
+        if vals:
+            rank, worst = max(vals, key=lambda x: x[1])
+            res.measured = f"{worst:.0f}% (rank {rank}; all: " + ", ".join(f"{v:.0f}" for _, v in vals) + ")"
+            res.status = PASS if _cmp(c, worst) else FAIL
+        else:
+            res.note = "no CPU measurement in the after Run"
+    elif c.key == "gil_wait_pct":
+        vals = [(r.rank, r.gil_wait_pct) for r in ranks if r.gil_wait_pct is not None]
+        if vals:
+            rank, worst = max(vals, key=lambda x: x[1])
+            res.measured = f"{worst:.1f}% (rank {rank})"
+            res.status = PASS if _cmp(c, worst) else FAIL
+        else:
+            res.note = "no GIL measurement (a replay has none; profile with --gil)"
+    elif c.key == "p99_latency_ms":
+        if after.is_replay and after.result is not None and not _nan(after.result.latency_ms.get("p99")):
+            v = after.result.latency_ms["p99"]
+            reps = [x for x in after.result.repeats_p99_ms if not _nan(x)]
+            if len(reps) > 1:  # the same figure the before/after table judges
+                v = sum(reps) / len(reps)
+            res.measured = f"{v:,.0f} ms" + (f" (mean of {len(reps)} repeats)" if len(reps) > 1 else "")
+            res.status = PASS if _cmp(c, v) else FAIL
+        else:
+            res.note = "no latency in a live profile (replay for latency)"
+    elif c.key == "throughput_ratio":
+        b, a = before.result, after.result
+        if before.is_replay and b is not None and a is not None and b.throughput_rps:
+            bs, as_ = b.repeats_rps or [b.throughput_rps], a.repeats_rps or [a.throughput_rps]
+            mb, ma = sum(bs) / len(bs), sum(as_) / len(as_)
+            ratio = ma / mb
+            means = "; means of the repeats" if len(bs) > 1 or len(as_) > 1 else ""
+            res.measured = f"{ratio:.2f}x ({ma:.2f} / {mb:.2f} req/s{means})"
+            if _cmp(c, ratio):
+                res.status = PASS
+            else:
+                # Short of the target: a fail unless the shortfall is inside the noise.
+                target = [x * c.value for x in (b.repeats_rps or [b.throughput_rps])]
+                cm = compare_samples(target, a.repeats_rps or [a.throughput_rps])
+                if cm.status != NOT_JUDGED and not cm.significant:
+                    res.status, res.note = PASS, f"short of {c.value:g}x but inside the noise (p={cm.p_value:.2f})"
+                else:
+                    res.status = FAIL
+                    res.note = ("one repeat: the noise is unknown (replay with --repeat 3)" if cm.status == NOT_JUDGED
+                                else f"significantly below (p={cm.p_value:.3f})")
+        else:
+            res.note = "no throughput in a live profile (replay for throughput)"
+    elif c.key == "ranks_agree":
+        v = after.result.ranks_agree if after.result is not None else None
+        if v is not None:
+            res.measured = "yes" if v else "NO"
+            res.status = PASS if (v or not c.value) else FAIL
+        else:
+            res.note = "not checked in this Run"
+    return res
+
+
+def build_report(before: Run, after: Run, criteria: list[Criterion], *, before_path: str = "before",
+                 after_path: str = "after", before_strategy: str | None = None,
+                 after_strategy: str | None = None) -> Report:
+    b, a = choose(before, after, before_path, after_path, before_strategy, after_strategy)
+    phases, unit = phase_rows(b, a)
+    rep = Report(b, a, metrics(b, a), phases, unit, evaluate(criteria, b, a))
+    if b.is_replay:
+        for s in (b, a):
+            if s.result and len(s.result.repeats_rps) < 2:
+                rep.notes.append(f"{s.label} has one repeat: differences are not judged (replay with --repeat 3)")
+        if b.run.trace.get("path") != a.run.trace.get("path") or \
+                b.run.trace.get("requests") != a.run.trace.get("requests"):
+            rep.notes.append("the two replays ran different traces: compare with care")
+        if b.run.host.get("hostname") != a.run.host.get("hostname"):
+            rep.notes.append("the two Runs come from different hosts")
+    if any(c.status == NA for c in rep.criteria):
+        rep.notes.append("n/a: the Run has no such measurement; it is neither a pass nor a fail")
+    return rep

@@ -1,0 +1,39 @@
+"""`mmdiag recommend` as console text."""
+from __future__ import annotations
+
+import math
+
+from tabulate import tabulate
+
+from ..analysis.recommend import NONE, Recommendation
+
+
+def _f(x, nd=2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{nd}f}"
+
+
+def render_recommendation(rec: Recommendation) -> str:
+    if rec.recommended is None:
+        head = "recommended: cannot decide from these measurements"
+    elif rec.recommended == NONE:
+        head = "recommended: none (leave the multimodal path as it is)"
+    else:
+        head = f"recommended: {rec.recommended}   (mmdiag apply {rec.recommended})"
+    out = [head, f"confidence:  {rec.confidence}", f"for:         {rec.target}", ""]
+    out += [f"- {r}" for r in rec.reasons]
+    opts = ([rec.chosen] if rec.chosen else []) + rec.runners_up
+    if opts and any(o.expected_rps is not None for o in opts):
+        rows = []
+        for o in opts:
+            mark = "*" if rec.chosen is not None and o is rec.chosen else ""
+            rows.append([mark + o.name, _f(o.expected_rps), f"{o.vs_baseline:.2f}x" if o.vs_baseline else "-",
+                         _f(o.max_cpu_pct, 0), _f(o.p99_ms, 0), _f(o.noise_pct, 1), o.repeats,
+                         o.verdict or ("(recommended)" if mark else "-"), o.note])
+        out += ["", tabulate(rows, headers=["strategy", "expected req/s", f"vs {rec.baseline}", "max CPU %",
+                                            "p99 ms", "noise %", "repeats", "vs recommended", "note"],
+                             tablefmt="simple", disable_numparse=True)]
+    if rec.measure_next:
+        out += ["", "to decide better, measure next:"] + [f"  - {m}" for m in rec.measure_next]
+    if rec.notes:
+        out += [""] + [f"note: {n}" for n in rec.notes]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,217 @@
+"""mmdiag recommend: the cost model, the significance logic, and the recommendation on
+both sides of the crossover (a real replay of small images; a Run whose measured
+numbers show the broadcast paying for large video)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from runs_synth import profile_run, rank, replay_run, strategy, video_run
+
+from mmdiag.analysis import commands
+from mmdiag.analysis.compare import compare_samples, t_quantile, t_two_sided_p
+from mmdiag.analysis.costmodel import fit
+from mmdiag.analysis.recommend import load_rules, recommend
+from mmdiag.vocab import PATCHABLE_STRATEGIES
+
+
+# --- significance (pyperf compare_to style) ------------------------------------------
+
+def test_t_distribution_matches_tables():
+    assert t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-3)
+    assert t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=1e-3)
+    assert t_two_sided_p(0.0, 5) == pytest.approx(1.0)
+    assert t_quantile(0.95, 4) == pytest.approx(2.776, abs=1e-3)
+
+
+def test_same_noise_is_not_a_win_and_false_positives_are_rare():
+    rng = random.Random(1)
+    wins = sig = 0
+    for _ in range(300):
+        a = [rng.gauss(10.0, 0.5) for _ in range(5)]
+        b = [rng.gauss(10.0, 0.5) for _ in range(5)]
+        c = compare_samples(a, b)
+        sig += c.significant
+        wins += c.better
+    assert sig / 300 < 0.10          # alpha 0.05, with some slack
+    assert wins <= sig
+
+
+def test_real_shift_is_significant_and_direction_is_right():
+    rng = random.Random(2)
+    before = [rng.gauss(10.0, 0.2) for _ in range(5)]
+    after = [rng.gauss(12.0, 0.2) for _ in range(5)]
+    c = compare_samples(before, after)
+    assert c.significant and c.better and not c.worse
+    assert c.ci95[0] > 0 and "faster" in c.verdict()
+    # Lower is better for latency: a drop is a win.
+    lat = compare_samples(after, before, metric="p99", higher_is_better=False)
+    assert lat.better and "lower" in lat.verdict()
+
+
+def test_shift_inside_the_noise_is_not_significant():
+    c = compare_samples([10.0, 12.0, 8.0], [10.5, 12.5, 8.5])   # +5% against +-20% noise
+    assert not c.significant and not c.better
+    assert c.verdict().startswith("not significant")
+
+
+def test_one_repeat_is_never_judged():
+    c = compare_samples([10.0], [20.0])
+    assert c.status == "not judged" and not c.better and not c.worse
+
+
+# --- the cost model ----------------------------------------------------------------
+
+def test_cost_model_recovers_the_measured_costs():
+    m = fit([video_run()])
+    assert m.m_all_ms_per_mb == pytest.approx(12.0)
+    assert m.m_one_ms_per_mb == pytest.approx(4.0)
+    assert m.k_ms_per_mb == pytest.approx(1.0, rel=1e-6)
+    assert m.c_ms_per_collective == pytest.approx(20.0, rel=1e-6)
+    assert m.separable
+    # Broadcasting pays above c / (m_all - m_one - k) = 20/7 MB per collective.
+    assert m.crossover_mb(1.0) == pytest.approx(20 / 7)
+    assert m.broadcast_pays() is True
+    assert m.predicted_ms("batch") < m.predicted_ms("revert")
+
+
+def test_cost_model_never_pays_when_sending_costs_more_than_hashing():
+    run = video_run()
+    for name in ("revert", "dict"):                   # hashing on every rank is now cheap
+        for r in run.strategies[name].ranks:
+            r.phases_ms["from_dict"] = 0.5 * 9000
+    m = fit([run])
+    assert math.isinf(m.crossover_mb(1.0)) and m.broadcast_pays() is False
+
+
+# --- the recommendation: large video (broadcast paying) -----------------------------
+
+def test_large_video_with_broadcast_paying_does_not_get_revert():
+    rec = recommend([video_run()])
+    assert rec.recommended != "revert"
+    assert rec.recommended == "batch"
+    assert rec.confidence == "high"
+    assert rec.cost_model.broadcast_pays() is True
+    names = [o.name for o in rec.runners_up]
+    assert "commit" in names and "revert" in names
+    pre = next(o for o in rec.runners_up if o.name == "precompute")
+    assert pre.expected_rps == pytest.approx(1.5) and "tokenizer" in pre.note
+
+
+def test_commit_and_async_are_never_recommended_even_when_fastest():
+    run = video_run()
+    run.strategies["commit"].repeats_rps = [5.0, 5.1, 4.9]
+    run.strategies["commit"].throughput_rps = 5.0
+    run.strategies["async"] = strategy("async", [6.0, 6.1, 5.9], run.strategies["commit"].ranks)
+    rec = recommend([run])
+    assert rec.recommended in PATCHABLE_STRATEGIES
+    notes = {o.name: o.note for o in rec.runners_up}
+    assert "regression" in notes["commit"] and "no patch ships it" in notes["async"]
+
+
+def test_mm_path_under_a_few_percent_gets_none():
+    tiny = [rank(r, recv=9000, from_dict=50, forward=9000) for r in range(2)]
+    run = replay_run([strategy("commit", [10, 10.1], tiny), strategy("revert", [10, 10.2], tiny)], tp=2, mean_mb=0.1)
+    rec = recommend([run])
+    assert rec.recommended == "none" and rec.mm_share_pct < 5
+
+
+def test_no_patchable_strategy_measured_cannot_decide():
+    run = video_run()
+    run.strategies = {k: v for k, v in run.strategies.items() if k == "commit"}
+    rec = recommend([run])
+    assert rec.recommended is None and rec.confidence == "undecided"
+    assert any("--strategy all" in m for m in rec.measure_next)
+
+
+def test_tie_inside_the_noise_is_low_confidence_and_says_what_to_measure():
+    run = video_run()
+    run.strategies["revert"].repeats_rps = [1.5, 2.3, 1.9]      # noisy, overlaps batch
+    rec = recommend([run])
+    assert rec.confidence == "low"
+    assert any("cannot decide" in r for r in rec.reasons)
+    assert any("--repeat" in m for m in rec.measure_next)
+    assert rec.recommended == "batch"                            # the cost model's side breaks the tie
+
+
+def test_one_repeat_is_low_confidence():
+    run = video_run()
+    for s in run.strategies.values():
+        s.repeats_rps = s.repeats_rps[:1]
+    rec = recommend([run])
+    assert rec.confidence == "low" and any("--repeat 3" in m for m in rec.measure_next)
+
+
+def test_live_profile_recommends_from_phase_shares_and_asks_for_a_replay():
+    waiting = profile_run([{"recv": 20, "from_dict": 10, "pickle": 5, "broadcast": 5, "forward": 30, "idle": 30},
+                           {"recv": 20, "broadcast": 40, "unpickle": 5, "forward": 30, "idle": 5}])
+    rec = recommend([waiting])
+    assert rec.source == "profile" and rec.recommended == "revert"
+    assert any("replay" in m for m in rec.measure_next)
+    hashing = profile_run([{"recv": 20, "from_dict": 50, "forward": 30}, {"recv": 20, "from_dict": 50, "forward": 30}])
+    assert recommend([hashing]).recommended == "precompute"
+    idle = profile_run([{"recv": 30, "from_dict": 1, "forward": 30, "idle": 39}, {"recv": 30, "from_dict": 1, "forward": 30, "idle": 39}])
+    assert recommend([idle]).recommended == "none"
+
+
+def test_rules_are_data():
+    rules = load_rules()
+    assert rules["thresholds"]["min_mm_share_pct"] > 0
+    assert set(rules["candidates"]["order"]) <= set(PATCHABLE_STRATEGIES)
+    assert set(rules["not_a_fix"]) == {"commit", "async"}
+
+
+def test_cli_json_and_no_runs_replays_the_default(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_replay_default(**kw):
+        calls.update(kw)
+        return video_run()
+
+    monkeypatch.setattr(commands, "replay_default", fake_replay_default)
+    r = CliRunner().invoke(commands.recommend_command, ["--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["recommended"] == "batch" and d["cost_model"]["broadcast_pays"] is True
+    assert "tp" in calls
+    p = tmp_path / "run.json"
+    video_run().save(str(p))
+    r = CliRunner().invoke(commands.recommend_command, [str(p)])
+    assert r.exit_code == 0 and "recommended: batch" in r.output
+
+
+def test_cli_bad_run_file_is_one_line(tmp_path):
+    p = tmp_path / "cut.json"
+    p.write_text('{"schema": "mmdiag.replay/1", "tp": 2, "strat')
+    r = CliRunner().invoke(commands.recommend_command, [str(p)])
+    assert r.exit_code == 2 and "mmdiag: error:" in r.output and "Traceback" not in r.output
+
+
+# --- a real replay: small images at high concurrency ---------------------------------
+
+@pytest.mark.slow
+def test_small_images_at_high_concurrency_do_not_get_commit(tmp_path):
+    from mmdiag.replay import ReplayOptions, replay
+    from mmdiag.workloads import synth_to_file
+
+    trace = str(tmp_path / "small.jsonl")
+    synth_to_file("small-image-c96", 24, trace)          # 24 real-size 1120x700 images, closed loop c96
+    run = replay(trace, ReplayOptions(tp=2, strategies=["revert", "commit", "batch", "precompute"], repeat=2))
+    rec = recommend([run])
+    assert rec.recommended != "commit"
+    assert rec.recommended in PATCHABLE_STRATEGIES
+    assert rec.mm_share_pct > 5
+    m = rec.cost_model
+    assert m.m_all_ms_per_mb > 0 and m.k_ms_per_mb is not None and m.workload_mb == pytest.approx(17.94, abs=0.1)
+    d = rec.to_dict()
+    json.dumps(d)
+    assert d["recommended"] == rec.recommended and len(d["runners_up"]) == 3
+    # The acceptance report of that recommendation builds from the same Run.
+    from mmdiag.analysis.criteria import load_criteria
+    from mmdiag.analysis.report import build_report
+    rep = build_report(run, run, load_criteria(), before_path="run.json", after_path="run.json")
+    assert rep.before.strategy == "commit" and rep.after.strategy == rec.recommended

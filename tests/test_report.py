@@ -1,0 +1,307 @@
+"""mmdiag report: before/after tables, significance, acceptance criteria, both output
+formats (the HTML parsed and its charts decoded), and every kind of bad input."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+from runs_synth import profile_run, rank, replay_run, strategy, video_run
+
+from mmdiag.analysis.commands import report_command
+from mmdiag.analysis.criteria import load_criteria, parse_criteria
+from mmdiag.analysis.report import build_report
+from mmdiag.errors import ProfileError
+from mmdiag.render.report_html import render_html
+from mmdiag.render.report_md import render_markdown
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _pair(after_rps=(2.0, 2.05, 1.95), after_cpu=40.0, before_rps=(1.0, 1.02, 0.98), tp=2, p99=900.0):
+    b = replay_run([strategy("commit", before_rps, [rank(0, cpu_pct=90, recv=100, from_dict=300, pickle=100,
+                                                          broadcast=50), rank(1, cpu_pct=50, recv=100, broadcast=400,
+                                                                              unpickle=40)][:tp],
+                             coll=1.0, bytes_per_request=36 * 2 ** 20, p99=1500.0)], tp=tp, mean_mb=18)
+    a = replay_run([strategy("revert", after_rps, [rank(r, cpu_pct=after_cpu, recv=100, from_dict=150)
+                                                   for r in range(tp)], bytes_per_request=18 * 2 ** 20, p99=p99,
+                             seed=1)], tp=tp, mean_mb=18)
+    return b, a
+
+
+def _write(tmp_path, name, run):
+    p = tmp_path / name
+    run.save(str(p))
+    return str(p)
+
+
+def _cli(*args):
+    return CliRunner().invoke(report_command, [str(a) for a in args])
+
+
+class _Imgs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        if tag == "table":
+            self.tables += 1
+
+
+# --- the comparison ----------------------------------------------------------------------
+
+def test_report_passes_and_judges_with_repeats():
+    b, a = _pair()
+    rep = build_report(b, a, load_criteria(), before_path="b.json", after_path="a.json")
+    assert rep.before.strategy == "commit" and rep.after.strategy == "revert"
+    assert rep.passed and rep.verdict == "PASS"
+    thr = rep.metrics[0]
+    assert thr.metric.startswith("throughput") and thr.better is True and "faster" in thr.verdict
+    crit = {c.key: c for c in rep.criteria}
+    assert crit["scheduler_cpu_pct"].status == "pass"
+    assert crit["gil_wait_pct"].status == "n/a"          # a replay has no GIL: n/a, not pass
+    assert crit["throughput_ratio"].status == "pass"
+    assert [r["rank"] for r in rep.phases] == [0, 1] and rep.phase_unit == "ms per request"
+
+
+def test_difference_inside_the_noise_is_not_a_win():
+    b, a = _pair(before_rps=(10.0, 12.0, 8.0), after_rps=(10.4, 12.4, 8.4))
+    rep = build_report(b, a, load_criteria())
+    thr = rep.metrics[0]
+    assert thr.better is None and thr.verdict.startswith("not significant")
+
+
+def test_throughput_shortfall_fails_only_when_significant_or_unjudged():
+    b, a = _pair(before_rps=(10.0, 12.0, 8.0), after_rps=(9.8, 11.8, 7.8))     # -2%, inside the noise
+    crit = {c.key: c for c in build_report(b, a, load_criteria()).criteria}
+    assert crit["throughput_ratio"].status == "pass" and "inside the noise" in crit["throughput_ratio"].note
+    b, a = _pair(before_rps=(10.0, 10.1, 9.9), after_rps=(8.0, 8.1, 7.9))       # -20%, significant
+    assert {c.key: c for c in build_report(b, a, load_criteria()).criteria}["throughput_ratio"].status == "fail"
+    b, a = _pair(before_rps=(10.0,), after_rps=(9.9,))                          # one repeat: not judged
+    c = {c.key: c for c in build_report(b, a, load_criteria()).criteria}["throughput_ratio"]
+    assert c.status == "fail" and "repeat" in c.note
+
+
+def test_acceptance_failure_exits_nonzero(tmp_path):
+    b, a = _pair(after_cpu=85.0)
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "scheduler_cpu_pct" in r.output
+    b, a = _pair()
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
+    assert r.exit_code == 0, r.output and "PASS" in r.output
+
+
+def test_live_profiles_compare_with_gil(tmp_path):
+    before = profile_run([{"recv": 20, "from_dict": 30, "broadcast": 30, "forward": 20},
+                          {"recv": 20, "broadcast": 60, "forward": 20}], gil_wait=[35.0, 10.0], cpu=[99, 70])
+    after = profile_run([{"recv": 20, "from_dict": 20, "forward": 30, "idle": 30},
+                         {"recv": 20, "from_dict": 20, "forward": 30, "idle": 30}], gil_wait=[8.0, 7.0], cpu=[45, 44])
+    rep = build_report(before, after, load_criteria())
+    crit = {c.key: c for c in rep.criteria}
+    assert crit["gil_wait_pct"].status == "pass" and crit["scheduler_cpu_pct"].status == "pass"
+    assert crit["throughput_ratio"].status == "n/a" and crit["p99_latency_ms"].status == "n/a"
+    assert rep.phase_unit == "% of samples"
+
+
+def test_one_run_default_is_commit_against_the_recommendation(tmp_path):
+    p = _write(tmp_path, "video.json", video_run())
+    r = _cli(p, p, "--json")
+    d = json.loads(r.output)
+    assert d["before"]["strategy"] == "commit" and d["after"]["strategy"] == "batch"
+    r = _cli(p, p, "--json", "--after-strategy", "revert")
+    assert json.loads(r.output)["after"]["strategy"] == "revert"
+
+
+# --- output formats ----------------------------------------------------------------------
+
+def test_markdown_report(tmp_path):
+    b, a = _pair()
+    out = tmp_path / "report.md"
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "-o", out)
+    assert r.exit_code == 0, r.output
+    md = out.read_text()
+    assert md.startswith("## mmdiag acceptance report: PASS")
+    assert "| criterion" in md and "| metric" in md and "| rank" in md
+    assert "scheduler_cpu_pct" in md and "n/a" in md and "from_dict" in md
+    assert md == render_markdown(build_report(b, a, load_criteria(), before_path=str(tmp_path / "b.json"),
+                                              after_path=str(tmp_path / "a.json")))
+
+
+def test_html_report_stands_alone_with_charts(tmp_path):
+    b, a = _pair()
+    out = tmp_path / "report.html"
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "-o", out)
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    p = _Imgs()
+    p.feed(text)
+    assert p.tables >= 3
+    srcs = [i["src"] for i in p.imgs]
+    assert len(srcs) >= 2                                      # phase bars + latency distribution
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG)
+    alts = " ".join(i.get("alt", "") for i in p.imgs)
+    assert "phases" in alts and "Latency" in alts
+    assert "http://" not in text and "https://" not in text    # nothing outside the file
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".mmdiag-")]  # atomic write left no temp
+
+
+def test_json_report(tmp_path):
+    b, a = _pair()
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--json")
+    d = json.loads(r.output)
+    assert d["verdict"] == "PASS" and d["passed"] is True
+    assert {c["key"] for c in d["criteria"]} >= {"scheduler_cpu_pct", "throughput_ratio", "p99_latency_ms",
+                                                 "gil_wait_pct"}
+
+
+# --- bad input: one line, non-zero ---------------------------------------------------------
+
+def _one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mmdiag: error:")]
+    assert len(lines) == 1, r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_different_schemas_are_refused(tmp_path):
+    b, _ = _pair()
+    prof = profile_run([{"recv": 50, "from_dict": 50}, {"recv": 50, "broadcast": 50}])
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "p.json", prof))
+    _one_line_error(r, "live profile", "replay", "throughput")
+
+
+def test_different_rank_counts_are_refused(tmp_path):
+    b, _ = _pair(tp=2)
+    _, a = _pair(tp=1)
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
+    _one_line_error(r, "2 ranks", "1", "--tp")
+
+
+@pytest.mark.parametrize("content,needle", [("", "truncated"), ('{"schema": "mmdiag.replay/1", "tp": 2, "str', "truncated"),
+                                            ('{"schema": "other/9", "tp": 1}', "unknown schema")])
+def test_empty_or_truncated_run(tmp_path, content, needle):
+    b, _ = _pair()
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    _one_line_error(_cli(_write(tmp_path, "b.json", b), bad), "bad.json", needle)
+
+
+@pytest.mark.parametrize("toml,needle", [
+    ("[cpu_pct]\nmax = 60\n", "unknown criterion 'cpu_pct'"),
+    ("[scheduler_cpu_pct]\nmaximum = 60\n", "unknown field scheduler_cpu_pct.maximum"),
+    ("[scheduler_cpu_pct]\nmax = \"sixty\"\n", "must be a number"),
+    ("[scheduler_cpu_pct]\nmax = -1\n", "must be >= 0"),
+    ("[throughput_ratio]\nmin = 0\n", "must be > 0"),
+    ("[ranks_agree]\nrequire = 1\n", "true or false"),
+    ("[p99_latency_ms]\ndescription = \"x\"\n", "no `max` threshold"),
+    ("scheduler_cpu_pct = 60\n", "must be a table"),
+    ("[scheduler_cpu_pct\n", "invalid TOML"),
+    ("", "no criteria"),
+])
+def test_bad_criteria(tmp_path, toml, needle):
+    b, a = _pair()
+    c = tmp_path / "crit.toml"
+    c.write_text(toml)
+    _one_line_error(_cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--criteria", c),
+                    "crit.toml", needle)
+
+
+def test_criteria_parse_directly():
+    crit = parse_criteria({"scheduler_cpu_pct": {"max": 50}, "ranks_agree": {"require": True}})
+    assert [c.key for c in crit] == ["scheduler_cpu_pct", "ranks_agree"] and crit[0].value == 50.0
+    with pytest.raises(ProfileError):
+        parse_criteria({"scheduler_cpu_pct": {"max": True}})
+
+
+def test_missing_criteria_file(tmp_path):
+    b, a = _pair()
+    _one_line_error(_cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--criteria",
+                         tmp_path / "nope.toml"), "nope.toml", "no such")
+
+
+def test_unwritable_or_unknown_output(tmp_path):
+    b, a = _pair()
+    bp, ap = _write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a)
+    _one_line_error(_cli(bp, ap, "-o", tmp_path / "no" / "dir" / "r.html"), "directory does not exist")
+    _one_line_error(_cli(bp, ap, "-o", tmp_path / "r.pdf"), "r.pdf", "report.html")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):               # root can write anyway
+            _one_line_error(_cli(bp, ap, "-o", ro / "r.md"), "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_unknown_or_ambiguous_strategy(tmp_path):
+    p = _write(tmp_path, "video.json", video_run())
+    b, _ = _pair()
+    _one_line_error(_cli(p, p, "--after-strategy", "nope"), "'nope'", "it has:")
+    two = replay_run([b.strategies["commit"], strategy("revert", [1.0, 1.1], b.strategies["commit"].ranks),
+                      strategy("dict", [1.0, 1.1], b.strategies["commit"].ranks)], tp=2, mean_mb=18)
+    two.strategies.pop("commit")
+    q = _write(tmp_path, "two.json", two)
+    _one_line_error(_cli(q, p.replace("video", "video")), "")  # tp 2 vs tp 4: refused first
+    _one_line_error(_cli(q, q), "before", "--before-strategy")
+
+
+def test_same_strategy_of_one_run_is_refused(tmp_path):
+    p = _write(tmp_path, "video.json", video_run())
+    _one_line_error(_cli(p, p, "--before-strategy", "batch", "--after-strategy", "batch"), "same strategy")
+
+
+# --- apply --verify, end to end on an unpacked SGLang release ------------------------------
+
+@pytest.mark.slow
+def test_verify_end_to_end_on_a_real_release(tmp_path):
+    from conftest import make_trace
+    from sglang_wheels import site_packages
+
+    from mmdiag.analysis.verify import verify
+    from mmdiag.sglang.detect import detect
+    from mmdiag.sglang.locate import locate
+
+    pkg = site_packages("0.5.5", tmp_path / "site")      # broadcast-always: the regression itself
+    trace = make_trace(tmp_path / "t.jsonl", n=12, rows=16)
+    out = tmp_path / "verify.md"
+    res = verify(str(pkg), "batch", trace, 2, None, str(out), repeat=2, keep_runs=str(tmp_path))
+    rep = res.report
+    assert rep.before.strategy == "commit" and rep.after.strategy == "batch"
+    assert res.applied.status == "applied" and detect(locate(str(pkg))).patched == "batch"
+    crit = {c.key: c for c in rep.criteria}
+    assert crit["ranks_agree"].status == "pass" and crit["gil_wait_pct"].status == "n/a"
+    coll = {m.metric: m for m in rep.metrics}["collectives per request"]
+    assert coll.before == pytest.approx(1.0, abs=0.35) and coll.after < coll.before
+    md = out.read_text()
+    assert md.startswith("## mmdiag acceptance report:") and "after mmdiag apply batch" in md
+    assert (tmp_path / "before.json").exists() and (tmp_path / "after.json").exists()
+
+
+@pytest.mark.slow
+def test_run_verify_prints_the_report_and_returns_the_exit_status(tmp_path, capsys):
+    from conftest import make_trace
+    from sglang_wheels import site_packages
+
+    from mmdiag.analysis.commands import run_verify
+
+    pkg = site_packages("0.5.5", tmp_path / "site")
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16)
+    crit = tmp_path / "crit.toml"
+    crit.write_text("[ranks_agree]\nrequire = true\n[scheduler_cpu_pct]\nmax = 0.001\n")   # cannot pass
+    code = run_verify(str(pkg), "revert", trace, tp=2, criteria=str(crit), output=str(tmp_path / "v.html"), repeat=1)
+    out = capsys.readouterr()
+    assert code == 1 and "acceptance: FAIL" in out.out and "scheduler_cpu_pct" in out.err
+    assert "<img" in (tmp_path / "v.html").read_text()
