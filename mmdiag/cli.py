@@ -48,6 +48,8 @@ def main():
       mmdiag trace synth --profile small-image-c96 -o trace.jsonl
       mmdiag replay trace.jsonl --tp 4 --json run.json     # every strategy, side by side
       mmdiag demo                                          # both steps on the default workload
+      mmdiag profile --pid 1234 --json live.json           # attach to a live server (py-spy)
+      mmdiag recommend run.json                            # which fix, and why, in numbers
       mmdiag doctor                                        # which path your SGLang runs
       mmdiag apply batch                                   # patch it (mmdiag apply --undo)
 
@@ -270,9 +272,10 @@ def demo_cmd(profile, n, **kw):
 def _register_commands():
     # Each subpackage owns its commands; the CLI only gathers them.
     from .analysis.commands import recommend_command, report_command
+    from .live.commands import profile_command
     from .sglang.commands import apply_command, doctor_command
 
-    for cmd in (doctor_command, apply_command, recommend_command, report_command):
+    for cmd in (profile_command, doctor_command, apply_command, recommend_command, report_command):
         main.add_command(cmd)
 
 

@@ -1,0 +1,113 @@
+"""Samples -> per-rank phase shares, GIL figures and the detected multimodal path.
+
+Definitions (what the numbers in a profile mean):
+- phases_pct: share of the main thread's samples (= of its wall time over the
+  window, py-spy samples every thread at a fixed rate with --idle) whose stack
+  the rules put in each phase. Sums to 100. `forward` is kept as its own phase
+  (the replay times it apart too); `idle` is waiting for work.
+- gil_held_pct: main-thread samples holding the GIL (the `--gil` recorder) over
+  all main-thread samples (the `--idle` recorder), same rate, same window.
+- gil_wait_pct: an estimate (py-spy cannot see a thread blocked on the GIL as
+  such): the main thread can be waiting for the GIL only while another thread of
+  the process holds it and the main thread neither holds it nor is idle, so
+  min(other threads' GIL share, 100 - gil_held_pct - idle_pct). An upper bound;
+  0 for a single-threaded rank.
+- phase_gil_pct: per phase, the share of its samples that held the GIL (e.g.
+  sha256 hashing in from_dict releases it, pickling holds it).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..vocab import PHASES
+from .pyspy import ThreadSamples, main_thread
+from .rules import RuleSet
+
+
+@dataclass
+class RankSamples:
+    rank: int
+    pid: int | None
+    title: str | None
+    threads: dict[int, ThreadSamples]
+    gil_threads: dict[int, ThreadSamples] | None = None
+
+
+@dataclass
+class RankProfile:
+    rank: int
+    pid: int | None
+    title: str | None
+    samples: int
+    phase_counts: Counter
+    phases_pct: dict[str, float]
+    gil_held_pct: float | None
+    gil_wait_pct: float | None
+    phase_gil_pct: dict[str, float | None]
+    other_threads: list[dict] = field(default_factory=list)
+    functions: set[str] = field(default_factory=set)
+    top_other: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _pct(n: float, d: float) -> float:
+    return 100.0 * n / d if d else 0.0
+
+
+def _phase_counts(t: ThreadSamples | None, rules: RuleSet) -> Counter:
+    c: Counter = Counter({p: 0 for p in PHASES})
+    if t is not None:
+        for stack, n in t.stacks.items():
+            c[rules.phase_of(stack)] += n
+    return c
+
+
+def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
+    main = main_thread(rs.threads, rs.pid)
+    counts = _phase_counts(main, rules)
+    total = sum(counts.values())
+    phases_pct = {p: round(_pct(counts[p], total), 2) for p in PHASES}
+    functions: set[str] = set()
+    for t in rs.threads.values():
+        for stack in t.stacks:
+            functions.update(f.short for f in stack)
+    # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
+    other_leaf: Counter = Counter()
+    if main is not None:
+        for stack, n in main.stacks.items():
+            if stack and rules.phase_of(stack) == "other":
+                other_leaf[stack[-1].name] += n
+
+    gil_held = gil_wait = None
+    phase_gil: dict[str, float | None] = {p: None for p in PHASES}
+    others: list[dict] = []
+    if rs.gil_threads is not None and main is not None:
+        gmain = rs.gil_threads.get(main.tid)
+        if gmain is None and main.name:
+            gmain = next((t for t in rs.gil_threads.values() if t.name == main.name), None)
+        gcounts = _phase_counts(gmain, rules)
+        gil_held = min(100.0, _pct(sum(gcounts.values()), total))
+        for p in PHASES:
+            phase_gil[p] = round(min(100.0, _pct(gcounts[p], counts[p])), 1) if counts[p] else None
+        other_gil = sum(t.samples for tid, t in rs.gil_threads.items() if tid != main.tid)
+        other_gil_pct = min(100.0, _pct(other_gil, total))
+        gil_wait = max(0.0, min(other_gil_pct, 100.0 - gil_held - phases_pct["idle"]))
+        gil_held, gil_wait = round(gil_held, 2), round(gil_wait, 2)
+    for tid, t in sorted(rs.threads.items()):
+        if main is not None and tid == main.tid:
+            continue
+        g = rs.gil_threads.get(tid) if rs.gil_threads else None
+        others.append({"tid": tid, "name": t.name, "samples": t.samples,
+                       "gil_held_pct": round(min(100.0, _pct(g.samples if g else 0, t.samples)), 2)
+                       if rs.gil_threads is not None else None,
+                       "phases_pct": {p: round(_pct(n, t.samples), 2)
+                                      for p, n in _phase_counts(t, rules).items() if n}})
+    return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, gil_held, gil_wait,
+                       phase_gil, others, functions, other_leaf.most_common(5))
+
+
+def detect_strategy(profiles: list[RankProfile], rules: RuleSet) -> str:
+    seen: set[str] = set()
+    for p in profiles:
+        seen |= p.functions
+    return rules.strategy_of(seen)

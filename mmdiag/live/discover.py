@@ -1,0 +1,150 @@
+"""Find the scheduler ranks behind a PID, by their process titles.
+
+SGLang titles each scheduler process `sglang::scheduler` plus `_DP{d}`, `_TP{t}`,
+`_EP{e}`, `_PP{p}` parts when those sizes are > 1 (children of the
+`sglang.launch_server` process); mmdiag's replay titles its ranks
+`mmdiag::scheduler_TP{r}` (children of the `mmdiag replay` launcher). The PID
+given may be the main process, one scheduler process, or the replay launcher.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import psutil
+
+from ..vocab import REPLAY_RANK_TITLE, SGLANG_SCHEDULER_TITLE
+from .errors import LiveError
+
+TITLE_PREFIXES = (SGLANG_SCHEDULER_TITLE, REPLAY_RANK_TITLE)
+_PART = re.compile(r"_(DP|TP|EP|PP)(\d+)")
+
+
+@dataclass
+class RankProcess:
+    pid: int
+    title: str
+    rank: int           # TP rank (unique index when DP > 1, see parse_title)
+    parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Discovery:
+    target_pid: int
+    target_title: str
+    how: str                      # "scheduler" | "parent"
+    ranks: list[RankProcess]
+    seen: list[tuple[int, str]]   # every process looked at (pid, title), for messages
+
+    def describe(self) -> str:
+        who = ", ".join(f"{r.title} (pid {r.pid})" for r in self.ranks)
+        if self.how == "scheduler":
+            return f"PID {self.target_pid} is a scheduler rank: {who}"
+        return f"PID {self.target_pid} ({self.target_title}): {len(self.ranks)} scheduler rank(s): {who}"
+
+
+def title_of(p: psutil.Process) -> str:
+    """The process title as `ps` shows it (setproctitle rewrites the command line)."""
+    try:
+        cmd = [c for c in p.cmdline() if c]
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        cmd = []
+    if cmd:
+        return " ".join(cmd)
+    try:
+        return p.name()
+    except psutil.Error:
+        return "?"
+
+
+def parse_title(title: str) -> dict[str, int] | None:
+    """`sglang::scheduler_DP0_TP1` -> {"DP": 0, "TP": 1}; None when not a scheduler title."""
+    head = title.split()[0] if title.split() else ""
+    for prefix in TITLE_PREFIXES:
+        if head == prefix or head.startswith(prefix + "_"):
+            rest = head[len(prefix):]
+            parts = {k: int(v) for k, v in _PART.findall(rest)}
+            if _PART.sub("", rest):
+                return None  # e.g. sglang::scheduler_foo: not one of ours
+            return parts
+    return None
+
+
+def is_python(pid: int) -> bool:
+    """Whether the process runs a Python interpreter (what py-spy looks for: the
+    executable or a mapped libpython)."""
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        exe = ""
+    if re.match(r"python[\d.]*", exe):
+        return True
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any("libpython" in line for line in f)
+    except OSError:
+        return False
+
+
+def _number(ranks: list[RankProcess]) -> list[RankProcess]:
+    """Rank = TP index; with DP > 1 (several processes per TP index) the rank is
+    dp * tp_size + tp so every process keeps a distinct rank."""
+    ranks.sort(key=lambda r: (r.parts.get("DP", 0), r.parts.get("PP", 0), r.parts.get("TP", 0), r.pid))
+    tps = [r.parts.get("TP", 0) for r in ranks]
+    if len(set(tps)) != len(tps):
+        tp_size = max(tps) + 1
+        pp_size = max(r.parts.get("PP", 0) for r in ranks) + 1
+        for r in ranks:
+            r.rank = (r.parts.get("DP", 0) * pp_size + r.parts.get("PP", 0)) * tp_size + r.parts.get("TP", 0)
+        if len({r.rank for r in ranks}) != len(ranks):
+            for i, r in enumerate(ranks):
+                r.rank = i
+    return ranks
+
+
+def discover(pid: int) -> Discovery:
+    try:
+        proc = psutil.Process(pid)
+        title = title_of(proc)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.NoSuchProcess(pid)
+    except psutil.NoSuchProcess:
+        raise LiveError(f"no process with PID {pid}",
+                        fix="check the PID (e.g. `ps -ef | grep -e sglang -e mmdiag`)") from None
+    except psutil.AccessDenied:
+        raise LiveError(f"cannot read process {pid} (access denied)",
+                        fix="run mmdiag as the user that runs the server, or as root") from None
+    parts = parse_title(title)
+    if parts is not None:
+        rank = RankProcess(pid, title, parts.get("TP", 0), parts)
+        return Discovery(pid, title, "scheduler", [rank], [(pid, title)])
+    seen: list[tuple[int, str]] = [(pid, title)]
+    ranks: list[RankProcess] = []
+    try:
+        children = proc.children(recursive=True)
+    except psutil.Error:
+        children = []
+    for c in children:
+        try:
+            t = title_of(c)
+        except psutil.Error:
+            continue
+        seen.append((c.pid, t))
+        cp = parse_title(t)
+        if cp is not None:
+            ranks.append(RankProcess(c.pid, t, cp.get("TP", 0), cp))
+    if ranks:
+        return Discovery(pid, title, "parent", _number(ranks), seen)
+    if not is_python(pid):
+        raise LiveError(f"PID {pid} ({_clip(title)}) is not a Python process and has no scheduler children",
+                        fix="pass the SGLang server's PID (python -m sglang.launch_server), one of its "
+                            "sglang::scheduler processes, or an `mmdiag replay` PID")
+    found = "; ".join(f"{p} {_clip(t, 50)}" for p, t in seen[:8]) + (f"; ... {len(seen) - 8} more" if len(seen) > 8 else "")
+    raise LiveError(f"no scheduler ranks found under PID {pid}: no process titled "
+                    f"{SGLANG_SCHEDULER_TITLE}* or {REPLAY_RANK_TITLE}*; found: {found}",
+                    fix="pass the server's main PID or a scheduler's PID (see `ps -eo pid,args | grep scheduler`)")
+
+
+def _clip(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."

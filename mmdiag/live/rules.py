@@ -1,0 +1,100 @@
+"""Stack -> phase rules, kept as data in rules.toml (see the comments there)."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..vocab import PHASES
+from .errors import LiveError
+
+RULES_FILE = os.path.join(os.path.dirname(__file__), "rules.toml")
+
+
+@dataclass(frozen=True)
+class Frame:
+    name: str          # py-spy's function name (a qualified name on Python >= 3.11)
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def short(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Rule:
+    phase: str
+    functions: frozenset[str]
+    files: tuple[str, ...] = ()
+    within: frozenset[str] = frozenset()
+
+    def matches(self, frame: Frame) -> bool:
+        if frame.name not in self.functions and frame.short not in self.functions:
+            return False
+        return not self.files or frame.file.endswith(self.files)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    rules: tuple[Rule, ...]
+    strategy_order: tuple[str, ...]
+    strategy_markers: dict[str, frozenset[str]]
+    source: str
+
+    def phase_of(self, frames: tuple[Frame, ...]) -> str:
+        """`frames` root first. Innermost matching frame wins; no match is `other`."""
+        for i in range(len(frames) - 1, -1, -1):
+            f = frames[i]
+            for rule in self.rules:
+                if rule.matches(f):
+                    if rule.within and not any(
+                            o.name in rule.within or o.short in rule.within for o in frames[:i]):
+                        continue
+                    return rule.phase
+        return "other"
+
+    def strategy_of(self, functions: set[str]) -> str:
+        """The multimodal path, from the function names (short) seen in the window."""
+        for name in self.strategy_order:
+            if functions & self.strategy_markers.get(name, frozenset()):
+                return name
+        return "unknown"
+
+
+def _fail(source: str, what: str) -> LiveError:
+    return LiveError(what, where=source, fix="fix the rules file (format: see the comments in mmdiag/live/rules.toml)")
+
+
+def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _fail(source, f"not TOML ({e})") from None
+    rules = []
+    for k, r in enumerate(d.get("rule", []), 1):
+        phase = r.get("phase")
+        if phase not in PHASES:
+            raise _fail(source, f"rule {k}: phase {phase!r} is not one of {', '.join(PHASES)}")
+        fns = r.get("functions")
+        if not fns or not all(isinstance(x, str) for x in fns):
+            raise _fail(source, f"rule {k}: `functions` must be a non-empty list of names")
+        rules.append(Rule(phase, frozenset(fns), tuple(r.get("files", ())), frozenset(r.get("within", ()))))
+    if not rules:
+        raise _fail(source, "no [[rule]] tables")
+    st = d.get("strategy", {})
+    order = tuple(st.get("order", ()))
+    markers = {k: frozenset(v) for k, v in st.items() if k != "order"}
+    return RuleSet(tuple(rules), order, markers, source)
+
+
+@lru_cache(maxsize=8)
+def load_rules(path: str | None = None) -> RuleSet:
+    path = path or RULES_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise LiveError(f"cannot read rules ({e.strerror})", where=path) from None
+    return parse_rules(text, path)
