@@ -29,7 +29,7 @@ from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
 from .comm import broadcast_pyobj
 from .mm import MultimodalDataItem, hash_feature
-from .sglang_impl import tokenizer_side
+from .sglang_impl import InstalledPath, tokenizer_side
 from .timers import PhaseTimers
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
@@ -171,6 +171,10 @@ class ReplayScheduler:
         self.recv_bytes = 0
         self.arrivals: dict[str, tuple[float, int]] = {}
         self.tokenizer_s: dict[int, float] = {}
+        # Entry rank only, set by the worker: the model's image token and, for
+        # precompute, the item hashes its tokenizer pre-pass computed.
+        self.image_token_id = 0
+        self.precomputed: dict[int, list[int]] = {}
         self.globally_held = 0
         self.stop = False
 
@@ -219,7 +223,7 @@ class ReplayScheduler:
             self._wait_for_arrivals(intake)
             with self.timers.phase("recv"):
                 admitted = intake.admit(time.time(), self.globally_held)
-                installed = getattr(self.strategy, "path", None) and self.strategy
+                installed = self.strategy if isinstance(self.strategy, InstalledPath) else None
                 reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx), installed)
                         for idx, tr, arr in admitted]
                 if installed is not None and installed.hashes_in_tokenizer:
@@ -237,10 +241,6 @@ class ReplayScheduler:
         kind, reqs = msg
         self.stop = kind == "stop"
         return reqs
-
-    # Filled by the worker before the loop (entry rank only).
-    image_token_id: int = 0
-    precomputed: dict[int, list[int]] = {}
 
     def _wait_for_arrivals(self, intake: Intake) -> None:
         """Nothing to do until the next arrival: sleep (the loop is idle, not stalled)."""
