@@ -168,6 +168,10 @@ def _watch(procs, logs, prog, opts: ReplayOptions, progress) -> None:
                 r, c = failed
                 how = f"was killed by signal {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
                 detail = _last_line(logs[r])
+                if os.environ.get("MMDIAG_DEBUG"):
+                    for k, path in enumerate(logs):
+                        with open(path, errors="replace") as f:
+                            sys.stderr.write(f"--- rank {k} log ---\n{f.read()}")
                 raise ReplayError(f"rank {r} {how}" + (f" ({detail})" if detail else ""),
                                   fix="the other ranks were stopped; see the rank's error above, or rerun with MMDIAG_DEBUG=1")
         if progress is not None:

@@ -182,8 +182,13 @@ def run_rank(args: argparse.Namespace) -> int:
                                     "variant": det.variant, "patched": det.patched,
                                     "enable_broadcast_flag": args.enable_broadcast_flag}
         run.save(args.out)
-    dist.destroy_process_group()
-    return 0
+    # Everyone waits until the Run is on disk, then leaves without tearing the gloo
+    # group down: its teardown races with peers that already left and can abort the
+    # process (std::terminate from a gloo thread), failing a run that had succeeded.
+    dist.barrier(group=group)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
