@@ -56,7 +56,7 @@ def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, flo
         per = tok_total / len(tok_s)
         tokenizer = {"tokenizer_hash": tok_total * 1000.0, "per_mm_request": per * 1000.0,
                      # One tokenizer process hashing serially caps the request rate here.
-                     "capacity_rps": (len(tok_s) / tok_total) * (n / max(len(tok_s), 1)) if tok_total else math.inf}
+                     "capacity_rps": n / tok_total if tok_total else math.inf}
     return StrategyResult(
         name=name, requests=n, duration_s=duration, throughput_rps=n / duration,
         latency_ms=summarize_ms(lat_ms), ranks=ranks,
