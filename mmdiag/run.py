@@ -189,6 +189,10 @@ def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=".mmdiag-", dir=directory)
     try:
+        # mkstemp makes 0600; a report or Run is meant to be shared like any new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for chunk in chunks:
                 f.write(chunk)
