@@ -29,7 +29,7 @@ class MmdiagGroup(click.Group):
             click.echo(f"mmdiag: error: {e.one_line()}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("mmdiag: interrupted; every rank was stopped, nothing was written", err=True)
+            click.echo("mmdiag: interrupted; every rank was stopped, no Run was written", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
 
@@ -89,7 +89,7 @@ def trace_synth(profile, n, request_rate, max_concurrency, seed, output):
 
 
 @trace.command("info")
-@click.argument("trace_file", type=click.Path(dir_okay=False))
+@click.argument("trace_file", metavar="TRACE")
 @click.option("--json", "as_json", is_flag=True, help="print as JSON")
 def trace_info(trace_file, as_json):
     """Validate a trace (every line) and print its totals."""
@@ -229,7 +229,7 @@ def _check_writable(path: str) -> None:
 
 
 @main.command("replay")
-@click.argument("trace_file", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.argument("trace_file", metavar="TRACE")
 @_replay_options
 def replay_cmd(trace_file, **kw):
     """Replay TRACE through --tp real rank processes, strategy by strategy.

@@ -91,6 +91,8 @@ class StrategyResult:
     repeats_p99_ms: list[float] = field(default_factory=list)
     # Latency histogram (ms edges, counts) for renderers that draw distributions.
     latency_hist: dict[str, list[float]] = field(default_factory=dict)
+    # Loop iterations in which the entry rank's --max-recv-mb cap held requests back.
+    recv_cap_hits: int = 0
 
     def rank(self, r: int) -> RankResult:
         return next(x for x in self.ranks if x.rank == r)
@@ -117,7 +119,10 @@ class Run:
 
     def save(self, path: str) -> None:
         """Write atomically: a reader never sees half a Run."""
-        write_json_atomic(path, self.to_dict())
+        try:
+            write_json_atomic(path, self.to_dict())
+        except OSError as e:
+            raise RunFileError(f"cannot write the Run ({e.strerror})", where=path) from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "<run>") -> "Run":
@@ -186,7 +191,14 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
     """Stream chunks to a temp file beside `path`, fsync, rename: all or nothing
     (a full disk or Ctrl-C leaves the old file, or none, never half a file)."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        # A device or pipe (/dev/stdout, a FIFO): write through, never replace it.
+        with open(real, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        return
+    directory = os.path.dirname(real) or "."
     fd, tmp = tempfile.mkstemp(prefix=".mmdiag-", dir=directory)
     try:
         # mkstemp makes 0600; a report or Run is meant to be shared like any new file.
@@ -198,7 +210,7 @@ def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -14,6 +14,7 @@ The reader streams: a 100k-request trace is never held whole in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -129,7 +130,7 @@ def _parse_request(obj: Any, path: str, lineno: int, last_t: float) -> TraceRequ
     if not isinstance(rid, str) or not rid:
         raise _fail(path, lineno, "field 'rid': expected a non-empty string")
     t = obj.get("t")
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0 or t != t:
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
         raise _fail(path, lineno, f"field 't': expected a non-negative number of seconds, got {t!r}")
     if t < last_t:
         raise _fail(path, lineno, f"field 't': {t} is earlier than the previous request's {last_t}; arrivals must be sorted")

@@ -81,11 +81,35 @@ def _check_profile(d: dict[str, Any], name: str) -> None:
     for key in ("model", "arrival", "mix"):
         if key not in d:
             raise ProfileError(f"missing key {key!r}", where=where)
+    if not isinstance(d["arrival"], dict):
+        raise ProfileError("[arrival] must be a table with mode = 'poisson' or 'closed'", where=where)
     mode = d["arrival"].get("mode")
-    if mode not in ("poisson", "closed"):
+    need = {"poisson": "request_rate", "closed": "max_concurrency"}.get(mode)
+    if need is None:
         raise ProfileError(f"arrival.mode must be 'poisson' or 'closed', got {mode!r}", where=where)
-    if not d["mix"] or any(m.get("weight", 0) < 0 for m in d["mix"]):
-        raise ProfileError("mix must be a non-empty list with non-negative weights", where=where)
+    v = d["arrival"].get(need)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ProfileError(f"arrival.{need} must be a positive number", where=where)
+    if not isinstance(d["mix"], list) or not d["mix"]:
+        raise ProfileError("mix must be a non-empty list of [[mix]] tables", where=where)
+    for k, m in enumerate(d["mix"]):
+        w = m.get("weight", 1.0) if isinstance(m, dict) else None
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ProfileError(f"mix[{k}].weight must be a non-negative number", where=where)
+        for j, it in enumerate(m.get("items", [])):
+            if not isinstance(it, dict):
+                raise ProfileError(f"mix[{k}].items[{j}] must be a table", where=where)
+            need_keys = ITEM_KEYS.get(it.get("modality"))
+            if need_keys is None:
+                raise ProfileError(f"mix[{k}].items[{j}].modality must be one of {', '.join(ITEM_KEYS)}", where=where)
+            for key in need_keys:
+                val = it.get(key)
+                if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
+                    raise ProfileError(f"mix[{k}].items[{j}].{key} must be a positive number", where=where)
+
+
+# What each item kind needs in a profile's mix.
+ITEM_KEYS = {"image": ("width", "height"), "video": ("width", "height", "frames"), "audio": ("seconds",)}
 
 
 # --- geometry ------------------------------------------------------------------

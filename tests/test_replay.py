@@ -153,7 +153,10 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
     for args, code, text in [
         (("replay", trace, "--strategy", "nope"), 2, "unknown strategy 'nope'"),
-        (("replay", trace, "--tp", "0"), 3, "--tp must be at least 1"),
+        (("replay", trace, "--tp", "0"), 2, "--tp must be at least 1"),
+        (("replay", trace, "--max-concurrency", "0"), 2, "--max-concurrency must be at least 1"),
+        (("replay", trace, "--strategy", "all", "--strategy", "nope"), 2, "unknown strategy 'nope'"),
+        (("replay", str(tmp_path)), 2, "is a directory"),
         (("replay", str(tmp_path / "missing.jsonl")), 2, "no such trace file"),
         (("trace", "synth", "--profile", "nope", "-o", str(tmp_path / "x.jsonl")), 2, "unknown workload profile"),
         (("replay", trace, "--json", str(tmp_path / "no" / "dir.json")), 2, "directory does not exist"),

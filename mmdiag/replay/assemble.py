@@ -19,6 +19,7 @@ from .scheduler import RankOutcome
 
 def latency_hist(values_ms: list[float], bins: int = 40) -> dict[str, list[float]]:
     """Log-spaced histogram, enough for renderers to draw a distribution."""
+    values_ms = [v for v in values_ms if math.isfinite(v)]
     if not values_ms:
         return {"edges_ms": [], "counts": []}
     lo, hi = max(min(values_ms), 0.01), max(max(values_ms), 0.02)
@@ -34,7 +35,10 @@ def latency_hist(values_ms: list[float], bins: int = 40) -> dict[str, list[float
 
 
 def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, float],
-                    stats: TraceStats) -> StrategyResult:
+                    stats: TraceStats, tok_in_latency: bool = True) -> StrategyResult:
+    """`tok_s`: tokenizer-side hashing per request index. It delays the request before
+    the scheduler sees it, so it is added to latency, unless it already ran inside the
+    timed window (`--impl sglang`, where the entry rank runs the install's tokenizer step)."""
     entry = next(o for o in outcomes if o.rank == 0)
     lat_ms, last = [], 0.0
     first = min((a for a, _ in entry.arrivals.values()), default=0.0)
@@ -42,10 +46,11 @@ def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, flo
         held = max(o.holds.get(rid, math.inf) for o in outcomes)
         last = max(last, held)
         # Tokenizer-side hashing (precompute) delays the request before the scheduler sees it.
-        lat_ms.append((held - arrival + tok_s.get(idx, 0.0)) * 1000.0)
+        lat_ms.append((held - arrival + (tok_s.get(idx, 0.0) if tok_in_latency else 0.0)) * 1000.0)
     duration = max(last - first, 1e-9)
     n = len(entry.arrivals)
-    agree = len({o.digest for o in outcomes}) == 1 and all(o.held == n for o in outcomes)
+    agree = (len({o.digest for o in outcomes}) == 1 and all(o.held == n for o in outcomes)
+             and all(o.invalid == 0 for o in outcomes))
     ranks = [RankResult(rank=o.rank, cpu_s=o.cpu_s, wall_s=o.wall_s, phases_ms=o.phases_ms,
                         iterations=o.iterations, loop_stall_ms=o.loop_stall_ms,
                         collectives=o.collectives, bytes_sent=o.bytes_sent, recv_bytes=o.recv_bytes)
@@ -66,7 +71,7 @@ def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, flo
         requests_per_iteration=(statistics.fmean(entry.batch_sizes) if entry.batch_sizes else 0.0),
         tokenizer_ms=tokenizer, ranks_agree=agree,
         repeats_rps=[n / duration], repeats_p99_ms=[summarize_ms(lat_ms)["p99"]],
-        latency_hist=latency_hist(lat_ms),
+        latency_hist=latency_hist(lat_ms), recv_cap_hits=entry.cap_hits,
     )
 
 

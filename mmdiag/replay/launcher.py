@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import ReplayError
+from ..errors import MmdiagError, ReplayError
 from ..run import Run
 from ..trace import scan
 
@@ -96,8 +96,13 @@ def _last_line(path: str) -> str:
 def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None) -> Run:
     """Replay `trace` through opts.tp rank processes; return the Run (and write
     opts.timeline if asked). Raises ReplayError naming the rank that failed."""
-    if opts.tp < 1:
-        raise ReplayError(f"--tp must be at least 1, got {opts.tp}")
+    for flag, value, ok in [("--tp", opts.tp, opts.tp >= 1), ("--repeat", opts.repeat, opts.repeat >= 1),
+                            ("--timeout", opts.timeout, opts.timeout > 0),
+                            ("--max-recv-mb", opts.max_recv_mb, opts.max_recv_mb > 0),
+                            ("--max-concurrency", opts.max_concurrency,
+                             opts.max_concurrency is None or opts.max_concurrency >= 1)]:
+        if not ok:
+            raise MmdiagError(f"{flag} must be {'positive' if flag in ('--timeout', '--max-recv-mb') else 'at least 1'}, got {value}")
     scan(trace)  # a malformed trace fails here, before any process starts
     if opts.tp > (os.cpu_count() or 1):
         warnings.warn(f"--tp {opts.tp} is more than this machine's {os.cpu_count()} cores: "
@@ -145,7 +150,10 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         run = Run.load(out)
         if tl_dir:
             from ..render.timeline import combine_timeline
-            combine_timeline([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)], opts.timeline)
+            try:
+                combine_timeline([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)], opts.timeline)
+            except MmdiagError as e:  # the measurements stand without the picture
+                warnings.warn(f"no timeline: {e.one_line()}", stacklevel=2)
         return run
 
 
@@ -155,10 +163,12 @@ def _watch(procs, logs, prog, opts: ReplayOptions, progress) -> None:
     while True:
         codes = [p.poll() for p in procs]
         if failed is None:
-            for r, c in enumerate(codes):
-                if c not in (None, 0):
-                    failed, failed_at = (r, c), time.time()
-                    break
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                # Blame the rank that died, not a peer whose collective failed because of it:
+                # a signal first, then a rank whose last words are not a failed collective.
+                bad.sort(key=lambda rc: (rc[1] > 0, "collective failed" in _last_line(logs[rc[0]])))
+                failed, failed_at = bad[0], time.time()
         if all(c is not None for c in codes) and failed is None:
             return
         if failed is not None:
@@ -173,7 +183,7 @@ def _watch(procs, logs, prog, opts: ReplayOptions, progress) -> None:
                         with open(path, errors="replace") as f:
                             sys.stderr.write(f"--- rank {k} log ---\n{f.read()}")
                 raise ReplayError(f"rank {r} {how}" + (f" ({detail})" if detail else ""),
-                                  fix="the other ranks were stopped; see the rank's error above, or rerun with MMDIAG_DEBUG=1")
+                                  fix="the other ranks were stopped; rerun with MMDIAG_DEBUG=1 to see every rank's log")
         if progress is not None:
             try:
                 with open(prog) as f:

@@ -17,6 +17,7 @@ import hashlib
 import os
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
@@ -28,7 +29,7 @@ from ..run import summarize_ms
 from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
 from .comm import broadcast_pyobj
-from .mm import MultimodalDataItem, hash_feature
+from .mm import PAD_MODULUS, MultimodalDataItem, hash_feature
 from .sglang_impl import InstalledPath, tokenizer_side
 from .timers import PhaseTimers
 
@@ -37,6 +38,8 @@ assert set(TORCH_DTYPES) == set(DTYPES)
 # Distinct fill values per request keep hashes distinct without paying for random data.
 FILL_VALUES = 64
 IDLE_TICK_S = 0.05
+# Most multimodal requests a strategy may have in flight before the entry rank stops admitting.
+MAX_PENDING = 64
 
 
 @dataclass
@@ -97,7 +100,13 @@ def tokenizer_prepass(trace_path: str) -> tuple[dict[int, list[int]], dict[int, 
 
 
 class Intake:
-    """The entry rank's view of the trace: who has arrived, and the closed loop."""
+    """The entry rank's view of the trace: who has arrived, and the closed loop.
+
+    Closed loop: `max_concurrency` slots; a slot frees when every rank holds a
+    request (seen through the per-iteration all_reduce). A request's clock starts
+    when it could have been sent, max(start + t, the moment its slot freed), so
+    time it waits behind the per-iteration byte cap counts in its latency.
+    """
 
     def __init__(self, trace_path: str, start: float, max_concurrency: int | None,
                  max_recv_bytes: int | None = None):
@@ -108,6 +117,9 @@ class Intake:
         self.max_recv_bytes = max_recv_bytes
         self.next: TraceRequest | None = next(self._it, None)
         self.admitted = 0
+        self.cap_hits = 0  # iterations the byte cap held requests back
+        self._slots: deque[float] = deque([start] * (max_concurrency or 0))
+        self._held_seen = 0
 
     @property
     def exhausted(self) -> bool:
@@ -116,17 +128,22 @@ class Intake:
     def next_arrival(self) -> float | None:
         return None if self.next is None else self.start + self.next.t
 
-    def admit(self, now: float, globally_held: int) -> list[tuple[int, TraceRequest, float]]:
+    def admit(self, now: float, globally_held: int, held_at: float) -> list[tuple[int, TraceRequest, float]]:
+        if self.max_concurrency is not None:
+            self._slots.extend([held_at] * (globally_held - self._held_seen))
+            self._held_seen = globally_held
         out, nbytes = [], 0
         while self.next is not None and self.start + self.next.t <= now:
-            if self.max_concurrency is not None and self.admitted - globally_held >= self.max_concurrency:
+            if self.max_concurrency is not None and not self._slots:
                 break
             # Bound one recv's feature bytes (memory); SGLang's tokenizer paces arrivals instead.
             nbytes += self.next.mm_bytes
             if out and self.max_recv_bytes is not None and nbytes > self.max_recv_bytes:
+                self.cap_hits += 1
                 break
-            # Open loop: the request arrived at its offset. Closed loop: when its slot freed.
-            arrival = self.start + self.next.t if self.max_concurrency is None else now
+            arrival = self.start + self.next.t
+            if self.max_concurrency is not None:
+                arrival = max(arrival, self._slots.popleft())
             out.append((self.admitted, self.next, arrival))
             self.admitted += 1
             self.next = next(self._it, None)
@@ -152,6 +169,8 @@ class RankOutcome:
     digest: str = ""
     held: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    invalid: int = 0  # held requests whose items lack a hash, a matching pad value or an item
+    cap_hits: int = 0
 
 
 class ReplayScheduler:
@@ -176,6 +195,8 @@ class ReplayScheduler:
         self.image_token_id = 0
         self.precomputed: dict[int, list[int]] = {}
         self.globally_held = 0
+        self.held_at = time.time()
+        self.invalid = 0
         self.stop = False
 
     # --- the loop ---------------------------------------------------------------
@@ -214,15 +235,20 @@ class ReplayScheduler:
             phases_ms=t.totals_ms(), iterations=iterations,
             loop_stall_ms=summarize_ms(list(stalls)), collectives=t.collectives,
             bytes_sent=t.sent_bytes, recv_bytes=self.recv_bytes, holds=self.holds, arrivals=self.arrivals,
-            digest=digest, held=len(self.holds), batch_sizes=batch_sizes)
+            digest=digest, held=len(self.holds), batch_sizes=batch_sizes, invalid=self.invalid,
+            cap_hits=intake.cap_hits if intake is not None else 0)
 
     def recv_requests(self, intake: Intake | None) -> list[ReplayRequest]:
         msg = None
+        idle_s = 0.0
         if self.is_entry_rank:
             assert intake is not None
-            self._wait_for_arrivals(intake)
+            idle_s = self._wait_for_arrivals(intake)
             with self.timers.phase("recv"):
-                admitted = intake.admit(time.time(), self.globally_held)
+                # A strategy with a backlog (async) takes no more until it drains some:
+                # its queue would otherwise hold features without bound.
+                backlog = self.strategy.pending() >= MAX_PENDING
+                admitted = [] if backlog else intake.admit(time.time(), self.globally_held, self.held_at)
                 installed = self.strategy if isinstance(self.strategy, InstalledPath) else None
                 reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx), installed)
                         for idx, tr, arr in admitted]
@@ -234,23 +260,33 @@ class ReplayScheduler:
                 for r in reqs:
                     self.arrivals[r.rid] = (r.arrival, r.idx)
                 done = intake.exhausted and self.globally_held >= intake.admitted and not reqs
-                msg = ("stop", []) if done else ("reqs", reqs)
+                msg = ("stop", [], idle_s) if done else ("reqs", reqs, idle_s)
+        t0 = time.perf_counter()
         with self.timers.phase("recv"):
             msg, nbytes = broadcast_pyobj(msg, self.rank, self.cpu_group)
         self.recv_bytes += nbytes
-        kind, reqs = msg
+        kind, reqs, idle_s = msg
+        if not self.is_entry_rank and idle_s:
+            # While the entry rank slept waiting for arrivals, this rank waited here:
+            # that is idle time, not request transport.
+            moved = min(idle_s, time.perf_counter() - t0)
+            self.timers.add("recv", -moved)
+            self.timers.add("idle", moved)
         self.stop = kind == "stop"
         return reqs
 
-    def _wait_for_arrivals(self, intake: Intake) -> None:
-        """Nothing to do until the next arrival: sleep (the loop is idle, not stalled)."""
+    def _wait_for_arrivals(self, intake: Intake) -> float:
+        """Nothing to do until the next arrival: sleep (the loop is idle, not stalled).
+        Returns the seconds slept."""
         nxt = intake.next_arrival()
         if nxt is None or self.strategy.pending() or self.globally_held < intake.admitted:
-            return
-        delay = nxt - time.time()
-        if delay > 0:
-            with self.timers.phase("idle"):
-                time.sleep(min(delay, IDLE_TICK_S))
+            return 0.0
+        delay = min(nxt - time.time(), IDLE_TICK_S)
+        if delay <= 0:
+            return 0.0
+        with self.timers.phase("idle"):
+            time.sleep(delay)
+        return delay
 
     def process_input_requests(self, reqs: list[ReplayRequest]):
         ready = [(r, None) for r in reqs if r.mm_inputs is None]
@@ -263,7 +299,11 @@ class ReplayScheduler:
         now = time.time()
         for r, mm in ready:
             self.holds[r.rid] = now
-            self.fingerprints[r.rid] = mm.fingerprint() if mm is not None else ()
+            fp = mm.fingerprint() if mm is not None else ()
+            expected = len(r.mm_inputs["mm_items"]) if r.mm_inputs is not None else 0
+            if len(fp) != expected or any(h is None or p != h % PAD_MODULUS for h, p in fp):
+                self.invalid += 1
+            self.fingerprints[r.rid] = fp
             r.mm_inputs = None  # free the features as soon as the rank holds its own copy
 
     def run_forward_step(self, busy: bool) -> None:
@@ -273,3 +313,4 @@ class ReplayScheduler:
             held = torch.tensor([len(self.holds)], dtype=torch.long)
             dist.all_reduce(held, op=dist.ReduceOp.MIN, group=self.cpu_group)
             self.globally_held = int(held.item())
+            self.held_at = time.time()

@@ -46,14 +46,7 @@ class PhaseTimers:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         acc = self._mine()
-        if self.tracer is not None:
-            with self.tracer.log_event(name):
-                t0 = time.perf_counter()
-                try:
-                    yield
-                finally:
-                    acc[name] += time.perf_counter() - t0
-        else:
+        with self.tracer.log_event(name) if self.tracer is not None else contextlib.nullcontext():
             t0 = time.perf_counter()
             try:
                 yield

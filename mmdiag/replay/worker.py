@@ -137,6 +137,7 @@ def run_rank(args: argparse.Namespace) -> int:
             max_conc = int(header.arrival["max_concurrency"])
         image_token_id = int(header.model.get("image_token_id", 0))
     results = {}
+    prepass = None
     for name in names:
         runs = []
         for rep in range(args.repeat):
@@ -149,8 +150,10 @@ def run_rank(args: argparse.Namespace) -> int:
             if rank == 0:
                 progress.label = f"{name}" + (f" {rep + 1}/{args.repeat}" if args.repeat > 1 else "")
                 sched.image_token_id = image_token_id
-                if strategy.hashes_in_tokenizer:
-                    sched.precomputed, tok_s = tokenizer_prepass(args.trace)
+                if strategy.hashes_in_tokenizer and installed is None:
+                    if prepass is None:  # once per replay: the same trace for every repeat
+                        prepass = tokenizer_prepass(args.trace)
+                    sched.precomputed, tok_s = prepass
             dist.barrier(group=group)
             intake = (Intake(args.trace, time.time(), max_conc, int(args.max_recv_mb * 2**20))
                       if rank == 0 else None)
@@ -164,7 +167,7 @@ def run_rank(args: argparse.Namespace) -> int:
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(outcome, gathered, dst=0, group=group)
             if rank == 0:
-                runs.append(strategy_result(name, gathered, tok_s, stats))
+                runs.append(strategy_result(name, gathered, tok_s, stats, tok_in_latency=installed is None))
                 progress(stats.requests, stats.requests, force=True)
             del outcome, sched, strategy
         if rank == 0:
@@ -191,6 +194,13 @@ def run_rank(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def _exit_now(code: int) -> None:
+    """Leave without tearing the gloo group down (see the end of run_rank)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     args = parse_args(argv)
@@ -201,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MmdiagError as e:
         print(f"mmdiag replay: rank {rank}: {e.one_line()}", file=sys.stderr)
-        return e.exit_code
+        _exit_now(e.exit_code)
     except (RuntimeError, ConnectionError, OSError) as e:
         # A peer that died shows up here as a failed or timed-out collective.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mmdiag replay: rank {rank}: collective failed on {socket.gethostname()}: {first}", file=sys.stderr)
         if os.environ.get("MMDIAG_DEBUG"):
             traceback.print_exc()
-        return 3
+        _exit_now(3)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def get(name: str) -> type[Strategy]:
 
 def resolve(names: list[str] | tuple[str, ...]) -> list[str]:
     """Expand 'all', check names, keep the canonical order, drop repeats."""
+    for n in names:
+        if n != "all":
+            get(n)
     if not names or "all" in names:
         return list(STRATEGIES)
-    for n in names:
-        get(n)
     return [n for n in STRATEGIES if n in names]

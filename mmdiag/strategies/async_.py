@@ -5,9 +5,8 @@ import threading
 
 import torch.distributed as dist
 
-from ..replay.comm import broadcast_object_list_timed
-from ..replay.mm import MultimodalInputs
 from .base import Ready, Strategy
+from .commit import _process_and_broadcast_mm_inputs
 
 _STOP = object()
 
@@ -35,13 +34,7 @@ class Async(Strategy):
     def _async_broadcast_worker(self, s) -> None:
         try:
             while (r := self.todo.get()) is not _STOP:
-                if s.is_entry_rank:
-                    with s.timers.phase("from_dict"):
-                        objs = [MultimodalInputs.from_dict(r.mm_inputs)]
-                else:
-                    objs = [None]
-                broadcast_object_list_timed(s.timers, objs, src=0, group=self.group)
-                self.done.put((r, objs[0]))
+                self.done.put((r, _process_and_broadcast_mm_inputs(s, r.mm_inputs, group=self.group)))
         except BaseException as e:  # surfaced on the main thread by poll()
             self.error = e
             self.done.put(None)
@@ -50,7 +43,7 @@ class Async(Strategy):
         for r in self.mm_reqs(reqs):
             self.inflight += 1
             self.todo.put(r)
-        return self.poll(s)
+        return []  # results are picked up by poll(), called every iteration
 
     def poll(self, s) -> Ready:
         out = []

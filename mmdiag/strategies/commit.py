@@ -5,7 +5,7 @@ from ..replay.mm import MultimodalInputs
 from .base import Ready, Strategy
 
 
-def _process_and_broadcast_mm_inputs(s, raw_mm_inputs):
+def _process_and_broadcast_mm_inputs(s, raw_mm_inputs, group=None):
     """17a57fd: the entry rank materializes, then one blocking broadcast_object_list
     of the materialized object per request; other ranks wait for it."""
     if s.is_entry_rank:
@@ -14,7 +14,7 @@ def _process_and_broadcast_mm_inputs(s, raw_mm_inputs):
         objs = [mm]
     else:
         objs = [None]
-    broadcast_object_list_timed(s.timers, objs, src=0, group=s.cpu_group)
+    broadcast_object_list_timed(s.timers, objs, src=0, group=group if group is not None else s.cpu_group)
     return objs[0]
 
 

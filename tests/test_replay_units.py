@@ -1,0 +1,67 @@
+"""The replay's bookkeeping on hand-made inputs: admission, latency, agreement."""
+from mmdiag.replay.assemble import strategy_result
+from mmdiag.replay.scheduler import Intake, RankOutcome
+from mmdiag.trace import TraceStats
+from conftest import make_trace
+
+
+def test_closed_loop_admits_up_to_concurrency_and_starts_clocks_when_slots_free(tmp_path):
+    trace = make_trace(tmp_path / "t.jsonl", n=6, rows=4, concurrency=2)
+    it = Intake(trace, start=100.0, max_concurrency=2)
+    first = it.admit(now=100.0, globally_held=0, held_at=100.0)
+    assert [a for _, _, a in first] == [100.0, 100.0]
+    assert it.admit(now=101.0, globally_held=0, held_at=101.0) == []  # both slots busy
+    # One request done at 102.5: one slot, and the next request's clock starts then.
+    third = it.admit(now=103.0, globally_held=1, held_at=102.5)
+    assert [(idx, a) for idx, _, a in third] == [(2, 102.5)]
+    it.close()
+
+
+def test_byte_cap_holds_requests_back_without_hiding_their_wait(tmp_path):
+    # 4 rows x 1176 x 4 bytes = 18,816 bytes per image request; cap at two of them.
+    trace = make_trace(tmp_path / "t.jsonl", n=6, rows=4, concurrency=6, text_every=0)
+    it = Intake(trace, start=0.0, max_concurrency=6, max_recv_bytes=2 * 18_816 * 2)
+    a = it.admit(now=0.0, globally_held=0, held_at=0.0)
+    b = it.admit(now=5.0, globally_held=0, held_at=0.0)
+    assert it.cap_hits >= 1 and len(a) + len(b) <= 6
+    # Held back by the cap, not by a slot: the clock started at 0, not at 5.
+    assert all(arr == 0.0 for _, _, arr in b)
+    it.close()
+
+
+def test_open_loop_arrival_is_the_trace_offset(tmp_path):
+    trace = make_trace(tmp_path / "t.jsonl", n=4, rows=2, rate=10.0)
+    it = Intake(trace, start=50.0, max_concurrency=None)
+    got = it.admit(now=50.25, globally_held=0, held_at=50.0)
+    assert [round(a, 3) for _, _, a in got] == [50.0, 50.1, 50.2]
+    it.close()
+
+
+def _outcome(rank, holds, digest="d", invalid=0, arrivals=None):
+    return RankOutcome(rank=rank, cpu_s=1.0, wall_s=2.0, phases_ms={}, iterations=3, loop_stall_ms={},
+                       collectives=0, bytes_sent=0, recv_bytes=10, holds=holds, arrivals=arrivals or {},
+                       digest=digest, held=len(holds), invalid=invalid)
+
+
+def test_latency_is_until_the_last_rank_holds_and_throughput_spans_first_to_last():
+    arrivals = {"a": (10.0, 0), "b": (10.5, 1)}
+    outs = [_outcome(0, {"a": 10.1, "b": 10.6}, arrivals=arrivals), _outcome(1, {"a": 10.3, "b": 11.0})]
+    s = strategy_result("revert", outs, {}, TraceStats(requests=2))
+    assert round(s.latency_ms["max"], 3) == 500.0 and round(s.latency_ms["p50"], 3) == 400.0
+    assert round(s.throughput_rps, 6) == round(2 / 1.0, 6)
+    assert s.ranks_agree is True
+
+
+def test_agreement_fails_on_different_digests_missing_holds_or_invalid_items():
+    arrivals = {"a": (0.0, 0)}
+    ok = _outcome(0, {"a": 1.0}, arrivals=arrivals)
+    assert strategy_result("x", [ok, _outcome(1, {"a": 1.0}, digest="other")], {}, TraceStats()).ranks_agree is False
+    assert strategy_result("x", [ok, _outcome(1, {})], {}, TraceStats()).ranks_agree is False
+    assert strategy_result("x", [ok, _outcome(1, {"a": 1.0}, invalid=1)], {}, TraceStats()).ranks_agree is False
+
+
+def test_tokenizer_hashing_adds_to_latency_only_when_outside_the_window():
+    arrivals = {"a": (0.0, 0)}
+    outs = [_outcome(0, {"a": 0.1}, arrivals=arrivals)]
+    assert round(strategy_result("p", outs, {0: 0.05}, TraceStats()).latency_ms["p50"], 3) == 150.0
+    assert round(strategy_result("p", outs, {0: 0.05}, TraceStats(), tok_in_latency=False).latency_ms["p50"], 3) == 100.0
