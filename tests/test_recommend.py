@@ -79,6 +79,19 @@ def test_cost_model_recovers_the_measured_costs():
     assert m.predicted_ms("batch") < m.predicted_ms("revert")
 
 
+def test_one_message_size_leaves_the_crossover_unknown():
+    run = video_run()
+    run.strategies.pop("batch")            # commit and dict send the same size per collective
+    m = fit([run])
+    assert not m.separable
+    assert m.crossover_mb(1.0) is None and m.broadcast_pays() is None      # not 0 MB, not "pays for anything"
+    assert m.predicted_ms("commit") is None and m.predicted_ms("revert") is not None
+    assert any("lower bound" in n for n in m.notes)
+    rec = recommend([run])
+    assert any("unknown" in r and "lower bound" in r for r in rec.reasons)
+    assert not any("above the crossover" in r for r in rec.reasons)
+
+
 def test_cost_model_never_pays_when_sending_costs_more_than_hashing():
     run = video_run()
     for name in ("revert", "dict"):                   # hashing on every rank is now cheap
@@ -104,13 +117,42 @@ def test_large_video_with_broadcast_paying_does_not_get_revert():
 
 def test_commit_and_async_are_never_recommended_even_when_fastest():
     run = video_run()
-    run.strategies["commit"].repeats_rps = [5.0, 5.1, 4.9]
-    run.strategies["commit"].throughput_rps = 5.0
     run.strategies["async"] = strategy("async", [6.0, 6.1, 5.9], run.strategies["commit"].ranks)
     rec = recommend([run])
-    assert rec.recommended in PATCHABLE_STRATEGIES
+    assert rec.recommended == "batch"                  # async is fastest, but no patch ships it
     notes = {o.name: o.note for o in rec.runners_up}
     assert "regression" in notes["commit"] and "no patch ships it" in notes["async"]
+    # commit itself fastest: still never the answer, and no patch slower than it is either.
+    run.strategies["commit"].repeats_rps = [5.0, 5.1, 4.9]
+    run.strategies["commit"].throughput_rps = 5.0
+    rec = recommend([run])
+    assert rec.recommended is None and rec.confidence == "undecided"
+    assert any("keep the current path" in r for r in rec.reasons)
+
+
+def test_a_patch_slower_than_commit_is_not_a_confident_pick():
+    """Only revert and commit replayed, and revert measurably slower (1.0 against 1.6 req/s):
+    revert is the only candidate, but recommending it would make things worse."""
+    run = video_run()
+    for name in ("batch", "dict", "precompute"):
+        run.strategies.pop(name)
+    rec = recommend([run])
+    assert not (rec.recommended == "revert" and rec.confidence in ("high", "medium"))
+    assert rec.recommended is None and rec.confidence == "undecided" and rec.chosen is None
+    assert "slower than `commit`" in rec.reasons[0] and "keep the current path" in rec.reasons[0]
+    assert any("batch" in m for m in rec.measure_next)
+    assert {o.name for o in rec.runners_up} == {"commit", "revert"}
+    assert json.loads(json.dumps(rec.to_dict()))["recommended"] is None
+
+
+def test_a_patch_inside_the_noise_of_commit_is_low_confidence():
+    run = video_run()
+    run.strategies["batch"].repeats_rps = [1.55, 1.75, 1.45]       # batch no longer clearly beats commit
+    run.strategies["batch"].throughput_rps = 1.55
+    run.strategies["precompute"].tokenizer_ms["capacity_rps"] = 1.0
+    rec = recommend([run])
+    assert rec.recommended == "batch" and rec.confidence == "low"
+    assert any("not measurably faster than `commit`" in r for r in rec.reasons)
 
 
 def test_mm_path_under_a_few_percent_gets_none():
@@ -202,8 +244,11 @@ def test_small_images_at_high_concurrency_do_not_get_commit(tmp_path):
     synth_to_file("small-image-c96", 24, trace)          # 24 real-size 1120x700 images, closed loop c96
     run = replay(trace, ReplayOptions(tp=2, strategies=["revert", "commit", "batch", "precompute"], repeat=2))
     rec = recommend([run])
-    assert rec.recommended != "commit"
-    assert rec.recommended in PATCHABLE_STRATEGIES
+    # Every rank hashing a small image is cheaper than broadcasting it at high concurrency:
+    # the answer is per-rank (revert) or hashing once in the tokenizer (precompute), never
+    # a broadcast, and the model must not say broadcasting pays.
+    assert rec.recommended in {"revert", "precompute"}, rec.reasons
+    assert rec.cost_model.broadcast_pays() is not True
     assert rec.mm_share_pct > 5
     m = rec.cost_model
     assert m.m_all_ms_per_mb > 0 and m.k_ms_per_mb is not None and m.workload_mb == pytest.approx(17.94, abs=0.1)

@@ -78,15 +78,38 @@ def test_difference_inside_the_noise_is_not_a_win():
     assert thr.better is None and thr.verdict.startswith("not significant")
 
 
-def test_throughput_shortfall_fails_only_when_significant_or_unjudged():
-    b, a = _pair(before_rps=(10.0, 12.0, 8.0), after_rps=(9.8, 11.8, 7.8))     # -2%, inside the noise
-    crit = {c.key: c for c in build_report(b, a, load_criteria()).criteria}
-    assert crit["throughput_ratio"].status == "pass" and "inside the noise" in crit["throughput_ratio"].note
-    b, a = _pair(before_rps=(10.0, 10.1, 9.9), after_rps=(8.0, 8.1, 7.9))       # -20%, significant
-    assert {c.key: c for c in build_report(b, a, load_criteria()).criteria}["throughput_ratio"].status == "fail"
-    b, a = _pair(before_rps=(10.0,), after_rps=(9.9,))                          # one repeat: not judged
-    c = {c.key: c for c in build_report(b, a, load_criteria()).criteria}["throughput_ratio"]
-    assert c.status == "fail" and "repeat" in c.note
+def _thr(b, a, criteria=None):
+    rep = build_report(b, a, criteria or load_criteria())
+    return {c.key: c for c in rep.criteria}["throughput_ratio"], rep.metrics[0]
+
+
+def test_throughput_shortfall_never_passes_on_less_evidence():
+    c, row = _thr(*_pair(before_rps=(10.0, 12.0, 8.0), after_rps=(9.8, 11.8, 7.8)))    # -2%, inside the noise
+    assert c.status == "fail" and c.note.startswith("inconclusive") and "--repeat" in c.note
+    assert row.verdict.startswith("not significant")
+    c, row = _thr(*_pair(before_rps=(10.0, 10.1, 9.9), after_rps=(8.0, 8.1, 7.9)))      # -20%, significant
+    assert c.status == "fail" and "significantly below" in c.note and "slower" in row.verdict
+    c, row = _thr(*_pair(before_rps=(10.0,), after_rps=(9.9,)))                          # one repeat: not judged
+    assert c.status == "fail" and "inconclusive" in c.note and "--repeat" in c.note
+    assert "not judged" in row.verdict
+    # Noisier repeats of the same means never turn a fail into a pass.
+    quiet, _ = _thr(*_pair(before_rps=(10.0, 10.1, 9.9), after_rps=(9.5, 9.6, 9.4)))
+    noisy, _ = _thr(*_pair(before_rps=(10.0, 14.0, 6.0), after_rps=(9.5, 13.5, 5.5)))
+    assert quiet.status == noisy.status == "fail"
+
+
+def test_throughput_criterion_and_table_row_agree():
+    crit = parse_criteria({"throughput_ratio": {"min": 1.5}})
+    for before, after in [((1.0, 1.02, 0.98), (2.0, 2.05, 1.95)),     # 2x: meets 1.5x
+                          ((1.0, 1.01, 0.99), (1.3, 1.31, 1.29)),     # 1.3x: significantly faster, short of 1.5x
+                          ((1.0, 1.3, 0.7), (1.45, 1.9, 1.0))]:       # 1.45x inside the noise: inconclusive
+        c, row = _thr(*_pair(before_rps=before, after_rps=after), crit)
+        ratio = row.after / row.before
+        assert f"{ratio:.2f}x" in c.measured and row.change == f"{ratio:.2f}x"
+        assert (c.status == "pass") == (ratio >= 1.5)
+    assert "significantly below" in _thr(*_pair(before_rps=(1.0, 1.01, 0.99), after_rps=(1.3, 1.31, 1.29)),
+                                         crit)[0].note
+    assert _thr(*_pair(before_rps=(1.0, 1.3, 0.7), after_rps=(1.45, 1.9, 1.0)), crit)[0].note.startswith("inconclusive")
 
 
 def test_acceptance_failure_exits_nonzero(tmp_path):
@@ -96,7 +119,8 @@ def test_acceptance_failure_exits_nonzero(tmp_path):
     assert "FAIL" in r.output and "scheduler_cpu_pct" in r.output
     b, a = _pair()
     r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
-    assert r.exit_code == 0, r.output and "PASS" in r.output
+    assert r.exit_code == 0, r.output
+    assert "acceptance: PASS" in r.output
 
 
 def test_live_profiles_compare_with_gil(tmp_path):
@@ -254,7 +278,7 @@ def test_unknown_or_ambiguous_strategy(tmp_path):
                       strategy("dict", [1.0, 1.1], b.strategies["commit"].ranks)], tp=2, mean_mb=18)
     two.strategies.pop("commit")
     q = _write(tmp_path, "two.json", two)
-    _one_line_error(_cli(q, p.replace("video", "video")), "")  # tp 2 vs tp 4: refused first
+    _one_line_error(_cli(q, p), "2 ranks", "4", "--tp")  # tp 2 vs tp 4: refused before any strategy is picked
     _one_line_error(_cli(q, q), "before", "--before-strategy")
 
 
@@ -305,3 +329,95 @@ def test_run_verify_prints_the_report_and_returns_the_exit_status(tmp_path, caps
     out = capsys.readouterr()
     assert code == 1 and "acceptance: FAIL" in out.out and "scheduler_cpu_pct" in out.err
     assert "<img" in (tmp_path / "v.html").read_text()
+
+
+# --- apply --verify: refused before the first replay, and an undo that fails is told ------
+
+def _no_replay(monkeypatch):
+    import mmdiag.replay
+
+    def replay(*a, **kw):
+        raise AssertionError("verify replayed although it should have refused first")
+    monkeypatch.setattr(mmdiag.replay, "replay", replay)
+
+
+def test_verify_refuses_a_strategy_with_nothing_to_do_before_replaying(tmp_path, monkeypatch):
+    from sglang_wheels import site_packages
+
+    from mmdiag.analysis.verify import verify
+    from mmdiag.errors import MmdiagError
+
+    pkg = site_packages("0.5.6", tmp_path / "site")       # broadcast behind a flag, off by default
+    _no_replay(monkeypatch)
+    with pytest.raises(MmdiagError, match="nothing to change") as e:
+        verify(str(pkg), "revert", str(tmp_path / "unused.jsonl"), 2)
+    assert "revert" in str(e.value) and "nothing was replayed" in str(e.value)
+
+
+def test_verify_refuses_an_install_already_patched(tmp_path, monkeypatch):
+    from sglang_wheels import site_packages
+
+    from mmdiag.analysis.verify import verify
+    from mmdiag.errors import MmdiagError
+    from mmdiag.sglang.apply import apply
+    from mmdiag.sglang.locate import locate
+
+    pkg = site_packages("0.5.5", tmp_path / "site")
+    assert apply(locate(str(pkg)), "batch").status == "applied"
+    _no_replay(monkeypatch)
+    for strategy in ("batch", "revert"):                   # the same one too: before would be patched code
+        with pytest.raises(MmdiagError, match="already applied") as e:
+            verify(str(pkg), strategy, str(tmp_path / "unused.jsonl"), 2)
+        assert "--undo" in str(e.value)
+
+
+def _failing_after_replay(monkeypatch):
+    import mmdiag.replay
+    from mmdiag.errors import ReplayError
+
+    calls = []
+
+    def replay(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            return video_run(tp=2)                         # the before replay
+        raise ReplayError("rank 1 died")
+    monkeypatch.setattr(mmdiag.replay, "replay", replay)
+
+
+def test_verify_undoes_the_patch_when_the_after_replay_fails(tmp_path, monkeypatch):
+    from sglang_wheels import site_packages
+
+    from mmdiag.analysis.verify import verify
+    from mmdiag.errors import ReplayError
+    from mmdiag.sglang.detect import detect
+    from mmdiag.sglang.locate import locate
+
+    pkg = site_packages("0.5.5", tmp_path / "site")
+    _failing_after_replay(monkeypatch)
+    with pytest.raises(ReplayError, match="rank 1 died"):
+        verify(str(pkg), "batch", str(tmp_path / "unused.jsonl"), 2)
+    assert detect(locate(str(pkg))).patched is None
+
+
+def test_verify_says_the_patch_is_still_applied_when_undo_fails(tmp_path, monkeypatch):
+    from sglang_wheels import site_packages
+
+    import mmdiag.sglang.apply
+    from mmdiag.analysis.verify import verify
+    from mmdiag.errors import MmdiagError
+    from mmdiag.sglang.detect import detect
+    from mmdiag.sglang.errors import ReadOnlyInstall
+    from mmdiag.sglang.locate import locate
+
+    pkg = site_packages("0.5.5", tmp_path / "site")
+    _failing_after_replay(monkeypatch)
+
+    def undo(*a, **kw):
+        raise ReadOnlyInstall("folder is not writable", where=str(pkg))
+    monkeypatch.setattr(mmdiag.sglang.apply, "undo", undo)
+    with pytest.raises(MmdiagError) as e:
+        verify(str(pkg), "batch", str(tmp_path / "unused.jsonl"), 2)
+    msg = str(e.value)
+    assert "rank 1 died" in msg and "not writable" in msg and "STILL APPLIED" in msg and "mmdiag apply --undo" in msg
+    assert detect(locate(str(pkg))).patched == "batch"

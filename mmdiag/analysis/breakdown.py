@@ -7,7 +7,7 @@ shares. Everything here returns plain numbers keyed by the one vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..run import RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
@@ -88,3 +88,15 @@ def rank_rows(s: StrategyResult) -> list[dict[str, float]]:
             "gil_wait_pct": r.gil_wait_pct,
         })
     return rows
+
+
+def json_safe(d: Any) -> Any:
+    """A copy of `d` that JSON can hold: tuples as lists, NaN and infinities as None.
+    (The one helper for every to_dict in mmdiag.analysis.)"""
+    if isinstance(d, dict):
+        return {k: json_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [json_safe(v) for v in d]
+    if isinstance(d, float) and (math.isnan(d) or math.isinf(d)):
+        return None
+    return d

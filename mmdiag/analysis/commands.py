@@ -132,13 +132,11 @@ def report_command(before, after, criteria, output, as_json, before_strategy, af
     from ..run import Run
     from .criteria import load_criteria
     from .report import build_report
-    from .verify import check_writable, render_to
+    from .verify import check_report_output, render_to
 
     crit = load_criteria(criteria)
     if output:
-        if os.path.splitext(output)[1].lower() not in (".html", ".htm", ".md", ".markdown"):
-            raise MmdiagError("unknown report format", where=output, fix="name the output report.html or report.md")
-        check_writable(output)
+        check_report_output(output)
     b = Run.load(before)
     a = b if os.path.abspath(after) == os.path.abspath(before) else Run.load(after)
     rep = build_report(b, a, crit, before_path=before, after_path=after,

@@ -22,6 +22,8 @@ strategy that issued its own collectives, across every Run given: commit and bat
 of one Run already give two sizes per collective. Broadcasting pays when
 (m_all - m_one - k) * B > c, so the crossover is B* = c / (m_all - m_one - k)
 (infinite when materializing on every rank is no dearer than sending: never pays).
+With one message size per collective, c cannot be told from k: the crossover is
+then unknown (None; 0 MB is only a trivial lower bound) and broadcast_pays() is None.
 """
 from __future__ import annotations
 
@@ -65,9 +67,10 @@ class CostModel:
         return self.m_all_ms_per_mb - self.m_one_ms_per_mb - self.k_ms_per_mb
 
     def crossover_mb(self, collectives_per_request: float = 1.0) -> float | None:
-        """Feature MB per request above which broadcasting pays (inf: never; None: unknown)."""
+        """Feature MB per request above which broadcasting pays (inf: never; None: unknown,
+        including when the per-collective cost could not be fitted apart from the per-MB cost)."""
         s = self.saving_ms_per_mb
-        if s is None:
+        if s is None or not self.separable:
             return None
         if s <= 0:
             return math.inf
@@ -81,6 +84,8 @@ class CostModel:
         r = max(self.requests_per_iteration or 1.0, 1.0) if r is None else max(r, 1.0)
         if mb is None:
             return None
+        if strategy in SENDERS and not self.separable:
+            return None          # c and k not told apart: a sender's cost at another size is unknown
         ma, mo, c, k = self.m_all_ms_per_mb, self.m_one_ms_per_mb, self.c_ms_per_collective, self.k_ms_per_mb
         return {
             "revert": ma * mb,
@@ -91,7 +96,8 @@ class CostModel:
         }.get(strategy)
 
     def broadcast_pays(self) -> bool | None:
-        """Does the batched broadcast beat every rank materializing, at this workload?"""
+        """Does the batched broadcast beat every rank materializing, at this workload?
+        None when unknown (no crossover: a cost missing, or c not separable from k)."""
         x = self.crossover_mb(1.0 / max(self.requests_per_iteration or 1.0, 1.0))
         if x is None or self.workload_mb is None:
             return None
@@ -169,7 +175,8 @@ def _fit(points: list[tuple[str, float, float]]) -> tuple[float | None, float | 
     # One size only: cannot split fixed from per-byte cost; attribute all to per-byte.
     k = sum(ys) / sum(xs) if sum(xs) > 0 else 0.0
     notes.append("per-collective cost cannot be told from per-MB cost with one size per collective "
-                 "(replay batch as well as commit, or a second workload): assumed 0, so the crossover is a lower bound")
+                 "(replay batch as well as commit, or a second workload): the crossover is unknown "
+                 "(0 MB is only a lower bound) and is not used to decide")
     return 0.0, k, False, notes
 
 

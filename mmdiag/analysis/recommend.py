@@ -26,7 +26,8 @@ from ..errors import MmdiagError, ProfileError
 from ..run import Run, StrategyResult
 from ..vocab import PATCHABLE_STRATEGIES, PROFILE_SCHEMA, REPLAY_SCHEMA, STRATEGIES
 from . import breakdown as B
-from .compare import NOT_JUDGED, compare_samples, relative_noise
+from .breakdown import json_safe
+from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..workloads import PROFILES_DIR
 from .costmodel import CostModel, fit
 
@@ -89,29 +90,16 @@ class Recommendation:
             "recommended": self.recommended, "confidence": self.confidence, "source": self.source,
             "target": self.target, "baseline": self.baseline, "mm_share_pct": _num(self.mm_share_pct),
             "reasons": self.reasons,
-            "chosen": _clean(asdict(self.chosen)) if self.chosen else None,
-            "runners_up": [_clean(asdict(o)) for o in self.runners_up],
+            "chosen": json_safe(asdict(self.chosen)) if self.chosen else None,
+            "runners_up": [json_safe(asdict(o)) for o in self.runners_up],
             "measure_next": self.measure_next, "notes": self.notes,
-            "cost_model": _clean(self.cost_model.to_dict()) if self.cost_model else None,
+            "cost_model": json_safe(self.cost_model.to_dict()) if self.cost_model else None,
         }
         return d
 
 
 def _num(x):
     return None if x is None or (isinstance(x, float) and (math.isnan(x))) else x
-
-
-def _clean(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _clean(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_clean(v) for v in d]
-    if isinstance(d, float):
-        if math.isnan(d):
-            return None
-        if math.isinf(d):
-            return "inf"
-    return d
 
 
 def _describe_target(run: Run) -> str:
@@ -195,13 +183,24 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
             note=note or rules["not_a_fix"].get(name, ""))
     if model.workload_mb is not None:
         x = model.crossover_mb(1.0 / max(model.requests_per_iteration or 1.0, 1.0))
-        xs = "never (sending costs more per MB than every rank hashing)" if x is not None and math.isinf(x) \
-            else (f"{x:.2f} MB" if x is not None else "unknown")
+        if x is not None and math.isinf(x):
+            xs = "batched broadcasting never pays (sending costs more per MB than every rank hashing)"
+        elif x is not None:
+            xs = f"batched broadcasting pays above {x:.2f} MB"
+        elif not model.separable and model.saving_ms_per_mb is not None:
+            xs = ("where batched broadcasting starts to pay is unknown (one message size per collective: the "
+                  "per-collective cost cannot be told from the per-MB cost; 0 MB is only a lower bound, "
+                  "not used to decide)")
+        else:
+            xs = "where batched broadcasting starts to pay is unknown"
+        sending = (f"{_f(model.k_ms_per_mb)} ms/MB + {_f(model.c_ms_per_collective)} ms per collective"
+                   if model.separable else
+                   f"{_f(model.k_ms_per_mb)} ms/MB with the per-collective cost folded in (not separable)")
         rec.reasons.append(
             f"cost model at tp {model.tp}: materialize {_f(model.m_all_ms_per_mb)} ms/MB with every rank at once, "
-            f"{_f(model.m_one_ms_per_mb)} ms/MB on the entry rank alone; sending {_f(model.k_ms_per_mb)} ms/MB "
-            f"+ {_f(model.c_ms_per_collective)} ms per collective; {_f(model.requests_per_iteration, 1)} requests "
-            f"per loop iteration; batched broadcasting pays above {xs}; this workload: "
+            f"{_f(model.m_one_ms_per_mb)} ms/MB on the entry rank alone; sending {sending}; "
+            f"{_f(model.requests_per_iteration, 1)} requests "
+            f"per loop iteration; {xs}; this workload: "
             f"{model.workload_mb:.2f} MB per multimodal request")
 
     if not math.isnan(share) and share < th["min_mm_share_pct"]:
@@ -240,6 +239,22 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         pick = min(tied, key=lambda n: (n not in group, cpu(n), order.index(n) if n in order else 99))
     else:
         pick = best
+    # The pick against the baseline (commit, the current path): a patch that is slower, or
+    # not measurably faster where the model says the missing broadcast fix would pay, is no answer.
+    base_cmp: Comparison | None = None
+    if baseline_name in options and baseline_name not in cands:
+        base_cmp = compare_samples(samples[baseline_name], samples[pick], metric="throughput_rps", alpha=th["alpha"])
+    if base_cmp is not None:
+        undecided = _against_baseline(rec, base_cmp, pick, baseline_name, options, cands, pays, rules)
+        if undecided:
+            for n, o in options.items():
+                if n != baseline_name:
+                    o.verdict = compare_samples(samples[baseline_name], samples[n], metric="throughput_rps",
+                                                alpha=th["alpha"]).verdict()
+            rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
+            rec.reasons.insert(1, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in "
+                                  f"`{baseline_name}`")
+            return rec
     rec.recommended, rec.chosen = pick, options[pick]
     ch = options[pick]
 
@@ -290,6 +305,13 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
                                 "replay on a quieter machine or with more requests")
     else:
         rec.confidence = "high"
+    if base_cmp is not None and not base_cmp.better:
+        # Not measurably faster than the path it replaces: never a confident pick.
+        rec.confidence = "low"
+        rec.reasons.append(f"`{pick}` is not measurably faster than `{baseline_name}` "
+                           f"({base_cmp.verdict()}): the data does not show the patch helps")
+        rec.measure_next.append(f"replay again with --repeat 5 or more (and more requests, -n) to separate "
+                                f"`{pick}` from `{baseline_name}`")
     if not model.separable:
         rec.measure_next.append("to place the crossover precisely, replay commit and batch (or a second workload "
                                 "with a different feature size) so the per-collective cost can be fitted")
@@ -298,6 +320,40 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
                          "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
     return rec
+
+
+def _against_baseline(rec: Recommendation, c: Comparison, pick: str, baseline: str, options: dict[str, Option],
+                      cands: list[str], pays: bool | None, rules: dict[str, Any]) -> bool:
+    """Undecided (True, with reasons and what to replay next) when the best patch measured is
+    slower than the baseline, or within its noise while the cost model says a broadcasting
+    fix that was not replayed would pay. `c` is the pick against the baseline."""
+    cand = rules["candidates"]
+    tie = rules["thresholds"]["tie_pct"]
+    slower = c.worse or (c.status == NOT_JUDGED and c.ratio < 1 - tie / 100)
+    pays_group = [n for n in cand["when_broadcast_pays"] if n in PATCHABLE_STRATEGIES]
+    missing = [n for n in cand["order"] if n not in options]
+    missing.sort(key=lambda n: (n not in pays_group) if pays else 0)
+    unproven = (not c.better and not slower and pays is True and pick not in pays_group
+                and any(n not in cands for n in pays_group))
+    if not (slower or unproven):
+        return False
+    rec.recommended, rec.confidence, rec.chosen = None, "undecided", None
+    if slower:
+        rec.reasons.insert(0, f"the best patch measured, `{pick}`, is slower than `{baseline}` (the current path): "
+                              f"{c.verdict()}; applying it would make things worse: keep the current path")
+    else:
+        rec.reasons.insert(0, f"the best patch measured, `{pick}`, is not measurably faster than `{baseline}` "
+                              f"({c.verdict()}), and the cost model says broadcasting pays here, so the patch "
+                              f"that keeps it ({', '.join(f'`{n}`' for n in pays_group)}) is the likely answer "
+                              "but was not replayed: keep the current path until it is")
+    if missing:
+        rec.measure_next.append(f"replay {', '.join(missing)} as well (mmdiag replay "
+                                + " ".join(f"--strategy {n}" for n in [baseline, *cands, *missing])
+                                + ") and recommend again")
+    else:
+        rec.measure_next.append(f"every patch was replayed and none beats `{baseline}` on this workload: replay "
+                                "again with --repeat 5 or more, or on the production workload, before patching")
+    return True
 
 
 def _f(x: float | None, nd: int = 2) -> str:

@@ -22,7 +22,8 @@ from ..errors import MmdiagError
 from ..run import RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 from . import breakdown as B
-from .compare import NOT_JUDGED, compare_samples
+from .breakdown import json_safe
+from .compare import NOT_JUDGED, Comparison, compare_samples
 from .criteria import Criterion
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
@@ -102,22 +103,12 @@ class Report:
         def side(s: Side) -> dict[str, Any]:
             return {"path": s.path, "schema": s.run.schema, "tp": s.run.tp, "strategy": s.strategy,
                     "trace": s.run.trace, "created": s.run.created}
-        return _clean({
+        return json_safe({
             "schema": "mmdiag.report/1", "verdict": self.verdict, "passed": self.passed,
             "before": side(self.before), "after": side(self.after),
             "metrics": [asdict(m) for m in self.metrics], "phase_unit": self.phase_unit,
             "phases": self.phases, "criteria": [asdict(c) for c in self.criteria], "notes": self.notes,
         })
-
-
-def _clean(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _clean(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_clean(v) for v in d]
-    if isinstance(d, float) and (math.isnan(d) or math.isinf(d)):
-        return None
-    return d
 
 
 # --- choosing what to compare ------------------------------------------------------
@@ -194,17 +185,34 @@ def _row_plain(metric: str, unit: str, b, a) -> MetricRow:
     return MetricRow(metric, unit, _none(b), _none(a), _ratio(b, a), "")
 
 
-def _row_judged(metric: str, unit: str, b_s: list[float], a_s: list[float], b: float, a: float,
-                higher_is_better: bool) -> MetricRow:
-    if not b_s or not a_s:
+def _row_judged(metric: str, unit: str, c: Comparison | None, b, a) -> MetricRow:
+    if c is None:
         return _row_plain(metric, unit, b, a)
-    c = compare_samples(b_s, a_s, metric=metric, higher_is_better=higher_is_better)
-    if len(b_s) > 1 or len(a_s) > 1:
+    if c.n_before > 1 or c.n_after > 1:
         # Judged on the repeats: show their means, so the change and the verdict agree.
-        metric = f"{metric}, mean of {len(b_s)}/{len(a_s)} repeats"
-        b, a = c.before, c.after
+        metric = f"{metric}, mean of {c.n_before}/{c.n_after} repeats"
+    # The comparison's means: with one repeat a side they are that repeat.
+    b, a = c.before, c.after
     return MetricRow(metric, unit, _none(b), _none(a), _ratio(b, a), c.verdict(),
                      better=True if c.better else False if c.worse else None)
+
+
+def _judge(metric: str, b_s: list[float], a_s: list[float], b, a, higher_is_better: bool) -> Comparison | None:
+    """One comparison of the repeats (a lone value where a side kept none); None without values."""
+    bs = [x for x in (b_s or [b]) if not _nan(x)]
+    as_ = [x for x in (a_s or [a]) if not _nan(x)]
+    if not bs or not as_:
+        return None
+    return compare_samples(bs, as_, metric=metric, higher_is_better=higher_is_better)
+
+
+def throughput_comparison(before: Side, after: Side) -> Comparison | None:
+    """After against before request throughput: the one comparison both the table row and
+    the throughput_ratio criterion are judged from."""
+    bs, as_ = before.result, after.result
+    if not (before.is_replay and bs and as_):
+        return None
+    return _judge("throughput", bs.repeats_rps, as_.repeats_rps, bs.throughput_rps, as_.throughput_rps, True)
 
 
 def _max_rank(ranks: list[RankResult], f) -> float | None:
@@ -212,15 +220,18 @@ def _max_rank(ranks: list[RankResult], f) -> float | None:
     return None if math.isnan(v) else v
 
 
-def metrics(before: Side, after: Side) -> list[MetricRow]:
+def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> list[MetricRow]:
+    """The before/after table; `throughput`: the comparison the criterion uses (computed when None)."""
     rows: list[MetricRow] = []
     bs, as_ = before.result, after.result
     if before.is_replay and bs and as_:
-        rows.append(_row_judged("throughput", "req/s", bs.repeats_rps, as_.repeats_rps, bs.throughput_rps,
-                                as_.throughput_rps, True))
+        thr = throughput if throughput is not None else throughput_comparison(before, after)
+        rows.append(_row_judged("throughput", "req/s", thr, bs.throughput_rps, as_.throughput_rps))
         rows.append(_row_plain("p50 latency", "ms", bs.latency_ms.get("p50"), as_.latency_ms.get("p50")))
-        rows.append(_row_judged("p99 latency", "ms", bs.repeats_p99_ms, as_.repeats_p99_ms, bs.latency_ms.get("p99"),
-                                as_.latency_ms.get("p99"), False))
+        p99_b, p99_a = bs.latency_ms.get("p99"), as_.latency_ms.get("p99")
+        rows.append(_row_judged("p99 latency", "ms",
+                                _judge("p99 latency", bs.repeats_p99_ms, as_.repeats_p99_ms, p99_b, p99_a, False),
+                                p99_b, p99_a))
     rows.append(_row_plain("scheduler CPU, busiest rank", "%", _max_rank(before.ranks, B.cpu_pct),
                            _max_rank(after.ranks, B.cpu_pct)))
     for r in sorted({r.rank for r in before.ranks} | {r.rank for r in after.ranks}):
@@ -266,18 +277,18 @@ def phase_rows(before: Side, after: Side) -> tuple[list[dict[str, Any]], str]:
 
 # --- criteria ----------------------------------------------------------------------
 
-def evaluate(criteria: list[Criterion], before: Side, after: Side) -> list[CriterionResult]:
-    out = []
-    for c in criteria:
-        out.append(_evaluate_one(c, before, after))
-    return out
+def evaluate(criteria: list[Criterion], before: Side, after: Side,
+             throughput: Comparison | None = None) -> list[CriterionResult]:
+    """`throughput`: the comparison the table's throughput row shows (computed when None)."""
+    thr = throughput if throughput is not None else throughput_comparison(before, after)
+    return [_evaluate_one(c, before, after, thr) for c in criteria]
 
 
 def _cmp(c: Criterion, v: float) -> bool:
     return v <= c.value if c.field == "max" else v >= c.value
 
 
-def _evaluate_one(c: Criterion, before: Side, after: Side) -> CriterionResult:
+def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | None) -> CriterionResult:
     res = CriterionResult(c.key, c.description, c.threshold(), "n/a", NA)
     ranks = after.ranks
     if c.key == "scheduler_cpu_pct":
@@ -307,25 +318,25 @@ def _evaluate_one(c: Criterion, before: Side, after: Side) -> CriterionResult:
         else:
             res.note = "no latency in a live profile (replay for latency)"
     elif c.key == "throughput_ratio":
-        b, a = before.result, after.result
-        if before.is_replay and b is not None and a is not None and b.throughput_rps:
-            bs, as_ = b.repeats_rps or [b.throughput_rps], a.repeats_rps or [a.throughput_rps]
-            mb, ma = sum(bs) / len(bs), sum(as_) / len(as_)
-            ratio = ma / mb
-            means = "; means of the repeats" if len(bs) > 1 or len(as_) > 1 else ""
-            res.measured = f"{ratio:.2f}x ({ma:.2f} / {mb:.2f} req/s{means})"
+        b = before.result
+        if thr is not None and b is not None and thr.before and not _nan(thr.before):
+            # Pass only when the mean ratio meets the target. The comparison (the table's
+            # throughput row) only says how sure a shortfall is; less evidence never passes.
+            ratio = thr.ratio
+            means = "; means of the repeats" if thr.n_before > 1 or thr.n_after > 1 else ""
+            res.measured = f"{ratio:.2f}x ({thr.after:.2f} / {thr.before:.2f} req/s{means})"
             if _cmp(c, ratio):
                 res.status = PASS
             else:
-                # Short of the target: a fail unless the shortfall is inside the noise.
-                target = [x * c.value for x in (b.repeats_rps or [b.throughput_rps])]
-                cm = compare_samples(target, a.repeats_rps or [a.throughput_rps])
-                if cm.status != NOT_JUDGED and not cm.significant:
-                    res.status, res.note = PASS, f"short of {c.value:g}x but inside the noise (p={cm.p_value:.2f})"
+                res.status = FAIL
+                if thr.status == NOT_JUDGED:
+                    res.note = (f"inconclusive: short of {c.value:g}x with one repeat, the noise is unknown "
+                                "(replay with --repeat 3 or more)")
+                elif _shortfall_significant(thr, c.value):
+                    res.note = f"significantly below {c.value:g}x (95% CI of the change: {_ci(thr)})"
                 else:
-                    res.status = FAIL
-                    res.note = ("one repeat: the noise is unknown (replay with --repeat 3)" if cm.status == NOT_JUDGED
-                                else f"significantly below (p={cm.p_value:.3f})")
+                    res.note = (f"inconclusive: short of {c.value:g}x but inside the noise (95% CI of the change: "
+                                f"{_ci(thr)}); replay with more --repeat (5 or more) to decide")
         else:
             res.note = "no throughput in a live profile (replay for throughput)"
     elif c.key == "ranks_agree":
@@ -338,12 +349,26 @@ def _evaluate_one(c: Criterion, before: Side, after: Side) -> CriterionResult:
     return res
 
 
+def _shortfall_significant(thr: Comparison, target: float) -> bool:
+    """Is after significantly below target x before? The 95% CI of (after - before), from the
+    same Welch comparison as the table, lies wholly below (target - 1) x the before mean."""
+    if thr.ci95 is None:
+        return False
+    return thr.ci95[1] < (target - 1.0) * thr.before
+
+
+def _ci(thr: Comparison) -> str:
+    lo, hi = thr.ci95 or (math.nan, math.nan)
+    return f"{lo:+.2f} to {hi:+.2f} req/s"
+
+
 def build_report(before: Run, after: Run, criteria: list[Criterion], *, before_path: str = "before",
                  after_path: str = "after", before_strategy: str | None = None,
                  after_strategy: str | None = None) -> Report:
     b, a = choose(before, after, before_path, after_path, before_strategy, after_strategy)
     phases, unit = phase_rows(b, a)
-    rep = Report(b, a, metrics(b, a), phases, unit, evaluate(criteria, b, a))
+    thr = throughput_comparison(b, a)   # one comparison for the table row and the criterion
+    rep = Report(b, a, metrics(b, a, thr), phases, unit, evaluate(criteria, b, a, thr))
     if b.is_replay:
         for s in (b, a):
             if s.result and len(s.result.repeats_rps) < 2:

@@ -5,10 +5,16 @@
     replay the patched install the same way                                      -> after Run
     compare against the acceptance criteria    (mmdiag.analysis.report)         -> report file
 
+Before the (minutes-long) first replay, the strategy is checked: an install that already
+carries an mmdiag patch is refused (the "before" replay would measure patched code
+labelled installed), and so is a strategy with nothing to change on this release (a dry
+run of the patch plan, e.g. `revert` where the broadcast is behind a flag).
+
 If the after replay fails (the patched code crashes or hangs a rank), the patch is
-undone before the error is raised: a verify never leaves a broken install behind.
-A patch that runs but fails acceptance stays applied; the report says so and
-`mmdiag apply --undo` restores the original bytes.
+undone before the error is raised: a verify never leaves a broken install behind; if
+that undo fails too, the error says the patch is still applied. A patch that runs but
+fails acceptance stays applied; the report says so and `mmdiag apply --undo` restores
+the original bytes.
 """
 from __future__ import annotations
 
@@ -33,19 +39,27 @@ class VerifyResult:
     after_json: str | None = None
 
 
-def render_to(report: Report, out: str) -> None:
-    """Write the report by the file's extension (.html or .md), atomically."""
+HTML_EXT, MD_EXT = (".html", ".htm"), (".md", ".markdown")
+
+
+def check_report_output(out: str) -> None:
+    """The report can be written to `out`: a known extension (.html or .md), a writable folder."""
     ext = os.path.splitext(out)[1].lower()
-    if ext in (".html", ".htm"):
-        from ..render.report_html import render_html
-        text = render_html(report)
-    elif ext in (".md", ".markdown"):
-        from ..render.report_md import render_markdown
-        text = render_markdown(report)
-    else:
+    if ext not in HTML_EXT + MD_EXT:
         raise MmdiagError(f"unknown report format {ext or '(no extension)'!r}", where=out,
                           fix="name the output report.html or report.md")
     check_writable(out)
+
+
+def render_to(report: Report, out: str) -> None:
+    """Write the report by the file's extension (.html or .md), atomically."""
+    check_report_output(out)
+    if os.path.splitext(out)[1].lower() in HTML_EXT:
+        from ..render.report_html import render_html
+        text = render_html(report)
+    else:
+        from ..render.report_md import render_markdown
+        text = render_markdown(report)
     try:
         write_text_atomic(out, text)
     except OSError as e:
@@ -53,6 +67,7 @@ def render_to(report: Report, out: str) -> None:
 
 
 def check_writable(path: str) -> None:
+    """An output file can be created at `path` (the one such check in mmdiag.analysis)."""
     d = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise MmdiagError("is a directory", where=path, fix="give a file name such as report.html")
@@ -60,6 +75,31 @@ def check_writable(path: str) -> None:
         raise MmdiagError("directory does not exist", where=path)
     if not os.access(d, os.W_OK):
         raise MmdiagError("directory is not writable", where=path)
+
+
+def check_applicable(inst: Any, strategy: str) -> None:
+    """Refuse, before any replay, a verify that cannot mean anything: the install already
+    carries an mmdiag patch (the "before" replay would measure patched code labelled
+    installed), or `strategy` has nothing to change on it. Uses the patcher's own detection
+    and plan (a dry run: nothing is written); its errors (unknown layout, ...) propagate."""
+    from ..sglang.apply import apply as apply_patch
+    from ..sglang.detect import detect
+
+    det = detect(inst)
+    if det.patched or det.manifest or det.patch_markers:
+        raise MmdiagError(
+            f"mmdiag strategy `{det.patched or '?'}` is already applied to this install: the \"before\" replay "
+            "would measure patched code as the installed one", where=str(inst.package_dir),
+            fix="nothing was replayed or changed; run `mmdiag apply --undo` first, then verify again")
+    dry = apply_patch(inst, strategy, dry_run=True)
+    if dry.status == "nothing-to-do":
+        why = "; ".join(dry.notes) or "the patch plan changes nothing"
+        raise MmdiagError(f"`{strategy}` has nothing to change on this install ({why}): there is no after to "
+                          "compare", where=str(inst.package_dir),
+                          fix="nothing was replayed or changed; pick another strategy (mmdiag recommend)")
+    if dry.status != "dry-run":
+        raise MmdiagError(f"`mmdiag apply {strategy}` cannot be applied here ({dry.status})",
+                          where=str(inst.package_dir))
 
 
 def verify(install_path: str | None, strategy: str, trace: str, tp: int,
@@ -80,11 +120,10 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
 
     crit = criteria if isinstance(criteria, list) else load_criteria(criteria)
     if out:
-        check_writable(out)
-        if os.path.splitext(out)[1].lower() not in (".html", ".htm", ".md", ".markdown"):
-            raise MmdiagError("unknown report format", where=out, fix="name the output report.html or report.md")
+        check_report_output(out)
     inst = locate(install_path)
     path = str(inst.package_dir)
+    check_applicable(inst, strategy)        # before the minutes-long replays, not after the first
 
     def run_installed() -> Run:
         opts = ReplayOptions(tp=tp, strategies=[], repeat=repeat, timeout=timeout, impl="sglang",
@@ -93,16 +132,23 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
 
     before = run_installed()
     applied = apply_patch(inst, strategy, confirm=confirm or (lambda diff: True))
-    if applied.status not in ("applied", "already-applied"):
-        raise MmdiagError(f"`mmdiag apply {strategy}` did not apply ({applied.status})", where=path)
+    if applied.status != "applied":
+        why = "; ".join(applied.notes)
+        raise MmdiagError(f"`mmdiag apply {strategy}` did not apply ({applied.status}{': ' + why if why else ''})",
+                          where=path)
     try:
         after = run_installed()
-    except BaseException:
-        if applied.status == "applied":
-            try:
-                undo_patch(inst, confirm=lambda diff: True)
-            except MmdiagError:
-                pass
+    except BaseException as e:
+        try:
+            undo_patch(inst, confirm=lambda diff: True)
+        except BaseException as u:  # noqa: BLE001 - whatever it was, the user must learn the patch stayed
+            first = e.one_line() if isinstance(e, MmdiagError) else (f"{type(e).__name__}: {e}" if str(e)
+                                                                    else type(e).__name__)
+            second = u.one_line() if isinstance(u, MmdiagError) else f"{type(u).__name__}: {u}"
+            raise MmdiagError(
+                f"the replay after `mmdiag apply {strategy}` failed ({first}), and undoing the patch failed too "
+                f"({second}): `{strategy}` is STILL APPLIED to this install", where=path,
+                fix=f"run `mmdiag apply --undo --sglang {path}` (or reinstall SGLang)") from e
         raise
     report = build_report(before, after, crit, before_path=f"{path} (installed)",
                           after_path=f"{path} (after mmdiag apply {strategy})")

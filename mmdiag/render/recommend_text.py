@@ -14,7 +14,7 @@ def _f(x, nd=2) -> str:
 
 def render_recommendation(rec: Recommendation) -> str:
     if rec.recommended is None:
-        head = "recommended: cannot decide from these measurements"
+        head = "recommended: cannot decide from these measurements (keep the current path)"
     elif rec.recommended == NONE:
         head = "recommended: none (leave the multimodal path as it is)"
     else:
@@ -28,9 +28,11 @@ def render_recommendation(rec: Recommendation) -> str:
             mark = "*" if rec.chosen is not None and o is rec.chosen else ""
             rows.append([mark + o.name, _f(o.expected_rps), f"{o.vs_baseline:.2f}x" if o.vs_baseline else "-",
                          _f(o.max_cpu_pct, 0), _f(o.p99_ms, 0), _f(o.noise_pct, 1), o.repeats,
-                         o.verdict or ("(recommended)" if mark else "-"), o.note])
+                         o.verdict or ("(recommended)" if mark else "(baseline)" if o.name == rec.baseline
+                                       else "-"), o.note])
         out += ["", tabulate(rows, headers=["strategy", "expected req/s", f"vs {rec.baseline}", "max CPU %",
-                                            "p99 ms", "noise %", "repeats", "vs recommended", "note"],
+                                            "p99 ms", "noise %", "repeats",
+                                            "vs recommended" if rec.chosen else f"significance vs {rec.baseline}", "note"],
                              tablefmt="simple", disable_numparse=True)]
     if rec.measure_next:
         out += ["", "to decide better, measure next:"] + [f"  - {m}" for m in rec.measure_next]
