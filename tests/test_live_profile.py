@@ -282,6 +282,49 @@ def test_target_exits_mid_profile(tmp_path):
     assert "rank 0" in res.stdout and not _pyspy_left([fake.pid])
 
 
+def test_missing_gil_recording_and_start_skew(monkeypatch):
+    """Real py-spy on a stand-in rank whose --gil recording never reaches its file:
+    GIL figures are not measured (None, with a note), not 0%; the recorders' start
+    times are kept in config.live."""
+    import dataclasses
+    import importlib
+
+    P = importlib.import_module("mmdiag.live.profile")  # the module; mmdiag.live.profile is the function
+
+    real = P.start_recorder
+
+    def gil_elsewhere(spy, pid, out, rate, max_s, gil, log_dir=None):
+        if not gil:
+            return real(spy, pid, out, rate, max_s, gil, log_dir)
+        rec = real(spy, pid, out + ".elsewhere", rate, max_s, gil, log_dir)
+        return dataclasses.replace(rec, out=out)  # where profile() looks: never written
+
+    monkeypatch.setattr(P, "start_recorder", gil_elsewhere)
+    fake = _fake_rank("mmdiag::scheduler_TP0", 20)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:  # the title is in argv before setproctitle has run
+            try:
+                discover(fake.pid)
+                break
+            except Exception:
+                time.sleep(0.05)
+        run = profile(fake.pid, duration=2, rate=50)
+    finally:
+        fake.kill()
+        fake.wait()
+    (r,) = run.ranks
+    assert r.samples > 50 and r.gil_held_pct is None and r.gil_wait_pct is None
+    assert any("no GIL recording for rank(s) 0" in f for f in run.findings), run.findings
+    live = run.config["live"]
+    assert live["gil_missing"] == [0]
+    skew = live["recorder_start_skew"]
+    assert [(x["rank"], x["recorder"]) for x in skew["recorders"]] == [(0, "idle"), (0, "gil")]
+    assert all(x["sampling_s"] is not None and x["sampling_s"] >= x["spawned_s"] >= 0 for x in skew["recorders"])
+    assert skew["max_s"] is not None and skew["max_s"] >= 0
+    assert not _pyspy_left([fake.pid])
+
+
 def test_ptrace_refused_says_why():
     """mmdiag as an unprivileged user against a root-owned rank: the kernel refuses ptrace."""
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"):

@@ -39,18 +39,120 @@ def test_materialization_idle_forward_other(rules):
     assert rules.phase_of(S("handle_generate_request", "MultimodalInputs.from_dict",
                             "MultimodalDataItem.set_pad_value", "hash_feature", "tensor_hash", "data_hash")) == "from_dict"
     assert rules.phase_of(S("_process_and_broadcast_mm_inputs", "MultimodalInputs.from_dict")) == "from_dict"
-    assert rules.phase_of(S("Scheduler.from_processor_output")) == "from_dict"
+    assert rules.phase_of(S("MultimodalInputs.from_processor_output")) == "from_dict"
     assert rules.phase_of(S("event_loop", "recv_requests", "_wait_for_arrivals")) == "idle"
     assert rules.phase_of(S("event_loop", "run_forward_step", "all_reduce")) == "forward"
     assert rules.phase_of(S("event_loop", "hold")) == "other"
     assert rules.phase_of(()) == "other"
 
 
+def F(name, file):
+    return Frame(name, file, 1)
+
+
+def test_materialization_only_sglang_and_replay_functions(rules):
+    sb = "sglang/srt/managers/schedule_batch.py"
+    mu = "/usr/lib/python3.11/site-packages/sglang/srt/managers/mm_utils.py"
+    assert rules.phase_of((F("handle_generate_request", "scheduler.py"), F("from_dict", sb))) == "from_dict"
+    assert rules.phase_of((F("from_dict", sb), F("set_pad_value", sb), F("hash_feature", mu),
+                           F("data_hash", mu))) == "from_dict"
+    assert rules.phase_of((F("run", "w.py"), F("from_dict", "/work/main/mmdiag/replay/mm.py"))) == "from_dict"
+    assert rules.phase_of((F("run", "w.py"), F("MultimodalInputs.from_dict", "elsewhere.py"))) == "from_dict"
+    # Someone else's from_dict / data_hash (a config loader, a cache key) is not materialization.
+    assert rules.phase_of((F("load", "app.py"), F("from_dict", "transformers/configuration_utils.py"))) == "other"
+    assert rules.phase_of((F("load", "app.py"), F("Config.from_dict", "app/config.py"))) == "other"
+    assert rules.phase_of((F("key", "app.py"), F("data_hash", "app/cache.py"))) == "other"
+
+
 def test_strategy_detection(rules):
-    assert rules.strategy_of({"event_loop", "_process_and_broadcast_mm_inputs", "from_dict"}) == "commit"
-    assert rules.strategy_of({"event_loop", "from_dict"}) == "revert"
+    bol = "broadcast_object_list"
+    assert rules.strategy_of({"event_loop", "_process_and_broadcast_mm_inputs", "from_dict", bol}) == "commit"
+    # The name alone (a reverted / precompute-patched server keeps it) is not the 17a57fd broadcast.
+    assert rules.strategy_of({"event_loop", "_process_and_broadcast_mm_inputs", "from_dict",
+                              "phase:from_dict"}) == "revert"
+    assert rules.strategy_of({"event_loop", "from_dict", "phase:from_dict"}) == "revert"
+    assert rules.strategy_of({"event_loop", "from_dict"}) == "unknown"  # not SGLang's from_dict
     assert rules.strategy_of({"_async_broadcast_worker", "_process_and_broadcast_mm_inputs"}) == "async"
+    assert rules.strategy_of({"_broadcast_raw_mm_inputs", bol}) == "dict"
+    assert rules.strategy_of({"_batch_process_mm_inputs", bol}) == "batch"
     assert rules.strategy_of({"event_loop"}) == "unknown"
+
+
+def _patched_rank(rank, title, *stacks):
+    from mmdiag.live.attribute import RankSamples
+    from mmdiag.live.pyspy import ThreadSamples
+    t = ThreadSamples(100 + rank, "MainThread")
+    for st in stacks:
+        t.stacks[S(*st)] += 10
+    return RankSamples(rank, 100 + rank, title, {t.tid: t})
+
+
+def _detect(rules, *ranks):
+    from mmdiag.live.attribute import attribute, detect_strategy
+    return detect_strategy([attribute(r, rules) for r in ranks], rules)
+
+
+def test_strategy_of_servers_patched_by_mmdiag(rules):
+    """The names mmdiag's SGLang patches leave on the stacks (mmdiag/sglang/patches/)."""
+    pb, bol = "_process_and_broadcast_mm_inputs", "broadcast_object_list"
+    sched = ("event_loop_normal", "process_input_requests", "handle_generate_request")
+    # 17a57fd as released: entry rank materializes and broadcasts, the others wait in the broadcast.
+    commit = [_patched_rank(0, "sglang::scheduler_TP0", sched + (pb, "MultimodalInputs.from_dict"),
+                            sched + (pb, bol)),
+              _patched_rank(1, "sglang::scheduler_TP1", sched + (pb, bol, "broadcast"))]
+    assert _detect(rules, *commit) == "commit"
+    # dict patch: the same method name, but every rank runs from_dict under it after the broadcast.
+    dict_ = [_patched_rank(0, "sglang::scheduler_TP0", sched + (pb, bol)),
+             _patched_rank(1, "sglang::scheduler_TP1", sched + (pb, bol, "broadcast"),
+                           sched + (pb, "MultimodalInputs.from_dict"))]
+    assert _detect(rules, *dict_) == "dict"
+    # batch patch: one broadcast per call in _mmdiag_batch_prepare.
+    batch = [_patched_rank(r, f"sglang::scheduler_TP{r}",
+                           ("event_loop_normal", "process_input_requests", "_mmdiag_batch_prepare", bol),
+                           sched + (pb, "MultimodalInputs.from_dict")) for r in (0, 1)]
+    assert _detect(rules, *batch) == "batch"
+    # revert / precompute patches: the method keeps its name but enters no collective.
+    revert = [_patched_rank(r, f"sglang::scheduler_TP{r}", sched + (pb, "MultimodalInputs.from_dict"))
+              for r in (0, 1)]
+    assert _detect(rules, *revert) == "revert"
+    # With DP, each DP group's TP0 is an entry rank: its from_dict does not make it `dict`.
+    dp = [_patched_rank(2, "sglang::scheduler_DP1_TP0", sched + (pb, "MultimodalInputs.from_dict"),
+                        sched + (pb, bol)),
+          _patched_rank(3, "sglang::scheduler_DP1_TP1", sched + (pb, bol, "broadcast"))]
+    assert _detect(rules, *dp) == "commit"
+
+
+def test_missing_gil_recording_is_not_zero(rules):
+    from mmdiag.live.profile import build_run
+    rs = _patched_rank(0, "rank0.raw", ("event_loop", "run_forward_step"))
+    run = build_run([rs], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
+    assert run.ranks[0].gil_held_pct is None and run.ranks[0].gil_wait_pct is None
+    rs.gil_threads = {}  # a --gil recording with no sample holding the GIL: measured 0
+    run = build_run([rs], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
+    assert run.ranks[0].gil_held_pct == 0.0
+
+
+def test_cli_json_write_failure_is_one_line(tmp_path, monkeypatch):
+    import errno as _errno
+
+    from click.testing import CliRunner
+
+    from mmdiag.live.commands import profile_command
+    from mmdiag.run import Run
+
+    f = tmp_path / "rank0.raw"
+    f.write_text("thread (1): MainThread;main (x.py:1);run_forward_step (x.py:2) 30\n")
+
+    def full(self, path):
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Run, "save", full)
+    r = CliRunner().invoke(profile_command, ["--from-raw", str(f), "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("mmdiag: error: ")]
+    assert errors == [f"mmdiag: error: --json {tmp_path / 'p.json'}: cannot write the Run (No space left on device); "
+                      "the profile is shown above; free space or choose another path"], r.output
 
 
 def test_bad_rules_file():
@@ -81,3 +183,16 @@ def test_explain_ptrace():
     assert "ptrace_scope is 1" in scope and "sysctl kernel.yama.ptrace_scope=0" in scope
     box = explain_ptrace(1, ptrace_scope=None, my_uid=0, target_uid=0, cap=False, container=True)
     assert "CAP_SYS_PTRACE" in box and "--cap-add SYS_PTRACE" in box
+
+
+def test_non_entry_wait_behind_idle_entry_is_idle(rules):
+    from mmdiag.live.profile import build_run
+    r0 = _patched_rank(0, "mmdiag::scheduler_TP0", ("event_loop", "recv_requests", "_wait_for_arrivals"),
+                       ("event_loop", "run_forward_step"))
+    r1 = _patched_rank(1, "mmdiag::scheduler_TP1", ("event_loop", "recv_requests", "broadcast_pyobj"),
+                       ("event_loop", "run_forward_step"))
+    run = build_run([r0, r1], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
+    a, b = run.ranks
+    assert a.phases_pct["idle"] == 50.0 and a.phases_pct["recv"] == 0.0
+    assert b.phases_pct["idle"] == 50.0 and b.phases_pct["recv"] == 0.0
+    assert any("counted as idle, not recv" in f for f in run.findings)

@@ -180,26 +180,132 @@ def test_undo_after_edit_refused_with_difference(tmp_path):
         A.apply(locate(str(pkg)), "batch")
 
 
-def test_interrupted_write_leaves_original(tmp_path, monkeypatch):
-    pkg = site_packages("0.5.5", tmp_path)  # precompute writes two files
-    before = tree_bytes(pkg)
+def _fail_replace(monkeypatch, targets, exc, calls):
+    """os.replace raising `exc` when the destination is exactly one of `targets`
+    (a list: each entry is consumed by one failure, so a path may fail twice)."""
     real = os.replace
-    calls = []
+    pending = [str(t) for t in targets]
 
     def flaky(src, dst):
-        calls.append(dst)
-        if str(dst).endswith("scheduler.py"):  # the second target: the first was already replaced
-            raise KeyboardInterrupt
+        calls.append(str(dst))
+        if str(dst) in pending:
+            pending.remove(str(dst))
+            raise exc
         return real(src, dst)
 
     monkeypatch.setattr(A.os, "replace", flaky)
+    return real
+
+
+def test_interrupted_write_restores_first_target(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)  # precompute writes two files: tokenizer_manager, then scheduler
+    before = tree_bytes(pkg)
+    first, second = pkg / FILES["tokenizer_manager"], pkg / FILES["scheduler"]
+    calls = []
+    real = _fail_replace(monkeypatch, [second], KeyboardInterrupt(), calls)
     with pytest.raises(KeyboardInterrupt):
         A.apply(locate(str(pkg)), "precompute")
     monkeypatch.setattr(A.os, "replace", real)
+    # The first target was replaced, then put back; the second was the one interrupted.
+    assert calls.count(str(first)) == 2 and calls.count(str(second)) == 1
+    assert calls.index(str(first)) < calls.index(str(second))
+    assert any(".mmdiag" in c for c in calls)  # the backups were written first
     assert tree_bytes(pkg) == before
     assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not (pkg / ".mmdiag" / A.BACKUP_DIR).exists()
     assert not list(pkg.rglob(".mmdiag-*"))  # no temp files left behind
     assert detect(locate(str(pkg))).patched is None
+
+
+def test_second_target_write_fails_names_it_and_restores_first(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    second = pkg / FILES["scheduler"]
+    calls = []
+    _fail_replace(monkeypatch, [second], OSError(errno.ENOSPC, "No space left on device"), calls)
+    r = run("precompute", "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and "\nmmdiag: error: " in r.output  # after the diff
+    assert f"{second}: no space left while writing the patched file" in r.output, r.output
+    assert "original files are intact" in r.output
+    assert tree_bytes(pkg) == before
+    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+
+
+def test_failed_restore_keeps_manifest_and_backups(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    first, second = pkg / FILES["tokenizer_manager"], pkg / FILES["scheduler"]
+    calls = []
+    # The second target's write fails, then putting the first back fails too.
+    real = _fail_replace(monkeypatch, [second], OSError(errno.EIO, "Input/output error"), calls)
+    inner = A.os.replace
+
+    def and_restore_fails(src, dst):
+        if str(dst) == str(first) and calls.count(str(first)) == 1 and str(second) in calls:
+            calls.append(str(dst))
+            raise OSError(errno.EIO, "Input/output error")
+        return inner(src, dst)
+
+    monkeypatch.setattr(A.os, "replace", and_restore_fails)
+    with pytest.raises(A.SGLangError) as ei:
+        A.apply(locate(str(pkg)), "precompute")
+    monkeypatch.setattr(A.os, "replace", real)
+    msg = ei.value.one_line()
+    assert "restoring srt/managers/tokenizer_manager.py failed too" in msg and "mmdiag apply --undo" in msg
+    assert "intact" not in msg
+    # Partly patched: the first target holds the patch, and the way back is kept.
+    assert tree_bytes(pkg)[FILES["tokenizer_manager"]] != before[FILES["tokenizer_manager"]]
+    assert tree_bytes(pkg)[FILES["scheduler"]] == before[FILES["scheduler"]]
+    assert (pkg / ".mmdiag" / "manifest.json").exists()
+    assert (pkg / ".mmdiag" / A.BACKUP_DIR / FILES["tokenizer_manager"]).exists()
+    u = run("--undo", "--sglang", pkg, "--yes")
+    assert u.exit_code == 0, u.output
+    assert tree_bytes(pkg) == before
+    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+
+
+def test_interrupted_backup_leaves_no_state(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    inst = locate(str(pkg))
+    calls = []
+    # The second backup file (the patched copy of the first target) is interrupted.
+    b = A._backup_path(inst, FILES["tokenizer_manager"])
+    _fail_replace(monkeypatch, [b.with_name(b.name + ".patched")], KeyboardInterrupt(), calls)
+    with pytest.raises(KeyboardInterrupt):
+        A.apply(inst, "precompute")
+    assert str(b) in calls  # one backup had been written
+    assert tree_bytes(pkg) == before
+    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not (pkg / ".mmdiag" / A.BACKUP_DIR).exists()
+
+
+def test_change_after_plan_refused(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    sched = pkg / FILES["scheduler"]
+
+    def edit_while_confirming(diff):
+        sched.write_text(sched.read_text() + "\n# edited by someone else\n")
+        return True
+
+    with pytest.raises(ChangedSinceApply, match="changed since the diff was planned"):
+        A.apply(locate(str(pkg)), "dict", confirm=edit_while_confirming)
+    edited = tree_bytes(pkg)
+    assert edited[FILES["scheduler"]].endswith(b"# edited by someone else\n")
+    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+
+
+def test_crlf_file_applies_and_undo_restores_bytes(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    sched = pkg / FILES["scheduler"]
+    sched.write_bytes(sched.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    before = tree_bytes(pkg)
+    r = run("dict", "--sglang", pkg, "--yes")
+    assert r.exit_code == 0, r.output
+    assert detect(locate(str(pkg))).patched == "dict"
+    u = run("--undo", "--sglang", pkg, "--yes")
+    assert u.exit_code == 0, u.output
+    assert tree_bytes(pkg) == before
 
 
 def test_disk_full_leaves_original(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ Definitions (what the numbers in a profile mean):
   the process holds it and the main thread neither holds it nor is idle, so
   min(other threads' GIL share, 100 - gil_held_pct - idle_pct). An upper bound;
   0 for a single-threaded rank.
+- a non-entry rank's wait in the receive broadcast while its entry rank is idle
+  is `idle` (move_entry_idle), as the replay's timers count it.
 - phase_gil_pct: per phase, the share of its samples that held the GIL (e.g.
   sha256 hashing in from_dict releases it, pickling holds it).
 """
@@ -21,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..vocab import PHASES
+from .discover import parse_title
 from .pyspy import ThreadSamples, main_thread
 from .rules import RuleSet
 
@@ -62,15 +65,39 @@ def _phase_counts(t: ThreadSamples | None, rules: RuleSet) -> Counter:
     return c
 
 
+def _is_entry_rank(rs: RankSamples) -> bool:
+    """TP0 of its group (from the title, e.g. sglang::scheduler_DP1_TP0), else rank 0."""
+    parts = parse_title(rs.title) if rs.title else None
+    if parts is not None:
+        return parts.get("TP", 0) == 0
+    return rs.rank == 0
+
+
+def _strategy_tokens(rs: RankSamples, rules: RuleSet) -> set[str]:
+    """What RuleSet.strategy_of reads (see [strategy] in rules.toml): the short names
+    seen on any thread, `phase:NAME` for each phase seen, and `outer>inner` for the
+    stack markers seen on a rank that is not its group's entry rank."""
+    tokens: set[str] = set()
+    pairs = rules.stack_markers
+    entry = _is_entry_rank(rs)
+    for t in rs.threads.values():
+        for stack in t.stacks:
+            names = [f.short for f in stack]
+            tokens.update(names)
+            tokens.add("phase:" + rules.phase_of(stack))
+            if not entry:
+                for outer, inner in pairs:
+                    if outer in names and inner in names[names.index(outer) + 1:]:
+                        tokens.add(f"{outer}>{inner}")
+    return tokens
+
+
 def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
     main = main_thread(rs.threads, rs.pid)
     counts = _phase_counts(main, rules)
     total = sum(counts.values())
     phases_pct = {p: round(_pct(counts[p], total), 2) for p in PHASES}
-    functions: set[str] = set()
-    for t in rs.threads.values():
-        for stack in t.stacks:
-            functions.update(f.short for f in stack)
+    functions = _strategy_tokens(rs, rules)
     # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
     other_leaf: Counter = Counter()
     if main is not None:
@@ -104,6 +131,38 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                                       for p, n in _phase_counts(t, rules).items() if n}})
     return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, gil_held, gil_wait,
                        phase_gil, others, functions, other_leaf.most_common(5))
+
+
+def _group(title: str | None) -> tuple[int, int]:
+    parts = parse_title(title) if title else None
+    return (parts or {}).get("DP", 0), (parts or {}).get("PP", 0)
+
+
+def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
+    """While a group's entry rank is idle (waiting for arrivals), the other ranks
+    wait for it inside the receive broadcast (broadcast_pyobj). That wait is idle
+    time, not request transport, as the replay's timers count it: move
+    min(entry idle %, rank recv %) from `recv` to `idle` on each non-entry rank.
+    Samples carry no timestamps, so this is the share-level form of the replay's
+    per-iteration min(). Returns a note when anything moved."""
+    entries: dict[tuple[int, int], RankProfile] = {}
+    for p in profiles:
+        if _is_entry_rank(RankSamples(p.rank, p.pid, p.title, {})):
+            entries.setdefault(_group(p.title), p)
+    moved_any = []
+    for p in profiles:
+        e = entries.get(_group(p.title))
+        if e is None or e is p:
+            continue
+        moved = round(min(e.phases_pct["idle"], p.phases_pct["recv"]), 2)
+        if moved > 0:
+            p.phases_pct["recv"] = round(p.phases_pct["recv"] - moved, 2)
+            p.phases_pct["idle"] = round(p.phases_pct["idle"] + moved, 2)
+            moved_any.append(f"rank {p.rank} {moved:.1f}")
+    if not moved_any:
+        return []
+    return ["time the other ranks spent in the receive broadcast while their entry rank was idle is counted "
+            "as idle, not recv (percentage points moved: " + ", ".join(moved_any) + ")"]
 
 
 def detect_strategy(profiles: list[RankProfile], rules: RuleSet) -> str:

@@ -131,7 +131,11 @@ def _profile(pid, duration, rate, json_out, speedscope, raw_dir, from_raw_flag, 
     else:
         click.echo(render_profile(run), nl=False)
         if json_out:
-            run.save(json_out)
+            try:
+                run.save(json_out)
+            except OSError as e:  # full disk, unwritable path, ...: one line, no traceback
+                raise LiveError(f"cannot write the Run ({e.strerror or e})", where=f"--json {json_out}",
+                                fix="the profile is shown above; free space or choose another path") from None
             click.echo(f"\nRun written to {json_out}")
         if speedscope:
             click.echo(f"speedscope written to {speedscope} (open in https://www.speedscope.app)")

@@ -30,7 +30,7 @@ import psutil
 
 from ..run import RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
-from .attribute import RankProfile, RankSamples, attribute, detect_strategy
+from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import Discovery, discover
 from .errors import LiveError, PySpyError, RawParseError
 from .findings import findings
@@ -170,21 +170,33 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     interrupted = False
     try:
         max_s = duration + ATTACH_TIMEOUT_S + 30
+        spawned: dict[int, float] = {}  # id(recorder) -> monotonic time it was spawned
+        t_spawn0 = time.monotonic()
         for r in disc.ranks:
             base = os.path.join(out_dir, f"rank{r.rank}.pid{r.pid}")
             a = start_recorder(spy, r.pid, base + ".raw", rate, max_s, gil=False, log_dir=tmp)
+            spawned[id(a)] = time.monotonic()
             _REGISTRY.add(a.proc.pid)
             g = None
             if gil:
                 g = start_recorder(spy, r.pid, base + ".gil.raw", rate, max_s, gil=True, log_dir=tmp)
+                spawned[id(g)] = time.monotonic()
                 _REGISTRY.add(g.proc.pid)
             recorders.append((r.rank, a, g))
         every = [x for _, a, g in recorders for x in (a, g) if x is not None]
+        sampling: dict[int, float] = {}  # id(recorder) -> when it was first seen sampling (20 ms polls)
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        while not all(x.started or x.proc.poll() is not None for x in every):
-            if time.monotonic() > deadline:
+        while True:
+            now = time.monotonic()
+            for x in every:
+                if id(x) not in sampling and x.started:
+                    sampling[id(x)] = now
+            if all(id(x) in sampling or x.proc.poll() is not None for x in every):
+                break
+            if now > deadline:
                 raise PySpyError(f"py-spy {spy.version} did not start sampling within {ATTACH_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
+        start_skew = _start_skew(recorders, spawned, sampling, t_spawn0)
         failed = [x for x in every if not x.started]
         if failed:
             x = failed[0]
@@ -219,13 +231,19 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
         window = t1 - t0
         samples: list[RankSamples] = []
         exited: list[dict] = []
+        gil_missing: list[int] = []
         by_rank = {r.rank: r for r in disc.ranks}
         for rank, a, g in recorders:
             rp = by_rank[rank]
             if not os.path.exists(a.out):
                 raise classify_failure(a.stderr(), rp.pid, spy)
             threads = read_raw(a.out, spy.version)
-            gthreads = read_raw(g.out, spy.version) if g is not None and os.path.exists(g.out) else ({} if g else None)
+            gthreads = None  # no GIL figures: --no-gil, or the --gil recording is missing
+            if g is not None:
+                if os.path.exists(g.out):
+                    gthreads = read_raw(g.out, spy.version)
+                else:
+                    gil_missing.append(rank)
             samples.append(RankSamples(rank, rp.pid, rp.title, threads, gthreads))
             if a.target_exited or not cpus[rank].alive:
                 n = max((t.samples for t in threads.values()), default=0)
@@ -243,21 +261,50 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
                         fix="check the server is running and rerun")
     if speedscope:
         from .speedscope import write_speedscope
-        write_speedscope(speedscope, samples)
+        try:
+            write_speedscope(speedscope, samples)
+        except OSError as e:
+            raise LiveError(f"cannot write the speedscope file ({e.strerror or e})", where=f"--speedscope {speedscope}",
+                            fix="free space or choose another path") from None
     notes = _ipc_note([r.pid for r in disc.ranks])
     if interrupted:
         notes.append(f"interrupted after {window:.1f} s of the {duration:g} s asked for")
+    if gil_missing:
+        notes.append(f"no GIL recording for rank(s) {', '.join(map(str, gil_missing))} (py-spy --gil wrote no "
+                     "file): their GIL held/wait figures are not measured (shown as -), not 0%")
+    skew = start_skew["max_s"]
+    if skew is not None and window > 0 and skew > max(2.0 / rate, 0.02 * window):
+        notes.append(f"py-spy recorders started up to {skew:.2f} s apart ({100.0 * skew / window:.1f}% of the "
+                     f"{window:.1f} s window): ranks' samples cover slightly different spans")
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
             "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
-            "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted}
+            "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
+            "recorder_start_skew": start_skew, "gil_missing": gil_missing}
     return build_run(samples, ruleset, window, cpus, live, notes, exited)
+
+
+def _start_skew(recorders, spawned: dict[int, float], sampling: dict[int, float], t0: float) -> dict[str, Any]:
+    """When each recorder was spawned and first seen sampling, in seconds after the
+    first spawn (recorders start one after another, so ranks' samples begin at
+    slightly different times), and the largest gap between first samples."""
+    rows = []
+    for rank, a, g in recorders:
+        for kind, x in (("idle", a), ("gil", g)):
+            if x is None:
+                continue
+            s = sampling.get(id(x))
+            rows.append({"rank": rank, "recorder": kind, "spawned_s": round(spawned[id(x)] - t0, 3),
+                         "sampling_s": round(s - t0, 3) if s is not None else None})
+    seen = [r["sampling_s"] for r in rows if r["sampling_s"] is not None]
+    return {"max_s": round(max(seen) - min(seen), 3) if seen else None, "recorders": rows}
 
 
 def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None,
               cpus: dict[int, _Cpu] | None, live: dict[str, Any], notes: list[str],
               exited: list[dict] | None = None) -> Run:
     profiles: list[RankProfile] = [attribute(s, ruleset) for s in sorted(samples, key=lambda s: s.rank)]
+    notes = list(notes) + move_entry_idle(profiles)
     strategy = detect_strategy(profiles, ruleset)
     cpu_pct = {p.rank: (cpus[p.rank].cpu_pct() if cpus else None) for p in profiles}
     ranks: list[RankResult] = []

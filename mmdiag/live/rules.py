@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..vocab import PHASES
@@ -42,6 +42,13 @@ class RuleSet:
     strategy_order: tuple[str, ...]
     strategy_markers: dict[str, frozenset[str]]
     source: str
+    strategy_requires: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def stack_markers(self) -> tuple[tuple[str, str], ...]:
+        """The ("outer", "inner") pairs of the `outer>inner` markers."""
+        pairs = {tuple(m.split(">", 1)) for ms in self.strategy_markers.values() for m in ms if ">" in m}
+        return tuple(sorted(pairs))
 
     def phase_of(self, frames: tuple[Frame, ...]) -> str:
         """`frames` root first. Innermost matching frame wins; no match is `other`."""
@@ -56,9 +63,11 @@ class RuleSet:
         return "other"
 
     def strategy_of(self, functions: set[str]) -> str:
-        """The multimodal path, from the function names (short) seen in the window."""
+        """The multimodal path, from the function names (short) seen in the window,
+        plus the `outer>inner` and `phase:NAME` tokens attribute() adds (see rules.toml)."""
         for name in self.strategy_order:
-            if functions & self.strategy_markers.get(name, frozenset()):
+            if (functions & self.strategy_markers.get(name, frozenset())
+                    and self.strategy_requires.get(name, frozenset()) <= functions):
                 return name
         return "unknown"
 
@@ -85,8 +94,19 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         raise _fail(source, "no [[rule]] tables")
     st = d.get("strategy", {})
     order = tuple(st.get("order", ()))
-    markers = {k: frozenset(v) for k, v in st.items() if k != "order"}
-    return RuleSet(tuple(rules), order, markers, source)
+    markers, requires = {}, {}
+    for k, v in st.items():
+        if k == "order":
+            continue
+        if k == "requires":
+            if not isinstance(v, dict) or not all(isinstance(x, list) for x in v.values()):
+                raise _fail(source, "[strategy.requires] must map a path to a list of names")
+            requires = {n: frozenset(x) for n, x in v.items()}
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _fail(source, f"[strategy] {k}: must be a list of markers")
+        markers[k] = frozenset(v)
+    return RuleSet(tuple(rules), order, markers, source, requires)
 
 
 @lru_cache(maxsize=8)

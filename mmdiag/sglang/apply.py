@@ -17,6 +17,7 @@ import difflib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -185,13 +186,28 @@ def _changed_error(install: SGLangInstall, manifest: dict, states, doing: str) -
 
 # --------------------------------------------------------------------- plan
 
+FILE_KEYS = ("scheduler", "tokenizer_manager")
+
+
+def _decode(data: bytes) -> str:
+    """The text read_text(encoding="utf-8") gives for these bytes (universal newlines)."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
+
+
+def _raw(install: SGLangInstall) -> dict[str, bytes]:
+    return {k: install.path(k).read_bytes() for k in FILE_KEYS if install.path(k).exists()}
+
+
 def _texts(install: SGLangInstall) -> dict[str, str]:
-    return {k: install.path(k).read_text(encoding="utf-8")
-            for k in ("scheduler", "tokenizer_manager") if install.path(k).exists()}
+    return {k: _decode(b) for k, b in _raw(install).items()}
 
 
 def plan(install: SGLangInstall, strategy: str, det: Detection | None = None):
-    """(Plan, Detection, diff text); raises when the strategy cannot be applied."""
+    """(Plan, Detection, diff text); raises when the strategy cannot be applied.
+
+    The Plan records the sha256 of each target's bytes as read here
+    (`planned_sha256`): apply refuses if a target differs under its lock.
+    """
     if strategy not in PATCHABLE_STRATEGIES:
         raise SGLangError(f"unknown strategy {strategy!r}",
                           fix=f"choose one of {', '.join(PATCHABLE_STRATEGIES)}")
@@ -200,7 +216,10 @@ def plan(install: SGLangInstall, strategy: str, det: Detection | None = None):
         raise UnknownLayout(
             f"unknown SGLang layout (version {install.version or 'unknown'}, {install.layout}); "
             + "; ".join(det.notes), where=str(install.package_dir), fix="nothing was changed")
-    p = strategy_module(strategy).build(det, _texts(install))
+    raw = _raw(install)
+    texts = {k: _decode(b) for k, b in raw.items()}
+    p = strategy_module(strategy).build(det, texts)
+    p.planned_sha256 = {k: sha256(raw[k]) for k in p.new_texts}
     diffs = []
     for key, new in p.new_texts.items():
         try:
@@ -208,7 +227,7 @@ def plan(install: SGLangInstall, strategy: str, det: Detection | None = None):
         except SyntaxError as e:  # a bug in mmdiag's patch, never written
             raise SGLangError(f"patched {file_rel(key)} does not compile (line {e.lineno}: {e.msg})",
                               where=str(install.path(key)), fix="nothing was changed; report this") from None
-        diffs.append(unified_diff(install.path(key).read_text(encoding="utf-8"), new, file_rel(key)))
+        diffs.append(unified_diff(texts[key], new, file_rel(key)))
     return p, det, "".join(diffs)
 
 
@@ -251,9 +270,10 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
                                  where=str(install.package_dir), fix="run `mmdiag doctor` to see its state")
         originals = {k: install.path(k).read_bytes() for k in p.new_texts}
         news = {k: p.new_texts[k].encode("utf-8") for k in p.new_texts}
-        for k in p.new_texts:
-            if originals[k].decode("utf-8") != _texts(install)[k]:
-                raise ChangedSinceApply("file changed while planning", where=str(install.path(k)))
+        for k in p.new_texts:  # bytes, not text: a CRLF file is not "changed" by newline translation
+            if sha256(originals[k]) != p.planned_sha256.get(k):
+                raise ChangedSinceApply("file changed since the diff was planned", where=str(install.path(k)),
+                                        fix="nothing was changed; rerun `mmdiag apply` to see the new diff")
         manifest = {
             "schema": MANIFEST_SCHEMA,
             "strategy": strategy,
@@ -273,24 +293,44 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
                 write_bytes_atomic(b, originals[k])
                 write_bytes_atomic(b.with_name(b.name + ".patched"), news[k])
             write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
-        except OSError as e:
+        except BaseException as e:  # Ctrl-C included: no partial backups left behind
             _cleanup_state(install)
-            raise _oserror(e, install.state_dir, "writing the backup") from None
+            if isinstance(e, OSError):
+                raise _oserror(e, install.state_dir, "writing the backup") from None
+            raise
         done: list[str] = []
+        current = None
         try:
             for k in p.new_texts:
+                current = k
                 write_bytes_atomic(install.path(k), news[k])
                 done.append(k)
         except BaseException as e:
+            not_restored = []
             for k in done:  # put back what was already replaced
-                with contextlib.suppress(OSError):
+                try:
                     write_bytes_atomic(install.path(k), originals[k])
+                except OSError:
+                    not_restored.append(k)
+            if not_restored:
+                # Keep the manifest and backups: they are the way back.
+                rels = ", ".join(file_rel(k) for k in not_restored)
+                why = f" ({e.strerror or e})" if isinstance(e, OSError) else f" ({type(e).__name__})"
+                raise SGLangError(
+                    f"writing the patched {file_rel(current)} failed{why}, and restoring {rels} failed too: "
+                    "the install is partly patched", where=str(install.path(not_restored[0])),
+                    fix=f"the backups and manifest are kept in {install.state_dir}; "
+                    "run `mmdiag apply --undo` to restore the original bytes") from None
             _cleanup_state(install)
             if isinstance(e, OSError):
-                raise _oserror(e, install.path(k), "writing the patched file") from None
+                raise _oserror(e, install.path(current), "writing the patched file") from None
             raise
         manifest["status"] = "applied"
-        write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
+        try:
+            write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
+        except OSError as e:
+            raise SGLangError(f"the patch was written but its manifest could not be updated ({e.strerror or e})",
+                              where=str(mpath), fix="`mmdiag apply --undo` still restores the original bytes") from None
     return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath))
 
 

@@ -23,6 +23,8 @@ class Plan:
     variant: str
     new_texts: dict[str, str] = field(default_factory=dict)  # file key -> patched text
     notes: list[str] = field(default_factory=list)
+    # file key -> sha256 of the bytes the plan was built from (apply re-checks them under its lock)
+    planned_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def nothing_to_do(self) -> bool:
