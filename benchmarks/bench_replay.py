@@ -19,7 +19,7 @@ import time
 from tabulate import tabulate
 
 from mmdiag.replay import ReplayOptions, replay
-from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
+from mmdiag.trace import TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import STRATEGIES
 from mmdiag.workloads import load_workload, synth_to_file
 

@@ -268,8 +268,8 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
     rec.runners_up.sort(key=lambda o: -(o.expected_rps or 0))
 
     vs = f" ({ch.vs_baseline:.2f}x `{baseline_name}`)" if ch.vs_baseline and baseline_name != pick else ""
-    cpu = f", busiest rank's scheduler CPU {ch.max_cpu_pct:.0f}%" if ch.max_cpu_pct is not None and not math.isnan(ch.max_cpu_pct) else ""
-    rec.reasons.insert(0, f"`{pick}` is expected at {ch.expected_rps:.2f} req/s{vs}{cpu}, p99 {_f(ch.p99_ms, 0)} ms"
+    cpu_txt = f", busiest rank's scheduler CPU {ch.max_cpu_pct:.0f}%" if ch.max_cpu_pct is not None and not math.isnan(ch.max_cpu_pct) else ""
+    rec.reasons.insert(0, f"`{pick}` is expected at {ch.expected_rps:.2f} req/s{vs}{cpu_txt}, p99 {_f(ch.p99_ms, 0)} ms"
                           + (f"; {ch.note}" if ch.note and pick not in rules["not_a_fix"] else ""))
     rec.reasons.insert(1, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in `{baseline_name}`")
     if pays is not None:

@@ -31,10 +31,10 @@ import psutil
 from ..run import RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
-from .discover import Discovery, discover
+from .discover import discover
 from .errors import LiveError, PySpyError, RawParseError
 from .findings import findings
-from .pyspy import (PySpy, Recorder, check_version, classify_failure, dump, find_pyspy, read_raw,
+from .pyspy import (Recorder, check_version, classify_failure, dump, find_pyspy, read_raw,
                     start_recorder, stop_all)
 from .rules import RuleSet, load_rules
 

@@ -14,7 +14,6 @@ which is how the entry rank runs a closed loop and knows when to stop.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from array import array
 from collections import deque

@@ -16,9 +16,7 @@ requests in that call), dropped by abort_request, and cleared when the call ends
 """
 from __future__ import annotations
 
-from .common import (MARK, Plan, insert_after_method, not_applicable, rename_method,
-                     replace_method, require_layout)
-from .dict import DISPATCH
+from .common import MARK, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
 
 STRATEGY = "batch"
 DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
@@ -123,22 +121,12 @@ def abort_request(self, recv_req: AbortReq):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    plan = Plan(STRATEGY, det.variant)
-    if det.variant == "per-rank":
-        raise not_applicable(STRATEGY, det.variant, "it predates 17a57fd: no entry-rank path to patch")
-    where = str(det.install.path("scheduler"))
-    s = texts["scheduler"]
-    require_layout(s, "Scheduler", "_process_and_broadcast_mm_inputs", where)
-    require_layout(s, "Scheduler", "process_input_requests", where)
-    require_layout(s, "Scheduler", "abort_request", where)  # presence (no fingerprints listed)
-    # Rename first: afterwards the wrappers take the original names.
-    s = rename_method(s, "Scheduler", "process_input_requests", "_mmdiag_orig_process_input_requests", STRATEGY)
-    s = rename_method(s, "Scheduler", "abort_request", "_mmdiag_orig_abort_request", STRATEGY)
-    s = replace_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", METHOD)
-    s = insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", HELPERS)
-    if det.variant == "broadcast-flag":
-        require_layout(s, "Scheduler", "_get_multimodal_inputs", where)
-        s = replace_method(s, "Scheduler", "_get_multimodal_inputs", DISPATCH.format(strategy=STRATEGY))
-        plan.notes.append("active whatever --enable-broadcast-mm-inputs-process says")
-    plan.new_texts["scheduler"] = s
-    return plan
+    def prepare(s: str, where: str) -> str:
+        require_layout(s, "Scheduler", "process_input_requests", where)
+        require_layout(s, "Scheduler", "abort_request", where)  # presence (no fingerprints listed)
+        # Rename first: afterwards the wrappers take the original names.
+        s = rename_method(s, "Scheduler", "process_input_requests", "_mmdiag_orig_process_input_requests", STRATEGY)
+        s = rename_method(s, "Scheduler", "abort_request", "_mmdiag_orig_abort_request", STRATEGY)
+        return insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", HELPERS)
+
+    return patch_broadcast_path(det, texts, STRATEGY, METHOD, prepare)

@@ -105,6 +105,35 @@ def append_module_code(text: str, new_source: str) -> str:
     return text + sep + "\n\n" + textwrap.dedent(new_source).strip("\n") + "\n"
 
 
+DISPATCH = f'''
+def _get_multimodal_inputs(self, mm_inputs_dict: dict):
+    {MARK} {{strategy}} -- the strategy replaces the choice that
+    # server_args.enable_broadcast_mm_inputs_process made here; the flag is not read.
+    return self._process_and_broadcast_mm_inputs(mm_inputs_dict)
+'''
+
+
+def patch_broadcast_path(det, texts: dict[str, str], strategy: str, method: str, prepare=None) -> Plan:
+    """What dict and batch share: replace 17a57fd's `_process_and_broadcast_mm_inputs`
+    with `method`; on flag releases make `_get_multimodal_inputs` always take it.
+    `prepare(text, where) -> text` runs first for the strategy's own edits."""
+    plan = Plan(strategy, det.variant)
+    if det.variant == "per-rank":
+        raise not_applicable(strategy, det.variant, "it predates 17a57fd: no entry-rank path to patch")
+    where = str(det.install.path("scheduler"))
+    s = texts["scheduler"]
+    require_layout(s, "Scheduler", "_process_and_broadcast_mm_inputs", where)
+    if prepare is not None:
+        s = prepare(s, where)
+    s = replace_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", method)
+    if det.variant == "broadcast-flag":
+        require_layout(s, "Scheduler", "_get_multimodal_inputs", where)
+        s = replace_method(s, "Scheduler", "_get_multimodal_inputs", DISPATCH.format(strategy=strategy))
+        plan.notes.append("active whatever --enable-broadcast-mm-inputs-process says")
+    plan.new_texts["scheduler"] = s
+    return plan
+
+
 def not_applicable(strategy: str, variant: str, why: str) -> NotApplicable:
     return NotApplicable(f"`{strategy}` does not apply to a {variant} install: {why}",
                          fix="nothing was changed")

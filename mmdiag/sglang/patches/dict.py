@@ -1,7 +1,7 @@
 """`dict`: broadcast the raw mm_inputs dict from the entry rank; every rank materializes."""
 from __future__ import annotations
 
-from .common import MARK, Plan, not_applicable, replace_method, require_layout
+from .common import MARK, Plan, patch_broadcast_path
 
 STRATEGY = "dict"
 DESCRIPTION = "entry rank broadcasts the raw dict per request; every rank runs from_dict"
@@ -36,25 +36,8 @@ def _process_and_broadcast_mm_inputs(
     return MultimodalInputs.from_dict(raw_mm_inputs)
 '''
 
-DISPATCH = f'''
-def _get_multimodal_inputs(self, mm_inputs_dict: dict):
-    {MARK} {{strategy}} -- the strategy replaces the choice that
-    # server_args.enable_broadcast_mm_inputs_process made here; the flag is not read.
-    return self._process_and_broadcast_mm_inputs(mm_inputs_dict)
-'''
+
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    plan = Plan(STRATEGY, det.variant)
-    if det.variant == "per-rank":
-        raise not_applicable(STRATEGY, det.variant, "it predates 17a57fd: no entry-rank path to patch")
-    where = str(det.install.path("scheduler"))
-    s = texts["scheduler"]
-    require_layout(s, "Scheduler", "_process_and_broadcast_mm_inputs", where)
-    s = replace_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", METHOD)
-    if det.variant == "broadcast-flag":
-        require_layout(s, "Scheduler", "_get_multimodal_inputs", where)
-        s = replace_method(s, "Scheduler", "_get_multimodal_inputs", DISPATCH.format(strategy=STRATEGY))
-        plan.notes.append("active whatever --enable-broadcast-mm-inputs-process says")
-    plan.new_texts["scheduler"] = s
-    return plan
+    return patch_broadcast_path(det, texts, STRATEGY, METHOD)
