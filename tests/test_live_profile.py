@@ -17,7 +17,7 @@ from mmdiag.live import from_raw, profile
 from mmdiag.live.discover import discover, parse_title
 from mmdiag.live.truth import compare, snapshot, window_shares
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
-from mmdiag.vocab import CONTRACT_PHASES, PHASES, PROFILE_SCHEMA
+from mmdiag.vocab import CONTRACT_PHASES, PROFILE_SCHEMA
 
 PY = sys.executable
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")

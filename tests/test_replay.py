@@ -10,7 +10,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from mmdiag.replay import ReplayOptions, replay
 from mmdiag.run import Run

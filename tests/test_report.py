@@ -16,7 +16,6 @@ from mmdiag.analysis.commands import report_command
 from mmdiag.analysis.criteria import load_criteria, parse_criteria
 from mmdiag.analysis.report import build_report
 from mmdiag.errors import ProfileError
-from mmdiag.render.report_html import render_html
 from mmdiag.render.report_md import render_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
