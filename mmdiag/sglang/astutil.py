@@ -37,20 +37,16 @@ def _span(node, lines: list[str]) -> MethodSpan:
     return MethodSpan(node.name, start, node.lineno, node.end_lineno, indent, node)
 
 
+def _defs(body: list[ast.stmt], lines: list[str]) -> dict[str, MethodSpan]:
+    return {n.name: _span(n, lines) for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
 def methods(cls: ast.ClassDef, lines: list[str]) -> dict[str, MethodSpan]:
-    out = {}
-    for node in cls.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            out[node.name] = _span(node, lines)
-    return out
+    return _defs(cls.body, lines)
 
 
 def functions(tree: ast.Module, lines: list[str]) -> dict[str, MethodSpan]:
-    out = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            out[node.name] = _span(node, lines)
-    return out
+    return _defs(tree.body, lines)
 
 
 def fingerprint(node: ast.AST) -> str:

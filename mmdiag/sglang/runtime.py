@@ -305,29 +305,23 @@ class SGLangMMPath:
                                 where=filename)
 
     def _instrument(self):
-        ns, st = self.ns, self.stats
-        real_hash = ns["hash_feature"]
+        st = self.stats
 
-        def hash_feature(f):
-            t0 = time.perf_counter()
-            try:
-                return real_hash(f)
-            finally:
-                st.hash_calls += 1
-                st.hash_s += time.perf_counter() - t0
+        def counted(fn, name):
+            """fn, adding one call and its seconds to stats.<name>_calls / <name>_s."""
+            def wrapper(*args):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    setattr(st, f"{name}_calls", getattr(st, f"{name}_calls") + 1)
+                    setattr(st, f"{name}_s", getattr(st, f"{name}_s") + time.perf_counter() - t0)
+            wrapper.__name__ = fn.__name__
+            return wrapper
 
-        ns["hash_feature"] = hash_feature
+        self.ns["hash_feature"] = counted(self.ns["hash_feature"], "hash")
         real_from_dict = self.MultimodalInputs.__dict__["from_dict"].__func__
-
-        def from_dict(obj):
-            t0 = time.perf_counter()
-            try:
-                return real_from_dict(obj)
-            finally:
-                st.from_dict_calls += 1
-                st.from_dict_s += time.perf_counter() - t0
-
-        self.MultimodalInputs.from_dict = staticmethod(from_dict)
+        self.MultimodalInputs.from_dict = staticmethod(counted(real_from_dict, "from_dict"))
 
     # ---------------------------------------------------------------- helpers
     def make_scheduler(self, cpu_group=None, *, enable_broadcast_mm_inputs_process: bool = False):

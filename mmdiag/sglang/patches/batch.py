@@ -16,7 +16,7 @@ requests in that call), dropped by abort_request, and cleared when the call ends
 """
 from __future__ import annotations
 
-from .common import MARK, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
+from .common import GROUP_WORLD, MARK, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
 
 STRATEGY = "batch"
 DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
@@ -69,15 +69,7 @@ def _mmdiag_batch_prepare(self, recv_reqs):
     payloads = self._mmdiag_mm_payloads(recv_reqs)
     if not payloads:
         return  # same on every rank: the list is computed from identical recv_reqs
-    group = self.cpu_group
-    world = 1
-    if (
-        group is not None
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    ):
-        world = torch.distributed.get_world_size(group=group)
-    if world <= 1:
+{GROUP_WORLD}    if world <= 1:
         return  # materialized per request, locally
     is_src = torch.distributed.get_rank(group=group) == 0
     if is_src:

@@ -16,6 +16,10 @@ from ..facts import layouts
 
 MARK = "# mmdiag-patch:"
 
+# Generated-code lines the broadcasting patches share: the size of the CPU group they
+# broadcast over (1 when torch.distributed is not initialized).
+GROUP_WORLD = '    group = self.cpu_group\n    world = 1\n    if (\n        group is not None\n        and torch.distributed.is_available()\n        and torch.distributed.is_initialized()\n    ):\n        world = torch.distributed.get_world_size(group=group)\n'
+
 
 @dataclass
 class Plan:

@@ -1,7 +1,7 @@
 """`dict`: broadcast the raw mm_inputs dict from the entry rank; every rank materializes."""
 from __future__ import annotations
 
-from .common import MARK, Plan, patch_broadcast_path
+from .common import GROUP_WORLD, MARK, Plan, patch_broadcast_path
 
 STRATEGY = "dict"
 DESCRIPTION = "entry rank broadcasts the raw dict per request; every rank runs from_dict"
@@ -18,15 +18,7 @@ def _process_and_broadcast_mm_inputs(
     # first rank in global numbering (correct with PP > 1, cf. PR #12762).
     if raw_mm_inputs is None:
         return None
-    group = self.cpu_group
-    world = 1
-    if (
-        group is not None
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    ):
-        world = torch.distributed.get_world_size(group=group)
-    if world > 1:
+{GROUP_WORLD}    if world > 1:
         is_src = torch.distributed.get_rank(group=group) == 0
         obj_list = [raw_mm_inputs if is_src else None]
         torch.distributed.broadcast_object_list(
