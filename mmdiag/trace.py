@@ -177,10 +177,14 @@ class TraceReader:
         return line or None
 
     def _loads(self, line: str, lineno: int) -> Any:
+        # Parse without the line terminator: json counts the "\n" as the start of a
+        # second line, so a line cut mid-object would report "column 1".
+        text = line.rstrip("\r\n")
         try:
-            return json.loads(line)
+            return json.loads(text)
         except json.JSONDecodeError as e:
-            raise _fail(self.path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            cut = " (the line ends before the JSON value does: truncated?)" if e.pos >= len(text) else ""
+            raise _fail(self.path, lineno, f"invalid JSON ({e.msg} at column {e.pos + 1}){cut}") from None
 
     def __iter__(self) -> Iterator[TraceRequest]:
         last_t = 0.0

@@ -87,3 +87,24 @@ def test_cli_malformed_trace_is_one_line_and_writes_nothing(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert f"{p}:3" in r.stderr and "'t'" in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_line_cut_mid_object_reports_its_real_column(tmp_path, newline):
+    cut = '{"rid": "x", "t": 0.0, "mm": ['          # 30 characters, cut mid-object
+    p = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
+    with open(p, "a", newline="") as f:
+        f.write(cut + newline)
+    with pytest.raises(TraceError) as e:
+        scan(p)
+    msg = str(e.value)
+    assert f"{p}:4" in msg and f"column {len(cut) + 1}" in msg and "truncated" in msg, msg
+
+
+def test_bad_character_mid_line_reports_its_column(tmp_path):
+    p = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
+    with open(p, "a") as f:
+        f.write('{"rid": "x", "t": 0.0, @}\n')
+    with pytest.raises(TraceError, match=r"column 24\)") as e:
+        scan(p)
+    assert "truncated" not in str(e.value)
