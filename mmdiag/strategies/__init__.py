@@ -17,6 +17,8 @@ from .revert import Revert
 
 REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async)}
 assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
+# The strategies `mmdiag apply` can patch in: those whose module names a patch.
+PATCHABLE: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.patch)
 
 
 def get(name: str) -> type[Strategy]:

@@ -20,12 +20,22 @@ Ready = list[tuple["ReplayRequest", "MultimodalInputs"]]
 
 
 class Strategy:
+    """Everything mmdiag knows about a strategy lives on its class: the help text, the README
+    table, `mmdiag apply`'s choices, the cost model and the live rules read these attributes."""
+
     name: ClassVar[str]
+    # One line for help text and tables: what the TP ranks do with each request's mm inputs.
     summary: ClassVar[str]
     # How many collectives of its own it adds: "none", "per request", "per iteration".
     collectives: ClassVar[str]
+    # The cost model's class for it (mmdiag.analysis.costmodel); None: not yet classified.
+    cost_class: ClassVar[str | None] = None
     # Hashing happens before the scheduler (reported as tokenizer-side time).
     hashes_in_tokenizer: ClassVar[bool] = False
+    # Function names that, on a sampled stack, say a live rank runs this strategy.
+    live_markers: ClassVar[tuple[str, ...]] = ()
+    # Module under mmdiag/sglang/patches that patches it into SGLang; None: no patch ships it.
+    patch: ClassVar[str | None] = None
 
     def setup(self, s: "ReplayScheduler") -> None:
         pass
@@ -47,4 +57,5 @@ class Strategy:
         return [r for r in reqs if r.mm_inputs is not None]
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "summary": self.summary, "collectives": self.collectives}
+        return {"name": self.name, "summary": self.summary, "collectives": self.collectives,
+                "patch": self.patch}

@@ -19,6 +19,7 @@ class Dict(Strategy):
     name = "dict"
     summary = "broadcast the raw mm_inputs dict per request, then every rank materializes"
     collectives = "per request"
+    patch = "dict"
 
     def process(self, s, reqs) -> Ready:
         return [(r, _broadcast_raw_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

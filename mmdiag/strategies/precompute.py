@@ -11,4 +11,5 @@ class Precompute(Revert):
     summary = ("hashes computed once before the scheduler (SGLANG_MM_PRECOMPUTE_HASH), so every rank's "
                "from_dict skips hashing; the hashing is reported as tokenizer-side time")
     collectives = "none"
+    patch = "precompute"
     hashes_in_tokenizer = True

@@ -8,6 +8,7 @@ class Revert(Strategy):
     name = "revert"
     summary = "every rank materializes its own copy (the pre-17a57fd path): no extra collective, hashing on all ranks in parallel"
     collectives = "none"
+    patch = "revert"
 
     def process(self, s, reqs) -> Ready:
         out = []
