@@ -92,7 +92,23 @@ def checkout(version: str, root: Path) -> Path:
     return repo / "python" / "sglang"
 
 
-def tree_bytes(pkg: Path) -> dict[str, bytes]:
-    """Every file under the package except mmdiag's state folder."""
-    return {str(p.relative_to(pkg)): p.read_bytes() for p in sorted(pkg.rglob("*"))
-            if p.is_file() and ".mmdiag" not in p.parts and "__pycache__" not in p.parts}
+def tree_bytes(pkg: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and folder (None) under the package, hidden ones included:
+    what `pip uninstall` would meet. Byte-exact undo means this is unchanged."""
+    return {str(p.relative_to(pkg)): (p.read_bytes() if p.is_file() else None) for p in sorted(pkg.rglob("*"))
+            if "__pycache__" not in p.parts}
+
+
+def state_of(pkg: Path) -> Path:
+    """mmdiag's state folder for the install at pkg (outside the package)."""
+    from mmdiag.sglang.locate import locate
+    return locate(str(pkg)).state_dir
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path_factory, monkeypatch):
+    """Each test keeps mmdiag's apply state in its own folder, not the user's ~/.local/state.
+    Autouse in every module that imports it."""
+    d = tmp_path_factory.mktemp("mmdiag-state")
+    monkeypatch.setenv("MMDIAG_STATE_DIR", str(d))
+    return d

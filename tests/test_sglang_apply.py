@@ -10,7 +10,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import RELEASES, checkout, site_packages, tree_bytes
+from sglang_wheels import RELEASES, checkout, isolated_state, site_packages, state_of, tree_bytes  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.sglang.commands import apply_command, doctor_command
@@ -51,7 +51,7 @@ def test_apply_undo_roundtrip(version, strategy, tmp_path):
         return
     dry = run(strategy, "--sglang", pkg, "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert tree_bytes(pkg) == before and not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
     if not expect:
         assert "nothing to patch" in dry.output
         if RELEASES[version] == "broadcast-flag":
@@ -92,7 +92,7 @@ def test_unknown_layout_refused_nothing_written(tmp_path):
     before = tree_bytes(pkg)
     r = run("dict", "--sglang", pkg, "--yes")
     assert r.exit_code != 0 and "matches no known layout" in r.output and "nothing was changed" in r.output
-    assert tree_bytes(pkg) == before and not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
 
 
 def test_unknown_release_refused(tmp_path):
@@ -209,10 +209,10 @@ def test_interrupted_write_restores_first_target(tmp_path, monkeypatch):
     # The first target was replaced, then put back; the second was the one interrupted.
     assert calls.count(str(first)) == 2 and calls.count(str(second)) == 1
     assert calls.index(str(first)) < calls.index(str(second))
-    assert any(".mmdiag" in c for c in calls)  # the backups were written first
+    assert any(str(state_of(pkg)) in c for c in calls)  # the backups were written first
     assert tree_bytes(pkg) == before
-    assert not (pkg / ".mmdiag" / "manifest.json").exists()
-    assert not (pkg / ".mmdiag" / A.BACKUP_DIR).exists()
+    assert not (state_of(pkg) / "manifest.json").exists()
+    assert not (state_of(pkg) / A.BACKUP_DIR).exists()
     assert not list(pkg.rglob(".mmdiag-*"))  # no temp files left behind
     assert detect(locate(str(pkg))).patched is None
 
@@ -228,7 +228,7 @@ def test_second_target_write_fails_names_it_and_restores_first(tmp_path, monkeyp
     assert f"{second}: no space left while writing the patched file" in r.output, r.output
     assert "original files are intact" in r.output
     assert tree_bytes(pkg) == before
-    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not (state_of(pkg) / "manifest.json").exists()
 
 
 def test_failed_restore_keeps_manifest_and_backups(tmp_path, monkeypatch):
@@ -256,12 +256,12 @@ def test_failed_restore_keeps_manifest_and_backups(tmp_path, monkeypatch):
     # Partly patched: the first target holds the patch, and the way back is kept.
     assert tree_bytes(pkg)[FILES["tokenizer_manager"]] != before[FILES["tokenizer_manager"]]
     assert tree_bytes(pkg)[FILES["scheduler"]] == before[FILES["scheduler"]]
-    assert (pkg / ".mmdiag" / "manifest.json").exists()
-    assert (pkg / ".mmdiag" / A.BACKUP_DIR / FILES["tokenizer_manager"]).exists()
+    assert (state_of(pkg) / "manifest.json").exists()
+    assert (state_of(pkg) / A.BACKUP_DIR / FILES["tokenizer_manager"]).exists()
     u = run("--undo", "--sglang", pkg, "--yes")
     assert u.exit_code == 0, u.output
     assert tree_bytes(pkg) == before
-    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not (state_of(pkg) / "manifest.json").exists()
 
 
 def test_interrupted_backup_leaves_no_state(tmp_path, monkeypatch):
@@ -276,8 +276,8 @@ def test_interrupted_backup_leaves_no_state(tmp_path, monkeypatch):
         A.apply(inst, "precompute")
     assert str(b) in calls  # one backup had been written
     assert tree_bytes(pkg) == before
-    assert not (pkg / ".mmdiag" / "manifest.json").exists()
-    assert not (pkg / ".mmdiag" / A.BACKUP_DIR).exists()
+    assert not (state_of(pkg) / "manifest.json").exists()
+    assert not (state_of(pkg) / A.BACKUP_DIR).exists()
 
 
 def test_change_after_plan_refused(tmp_path):
@@ -292,7 +292,7 @@ def test_change_after_plan_refused(tmp_path):
         A.apply(locate(str(pkg)), "dict", confirm=edit_while_confirming)
     edited = tree_bytes(pkg)
     assert edited[FILES["scheduler"]].endswith(b"# edited by someone else\n")
-    assert not (pkg / ".mmdiag" / "manifest.json").exists()
+    assert not (state_of(pkg) / "manifest.json").exists()
 
 
 def test_crlf_file_applies_and_undo_restores_bytes(tmp_path):
@@ -345,3 +345,38 @@ def test_usage_errors(tmp_path):
     assert r.exit_code == 2 and "give a STRATEGY or --undo" in r.output
     r = run("revert", "--sglang", tmp_path / "missing", "--yes")
     assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ")
+
+
+def test_undo_leaves_install_exactly_as_it_was(tmp_path):
+    """Issue 8.7: no mmdiag file or folder inside the package, during the patch or after undo."""
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    assert run("batch", "--sglang", pkg, "--yes").exit_code == 0
+    during = tree_bytes(pkg)
+    assert during.keys() == before.keys()  # pip uninstall would meet only its own files
+    assert (state_of(pkg) / "manifest.json").exists() and pkg not in state_of(pkg).parents
+    assert run("--undo", "--sglang", pkg, "--yes").exit_code == 0
+    assert tree_bytes(pkg) == before
+
+
+def test_legacy_in_package_state_is_undone_and_removed(tmp_path):
+    """A patch applied by an older mmdiag (state in <sglang>/.mmdiag/) still undoes, and
+    its folder goes with it."""
+    pkg = site_packages("0.5.5", tmp_path)
+    before = tree_bytes(pkg)
+    assert run("dict", "--sglang", pkg, "--yes").exit_code == 0
+    state_of(pkg).rename(pkg / ".mmdiag")  # where the older mmdiag kept it
+    assert detect(locate(str(pkg))).patched == "dict"
+    assert run("--undo", "--sglang", pkg, "--yes").exit_code == 0
+    assert tree_bytes(pkg) == before
+
+
+def test_stale_record_after_reinstall_is_dropped(tmp_path):
+    pkg = site_packages("0.5.5", tmp_path)
+    sched = pkg / FILES["scheduler"]
+    orig = sched.read_bytes()
+    assert run("dict", "--sglang", pkg, "--yes").exit_code == 0
+    sched.write_bytes(orig)  # `pip install --force-reinstall` puts the release's bytes back
+    r = run("batch", "--sglang", pkg, "--yes")
+    assert r.exit_code == 0 and "stale record of `dict`" in r.output, r.output
+    assert detect(locate(str(pkg))).patched == "batch"

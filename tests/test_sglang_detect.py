@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import RELEASES, checkout, pristine, site_packages
+from sglang_wheels import RELEASES, checkout, isolated_state, pristine, site_packages  # noqa: F401
 
 from mmdiag.sglang.commands import doctor_command
 from mmdiag.sglang.detect import detect

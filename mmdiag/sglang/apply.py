@@ -4,7 +4,9 @@
 - refuse with no write: unknown layout, a file changed since the apply, another
   strategy applied, a read-only install, another apply holding the lock;
 - write: backups (original bytes) and a manifest (strategy, variant, files,
-  sha256 before/after) in `<sglang>/.mmdiag/`, then each target via temp file +
+  sha256 before/after) in the install's state folder, outside the package tree
+  (SGLangInstall.state_dir: undo leaves the install byte-for-byte and file-for-file
+  as it was, and `pip uninstall` never meets mmdiag's files), then each target via temp file +
   fsync + os.replace (mode kept); a failure midway restores what was replaced;
 - applying the same strategy twice is a no-op; undo restores the original bytes
   exactly, after checking every file still has the bytes mmdiag wrote.
@@ -124,10 +126,20 @@ def _oserror(e: OSError, path: Path, doing: str) -> SGLangError:
                        fix="the original files are intact; fix the cause and retry")
 
 
+def state_dir_of(install: SGLangInstall) -> Path:
+    """The state folder in use: the legacy in-package one while it holds a manifest
+    written by an older mmdiag (so its undo still works), else the external one."""
+    if (install.legacy_state_dir / MANIFEST_NAME).exists():
+        return install.legacy_state_dir
+    return install.state_dir
+
+
 @contextlib.contextmanager
 def install_lock(install: SGLangInstall) -> Iterator[Path]:
-    """Exclusive, non-blocking flock on <sglang>/.mmdiag/apply.lock (released on exit or crash)."""
-    install.state_dir.mkdir(exist_ok=True)
+    """Exclusive, non-blocking flock on <state>/apply.lock (released on exit or crash).
+    The lock file stays in the external state folder (unlinking a lock others may hold
+    open would let two applies run at once)."""
+    install.state_dir.mkdir(parents=True, exist_ok=True)
     path = install.state_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -146,11 +158,11 @@ def install_lock(install: SGLangInstall) -> Iterator[Path]:
 # ------------------------------------------------------------------ manifest
 
 def _manifest_path(install: SGLangInstall) -> Path:
-    return install.state_dir / MANIFEST_NAME
+    return state_dir_of(install) / MANIFEST_NAME
 
 
 def _backup_path(install: SGLangInstall, rel: str) -> Path:
-    return install.state_dir / BACKUP_DIR / rel
+    return state_dir_of(install) / BACKUP_DIR / rel
 
 
 def _current_vs_manifest(install: SGLangInstall, manifest: dict) -> list[tuple[str, str]]:
@@ -172,7 +184,7 @@ def _changed_error(install: SGLangInstall, manifest: dict, states, doing: str) -
     rel = bad[0]
     p = install.package_dir / rel
     detail = ""
-    patched = install.state_dir / BACKUP_DIR / (rel + ".patched")
+    patched = _backup_path(install, rel + ".patched")
     if p.exists() and patched.exists():
         d = unified_diff(patched.read_text(encoding="utf-8"), p.read_text(encoding="utf-8"), rel)
         detail = d
@@ -235,6 +247,13 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     """Apply `strategy`. `confirm(diff) -> bool` is asked before writing (None: yes)."""
     det = detect(install)
     manifest = det.manifest
+    stale = []
+    if manifest and all(s == "before" for _, s in _current_vs_manifest(install, manifest)):
+        # Every file has its original bytes again (reinstalled, checked out): the record is stale.
+        _cleanup_state(install)
+        stale = [f"dropped a stale record of `{manifest['strategy']}`: the files had their original bytes"]
+        det = detect(install)
+        manifest = det.manifest
     if manifest:
         states = _current_vs_manifest(install, manifest)
         if any(s in ("changed", "missing") for _, s in states):
@@ -251,6 +270,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         raise UnknownLayout("mmdiag patch markers found but no manifest", where=str(install.package_dir),
                             fix="reinstall SGLang (or git checkout the files); nothing was changed")
     p, det, diff = plan(install, strategy, det)
+    p.notes[:0] = stale
     files = [file_rel(k) for k in p.new_texts]
     if p.nothing_to_do:
         return ApplyResult(strategy, "nothing-to-do", det.variant, notes=p.notes)
@@ -258,8 +278,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         return ApplyResult(strategy, "dry-run", det.variant, diff, files, p.notes)
     targets = [install.path(k) for k in p.new_texts]
     check_writable(targets + [install.package_dir])
-    if install.state_dir.exists():
-        check_writable([install.state_dir])
+    _check_state_writable(install)
     if confirm is not None and not confirm(diff):
         return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
 
@@ -296,7 +315,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         except BaseException as e:  # Ctrl-C included: no partial backups left behind
             _cleanup_state(install)
             if isinstance(e, OSError):
-                raise _oserror(e, install.state_dir, "writing the backup") from None
+                raise _oserror(e, state_dir_of(install), "writing the backup") from None
             raise
         done: list[str] = []
         current = None
@@ -319,7 +338,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
                 raise SGLangError(
                     f"writing the patched {file_rel(current)} failed{why}, and restoring {rels} failed too: "
                     "the install is partly patched", where=str(install.path(not_restored[0])),
-                    fix=f"the backups and manifest are kept in {install.state_dir}; "
+                    fix=f"the backups and manifest are kept in {state_dir_of(install)}; "
                     "run `mmdiag apply --undo` to restore the original bytes") from None
             _cleanup_state(install)
             if isinstance(e, OSError):
@@ -334,16 +353,30 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath))
 
 
+def _check_state_writable(install: SGLangInstall) -> None:
+    d = install.state_dir
+    while not d.exists() and d.parent != d:
+        d = d.parent  # the nearest existing ancestor must let us create the folder
+    check_writable([d])
+
+
+def _rmtree_quiet(d: Path) -> None:
+    if d.exists():
+        for f in sorted(d.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                f.unlink() if (f.is_file() or f.is_symlink()) else f.rmdir()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _cleanup_state(install: SGLangInstall) -> None:
+    """Drop manifest and backups; a legacy in-package folder goes entirely (lock too)."""
+    if state_dir_of(install) == install.legacy_state_dir:
+        _rmtree_quiet(install.legacy_state_dir)
+        return
     with contextlib.suppress(OSError):
         _manifest_path(install).unlink()
-    b = install.state_dir / BACKUP_DIR
-    if b.exists():
-        for f in sorted(b.rglob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                f.unlink() if f.is_file() else f.rmdir()
-        with contextlib.suppress(OSError):
-            b.rmdir()
+    _rmtree_quiet(install.state_dir / BACKUP_DIR)
 
 
 def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> ApplyResult:
@@ -361,7 +394,7 @@ def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> Appl
     diffs, restore = [], {}
     for rel, state in states:
         f = manifest["files"][rel]
-        b = install.state_dir / f["backup"]
+        b = state_dir_of(install) / f["backup"]
         try:
             orig = b.read_bytes()
         except OSError:
@@ -376,7 +409,7 @@ def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> Appl
     diff = "".join(diffs)
     if dry_run:
         return ApplyResult(manifest["strategy"], "dry-run", manifest.get("variant"), diff, list(restore))
-    check_writable([install.package_dir / r for r in restore] + [install.state_dir])
+    check_writable([install.package_dir / r for r in restore] + [state_dir_of(install)])
     if confirm is not None and not confirm(diff):
         return ApplyResult(manifest["strategy"], "declined", manifest.get("variant"), diff, list(restore))
     with install_lock(install):

@@ -116,15 +116,19 @@ def flag_location(install: SGLangInstall, field_name: str, option: str) -> dict[
 
 
 def read_manifest(install: SGLangInstall) -> dict[str, Any] | None:
-    p = install.state_dir / MANIFEST_NAME
-    try:
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UnknownLayout(f"unreadable mmdiag manifest ({e})", where=str(p),
-                            fix="restore it from backup or remove the .mmdiag folder by hand") from None
+    """The manifest of the patch applied to this install (external state folder, or the
+    in-package `.mmdiag/` an older mmdiag wrote), None when there is none."""
+    for d in (install.legacy_state_dir, install.state_dir):
+        p = d / MANIFEST_NAME
+        try:
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            continue
+        except (OSError, json.JSONDecodeError) as e:
+            raise UnknownLayout(f"unreadable mmdiag manifest ({e})", where=str(p),
+                                fix=f"restore it or remove {d} by hand") from None
+    return None
 
 
 def _match_variant(methods: dict[str, Any], text: str, mm_call: str | None, patched: bool):

@@ -7,7 +7,9 @@ checkout's root (holding `python/sglang`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from pathlib import Path
 from .errors import SGLangNotFound, UnknownLayout
 from .facts import file_rel
 
-_VERSION_RE = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
+# `__version__ = "0.5.6"` (version.py) or `__version__ = version = '0.5.7'` (_version.py)
+_VERSION_RE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", re.M)
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,14 @@ class SGLangInstall:
 
     @property
     def state_dir(self) -> Path:
-        """Where mmdiag keeps its lock, manifest and backups for this install."""
+        """Where mmdiag keeps its lock, manifest and backups for this install: outside the
+        package tree (so undo leaves the install exactly as it was and `pip uninstall`
+        never meets mmdiag's files), one folder per install path."""
+        return state_root() / hashlib.sha256(str(self.package_dir).encode()).hexdigest()[:16]
+
+    @property
+    def legacy_state_dir(self) -> Path:
+        """Where mmdiag before 2026-11 kept that state (inside the package); still read."""
         return self.package_dir / ".mmdiag"
 
     def to_dict(self) -> dict:
@@ -43,13 +53,26 @@ class SGLangInstall:
         }
 
 
+def state_root() -> Path:
+    """MMDIAG_STATE_DIR, else $XDG_STATE_HOME/mmdiag/sglang, else ~/.local/state/mmdiag/sglang."""
+    env = os.environ.get("MMDIAG_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "mmdiag" / "sglang"
+
+
 def read_version(package_dir: Path) -> str | None:
-    try:
-        text = (package_dir / file_rel("version")).read_text(encoding="utf-8")
-    except OSError:
-        return None
-    m = _VERSION_RE.search(text)
-    return m.group(1) if m else None
+    """`__version__` from version.py, or from _version.py (0.5.7+: version.py imports it)."""
+    for key in ("version", "version_generated"):
+        try:
+            text = (package_dir / file_rel(key)).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        m = _VERSION_RE.search(text)
+        if m:
+            return m.group(1)
+    return None
 
 
 def _layout_of(package_dir: Path) -> str:
