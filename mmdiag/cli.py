@@ -69,22 +69,54 @@ def trace():
 @trace.command("synth")
 @click.option("--profile", "profile", default=None, metavar="NAME",
               help="workload profile from profiles/workloads (or a .toml path); default from profiles/defaults.toml")
-@click.option("-n", "n", type=int, default=None, help="number of requests (default: the profile's)")
-@click.option("--request-rate", type=float, default=None, help="Poisson arrivals at this many req/s (like bench_serving)")
-@click.option("--max-concurrency", type=int, default=None, help="closed loop with this many requests in flight")
+@click.option("-n", "--num-prompts", "n", type=int, default=None,
+              help="number of requests [default: the profile's; 1000 with the image options, as bench_serving]")
+@click.option("--request-rate", default=None, metavar="R",
+              help="Poisson arrivals at R req/s; inf sends every request at time 0 (bench_serving's meaning)")
+@click.option("--max-concurrency", type=int, default=None,
+              help="at most this many requests in flight (with --request-rate: both, as bench_serving)")
+@click.option("--image-count", type=int, default=None,
+              help="bench_serving's image dataset: images per request [default 1]")
+@click.option("--image-resolution", default=None, metavar="RES",
+              help="4k, 1080p, 720p, 360p, HxW (height first) or random:HxW-HxW [default 1080p]")
+@click.option("--random-image-count", is_flag=True, default=None, help="1 to --image-count images per request")
+@click.option("--random-input-len", type=int, default=None, help="text tokens per request [default 1024]")
+@click.option("--random-range-ratio", type=float, default=None,
+              help="text lengths drawn from [len * ratio, len] [default 0.0]")
+@click.option("--model", "model", default=None, metavar="NAME",
+              help="model geometry from profiles/models [default: the default profile's]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="trace file to write")
-def trace_synth(profile, n, request_rate, max_concurrency, seed, output):
-    """Synthesize a trace from a workload profile.
+def trace_synth(profile, n, request_rate, max_concurrency, image_count, image_resolution, random_image_count,
+                random_input_len, random_range_ratio, model, seed, output):
+    """Synthesize a trace from a workload profile, or from bench_serving's image options.
 
     Feature shapes follow real model geometry (Qwen2.5-VL: sides rounded to multiples
     of 28, one 1176-float row per 14x14 patch; video folds 2 frames per row).
-    """
-    from .workloads import defaults, load_workload, synth_to_file
 
+    \b
+    The image options mean what they mean to `python -m sglang.bench_serving
+    --dataset-name image`, so the trace replays what you benchmarked, e.g.
+      mmdiag trace synth --image-resolution 720p --image-count 2 --num-prompts 200 \\
+          --request-rate 16 --max-concurrency 64 -o trace.jsonl
+    """
+    from .workloads import ImageDataset, defaults, load_workload, synth_images_to_file, synth_to_file
+
+    kw = dict(request_rate=request_rate, max_concurrency=max_concurrency, seed=seed)
+    image = dict(image_count=image_count, image_resolution=image_resolution, random_image_count=random_image_count,
+                 random_input_len=random_input_len, random_range_ratio=random_range_ratio)
+    if any(v is not None for v in image.values()):
+        if profile:
+            raise MmdiagError("give --profile or bench_serving's image options (--image-count, "
+                              "--image-resolution, --random-*), not both")
+        model = model or load_workload(defaults()["workload"]).data["model"]
+        count = synth_images_to_file(model, n, output, ImageDataset.from_options(**image), **kw)
+        click.echo(f"wrote {count} requests (bench_serving image dataset, {model}) to {output}")
+        return
+    if model:
+        raise MmdiagError("--model goes with the image options; a profile names its own model")
     profile = profile or defaults()["workload"]
-    count = synth_to_file(profile, n, output, request_rate=request_rate,
-                          max_concurrency=max_concurrency, seed=seed)
+    count = synth_to_file(profile, n, output, **kw)
     click.echo(f"wrote {count} requests ({load_workload(profile).name}) to {output}")
 
 

@@ -3,8 +3,8 @@
 Feature shapes come from model geometry (profiles/models/*.toml): images are resized
 as Qwen2-VL's smart_resize does (sides to multiples of patch*merge, pixel budget),
 then one row per patch; video folds `temporal_patch_size` frames into a row.
-Arrivals follow `sglang.bench_serving`: Poisson at `--request-rate`, or a closed
-loop at `--max-concurrency`.
+Arrivals follow `sglang.bench_serving`: Poisson at `--request-rate`, at most
+`--max-concurrency` in flight; `synthesize_images` is its `--dataset-name image`.
 """
 from __future__ import annotations
 
@@ -151,43 +151,127 @@ def feature_shape(model: dict[str, Any], spec: dict[str, Any]) -> tuple[int, ...
 
 # --- synthesis -----------------------------------------------------------------
 
-def synthesize(workload: Workload, n: int, *, request_rate: float | None = None,
+def arrival_for(default: dict[str, Any], n: int, request_rate: float | str | None = None,
+                max_concurrency: int | None = None) -> dict[str, Any]:
+    """The trace's arrival, as bench_serving's pair means it: requests sent as a Poisson
+    process at --request-rate (inf: all at time 0), at most --max-concurrency in flight
+    (both together: a closed loop that admits no request before its Poisson time)."""
+    from .ingest.bench_serving import parse_request_rate
+
+    rate = parse_request_rate(request_rate)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ProfileError("--max-concurrency must be at least 1")
+    if rate is None and max_concurrency is None:
+        return dict(default)
+    finite = rate is not None and not math.isinf(rate)
+    if max_concurrency is None:
+        return {"mode": "poisson", "request_rate": rate} if finite else {"mode": "closed", "max_concurrency": n}
+    arrival: dict[str, Any] = {"mode": "closed", "max_concurrency": int(max_concurrency)}
+    if finite:
+        arrival["request_rate"] = rate
+    return arrival
+
+
+def _arrivals(arrival: dict[str, Any], rng: random.Random) -> Iterator[float]:
+    """Arrival offsets: the first request at 0, then exponential gaps at the request rate
+    (as bench_serving sends them); all at 0 without a rate."""
+    rate, t = arrival.get("request_rate"), 0.0
+    while True:
+        yield t
+        if rate:
+            t += rng.expovariate(rate)
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ProfileError("-n/--num-prompts must be at least 1")
+
+
+def _header(source: dict[str, Any], model: dict[str, Any], arrival: dict[str, Any]) -> TraceHeader:
+    return TraceHeader(source={"tool": "mmdiag trace synth", **source},
+                       model={k: v for k, v in model.items() if not isinstance(v, dict)}, arrival=arrival)
+
+
+def synthesize(workload: Workload, n: int, *, request_rate: float | str | None = None,
                max_concurrency: int | None = None, seed: int = 0) -> tuple[TraceHeader, Iterator[TraceRequest]]:
     """A trace header and a lazy request stream, deterministic in `seed`."""
-    if n < 1:
-        raise ProfileError("-n must be at least 1")
-    if request_rate is not None and max_concurrency is not None:
-        raise ProfileError("give --request-rate or --max-concurrency, not both")
-    arrival = dict(workload.data["arrival"])
-    if request_rate is not None:
-        if request_rate <= 0:
-            raise ProfileError("--request-rate must be positive")
-        arrival = {"mode": "poisson", "request_rate": float(request_rate)}
-    elif max_concurrency is not None:
-        if max_concurrency < 1:
-            raise ProfileError("--max-concurrency must be at least 1")
-        arrival = {"mode": "closed", "max_concurrency": int(max_concurrency)}
+    _check_n(n)
+    arrival = arrival_for(workload.data["arrival"], n, request_rate, max_concurrency)
     model = workload.model
     mix = workload.data["mix"]
     weights = [m.get("weight", 1.0) for m in mix]
     shapes = [[(it["modality"], feature_shape(model, it)) for it in m.get("items", [])] for m in mix]
     prompt = workload.data.get("prompt", {})
     pmin, pmax = int(prompt.get("min", 128)), int(prompt.get("max", 128))
-    header = TraceHeader(
-        source={"tool": "mmdiag trace synth", "profile": workload.name, "seed": seed, "requests": n},
-        model={k: v for k, v in model.items() if not isinstance(v, dict)},
-        arrival=arrival,
-    )
+    header = _header({"profile": workload.name, "seed": seed, "requests": n}, model, arrival)
 
     def requests() -> Iterator[TraceRequest]:
         rng = random.Random(seed)
-        t = 0.0
+        times = _arrivals(arrival, random.Random(seed + 1))
         for i in range(n):
-            if arrival["mode"] == "poisson":
-                t += rng.expovariate(arrival["request_rate"])
             k = rng.choices(range(len(mix)), weights=weights)[0]
             items = tuple(MMItem(mod, shape, model.get("dtype", "float32")) for mod, shape in shapes[k])
-            yield TraceRequest(f"r{i:06d}", t, rng.randint(pmin, pmax), items)
+            yield TraceRequest(f"r{i:06d}", next(times), rng.randint(pmin, pmax), items)
+
+    return header, requests()
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """bench_serving's `--dataset-name image` options (defaults: profiles/bench_serving.toml)."""
+    image_count: int
+    image_resolution: str
+    random_image_count: bool = False
+    random_input_len: int = 1024
+    random_range_ratio: float = 0.0
+
+    @classmethod
+    def from_options(cls, **given: Any) -> "ImageDataset":
+        from .ingest.bench_serving import defaults as bench_defaults
+        d = bench_defaults()
+        d.pop("num_prompts", None)
+        d.update({k: v for k, v in given.items() if v is not None})
+        return cls(**d)
+
+
+def synthesize_images(model_name: str, n: int, ds: ImageDataset, *, request_rate: float | str | None = None,
+                      max_concurrency: int | None = None,
+                      seed: int = 0) -> tuple[TraceHeader, Iterator[TraceRequest]]:
+    """bench_serving's image dataset as a trace: `image_count` images per request (1 to
+    image_count with random_image_count) of `image_resolution`, text lengths drawn as its
+    random dataset draws them, arrivals as its --request-rate / --max-concurrency."""
+    from .ingest.bench_serving import parse_image_resolution, parse_request_rate
+
+    _check_n(n)
+    if ds.image_count < 1:
+        raise ProfileError("--image-count must be at least 1")
+    if ds.random_input_len < 0 or not 0.0 <= ds.random_range_ratio <= 1.0:
+        raise ProfileError("--random-input-len must be >= 0 and --random-range-ratio in [0, 1]")
+    res = parse_image_resolution(ds.image_resolution)
+    model = load_model(model_name)
+    arrival = arrival_for({"mode": "closed", "max_concurrency": n}, n, request_rate, max_concurrency)
+    rate = parse_request_rate(request_rate)
+    bench = {"dataset_name": "image", "num_prompts": n, **ds.__dict__, "model": model_name,
+             "request_rate": "inf" if rate is None or math.isinf(rate) else rate, "max_concurrency": max_concurrency}
+    header = _header({"bench_serving": bench, "seed": seed, "requests": n}, model, arrival)
+    lo_len = max(int(ds.random_input_len * ds.random_range_ratio), 1)
+    shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def shape(w: int, h: int) -> tuple[int, ...]:
+        if (w, h) not in shapes:
+            shapes[(w, h)] = feature_shape(model, {"modality": "image", "width": w, "height": h})
+        return shapes[(w, h)]
+
+    def requests() -> Iterator[TraceRequest]:
+        rng = random.Random(seed)
+        times = _arrivals(arrival, random.Random(seed + 1))
+        for i in range(n):
+            count = rng.randint(1, ds.image_count) if ds.random_image_count else ds.image_count
+            sizes = [(rng.randint(res.min_wh[0], res.max_wh[0]), rng.randint(res.min_wh[1], res.max_wh[1]))
+                     for _ in range(count)]
+            items = tuple(MMItem("image", shape(w, h), model.get("dtype", "float32")) for w, h in sizes)
+            plen = rng.randint(lo_len, ds.random_input_len) if ds.random_input_len > 0 else 0
+            yield TraceRequest(f"r{i:06d}", next(times), plen, items)
 
     return header, requests()
 
@@ -195,4 +279,11 @@ def synthesize(workload: Workload, n: int, *, request_rate: float | None = None,
 def synth_to_file(profile: str, n: int | None, out: str, **kw: Any) -> int:
     wl = load_workload(profile)
     header, reqs = synthesize(wl, n if n is not None else int(wl.data.get("requests", 200)), **kw)
+    return write_trace(out, header, reqs)
+
+
+def synth_images_to_file(model_name: str, n: int | None, out: str, ds: ImageDataset, **kw: Any) -> int:
+    from .ingest.bench_serving import defaults as bench_defaults
+    header, reqs = synthesize_images(model_name, n if n is not None else int(bench_defaults()["num_prompts"]),
+                                     ds, **kw)
     return write_trace(out, header, reqs)

@@ -1,0 +1,1 @@
+"""Traffic from outside mmdiag: SGLang request dumps and sglang.bench_serving files."""
