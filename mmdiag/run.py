@@ -111,6 +111,14 @@ class Run:
     ranks: list[RankResult] | None = None
     findings: list[str] = field(default_factory=list)
 
+    @property
+    def is_replay(self) -> bool:
+        return self.schema == REPLAY_SCHEMA
+
+    @property
+    def is_profile(self) -> bool:
+        return self.schema == PROFILE_SCHEMA
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["ranks"] is None:

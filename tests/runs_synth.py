@@ -28,6 +28,9 @@ def strategy(name, rps, ranks, *, requests=100, p99=None, coll=0.0, bytes_per_re
     if p99 is not None:
         lm["p99"] = p99
     rep = sorted(rps)[len(rps) // 2]
+    for r in ranks:   # every rank ran for the strategy's duration, at its CPU share
+        pct, r.wall_s = (r.cpu_s / r.wall_s if r.wall_s else 0.0), requests / rep
+        r.cpu_s = pct * r.wall_s
     return StrategyResult(name=name, requests=requests, duration_s=requests / rep, throughput_rps=rep,
                           latency_ms=lm, ranks=ranks, bytes_per_request=bytes_per_request,
                           collectives_per_request=coll, mm_requests=requests, items=requests,
@@ -36,12 +39,15 @@ def strategy(name, rps, ranks, *, requests=100, p99=None, coll=0.0, bytes_per_re
                           latency_hist=latency_hist(lat))
 
 
-def replay_run(strategies, *, tp, mean_mb, requests=100, mode="closed"):
+def replay_run(strategies, *, tp, mean_mb, requests=100, mode="closed", rate=None):
+    """`rate`: an open loop (Poisson arrivals at `rate` req/s over requests / rate seconds)."""
+    arrival = {"mode": "poisson", "request_rate": rate} if rate else {"mode": mode}
     return Run(schema=REPLAY_SCHEMA, tp=tp, strategies={s.name: s for s in strategies},
                created="2026-01-01T00:00:00+00:00", host={"hostname": "synthetic", "cpus": 64},
                trace={"path": "/synthetic/trace.jsonl", "source": {"profile": "synthetic"}, "requests": requests,
                       "mm_requests": requests, "items": requests, "mm_bytes": int(mean_mb * MB * requests),
-                      "mean_mm_request_bytes": mean_mb * MB, "arrival": {"mode": mode}},
+                      "mean_mm_request_bytes": mean_mb * MB, "arrival": arrival,
+                      "duration_s": requests / rate if rate else 0.0},
                config={"repeat": max(len(s.repeats_rps) for s in strategies)})
 
 

@@ -21,14 +21,15 @@ from mmdiag.render.report_md import render_markdown
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _pair(after_rps=(2.0, 2.05, 1.95), after_cpu=40.0, before_rps=(1.0, 1.02, 0.98), tp=2, p99=900.0):
+def _pair(after_rps=(2.0, 2.05, 1.95), after_cpu=40.0, before_rps=(1.0, 1.02, 0.98), tp=2, p99=900.0, rate=None):
+    """commit before, revert after; `rate`: both replayed one open-loop trace at `rate` req/s."""
     b = replay_run([strategy("commit", before_rps, [rank(0, cpu_pct=90, recv=100, from_dict=300, pickle=100,
                                                           broadcast=50), rank(1, cpu_pct=50, recv=100, broadcast=400,
                                                                               unpickle=40)][:tp],
-                             coll=1.0, bytes_per_request=36 * 2 ** 20, p99=1500.0)], tp=tp, mean_mb=18)
+                             coll=1.0, bytes_per_request=36 * 2 ** 20, p99=1500.0)], tp=tp, mean_mb=18, rate=rate)
     a = replay_run([strategy("revert", after_rps, [rank(r, cpu_pct=after_cpu, recv=100, from_dict=150)
                                                    for r in range(tp)], bytes_per_request=18 * 2 ** 20, p99=p99,
-                             seed=1)], tp=tp, mean_mb=18)
+                             seed=1)], tp=tp, mean_mb=18, rate=rate)
     return b, a
 
 
@@ -64,7 +65,7 @@ def test_report_passes_and_judges_with_repeats():
     thr = rep.metrics[0]
     assert thr.metric.startswith("throughput") and thr.better is True and "faster" in thr.verdict
     crit = {c.key: c for c in rep.criteria}
-    assert crit["scheduler_cpu_pct"].status == "pass"
+    assert crit["cpu_per_request_ratio"].status == "pass"
     assert crit["gil_wait_pct"].status == "n/a"          # a replay has no GIL: n/a, not pass
     assert crit["throughput_ratio"].status == "pass"
     assert [r["rank"] for r in rep.phases] == [0, 1] and rep.phase_unit == "ms per request"
@@ -111,12 +112,54 @@ def test_throughput_criterion_and_table_row_agree():
     assert _thr(*_pair(before_rps=(1.0, 1.3, 0.7), after_rps=(1.45, 1.9, 1.0)), crit)[0].note.startswith("inconclusive")
 
 
+def test_closed_loop_judges_throughput_not_cpu_or_p99(tmp_path):
+    """A closed loop runs the ranks flat out and queues requests whatever the patch: a real 2x
+    win with the ranks at 100% and a long p99 passes, with CPU and p99 n/a and the command that
+    would measure them at an equal offered load (an open loop at a rate before carried)."""
+    b, a = _pair(after_cpu=100.0, p99=5000.0)
+    r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    crit = {c["key"]: c for c in rep["criteria"]}
+    assert rep["verdict"] == "PASS" and crit["throughput_ratio"]["status"] == "pass"
+    for key in ("scheduler_cpu_pct", "p99_latency_ms"):
+        assert crit[key]["status"] == "n/a" and "closed loop" in crit[key]["note"]
+        cmd = crit[key]["measure_with"]
+        assert "--request-rate 0.8 " in cmd and "mmdiag replay open-loop.jsonl --tp 2" in cmd   # 0.8 x before's 1.0
+        assert "--before-strategy commit --after-strategy revert" in cmd
+    assert any(n.startswith("to judge scheduler_cpu_pct, p99_latency_ms: ") for n in rep["notes"])
+    # The same pair reversed is a real regression: it still fails.
+    r = _cli(_write(tmp_path, "b.json", a), _write(tmp_path, "a.json", b), "--before-strategy", "revert",
+             "--after-strategy", "commit", "--json")
+    crit = {c["key"]: c for c in json.loads(r.output)["criteria"]}
+    assert r.exit_code == 1 and crit["throughput_ratio"]["status"] == "fail"
+    assert crit["cpu_per_request_ratio"]["status"] == "fail"
+
+
+def test_open_loop_at_an_equal_load_judges_cpu_and_p99():
+    kw = dict(before_rps=(0.99, 1.0, 0.98), after_rps=(0.99, 1.0, 0.99), rate=1.0)   # both keep up with 1 req/s
+    crit = {c.key: c for c in build_report(*_pair(after_cpu=85.0, **kw), load_criteria()).criteria}
+    assert crit["scheduler_cpu_pct"].status == "fail" and crit["p99_latency_ms"].status == "pass"
+    crit = {c.key: c for c in build_report(*_pair(after_cpu=40.0, p99=2500.0, **kw), load_criteria()).criteria}
+    assert crit["scheduler_cpu_pct"].status == "pass" and crit["p99_latency_ms"].status == "fail"
+    # Both carried the offered rate: throughput is that rate, not capacity.
+    assert crit["throughput_ratio"].status == "n/a" and "--max-concurrency" in crit["throughput_ratio"].measure_with
+
+
+def test_a_load_before_could_not_carry_is_not_an_equal_load():
+    b, a = _pair(before_rps=(0.6, 0.61, 0.59), after_rps=(0.99, 1.0, 0.98), after_cpu=85.0, rate=1.0)
+    crit = {c.key: c for c in build_report(b, a, load_criteria()).criteria}
+    assert crit["scheduler_cpu_pct"].status == "n/a" and "did not keep up" in crit["scheduler_cpu_pct"].note
+    assert "--request-rate 0.48 " in crit["scheduler_cpu_pct"].measure_with
+    assert crit["throughput_ratio"].status == "pass"      # before saturated: after carried more
+
+
 def test_acceptance_failure_exits_nonzero(tmp_path):
-    b, a = _pair(after_cpu=85.0)
+    b, a = _pair(after_cpu=85.0, before_rps=(0.99, 1.0, 0.98), after_rps=(0.99, 1.0, 0.99), rate=1.0)
     r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "scheduler_cpu_pct" in r.output
-    b, a = _pair()
+    b, a = _pair(before_rps=(0.99, 1.0, 0.98), after_rps=(0.99, 1.0, 0.99), rate=1.0)
     r = _cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a))
     assert r.exit_code == 0, r.output
     assert "acceptance: PASS" in r.output
@@ -323,10 +366,10 @@ def test_run_verify_prints_the_report_and_returns_the_exit_status(tmp_path, caps
     pkg = site_packages("0.5.5", tmp_path / "site")
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16)
     crit = tmp_path / "crit.toml"
-    crit.write_text("[ranks_agree]\nrequire = true\n[scheduler_cpu_pct]\nmax = 0.001\n")   # cannot pass
+    crit.write_text("[ranks_agree]\nrequire = true\n[cpu_per_request_ratio]\nmax = 0.001\n")   # cannot pass
     code = run_verify(str(pkg), "revert", trace, tp=2, criteria=str(crit), output=str(tmp_path / "v.html"), repeat=1)
     out = capsys.readouterr()
-    assert code == 1 and "acceptance: FAIL" in out.out and "scheduler_cpu_pct" in out.err
+    assert code == 1 and "acceptance: FAIL" in out.out and "cpu_per_request_ratio" in out.err
     assert "<img" in (tmp_path / "v.html").read_text()
 
 
@@ -420,3 +463,26 @@ def test_verify_says_the_patch_is_still_applied_when_undo_fails(tmp_path, monkey
     msg = str(e.value)
     assert "rank 1 died" in msg and "not writable" in msg and "STILL APPLIED" in msg and "mmdiag apply --undo" in msg
     assert detect(locate(str(pkg))).patched == "batch"
+
+
+# --- the default workload, replayed for real --------------------------------------------
+
+@pytest.mark.slow
+def test_default_workload_a_real_win_passes_and_a_real_regression_fails(tmp_path):
+    """commit -> precompute on the default workload (small, tp 2) passes the default criteria;
+    precompute -> commit fails them. CPU per rank and p99 of the closed loop are n/a, not fails."""
+    from mmdiag.replay import ReplayOptions, replay
+    from mmdiag.workloads import defaults, synth_to_file
+
+    trace = str(tmp_path / "t.jsonl")
+    synth_to_file(defaults()["workload"], 16, trace)
+    run = _write(tmp_path, "run.json", replay(trace, ReplayOptions(tp=2, strategies=["commit", "precompute"],
+                                                                   repeat=3)))
+    win = _cli(run, run, "--before-strategy", "commit", "--after-strategy", "precompute", "--json")
+    rep = json.loads(win.output)
+    crit = {c["key"]: c["status"] for c in rep["criteria"]}
+    assert win.exit_code == 0 and rep["verdict"] == "PASS", win.output
+    assert crit["throughput_ratio"] == crit["cpu_per_request_ratio"] == "pass"
+    assert crit["scheduler_cpu_pct"] == crit["p99_latency_ms"] == "n/a"
+    loss = _cli(run, run, "--before-strategy", "precompute", "--after-strategy", "commit")
+    assert loss.exit_code == 1 and "acceptance: FAIL" in loss.output and "throughput_ratio" in loss.stderr

@@ -3,11 +3,15 @@
 A criteria file is a set of tables, one per criterion, each with one threshold
 field and an optional `description`:
 
-    [scheduler_cpu_pct]   max = 60.0    every rank's scheduler CPU (% of one core)
-    [throughput_ratio]    min = 1.0     after / before request throughput
-    [p99_latency_ms]      max = 2000.0  p99 request latency of the after Run
-    [gil_wait_pct]        max = 20.0    every rank's GIL wait share (live profiles)
-    [ranks_agree]         require = true  every rank ends with the same hashes
+    [scheduler_cpu_pct]   max = 60.0    every rank's scheduler CPU (% of one core)       equal load
+    [cpu_per_request_ratio] max = 1.0   busiest rank's CPU-ms per request, after / before  per request
+    [throughput_ratio]    min = 1.0     after / before request throughput                 saturation
+    [p99_latency_ms]      max = 2000.0  p99 request latency of the after Run              equal load
+    [gil_wait_pct]        max = 20.0    every rank's GIL wait share (live profiles)       any
+    [ranks_agree]         require = true  every rank ends with the same hashes            any
+
+The last column is where a criterion means something (mmdiag.analysis.conditions):
+a criterion the Runs did not measure under its condition is n/a, never a fail.
 
 Unknown tables or fields, a missing threshold, or a value of the wrong type or
 sign are errors naming the file and the key.
@@ -22,16 +26,19 @@ from typing import Any
 
 from ..errors import ProfileError
 from ..workloads import PROFILES_DIR
+from .conditions import ANY, EQUAL_LOAD, PER_REQUEST, SATURATION
 
 DEFAULT_FILE = PROFILES_DIR / "criteria" / "default.toml"
 
-# criterion -> (threshold field, kind): "max"/"min" are numbers >= 0 ("ratio" > 0), "require" a bool.
-SCHEMA: dict[str, tuple[str, str]] = {
-    "scheduler_cpu_pct": ("max", "number"),
-    "throughput_ratio": ("min", "ratio"),
-    "p99_latency_ms": ("max", "number"),
-    "gil_wait_pct": ("max", "number"),
-    "ranks_agree": ("require", "bool"),
+# criterion -> (threshold field, kind, condition): "max"/"min" are numbers >= 0 ("ratio" > 0),
+# "require" a bool; the condition is the load under which the criterion means something.
+SCHEMA: dict[str, tuple[str, str, str]] = {
+    "scheduler_cpu_pct": ("max", "number", EQUAL_LOAD),
+    "cpu_per_request_ratio": ("max", "ratio", PER_REQUEST),
+    "throughput_ratio": ("min", "ratio", SATURATION),
+    "p99_latency_ms": ("max", "number", EQUAL_LOAD),
+    "gil_wait_pct": ("max", "number", ANY),
+    "ranks_agree": ("require", "bool", ANY),
 }
 
 
@@ -41,6 +48,10 @@ class Criterion:
     field: str          # max | min | require
     value: Any
     description: str = ""
+
+    @property
+    def condition(self) -> str:
+        return SCHEMA[self.key][2]
 
     def threshold(self) -> str:
         if self.field == "require":
@@ -75,7 +86,7 @@ def parse_criteria(data: dict[str, Any], *, where: str = "<criteria>") -> list[C
             raise ProfileError(f"unknown criterion {key!r}", where=where, fix=f"known criteria: {', '.join(SCHEMA)}")
         if not isinstance(table, dict):
             raise ProfileError(f"{key} must be a table ([{key}] with {SCHEMA[key][0]} = ...)", where=where)
-        fld, kind = SCHEMA[key]
+        fld, kind, _ = SCHEMA[key]
         unknown = sorted(set(table) - {fld, "description"})
         if unknown:
             raise ProfileError(f"unknown field {key}.{unknown[0]}", where=where,

@@ -23,6 +23,7 @@ from ..run import RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 from . import breakdown as B
 from .breakdown import json_safe
+from . import conditions as L
 from .compare import NOT_JUDGED, Comparison, compare_samples
 from .criteria import Criterion
 
@@ -52,6 +53,11 @@ class Side:
     def is_replay(self) -> bool:
         return self.run.schema == REPLAY_SCHEMA
 
+    @property
+    def load(self) -> L.Load:
+        rps = self.result.throughput_rps if self.result is not None else None
+        return L.load_of(self.run, rps if rps is not None and not _nan(rps) else None)
+
     def describe(self) -> str:
         name = f"`{self.strategy}`" if self.strategy else "profile"
         return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
@@ -76,6 +82,8 @@ class CriterionResult:
     measured: str
     status: str         # pass | fail | n/a
     note: str = ""
+    condition: str = L.ANY  # where it means something (mmdiag.analysis.conditions)
+    measure_with: str = ""  # n/a: the commands that would measure it
 
 
 @dataclass
@@ -289,9 +297,16 @@ def _cmp(c: Criterion, v: float) -> bool:
 
 
 def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | None) -> CriterionResult:
-    res = CriterionResult(c.key, c.description, c.threshold(), "n/a", NA)
+    res = CriterionResult(c.key, c.description, c.threshold(), "n/a", NA, condition=c.condition)
+    why_not = L.judgeable(c.condition, before, after)
+    if why_not is not None:
+        res.note = f"n/a: {why_not}"
+        res.measure_with = L.remeasure(c.condition, before, after)
+        return res
     ranks = after.ranks
-    if c.key == "scheduler_cpu_pct":
+    if c.key == "cpu_per_request_ratio":
+        _cpu_per_request(res, c, before, after)
+    elif c.key == "scheduler_cpu_pct":
         vals = [(r.rank, B.cpu_pct(r)) for r in ranks if not _nan(B.cpu_pct(r))]
         if vals:
             rank, worst = max(vals, key=lambda x: x[1])
@@ -349,6 +364,23 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
     return res
 
 
+def cpu_ms_per_request(side: Side) -> tuple[int, float] | None:
+    """(rank, CPU-ms per request) of the rank that spends the most CPU per request served."""
+    n = side.result.requests if side.result is not None else 0
+    vals = [(r.rank, 1000.0 * r.cpu_s / n) for r in side.ranks if n and r.cpu_s]
+    return max(vals, key=lambda x: x[1]) if vals else None
+
+
+def _cpu_per_request(res: CriterionResult, c: Criterion, before: Side, after: Side) -> None:
+    b, a = cpu_ms_per_request(before), cpu_ms_per_request(after)
+    if b is None or a is None or b[1] <= 0:
+        res.note = "no CPU time per request in one of the Runs (a live profile serves no counted requests)"
+        return
+    ratio = a[1] / b[1]
+    res.measured = f"{ratio:.2f}x ({a[1]:.1f} / {b[1]:.1f} CPU-ms per request, busiest ranks {a[0]} / {b[0]})"
+    res.status = PASS if _cmp(c, ratio) else FAIL
+
+
 def _shortfall_significant(thr: Comparison, target: float) -> bool:
     """Is after significantly below target x before? The 95% CI of (after - before), from the
     same Welch comparison as the table, lies wholly below (target - 1) x the before mean."""
@@ -379,5 +411,9 @@ def build_report(before: Run, after: Run, criteria: list[Criterion], *, before_p
         if b.run.host.get("hostname") != a.run.host.get("hostname"):
             rep.notes.append("the two Runs come from different hosts")
     if any(c.status == NA for c in rep.criteria):
-        rep.notes.append("n/a: the Run has no such measurement; it is neither a pass nor a fail")
+        rep.notes.append("n/a: the Runs have no such measurement, or not under a load where it means something; "
+                         "neither a pass nor a fail")
+    for cmd in dict.fromkeys(c.measure_with for c in rep.criteria if c.measure_with):
+        keys = ", ".join(c.key for c in rep.criteria if c.measure_with == cmd)
+        rep.notes.append(f"to judge {keys}: {cmd}")
     return rep

@@ -99,6 +99,7 @@ def assemble_run(results: dict[str, list[StrategyResult]], world: int, args: Any
         trace={"path": os.path.abspath(args.trace), "source": header.source, "arrival": header.arrival,
                "model": header.model.get("name"), "requests": stats.requests, "mm_requests": stats.mm_requests,
                "items": stats.items, "mm_bytes": stats.mm_bytes, "modalities": stats.modalities,
+               "duration_s": stats.duration_s,  # arrival span: the offered rate of an open loop
                "mean_mm_request_bytes": stats.mm_bytes / max(stats.mm_requests, 1)},
         config={"forward_ms": args.forward_ms, "max_concurrency": args.max_concurrency,
                 "max_recv_mb": args.max_recv_mb,
