@@ -59,6 +59,8 @@ class RankResult:
     title: str | None = None
     samples: int | None = None
     phases_pct: dict[str, float] | None = None
+    # 95% half-width of each phases_pct share, in points (live/stats.py).
+    phases_ci: dict[str, float | None] | None = None
     gil_held_pct: float | None = None
     gil_wait_pct: float | None = None
     cpu_pct: float | None = None

@@ -222,6 +222,19 @@ def test_ctrl_c_keeps_what_was_sampled(replay, tmp_path):
 
 # --- faults ---------------------------------------------------------------------------------
 
+def test_pid_that_is_not_a_server(replay):
+    """This test process is an ancestor of the replay, as init is of everything: it is
+    not a server, a replay or a scheduler, so the profile names the replay's PID
+    instead of sampling whatever ranks descend from it."""
+    for pid in (os.getpid(), 1):
+        if pid == 1 and not psutil.pid_exists(1):
+            continue
+        line = _one_line_error(_cli("--pid", pid, "--duration", 1))
+        assert f"PID {pid} (" in line and "is not an SGLang server, an mmdiag replay or a scheduler" in line
+        assert f"PID {replay['launcher']} (" in line, line  # the replay, named as what to pass
+    assert not _pyspy_left(replay["ranks"])
+
+
 def test_no_such_pid():
     p = subprocess.Popen(["true"])
     p.wait()
@@ -287,9 +300,8 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
     GIL figures are not measured (None, with a note), not 0%; the recorders' start
     times are kept in config.live."""
     import dataclasses
-    import importlib
 
-    P = importlib.import_module("mmdiag.live.profile")  # the module; mmdiag.live.profile is the function
+    import mmdiag.live.sampler as P
 
     real = P.start_recorder
 
@@ -319,7 +331,7 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
     live = run.config["live"]
     assert live["gil_missing"] == [0]
     skew = live["recorder_start_skew"]
-    assert [(x["rank"], x["recorder"]) for x in skew["recorders"]] == [(0, "idle"), (0, "gil")]
+    assert [x["rank"] for x in skew["recorders"]] == [0]
     assert all(x["sampling_s"] is not None and x["sampling_s"] >= x["spawned_s"] >= 0 for x in skew["recorders"])
     assert skew["max_s"] is not None and skew["max_s"] >= 0
     assert not _pyspy_left([fake.pid])

@@ -3,7 +3,8 @@
 Definitions (what the numbers in a profile mean):
 - phases_pct: share of the main thread's samples (= of its wall time over the
   window, py-spy samples every thread at a fixed rate with --idle) whose stack
-  the rules put in each phase. Sums to 100. `forward` is kept as its own phase
+  the rules put in each phase. Sums to 100. phases_ci: its 95% half-width in
+  points, from the spread over the recording's blocks (stats.py). `forward` is kept as its own phase
   (the replay times it apart too); `idle` is waiting for work.
 - gil_held_pct: main-thread samples holding the GIL (the `--gil` recorder) over
   all main-thread samples (the `--idle` recorder), same rate, same window.
@@ -26,6 +27,7 @@ from ..vocab import PHASES
 from .discover import parse_title
 from .pyspy import ThreadSamples, main_thread
 from .rules import RuleSet
+from .stats import block_share, shares_pct
 
 
 @dataclass
@@ -35,6 +37,29 @@ class RankSamples:
     title: str | None
     threads: dict[int, ThreadSamples]
     gil_threads: dict[int, ThreadSamples] | None = None
+    # Consecutive blocks of the recording, (threads, gil_threads) each; the
+    # merged `threads` / `gil_threads` are their sum. Empty: one block.
+    blocks: list[tuple[dict[int, ThreadSamples], dict[int, ThreadSamples] | None]] = field(default_factory=list)
+
+    @classmethod
+    def from_blocks(cls, rank: int, pid: int | None, title: str | None, blocks: list) -> "RankSamples":
+        """Merge (threads, gil_threads) blocks; GIL figures only if every block has them."""
+        has_gil = bool(blocks) and all(g is not None for _, g in blocks)
+        return cls(rank, pid, title, merge_threads([t for t, _ in blocks]),
+                   merge_threads([g for _, g in blocks]) if has_gil else None, list(blocks))
+
+    def block_list(self):
+        return self.blocks or [(self.threads, self.gil_threads)]
+
+
+def merge_threads(parts: list[dict[int, ThreadSamples]]) -> dict[int, ThreadSamples]:
+    out: dict[int, ThreadSamples] = {}
+    for part in parts:
+        for tid, t in part.items():
+            m = out.setdefault(tid, ThreadSamples(tid, t.name))
+            m.name = m.name or t.name
+            m.stacks.update(t.stacks)
+    return out
 
 
 @dataclass
@@ -45,12 +70,14 @@ class RankProfile:
     samples: int
     phase_counts: Counter
     phases_pct: dict[str, float]
+    phases_ci: dict[str, float | None]
     gil_held_pct: float | None
     gil_wait_pct: float | None
     phase_gil_pct: dict[str, float | None]
     other_threads: list[dict] = field(default_factory=list)
     functions: set[str] = field(default_factory=set)
     top_other: list[tuple[str, int]] = field(default_factory=list)
+    gil_held_ci: float | None = None
 
 
 def _pct(n: float, d: float) -> float:
@@ -92,11 +119,40 @@ def _strategy_tokens(rs: RankSamples, rules: RuleSet) -> set[str]:
     return tokens
 
 
+def _main_of(threads: dict[int, ThreadSamples], main: ThreadSamples | None) -> ThreadSamples | None:
+    """The main thread's samples in one block (by TID, else by name)."""
+    if main is None:
+        return None
+    t = threads.get(main.tid)
+    if t is None and main.name:
+        t = next((x for x in threads.values() if x.name == main.name), None)
+    return t
+
+
+def _gil_figures(rs: RankSamples, main: ThreadSamples, counts: Counter, total: int, idle_pct: float,
+                 rules: RuleSet) -> tuple[float, float | None, float, dict[str, float | None]]:
+    """GIL held % (and its half-width over the blocks), GIL wait estimate, per-phase GIL %."""
+    held_n, sizes = [], []
+    for threads, gthreads in rs.block_list():
+        g, m = _main_of(gthreads or {}, main), _main_of(threads, main)
+        held_n.append(g.samples if g else 0)
+        sizes.append(m.samples if m else 0)
+    p, hw = block_share(held_n, sizes)
+    gmain = _main_of(rs.gil_threads, main)
+    gcounts = _phase_counts(gmain, rules)
+    gil_held = min(100.0, _pct(sum(gcounts.values()), total))
+    phase_gil = {k: (round(min(100.0, _pct(gcounts[k], counts[k])), 1) if counts[k] else None) for k in PHASES}
+    other_gil = sum(t.samples for tid, t in rs.gil_threads.items() if gmain is None or tid != gmain.tid)
+    gil_wait = max(0.0, min(min(100.0, _pct(other_gil, total)), 100.0 - gil_held - idle_pct))
+    return round(gil_held, 2), (None if hw != hw else round(100.0 * hw, 2)), round(gil_wait, 2), phase_gil
+
+
 def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
     main = main_thread(rs.threads, rs.pid)
     counts = _phase_counts(main, rules)
     total = sum(counts.values())
-    phases_pct = {p: round(_pct(counts[p], total), 2) for p in PHASES}
+    per_block = [_phase_counts(_main_of(threads, main), rules) for threads, _ in rs.block_list()]
+    phases_pct, phases_ci = shares_pct(per_block, PHASES)
     functions = _strategy_tokens(rs, rules)
     # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
     other_leaf: Counter = Counter()
@@ -105,21 +161,11 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
             if stack and rules.phase_of(stack) == "other":
                 other_leaf[stack[-1].name] += n
 
-    gil_held = gil_wait = None
+    gil_held = gil_wait = gil_ci = None
     phase_gil: dict[str, float | None] = {p: None for p in PHASES}
-    others: list[dict] = []
     if rs.gil_threads is not None and main is not None:
-        gmain = rs.gil_threads.get(main.tid)
-        if gmain is None and main.name:
-            gmain = next((t for t in rs.gil_threads.values() if t.name == main.name), None)
-        gcounts = _phase_counts(gmain, rules)
-        gil_held = min(100.0, _pct(sum(gcounts.values()), total))
-        for p in PHASES:
-            phase_gil[p] = round(min(100.0, _pct(gcounts[p], counts[p])), 1) if counts[p] else None
-        other_gil = sum(t.samples for tid, t in rs.gil_threads.items() if tid != main.tid)
-        other_gil_pct = min(100.0, _pct(other_gil, total))
-        gil_wait = max(0.0, min(other_gil_pct, 100.0 - gil_held - phases_pct["idle"]))
-        gil_held, gil_wait = round(gil_held, 2), round(gil_wait, 2)
+        gil_held, gil_ci, gil_wait, phase_gil = _gil_figures(rs, main, counts, total, phases_pct["idle"], rules)
+    others: list[dict] = []
     for tid, t in sorted(rs.threads.items()):
         if main is not None and tid == main.tid:
             continue
@@ -129,8 +175,8 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                        if rs.gil_threads is not None else None,
                        "phases_pct": {p: round(_pct(n, t.samples), 2)
                                       for p, n in _phase_counts(t, rules).items() if n}})
-    return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, gil_held, gil_wait,
-                       phase_gil, others, functions, other_leaf.most_common(5))
+    return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, phases_ci, gil_held, gil_wait,
+                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci)
 
 
 def _group(title: str | None) -> tuple[int, int]:

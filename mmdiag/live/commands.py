@@ -12,6 +12,7 @@ from ..errors import MmdiagError
 from ..run import Run
 from .errors import LiveError, TargetExitedError
 from .profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
+from .stats import pm
 
 EXIT_INTERRUPTED = 130
 SHOWN = ("recv", "from_dict", "pickle", "broadcast", "unpickle", "forward", "other", "idle")
@@ -31,14 +32,17 @@ def render_profile(run: Run) -> str:
                     f"py-spy {live['pyspy']['version']}; multimodal path: {name}")
     else:
         head.append(f"profile from {len(live.get('files', []))} py-spy raw file(s); multimodal path: {name}")
+    gil_ci = live.get("gil_held_ci", {})
     rows = []
     for r in run.ranks or []:
+        ci = r.phases_ci or {}
         rows.append([r.rank, r.pid if r.pid is not None else "-", r.samples]
-                    + [_f(r.phases_pct.get(p)) for p in SHOWN]
-                    + [_f(r.gil_held_pct), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
+                    + [pm(r.phases_pct.get(p), ci.get(p)) for p in SHOWN]
+                    + [pm(r.gil_held_pct, gil_ci.get(str(r.rank))), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
     table = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in SHOWN]
                      + ["GIL held %", "GIL wait %", "CPU %"], tablefmt="simple", disable_numparse=True)
-    out = "\n".join(head) + "\n\n" + table + "\n"
+    out = ("\n".join(head) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
+           "how precise a profile is)\n\n" + table + "\n")
     if run.findings:
         out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in run.findings) + "\n"
     return out

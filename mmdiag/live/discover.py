@@ -121,6 +121,7 @@ def discover(pid: int) -> Discovery:
         return Discovery(pid, title, "scheduler", [rank], [(pid, title)])
     seen: list[tuple[int, str]] = [(pid, title)]
     ranks: list[RankProcess] = []
+    owners: dict[int, tuple[str, int]] = {}  # the process each rank belongs to -> (title, ranks)
     try:
         children = proc.children(recursive=True)
     except psutil.Error:
@@ -128,13 +129,18 @@ def discover(pid: int) -> Discovery:
     for c in children:
         try:
             t = title_of(c)
+            parent = c.ppid()
         except psutil.Error:
             continue
         seen.append((c.pid, t))
         cp = parse_title(t)
         if cp is not None:
             ranks.append(RankProcess(c.pid, t, cp.get("TP", 0), cp))
+            owner = _owner(parent)
+            owners[owner[0]] = (owner[1], owners.get(owner[0], ("", 0))[1] + 1)
     if ranks:
+        if pid not in owners and not is_server(title):
+            raise _not_a_server(pid, title, owners)
         return Discovery(pid, title, "parent", _number(ranks), seen)
     if not is_python(pid):
         raise LiveError(f"PID {pid} ({_clip(title)}) is not a Python process and has no scheduler children",
@@ -144,6 +150,42 @@ def discover(pid: int) -> Discovery:
     raise LiveError(f"no scheduler ranks found under PID {pid}: no process titled "
                     f"{SGLANG_SCHEDULER_TITLE}* or {REPLAY_RANK_TITLE}*; found: {found}",
                     fix="pass the server's main PID or a scheduler's PID (see `ps -eo pid,args | grep scheduler`)")
+
+
+# What runs scheduler ranks as its children: SGLang's server (python -m
+# sglang.launch_server, `sglang serve`), an mmdiag replay, torchrun starting one.
+_SERVER = re.compile(r"(sglang[./]launch_server|sglang serve|\bsglang::|mmdiag(\.__main__)? replay|"
+                     r"-m mmdiag replay|\bmmdiag replay|torchrun|torch\.distributed\.run)")
+
+
+def is_server(title: str) -> bool:
+    return bool(_SERVER.search(title))
+
+
+def _owner(ppid: int) -> tuple[int, str]:
+    """The process a rank belongs to: its parent, or the parent's parent while the
+    parent is itself a rank or a torchrun agent under a server."""
+    pid = ppid
+    for _ in range(4):
+        try:
+            p = psutil.Process(pid)
+            t = title_of(p)
+            up = p.ppid()
+        except psutil.Error:
+            return pid, "?"
+        if parse_title(t) is None and not re.search(r"torchrun|torch\.distributed\.run", t):
+            return pid, t
+        pid = up
+    return ppid, "?"
+
+
+def _not_a_server(pid: int, title: str, owners: dict[int, tuple[str, int]]) -> LiveError:
+    """The PID given only has scheduler ranks further down its tree (init, a shell,
+    a wrapper script): say what was found there and which PID to pass."""
+    found = "; ".join(f"PID {o} ({_clip(t, 50)}) with {n} rank(s)" for o, (t, n) in sorted(owners.items()))
+    return LiveError(f"PID {pid} ({_clip(title, 40)}) is not an SGLang server, an mmdiag replay or a scheduler; "
+                     f"scheduler ranks further down its process tree belong to: {found}",
+                     fix=f"pass the PID of the server or replay to profile (e.g. --pid {min(owners)})")
 
 
 def _clip(s: str, n: int = 60) -> str:

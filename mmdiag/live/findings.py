@@ -1,9 +1,16 @@
-"""A live profile's findings, in words with their numbers."""
+"""A live profile's findings, in words with their numbers.
+
+A finding claims a share only when it is above its threshold by more than its
+95% interval, and a difference between ranks only when it is larger than the
+two intervals combined; the numbers are printed with their intervals.
+"""
 from __future__ import annotations
 
+import math
 from statistics import mean
 
 from .attribute import RankProfile
+from .stats import pm
 
 STRATEGY_WORDS = {
     "commit": "17a57fd's path: the entry rank materializes and sends each request with a blocking "
@@ -35,6 +42,26 @@ def _spread(vals: list[float]) -> str:
     return f" ({min(vals):.0f}-{max(vals):.0f}%)" if len(vals) > 1 and max(vals) - min(vals) >= 1 else ""
 
 
+def _ci(p: RankProfile, k: str) -> float:
+    h = p.phases_ci.get(k) if p.phases_ci else None
+    return 0.0 if h is None else h
+
+
+def _mean_ci(ps: list[RankProfile], k: str) -> float:
+    """Half-width of the mean share over ranks (independent ranks' intervals)."""
+    return math.sqrt(sum(_ci(p, k) ** 2 for p in ps)) / len(ps) if ps else 0.0
+
+
+def above(share: float, hw: float, threshold: float) -> bool:
+    """The share is above `threshold` by more than its interval."""
+    return share - hw >= threshold
+
+
+def differs(a: float, ha: float, b: float, hb: float) -> bool:
+    """Two shares differ by more than their intervals combined."""
+    return abs(a - b) > math.sqrt(ha * ha + hb * hb)
+
+
 def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | None],
              exited: list[dict] | None = None, notes: list[str] | None = None) -> list[str]:
     out: list[str] = []
@@ -48,34 +75,40 @@ def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | 
 
     if rest:
         b = [ph(p, "broadcast") for p in rest]
-        if mean(b) >= MIN_PCT:
-            out.append(f"{rank_list([p.rank for p in rest])} {_verb(rest, 'spends', 'spend')} {mean(b):.0f}% of "
-                       f"{_verb(rest, 'its', 'their')} time{_spread(b)} "
-                       f"waiting on rank {entry} in broadcast_object_list (rank {entry}: {ph(first, 'broadcast'):.0f}%)")
+        hb = _mean_ci(rest, "broadcast")
+        if above(mean(b), hb, MIN_PCT):
+            out.append(f"{rank_list([p.rank for p in rest])} {_verb(rest, 'spends', 'spend')} {pm(mean(b), hb)}% of "
+                       f"{_verb(rest, 'its', 'their')} time{_spread(b)} waiting on rank {entry} in "
+                       f"broadcast_object_list (rank {entry}: {pm(ph(first, 'broadcast'), _ci(first, 'broadcast'))}%)")
     fd = {p.rank: ph(p, "from_dict") for p in profiles}
-    if max(fd.values()) >= MIN_PCT:
-        if rest and fd[entry] >= MIN_PCT and max(fd[p.rank] for p in rest) < 1.0:
-            out.append(f"rank {entry} spends {fd[entry]:.0f}% in from_dict (feature hashing) while "
-                       f"{rank_list([p.rank for p in rest])} {_verb(rest, 'spends', 'spend')} under 1%: materialization runs once, on the entry rank")
+    if any(above(ph(p, "from_dict"), _ci(p, "from_dict"), MIN_PCT) for p in profiles):
+        hi = max(rest, key=lambda p: fd[p.rank]) if rest else None
+        if hi is not None and above(fd[entry], _ci(first, "from_dict"), MIN_PCT) and fd[hi.rank] < 1.0 \
+                and differs(fd[entry], _ci(first, "from_dict"), fd[hi.rank], _ci(hi, "from_dict")):
+            out.append(f"rank {entry} spends {pm(fd[entry], _ci(first, 'from_dict'))}% in from_dict (feature hashing) "
+                       f"while {rank_list([p.rank for p in rest])} {_verb(rest, 'spends', 'spend')} under 1%: "
+                       "materialization runs once, on the entry rank")
         else:
             vals = list(fd.values())
-            out.append(f"from_dict (materialization, sha256 hashing) takes {mean(vals):.0f}% of each rank's time{_spread(vals)}")
+            out.append(f"from_dict (materialization, sha256 hashing) takes {pm(mean(vals), _mean_ci(profiles, 'from_dict'))}% "
+                       f"of each rank's time{_spread(vals)}")
     pk, up = ph(first, "pickle"), [ph(p, "unpickle") for p in rest]
-    if pk >= MIN_PCT or (up and mean(up) >= MIN_PCT):
-        s = f"rank {entry} pickles for {pk:.0f}% of its time"
+    if above(pk, _ci(first, "pickle"), MIN_PCT) or (up and above(mean(up), _mean_ci(rest, "unpickle"), MIN_PCT)):
+        s = f"rank {entry} pickles for {pm(pk, _ci(first, 'pickle'))}% of its time"
         if up:
-            s += f"; {rank_list([p.rank for p in rest])} {_verb(rest, 'unpickles', 'unpickle')} for {mean(up):.0f}%{_spread(up)}"
+            s += (f"; {rank_list([p.rank for p in rest])} {_verb(rest, 'unpickles', 'unpickle')} for "
+                  f"{pm(mean(up), _mean_ci(rest, 'unpickle'))}%{_spread(up)}")
         out.append(s + " (the strategy's own collective)")
-    rv = [ph(p, "recv") for p in profiles]
-    if max(rv) >= MIN_PCT:
-        s = f"the request receive (recv_requests / broadcast_pyobj) takes {ph(first, 'recv'):.0f}% on rank {entry}"
+    if any(above(ph(p, "recv"), _ci(p, "recv"), MIN_PCT) for p in profiles):
+        s = (f"the request receive (recv_requests / broadcast_pyobj) takes {pm(ph(first, 'recv'), _ci(first, 'recv'))}% "
+             f"on rank {entry}")
         if rest:
             r2 = [ph(p, "recv") for p in rest]
-            s += f" and {mean(r2):.0f}%{_spread(r2)} on {rank_list([p.rank for p in rest])} (waiting for rank {entry}'s requests included)"
+            s += (f" and {pm(mean(r2), _mean_ci(rest, 'recv'))}%{_spread(r2)} on {rank_list([p.rank for p in rest])} "
+                  f"(waiting for rank {entry}'s requests included)")
         out.append(s)
-    idle = [ph(p, "idle") for p in profiles]
-    if max(idle) >= MIN_PCT:
-        parts = ", ".join(f"rank {p.rank} {ph(p, 'idle'):.0f}%" for p in profiles)
+    if any(above(ph(p, "idle"), _ci(p, "idle"), MIN_PCT) for p in profiles):
+        parts = ", ".join(f"rank {p.rank} {pm(ph(p, 'idle'), _ci(p, 'idle'))}%" for p in profiles)
         out.append(f"idle (waiting for requests): {parts}")
     # GIL by phase, pooled over ranks.
     pooled: dict[str, tuple[float, int]] = {}
