@@ -120,6 +120,45 @@ def trace_synth(profile, n, request_rate, max_concurrency, image_count, image_re
     click.echo(f"wrote {count} requests ({load_workload(profile).name}) to {output}")
 
 
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    w, _, h = value.lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise click.BadParameter(f"{value!r} is not WxH (e.g. 1120x700, width first)")
+    return int(w), int(h)
+
+
+@trace.command("from-dump")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="trace file to write")
+@click.option("--model", "model", default=None, metavar="NAME",
+              help="model geometry from profiles/models [default: matched from the dump's server_args.model_path]")
+@click.option("--default-size", callback=_size, default=None, metavar="WxH",
+              help="size for images given as URLs (never fetched); without it such requests are left out")
+def trace_from_dump(paths, output, model, default_size):
+    """Convert SGLang request dumps into a trace of the traffic the server really had.
+
+    \b
+    PATH: dump files (*.pkl) or folders of them, as SGLang writes with
+      python -m sglang.srt.managers.configure_logging --dump-requests-folder DIR
+      or the server's --crash-dump-folder DIR.
+    Arrivals come from each request's created_time, feature shapes from each image's real
+    size (read from its header: data URI, base64, bytes or a local file) and the model
+    geometry. A dump is loaded without running anything in it: only SGLang's request
+    classes are read, as plain fields; anything else is refused.
+    """
+    from .ingest.dump import convert, skipped_text
+
+    conv = convert(list(paths), output, model=model, default_size=default_size)
+    click.echo(f"wrote {conv.requests} requests from {conv.files} dump file(s) to {output} "
+               f"(model {conv.model_path or '?'}, geometry {conv.model})")
+    if conv.defaulted:
+        click.echo(f"  {conv.defaulted} image(s) given as URLs took --default-size")
+    if conv.skipped:
+        click.echo(f"  left out: {skipped_text(conv)}")
+
+
 @trace.command("info")
 @click.argument("trace_file", metavar="TRACE")
 @click.option("--json", "as_json", is_flag=True, help="print as JSON")

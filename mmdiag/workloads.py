@@ -45,6 +45,15 @@ def defaults() -> dict[str, Any]:
     return _load_toml(PROFILES_DIR / "defaults.toml")
 
 
+def model_names() -> list[str]:
+    return _names("models")
+
+
+def header_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The geometry as a trace header carries it (scalars only)."""
+    return {k: v for k, v in model.items() if isinstance(v, (str, int, float, bool))}
+
+
 def load_model(name: str) -> dict[str, Any]:
     if name not in _names("models"):
         raise ProfileError(f"unknown model geometry {name!r}", fix=f"known: {', '.join(_names('models'))}")
@@ -189,7 +198,7 @@ def _check_n(n: int) -> None:
 
 def _header(source: dict[str, Any], model: dict[str, Any], arrival: dict[str, Any]) -> TraceHeader:
     return TraceHeader(source={"tool": "mmdiag trace synth", **source},
-                       model={k: v for k, v in model.items() if not isinstance(v, dict)}, arrival=arrival)
+                       model=header_model(model), arrival=arrival)
 
 
 def synthesize(workload: Workload, n: int, *, request_rate: float | str | None = None,

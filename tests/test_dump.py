@@ -1,0 +1,154 @@
+"""`mmdiag trace from-dump`: SGLang request dumps (built with a real wheel's own classes,
+see sglang_dumps.py) with real encoded images -> a trace; hostile and broken dumps refused."""
+import base64
+import io
+import os
+import pickle
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mmdiag.cli import main
+from mmdiag.ingest.dump import convert, load_dump, DumpError
+from mmdiag.ingest.media import image_size
+from mmdiag.trace import TraceReader
+from mmdiag.workloads import feature_shape, load_model
+from sglang_dumps import make_dump
+
+QWEN = load_model("qwen2.5-vl")
+
+
+def encoded(fmt, w, h, **kw):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 90)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def data_uri(fmt, w, h, **kw):
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(encoded(fmt, w, h, **kw)).decode()
+
+
+@pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}),
+                                     ("JPEG", {"exif": b"Exif\x00\x00" + b"\x00" * 60000}),
+                                     ("GIF", {}), ("WEBP", {}), ("WEBP", {"lossless": True}), ("BMP", {})])
+def test_image_size_from_real_encodings(fmt, kw):
+    for w, h in ((1120, 700), (33, 517)):
+        assert image_size(encoded(fmt, w, h, **kw)) == (w, h)
+    assert image_size(b"\x89PNG\r\n\x1a\n trunc") is None and image_size(b"not an image") is None
+
+
+def _read(path):
+    with TraceReader(str(path)) as r:
+        return r.header, list(r)
+
+
+def test_old_release_dump_converts_with_real_sizes(tmp_path):
+    jpeg = tmp_path / "cat.jpg"
+    jpeg.write_bytes(encoded("JPEG", 640, 360))
+    bare = base64.b64encode(encoded("PNG", 1120, 700)).decode()
+    reqs = [
+        {"rid": "late", "created": 1000.75, "text": "x" * 400, "images": [data_uri("PNG", 1120, 700)]},
+        {"rid": "early", "created": 1000.25, "text": "hi", "images": [str(jpeg), {"url": bare}],
+         "meta_info": {"id": "early", "prompt_tokens": 5000}},
+        {"rid": "text", "created": 1000.5, "input_ids": list(range(77)), "images": []},
+    ]
+    dump = make_dump("0.5.4.post1", tmp_path / "dump.pkl", reqs)      # ServerArgs dataclass of 0.5.4.post1
+    out = tmp_path / "t.jsonl"
+    conv = convert([dump], str(out))
+    assert (conv.requests, conv.model, conv.model_path) == (3, "qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct")
+    header, got = _read(out)
+    assert [r.rid for r in got] == ["early", "text", "late"] and [r.t for r in got] == [0.0, 0.25, 0.5]
+    assert header.arrival == {"mode": "recorded"} and header.model["name"] == "Qwen2.5-VL"
+    assert got[2].mm[0].shape == (4000, 1176)                 # 1120x700 -> 4000 rows of 1176
+    small = feature_shape(QWEN, {"modality": "image", "width": 640, "height": 360})
+    assert [it.shape for it in got[0].mm] == [small, (4000, 1176)]
+    # prompt_tokens counts the expanded image tokens (rows / merge^2); the trace keeps the text.
+    assert got[0].prompt_len == 5000 - (small[0] + 4000) // 4
+    assert got[1].prompt_len == 77 and got[1].mm == ()
+    assert got[2].prompt_len == 100
+
+
+def test_new_release_folder_streams_dedupes_and_counts_urls(tmp_path):
+    folder = tmp_path / "dumps" / "host-a"
+    folder.mkdir(parents=True)
+    url = {"url": "https://example.com/cat.png"}
+    one = {"rid": "r1", "created": 5.0, "text": "a", "images": [data_uri("JPEG", 1120, 700)]}
+    make_dump("0.5.23", folder / "1.pkl", [one, {"rid": "r2", "created": 6.0, "text": "b", "images": [url]}],
+              server_args="dict")                             # 0.5.2x may store server_args as a dict
+    make_dump("0.5.23", folder / "2.pkl", [one, {"rid": "r3", "created": 7.0, "text": "c", "images": ["%%%"]}],
+              server_args="dict")
+    out = tmp_path / "t.jsonl"
+    conv = convert([str(tmp_path / "dumps")], str(out))
+    assert conv.files == 2 and conv.requests == 1
+    assert sum(conv.skipped.values()) == 3 and any("URL" in k for k in conv.skipped)
+    assert any("could not be read" in k for k in conv.skipped) and any("duplicate" in k for k in conv.skipped)
+    conv = convert([str(tmp_path / "dumps")], str(out), default_size=(1120, 700))
+    assert conv.requests == 2 and conv.defaulted == 1
+    assert [it.shape for r in _read(out)[1] for it in r.mm] == [(4000, 1176)] * 2
+
+
+def test_dump_without_server_args_needs_model(tmp_path):
+    dump = make_dump("0.5.23", tmp_path / "d.pkl", [{"rid": "a", "created": 1.0, "text": "a", "images": []}],
+                     server_args="none")
+    with pytest.raises(DumpError, match="--model"):
+        convert([dump], str(tmp_path / "t.jsonl"))
+    assert convert([dump], str(tmp_path / "t.jsonl"), model="qwen2.5-vl").requests == 1
+
+
+class Payload:
+    """Would create a file when unpickled by a plain pickle.load."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _cli(*args):
+    r = CliRunner().invoke(main, ["trace", "from-dump", *args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    return r
+
+
+def test_hostile_truncated_and_foreign_dumps_are_one_line_errors(tmp_path):
+    victim = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.pkl"
+    hostile.write_bytes(pickle.dumps({"server_args": None, "requests": [(Payload(str(victim)), {}, 1.0, 2.0)]}))
+    real = make_dump("0.5.4.post1", tmp_path / "real.pkl",
+                     [{"rid": "a", "created": 1.0, "text": "a", "images": [data_uri("PNG", 56, 56)]}])
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(open(real, "rb").read()[:300])
+    other = tmp_path / "other.pkl"
+    other.write_bytes(pickle.dumps([1, 2, 3]))
+    out = tmp_path / "t.jsonl"
+    for path, words in ((hostile, "refused: the pickle references io.open"),
+                        (cut, "truncated or not a pickle"), (other, "not an SGLang request dump"),
+                        (tmp_path / "missing.pkl", "no such file")):
+        r = _cli(str(path), "-o", str(out))
+        assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.output + r.stderr
+    assert not victim.exists() and not out.exists()
+    with pytest.raises(DumpError, match="os.system"):
+        load_dump(str(_write(tmp_path / "sys.pkl", b"cos\nsystem\n(S'touch " + str(victim).encode() + b"'\ntR.")))
+    assert not victim.exists()
+    pickle.loads(hostile.read_bytes())     # the payload is live: a plain load creates the file
+    assert victim.exists()
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_cli_converts_and_reports_what_it_left_out(tmp_path):
+    dump = make_dump("0.5.4.post1", tmp_path / "d.pkl", [
+        {"rid": "a", "created": 1.0, "text": "a", "images": [data_uri("PNG", 1120, 700)]},
+        {"rid": "b", "created": 2.0, "text": "b", "images": ["data:image/png;base64,AAAA"]}])
+    out = tmp_path / "t.jsonl"
+    r = _cli(dump, "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert "wrote 1 requests" in r.stdout and "1 image whose size could not be read" in r.stdout
+    r = _cli(dump, "-o", str(out), "--default-size", "12")
+    assert r.exit_code == 2 and "WxH" in r.stderr
+    assert os.path.getsize(out) > 0
