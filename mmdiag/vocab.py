@@ -27,7 +27,7 @@ TOKENIZER_PHASES = ("tokenizer_hash",)
 
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
-STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async")
+STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async")
 
 # Strategies `mmdiag apply` can patch into an installed SGLang.
 PATCHABLE_STRATEGIES = ("revert", "dict", "batch", "precompute")

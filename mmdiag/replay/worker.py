@@ -103,6 +103,17 @@ def _warm_up(rank: int, group, nbytes: int) -> None:
     dist.broadcast_object_list(objs, src=0, group=group)
 
 
+def _make_strategy(name, rank, group, results, world, args, header, stats):
+    """A strategy that configures itself from what this replay measured so far (cond's
+    threshold: the crossover of the strategies before it) gets a provisional Run on rank 0
+    and agrees with the other ranks itself; the others take no arguments."""
+    cls = strategy_registry.get(name)
+    if not hasattr(cls, "for_replay"):
+        return cls()
+    measured = assemble_run(results, world, args, header, stats) if rank == 0 and results else None
+    return cls.for_replay(rank, group, measured)
+
+
 def run_rank(args: argparse.Namespace) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _set_title(rank)
@@ -137,12 +148,13 @@ def run_rank(args: argparse.Namespace) -> int:
             max_conc = int(header.arrival["max_concurrency"])
         image_token_id = int(header.model.get("image_token_id", 0))
     results = {}
+    described: dict[str, dict] = {}
     prepass = None
     for name in names:
         runs = []
         for rep in range(args.repeat):
             strategy = (InstalledPath(installed, args.enable_broadcast_flag) if installed is not None
-                        else strategy_registry.get(name)())
+                        else _make_strategy(name, rank, group, results, world, args, header, stats))
             timers.reset(name)
             sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=timeout,
                                     forward_ms=args.forward_ms, progress=progress)
@@ -164,6 +176,8 @@ def run_rank(args: argparse.Namespace) -> int:
             finally:
                 if intake is not None:
                     intake.close()
+            if rank == 0:
+                described[name] = strategy.describe()
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(outcome, gathered, dst=0, group=group)
             if rank == 0:
@@ -178,6 +192,7 @@ def run_rank(args: argparse.Namespace) -> int:
     dist.barrier(group=group)
     if rank == 0:
         run = assemble_run(results, world, args, header, stats)
+        run.config["strategies"] = described
         if installed is not None:
             det = installed.detection
             run.config["impl"] = "sglang"

@@ -11,11 +11,13 @@ from .async_ import Async
 from .base import Strategy
 from .batch import Batch
 from .commit import Commit
+from .cond import Cond
 from .dict_ import Dict
+from .dict_async import DictAsync
 from .precompute import Precompute
 from .revert import Revert
 
-REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async)}
+REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async, Cond, DictAsync)}
 assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
 # The strategies `mmdiag apply` can patch in: those whose module names a patch.
 PATCHABLE: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.patch)

@@ -20,6 +20,8 @@ class Async(Strategy):
     name = "async"
     summary = "17a57fd's per-request broadcast moved to a background thread on its own gloo group; the loop does not block"
     collectives = "per request"
+    # What the background thread does for each request, on the strategy's own group.
+    materialize = staticmethod(_process_and_broadcast_mm_inputs)
 
     def setup(self, s) -> None:
         # new_group is itself collective: every rank calls it here, in the same order.
@@ -34,7 +36,7 @@ class Async(Strategy):
     def _async_broadcast_worker(self, s) -> None:
         try:
             while (r := self.todo.get()) is not _STOP:
-                self.done.put((r, _process_and_broadcast_mm_inputs(s, r.mm_inputs, group=self.group)))
+                self.done.put((r, self.materialize(s, r.mm_inputs, group=self.group)))
         except BaseException as e:  # surfaced on the main thread by poll()
             self.error = e
             self.done.put(None)

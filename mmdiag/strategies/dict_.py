@@ -5,12 +5,12 @@ from ..replay.mm import MultimodalInputs
 from .base import Ready, Strategy
 
 
-def _broadcast_raw_mm_inputs(s, raw_mm_inputs):
+def _broadcast_raw_mm_inputs(s, raw_mm_inputs, group=None):
     """The seeds' 'broadcast the raw dict' fix: the entry rank sends the unmaterialized
     dict, every rank materializes. Note the dict already reached every rank through the
     recv broadcast, so this resends the same feature bytes."""
     objs = [raw_mm_inputs if s.is_entry_rank else None]
-    broadcast_object_list_timed(s.timers, objs, src=0, group=s.cpu_group)
+    broadcast_object_list_timed(s.timers, objs, src=0, group=group if group is not None else s.cpu_group)
     with s.timers.phase("from_dict"):
         return MultimodalInputs.from_dict(objs[0])
 
