@@ -30,7 +30,7 @@ TOKENIZER_PHASES = ("tokenizer_hash",)
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async")
 
 # Strategies `mmdiag apply` can patch into an installed SGLang.
-PATCHABLE_STRATEGIES = ("revert", "dict", "batch", "precompute")
+PATCHABLE_STRATEGIES = ("revert", "dict", "batch", "precompute", "cond")
 
 REPLAY_SCHEMA = "mmdiag.replay/1"
 PROFILE_SCHEMA = "mmdiag.profile/1"

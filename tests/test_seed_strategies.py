@@ -153,3 +153,34 @@ def test_cond_replay_follows_the_environment_threshold(tmp_path):
     assert (cfg["broadcast_requests"], cfg["local_requests"]) == (big, sum(1 for b in sizes if b) - big)
     assert d["strategies"]["cond"]["ranks"][0]["collectives"] == big
     assert d["strategies"]["cond"]["ranks_agree"] is True
+
+
+@pytest.mark.slow
+def test_cond_patch_on_real_wheels_two_gloo_ranks(tmp_path, monkeypatch):
+    """`mmdiag apply cond` on a broadcast-always and a broadcast-flag release, run on 2 gloo
+    ranks through the install's own code (the calls of test_sglang_patched_gloo: mixed
+    multimodal/text batches, an empty call, an abort). Requests above the threshold are
+    broadcast, the others materialized per rank; nothing hangs, nothing stays cached."""
+    import mmdiag.sglang.apply as A
+    from mmdiag.sglang.locate import locate
+    from sglang_wheels import site_packages
+    from test_sglang_patched_gloo import MM_RIDS, _feature, _spawn, expected_hash
+
+    limit = 1900  # between the features' sizes (1,536 .. 3,360 bytes per request)
+    monkeypatch.setenv(T.ENV, str(limit))  # the servers' environment (spawned ranks inherit it)
+    configs = []
+    for version, flag in (("0.5.5", False), ("0.5.6", True)):
+        pkg = site_packages(version, tmp_path / version)
+        assert A.apply(locate(str(pkg)), "cond").status == "applied"
+        configs.append((f"{version}/cond", str(pkg), flag))
+    results = _spawn(2, configs, tmp_path)
+    above = sum(sum(_feature(s).numpy().nbytes for s in seeds) > limit for seeds in MM_RIDS.values())
+    assert 0 < above < len(MM_RIDS)
+    for name, _dir, _flag in configs:
+        per_rank = [r[name] for r in results]
+        assert per_rank[0]["out"] == per_rank[1]["out"], f"{name}: ranks disagree"
+        for rid, seeds in MM_RIDS.items():
+            assert per_rank[0]["out"][rid] == [[expected_hash(s), expected_hash(s) % (1 << 30)] for s in seeds]
+        for r in per_rank:
+            assert r["collectives"] == above, (name, r["collectives"])
+            assert r["caches"] == [0, 0, 0, 0] and r["aborted"] == ["r5"]

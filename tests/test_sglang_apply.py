@@ -22,11 +22,11 @@ from mmdiag.vocab import PATCHABLE_STRATEGIES
 
 # (version, strategy) -> files written ([] = nothing to patch, None = refused as not applicable)
 EXPECT = {
-    "per-rank": {"revert": [], "dict": None, "batch": None, "precompute": ["tokenizer_manager"]},
+    "per-rank": {"revert": [], "dict": None, "batch": None, "precompute": ["tokenizer_manager"], "cond": None},
     "broadcast-always": {"revert": ["scheduler"], "dict": ["scheduler"], "batch": ["scheduler"],
-                         "precompute": ["tokenizer_manager", "scheduler"]},
+                         "precompute": ["tokenizer_manager", "scheduler"], "cond": ["scheduler"]},
     "broadcast-flag": {"revert": [], "dict": ["scheduler"], "batch": ["scheduler"],
-                       "precompute": ["tokenizer_manager"]},
+                       "precompute": ["tokenizer_manager"], "cond": ["scheduler"]},
 }
 FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
 

@@ -29,6 +29,7 @@ from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..workloads import PROFILES_DIR
+from . import threshold
 from .costmodel import CostModel, fit
 
 RULES_FILE = PROFILES_DIR / "recommend.toml"
@@ -156,6 +157,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
     model = fit(runs, target=run)
     rec = Recommendation(None, "undecided", "replay", _describe_target(run), cost_model=model)
     rec.notes += model.notes
+    rec.notes.append(threshold.recommend_note(model))
     baseline_name = next((n for n in ("commit", "revert") if n in run.strategies), None)
     baseline_name = baseline_name or next(iter(run.strategies), None)
     rec.baseline = baseline_name

@@ -86,3 +86,11 @@ def resolve(option: str | float | None = None, env: Mapping[str, str] | None = N
     return Threshold(float(SEED_EXAMPLE_BYTES), "seed-example",
                      f"{SEED_EXAMPLE_BYTES} bytes, the seed's example value (000_3099abf5086ce8a8.txt): "
                      f"nothing measured or given; {measured.text}, or set {ENV}")
+
+
+def recommend_note(model) -> str:
+    """What `mmdiag recommend` says about the conditional broadcast for these Runs."""
+    th = from_model(model)
+    if th.bytes is None or th.never:
+        return f"`cond` (size-conditional broadcast): {th.text}"
+    return f"`cond` (size-conditional broadcast): {th.text}; to use it: {ENV}={th.bytes:.0f} mmdiag apply cond"

@@ -1,0 +1,88 @@
+"""`cond`: the seeds' size-conditional broadcast (000_3099abf5086ce8a8.txt, 方案2: 条件优化).
+
+A multimodal request whose feature bytes exceed the threshold takes 17a57fd's path
+(the entry rank materializes and broadcasts), a smaller one is materialized by
+every rank. Why every rank enters the same collectives in the same order: the
+per-request decision reads only the request's feature sizes, which every rank of
+cpu_group received identically (recv_requests' broadcast_pyobj), and a threshold
+all ranks agreed on once (all_reduce MIN over the group on the first multimodal
+request, a point every rank reaches in the same call), so nodes whose environments
+differ cannot diverge. The entry rank never raises between deciding and
+broadcasting: a failed from_dict is sent as None and every rank then materializes
+the request itself (raising the same error everywhere, as the per-rank path would).
+No cache: nothing outlives the call, so an aborted request leaves nothing behind.
+
+The threshold: SGLANG_MM_BROADCAST_THRESHOLD (bytes) read at server start, else the
+value baked in at apply time (mmdiag.analysis.threshold.resolve: the environment
+of `mmdiag apply`, else the seed's 100 KB example; `mmdiag recommend` prints the
+measured crossover to use, or says that no threshold pays).
+"""
+from __future__ import annotations
+
+import os
+
+from ...analysis import threshold as T
+from .common import GROUP_WORLD, MARK, Plan, patch_broadcast_path
+
+STRATEGY = "cond"
+DESCRIPTION = "broadcast the materialized inputs only for requests above a feature-size threshold"
+
+METHOD = f'''
+def _process_and_broadcast_mm_inputs(
+    self,
+    raw_mm_inputs: Optional[dict],
+):
+    {MARK} cond -- broadcast only requests whose features exceed the threshold.
+    # See mmdiag.sglang.patches.cond for why every rank takes the same collectives.
+    if raw_mm_inputs is None:
+        return None
+{GROUP_WORLD}    if world <= 1:
+        return MultimodalInputs.from_dict(raw_mm_inputs)
+    limit = getattr(self, "_mmdiag_cond_limit", None)
+    if limit is None:
+        limit = self._mmdiag_cond_limit = self._mmdiag_cond_agree_limit(group)
+    nbytes = 0
+    for item in raw_mm_inputs.get("mm_items") or ():
+        for data in (getattr(item, "feature", None), getattr(item, "precomputed_embeddings", None)):
+            nbytes += int(getattr(data, "nbytes", 0) or 0)
+    if nbytes <= limit:
+        return MultimodalInputs.from_dict(raw_mm_inputs)
+    is_src = torch.distributed.get_rank(group=group) == 0
+    obj_list = [None]
+    if is_src:
+        try:
+            obj_list = [MultimodalInputs.from_dict(raw_mm_inputs)]
+        except Exception as e:  # never skip the collective the others entered
+            logger.warning(f"mmdiag cond: from_dict failed on the entry rank ({{e}}); "
+                           "every rank will materialize this request itself")
+    torch.distributed.broadcast_object_list(
+        obj_list, src=torch.distributed.get_global_rank(group, 0), group=group
+    )
+    if obj_list[0] is None:
+        return MultimodalInputs.from_dict(raw_mm_inputs)
+    return obj_list[0]
+
+def _mmdiag_cond_agree_limit(self, group):
+    {MARK} cond -- one threshold for every rank: the smallest any rank was given.
+    import os as _os
+    text = _os.environ.get("{T.ENV}", "").strip()
+    try:
+        value = float(text) if text else {{default}}
+        if not value >= 0:  # nan or negative
+            raise ValueError(text)
+    except ValueError:
+        logger.warning(f"mmdiag cond: {T.ENV}={{text!r}} is not a byte count; "
+                       "using the threshold mmdiag apply baked in")
+        value = {{default}}
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return float(t.item())
+'''
+
+
+def build(det, texts: dict[str, str]) -> Plan:
+    th = T.resolve(env=os.environ)
+    default = 'float("inf")' if th.never else repr(float(th.bytes))
+    plan = patch_broadcast_path(det, texts, STRATEGY, METHOD.replace("{default}", default))
+    plan.notes.append(f"threshold baked in: {th.text}; {T.ENV} set for the server overrides it")
+    return plan
