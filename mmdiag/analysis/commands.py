@@ -113,8 +113,14 @@ def recommend_command(runs, as_json, tp, repeat, n, profile, save):
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--before-strategy", default=None, metavar="NAME", help="strategy of BEFORE to compare")
 @click.option("--after-strategy", default=None, metavar="NAME", help="strategy of AFTER to compare")
+@click.option("--before-bench", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
+              help="live server: bench_serving --output-file of the runs BEFORE.json was profiled during "
+                   "(repeatable; each line is one run, several runs are the repeats)")
+@click.option("--after-bench", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
+              help="the same for AFTER.json")
 @_one_line_errors
-def report_command(before, after, criteria, output, as_json, before_strategy, after_strategy):
+def report_command(before, after, criteria, output, as_json, before_strategy, after_strategy,
+                   before_bench=(), after_bench=()):
     """Compare two Runs against acceptance criteria; exit 1 when acceptance fails.
 
     \b
@@ -123,7 +129,9 @@ def report_command(before, after, criteria, output, as_json, before_strategy, af
       (a replay of installed code, a live profile) gives that one; else before is
       `commit` (the regression) and after is what `mmdiag recommend` picks.
     Both Runs must be of one kind (two replays or two live profiles) and one rank
-    count. Differences are judged with the replay repeats (Welch t-test, p < 0.05):
+    count. A live server: two profiles (mmdiag profile --json) with the bench_serving
+    result files of the runs each was taken during (--before-bench, --after-bench):
+    throughput and latency come from bench_serving, its runs are the repeats. Differences are judged with the replay repeats (Welch t-test, p < 0.05):
     inside the noise is "not significant", never a win. A criterion the Run cannot
     measure (GIL in a replay) is n/a: neither pass nor fail.
     Exit status: 0 accepted, 1 a criterion failed, 2 bad input.
@@ -139,6 +147,11 @@ def report_command(before, after, criteria, output, as_json, before_strategy, af
         check_report_output(output)
     b = Run.load(before)
     a = b if os.path.abspath(after) == os.path.abspath(before) else Run.load(after)
+    if before_bench or after_bench:
+        from ..ingest.bench_serving import with_bench
+        if not (before_bench and after_bench):
+            raise MmdiagError("give bench_serving results for both sides (--before-bench and --after-bench)")
+        b, a = with_bench(b, list(before_bench), before), with_bench(a, list(after_bench), after)
     rep = build_report(b, a, crit, before_path=before, after_path=after,
                        before_strategy=before_strategy, after_strategy=after_strategy)
     if output:

@@ -64,7 +64,7 @@ class Load:
 
 
 def load_of(run: Run, achieved_rps: float | None) -> Load:
-    if run.is_profile:
+    if run.is_profile and not run.trace.get("arrival"):   # a profile alone serves no counted requests
         return Load("live", None, None)
     arrival = run.trace.get("arrival") or {}
     mode = arrival.get("mode", "recorded")
@@ -84,7 +84,7 @@ def same_trace(before: Run, after: Run) -> bool:
 
 def judgeable(condition: str, before: "Side", after: "Side") -> str | None:
     """None when the two sides measured under `condition`; else why not (for an n/a)."""
-    if condition in (ANY, PER_REQUEST) or not before.is_replay:
+    if condition in (ANY, PER_REQUEST) or not before.run.trace.get("arrival"):
         return None
     lb, la = before.load, after.load
     if condition == SATURATION:
@@ -115,6 +115,11 @@ def _rate(before: "Side") -> float:
 def remeasure(condition: str, before: "Side", after: "Side") -> str:
     """The commands that would measure the two sides under `condition`."""
     run = before.run
+    if run.config.get("bench_serving"):   # a live server measured with bench_serving: re-run that
+        from ..ingest.bench_serving import bench_command
+        flag = "--max-concurrency N (or --request-rate inf)" if condition == SATURATION else \
+            f"--request-rate {_rate(before)}"
+        return bench_command(run, flag)
     n = run.trace.get("requests") or 100
     src = run.trace.get("source") if isinstance(run.trace.get("source"), dict) else {}
     profile = src.get("profile")

@@ -54,6 +54,11 @@ class Side:
         return self.run.schema == REPLAY_SCHEMA
 
     @property
+    def has_requests(self) -> bool:
+        """Served counted requests: a replay, or a live profile with bench_serving runs attached."""
+        return self.result is not None and (self.is_replay or self.result.requests > 0)
+
+    @property
     def load(self) -> L.Load:
         rps = self.result.throughput_rps if self.result is not None else None
         return L.load_of(self.run, rps if rps is not None and not _nan(rps) else None)
@@ -218,7 +223,7 @@ def throughput_comparison(before: Side, after: Side) -> Comparison | None:
     """After against before request throughput: the one comparison both the table row and
     the throughput_ratio criterion are judged from."""
     bs, as_ = before.result, after.result
-    if not (before.is_replay and bs and as_):
+    if not (before.has_requests and after.has_requests):
         return None
     return _judge("throughput", bs.repeats_rps, as_.repeats_rps, bs.throughput_rps, as_.throughput_rps, True)
 
@@ -232,7 +237,7 @@ def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> 
     """The before/after table; `throughput`: the comparison the criterion uses (computed when None)."""
     rows: list[MetricRow] = []
     bs, as_ = before.result, after.result
-    if before.is_replay and bs and as_:
+    if before.has_requests and after.has_requests:
         thr = throughput if throughput is not None else throughput_comparison(before, after)
         rows.append(_row_judged("throughput", "req/s", thr, bs.throughput_rps, as_.throughput_rps))
         rows.append(_row_plain("p50 latency", "ms", bs.latency_ms.get("p50"), as_.latency_ms.get("p50")))
@@ -240,6 +245,9 @@ def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> 
         rows.append(_row_judged("p99 latency", "ms",
                                 _judge("p99 latency", bs.repeats_p99_ms, as_.repeats_p99_ms, p99_b, p99_a, False),
                                 p99_b, p99_a))
+        for q in ("p50", "p99"):   # a live server's bench_serving runs also time the first token
+            if f"ttft_{q}" in bs.latency_ms or f"ttft_{q}" in as_.latency_ms:
+                rows.append(_row_plain(f"{q} TTFT", "ms", bs.latency_ms.get(f"ttft_{q}"), as_.latency_ms.get(f"ttft_{q}")))
     rows.append(_row_plain("scheduler CPU, busiest rank", "%", _max_rank(before.ranks, B.cpu_pct),
                            _max_rank(after.ranks, B.cpu_pct)))
     for r in sorted({r.rank for r in before.ranks} | {r.rank for r in after.ranks}):
@@ -323,7 +331,7 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
         else:
             res.note = "no GIL measurement (a replay has none; profile with --gil)"
     elif c.key == "p99_latency_ms":
-        if after.is_replay and after.result is not None and not _nan(after.result.latency_ms.get("p99")):
+        if after.has_requests and not _nan(after.result.latency_ms.get("p99")):
             v = after.result.latency_ms["p99"]
             reps = [x for x in after.result.repeats_p99_ms if not _nan(x)]
             if len(reps) > 1:  # the same figure the before/after table judges
@@ -331,7 +339,8 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
             res.measured = f"{v:,.0f} ms" + (f" (mean of {len(reps)} repeats)" if len(reps) > 1 else "")
             res.status = PASS if _cmp(c, v) else FAIL
         else:
-            res.note = "no latency in a live profile (replay for latency)"
+            res.note = ("no latency in a live profile (replay for latency, or attach the bench_serving "
+                        "results of the profiled runs: --before-bench, --after-bench)")
     elif c.key == "throughput_ratio":
         b = before.result
         if thr is not None and b is not None and thr.before and not _nan(thr.before):
@@ -353,7 +362,8 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
                     res.note = (f"inconclusive: short of {c.value:g}x but inside the noise (95% CI of the change: "
                                 f"{_ci(thr)}); replay with more --repeat (5 or more) to decide")
         else:
-            res.note = "no throughput in a live profile (replay for throughput)"
+            res.note = ("no throughput in a live profile (replay for throughput, or attach the bench_serving "
+                        "results of the profiled runs: --before-bench, --after-bench)")
     elif c.key == "ranks_agree":
         v = after.result.ranks_agree if after.result is not None else None
         if v is not None:
@@ -401,6 +411,11 @@ def build_report(before: Run, after: Run, criteria: list[Criterion], *, before_p
     phases, unit = phase_rows(b, a)
     thr = throughput_comparison(b, a)   # one comparison for the table row and the criterion
     rep = Report(b, a, metrics(b, a, thr), phases, unit, evaluate(criteria, b, a, thr))
+    if b.has_requests and not b.is_replay:   # live: bench_serving runs are the repeats
+        for s in (b, a):
+            if s.result and len(s.result.repeats_rps) < 2:
+                rep.notes.append(f"{s.label} has one bench_serving run: differences are not judged "
+                                 "(run the benchmark 3 times; each run appends a line to its --output-file)")
     if b.is_replay:
         for s in (b, a):
             if s.result and len(s.result.repeats_rps) < 2:

@@ -47,7 +47,12 @@ def header_lines(rep: Report) -> list[str]:
     b, a = rep.before, rep.after
     t = a.run.trace or {}
     lines = [b.describe(), a.describe()]
-    if t.get("requests") is not None:
+    src = t.get("source") if isinstance(t.get("source"), dict) else {}
+    if src.get("tool") == "sglang.bench_serving":   # a live server, measured with bench_serving
+        lines.append(f"workload: sglang.bench_serving --dataset-name {src.get('dataset_name')}, "
+                     f"{t.get('requests')} requests per run, --request-rate {src.get('request_rate')}, "
+                     f"--max-concurrency {src.get('max_concurrency')}; host {a.run.host.get('hostname', '?')}")
+    elif t.get("requests") is not None:
         mb = (t.get("mean_mm_request_bytes") or 0) / 2 ** 20
         prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
         lines.append(f"workload: {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
