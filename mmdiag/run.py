@@ -112,6 +112,8 @@ class Run:
     # A live profile's ranks (mirrors its single strategy entry for the contract).
     ranks: list[RankResult] | None = None
     findings: list[str] = field(default_factory=list)
+    # Where it was loaded from (not saved): how recommend and report name it.
+    path: str = field(default="", compare=False, repr=False)
 
     @property
     def is_replay(self) -> bool:
@@ -123,6 +125,7 @@ class Run:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["path"]
         if d["ranks"] is None:
             del d["ranks"]
         return d
@@ -176,7 +179,9 @@ class Run:
             raise RunFileError(f"cannot read ({e.strerror})", where=path) from None
         if not isinstance(d, dict):
             raise RunFileError("not a Run object", where=path)
-        return cls.from_dict(d, source=path)
+        run = cls.from_dict(d, source=path)
+        run.path = path
+        return run
 
 
 def _rank_from_dict(d: dict[str, Any]) -> RankResult:

@@ -16,6 +16,7 @@ from mmdiag.analysis import commands
 from mmdiag.analysis.compare import compare_samples, t_quantile, t_two_sided_p
 from mmdiag.analysis.costmodel import fit
 from mmdiag.analysis.recommend import load_rules, recommend
+from mmdiag.render.recommend_text import render_recommendation
 from mmdiag.vocab import PATCHABLE_STRATEGIES, STRATEGIES
 
 
@@ -145,14 +146,26 @@ def test_a_patch_slower_than_commit_is_not_a_confident_pick():
     assert json.loads(json.dumps(rec.to_dict()))["recommended"] is None
 
 
-def test_a_patch_inside_the_noise_of_commit_is_low_confidence():
+def _consistent(rec):
+    """Verdict and confidence never contradict: a recommendation the data does not back is none."""
+    words = " ".join(rec.reasons).lower()
+    if rec.recommended not in (None, "none"):
+        assert rec.confidence in ("high", "medium", "low") and "insufficient evidence" not in words
+        assert "does not show" not in words and "not measurably faster" not in words
+    if rec.confidence == "insufficient evidence":
+        assert rec.recommended is None and rec.leading and words.startswith("insufficient evidence")
+
+
+def test_a_patch_inside_the_noise_of_commit_is_insufficient_evidence():
     run = video_run()
     run.strategies["batch"].repeats_rps = [1.55, 1.75, 1.45]       # batch no longer clearly beats commit
     run.strategies["batch"].throughput_rps = 1.55
     run.strategies["precompute"].tokenizer_ms["capacity_rps"] = 1.0
     rec = recommend([run])
-    assert rec.recommended == "batch" and rec.confidence == "low"
-    assert any("not measurably faster than `commit`" in r for r in rec.reasons)
+    _consistent(rec)
+    assert rec.recommended is None and rec.confidence == "insufficient evidence" and rec.leading == "batch"
+    assert "does not show it is faster than `commit`" in rec.reasons[0]
+    assert json.loads(json.dumps(rec.to_dict()))["leading"] == "batch"
 
 
 def test_mm_path_under_a_few_percent_gets_none():
@@ -180,12 +193,61 @@ def test_tie_inside_the_noise_is_low_confidence_and_says_what_to_measure():
     assert rec.recommended == "batch"                            # the cost model's side breaks the tie
 
 
-def test_one_repeat_is_low_confidence():
+def test_one_repeat_never_recommends_what_it_cannot_show():
     run = video_run()
     for s in run.strategies.values():
         s.repeats_rps = s.repeats_rps[:1]
     rec = recommend([run])
-    assert rec.confidence == "low" and any("--repeat 3" in m for m in rec.measure_next)
+    _consistent(rec)
+    assert rec.recommended is None and rec.confidence == "insufficient evidence" and rec.leading == "batch"
+    assert any("--repeat 3" in m for m in rec.measure_next)
+    text = render_recommendation(rec)
+    assert text.startswith("recommended: nothing yet, insufficient evidence (`batch` leads")
+
+
+def _split(run, keep):
+    from dataclasses import replace
+    return replace(run, strategies={k: v for k, v in run.strategies.items() if k in keep})
+
+
+def test_runs_of_one_trace_are_merged_and_others_left_out_with_the_reason(tmp_path):
+    """before.json holds commit, after.json revert, batch and precompute (one trace, one tp):
+    recommend reads both; a Run of another rank count or another trace is named and left out."""
+    video = video_run()
+    paths = {}
+    for name, run in [("before", _split(video, {"commit"})), ("after", _split(video, {"revert", "batch", "precompute"})),
+                      ("tp2", video_run(tp=2)), ("other", replay_run([strategy("commit", [9, 9.1], [rank(0)])],
+                                                                     tp=4, mean_mb=1.0))]:
+        paths[name] = str(tmp_path / f"{name}.json")
+        run.save(paths[name])
+    r = CliRunner().invoke(commands.recommend_command, [paths[k] for k in ("before", "after", "tp2", "other")] +
+                           ["--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["recommended"] == "batch" and d["baseline"] == "commit"
+    assert d["runs"]["used"] == [paths["before"], paths["after"]]
+    why = {x["run"]: x["why"] for x in d["runs"]["left_out"]}
+    assert "tp 2, not 4" in why[paths["tp2"]] and "another trace" in why[paths["other"]]
+
+
+def test_repeats_of_one_strategy_in_two_runs_pool():
+    a, b = video_run(), video_run()
+    for run, reps in ((a, [1.58]), (b, [1.60, 1.62])):
+        run.strategies["commit"].repeats_rps = reps
+    rec = recommend([a, b])
+    assert next(o for o in rec.runners_up if o.name == "commit").repeats == 3
+
+
+def test_a_null_throughput_is_left_out_not_a_traceback(tmp_path):
+    d = video_run().to_dict()
+    d["strategies"]["precompute"]["throughput_rps"] = None
+    p = tmp_path / "null.json"
+    p.write_text(json.dumps(d))
+    r = CliRunner().invoke(commands.recommend_command, [str(p), "--json"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    out = json.loads(r.output)
+    assert out["recommended"] == "batch"
+    assert any("precompute" in x["run"] and "no throughput" in x["why"] for x in out["runs"]["left_out"])
 
 
 def test_live_profile_recommends_from_phase_shares_and_asks_for_a_replay():
@@ -249,7 +311,8 @@ def test_small_images_at_high_concurrency_do_not_get_commit(tmp_path):
     # Every rank hashing a small image is cheaper than broadcasting it at high concurrency:
     # the answer is per-rank (revert) or hashing once in the tokenizer (precompute), never
     # a broadcast, and the model must not say broadcasting pays.
-    assert rec.recommended in {"revert", "precompute"}, rec.reasons
+    _consistent(rec)
+    assert (rec.recommended or rec.leading) in {"revert", "precompute"}, rec.reasons
     assert rec.cost_model.broadcast_pays() is not True
     assert rec.mm_share_pct > 5
     m = rec.cost_model
@@ -261,4 +324,4 @@ def test_small_images_at_high_concurrency_do_not_get_commit(tmp_path):
     from mmdiag.analysis.criteria import load_criteria
     from mmdiag.analysis.report import build_report
     rep = build_report(run, run, load_criteria(), before_path="run.json", after_path="run.json")
-    assert rep.before.strategy == "commit" and rep.after.strategy == rec.recommended
+    assert rep.before.strategy == "commit" and rep.after.strategy == (rec.recommended or rec.leading)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..run import Run
+from ..strategies import BASELINE
 
 if TYPE_CHECKING:
     from .report import Side
@@ -130,7 +131,7 @@ def remeasure(condition: str, before: "Side", after: "Side") -> str:
         arrival, name = f"--request-rate {_rate(before)}", "open-loop"
     synth = (f"mmdiag trace synth --profile {profile} -n {n} {arrival} -o {name}.jsonl" if profile else
              f"(your trace of {n} requests, re-timed: mmdiag trace synth {arrival} -o {name}.jsonl)")
-    b, a = before.strategy or "commit", after.strategy or "commit"
+    b, a = before.strategy or BASELINE, after.strategy or BASELINE
     if run.config.get("impl") == "sglang":   # apply --verify: the install is the strategy
         sg = (run.config.get("sglang") or {}).get("path")
         where = f" --sglang {sg}" if sg else ""

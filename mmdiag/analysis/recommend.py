@@ -24,16 +24,20 @@ from typing import Any
 
 from ..errors import MmdiagError, ProfileError
 from ..run import Run, StrategyResult
-from ..vocab import PATCHABLE_STRATEGIES, PROFILE_SCHEMA, REPLAY_SCHEMA, STRATEGIES
+from ..strategies import BASELINE
+from ..vocab import PATCHABLE_STRATEGIES, PROFILE_SCHEMA, STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..workloads import PROFILES_DIR
 from . import threshold
 from .costmodel import CostModel, fit
+from .merge import label, merge_replays
 
 RULES_FILE = PROFILES_DIR / "recommend.toml"
 NONE = "none"
+# Confidence when the best patch is not shown to beat the baseline: no recommendation.
+INSUFFICIENT = "insufficient evidence"
 
 
 def load_rules(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -74,7 +78,7 @@ class Option:
 @dataclass
 class Recommendation:
     recommended: str | None           # a patchable strategy, "none", or None when the data cannot decide
-    confidence: str                   # high | medium | low | undecided
+    confidence: str                   # high | medium | low | insufficient evidence | undecided
     source: str                       # replay | profile
     target: str                       # what workload / Run it is for
     reasons: list[str] = field(default_factory=list)
@@ -85,11 +89,16 @@ class Recommendation:
     mm_share_pct: float | None = None
     baseline: str | None = None
     cost_model: CostModel | None = None
+    leading: str | None = None        # insufficient evidence: the patch that leads, not yet shown to help
+    runs_used: list[str] = field(default_factory=list)
+    runs_left_out: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "recommended": self.recommended, "confidence": self.confidence, "source": self.source,
-            "target": self.target, "baseline": self.baseline, "mm_share_pct": _num(self.mm_share_pct),
+            "target": self.target, "baseline": self.baseline, "leading": self.leading,
+            "runs": {"used": self.runs_used, "left_out": self.runs_left_out},
+            "mm_share_pct": _num(self.mm_share_pct),
             "reasons": self.reasons,
             "chosen": json_safe(asdict(self.chosen)) if self.chosen else None,
             "runners_up": [json_safe(asdict(o)) for o in self.runners_up],
@@ -132,19 +141,21 @@ def _samples(s: StrategyResult, expected: float) -> list[float]:
 
 
 def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommendation:
-    """Recommend for the first replay Run (all replay Runs feed the cost model); with only
-    live profiles, from the first profile's phase shares."""
+    """Recommend from the replay Runs of one workload (every Run of the first one's trace, rank
+    count, host and settings is merged; the rest say why they were left out, and feed only the
+    cost model); with only live profiles, from the first profile's phase shares."""
     if not runs:
         raise MmdiagError("no Runs to recommend from")
     rules = rules or load_rules()
-    replays = [r for r in runs if r.schema == REPLAY_SCHEMA]
-    if replays:
-        rec = _from_replay(replays[0], runs, rules)
-        if len(replays) > 1:
-            rec.notes.append(f"recommendation for the first replay Run; all {len(replays)} replay Runs "
-                             "fed the cost model")
-        if any(r.schema == PROFILE_SCHEMA for r in runs):
-            live = _from_profile(next(r for r in runs if r.schema == PROFILE_SCHEMA), rules)
+    merged = merge_replays(runs)
+    if merged.run is not None:
+        others = [r for i, r in enumerate(runs) if r.is_replay and label(r, i) not in merged.used]
+        rec = _from_replay(merged.run, [merged.run, *others], rules)
+        rec.runs_used = merged.used
+        rec.runs_left_out = [{"run": n, "why": w} for n, w in merged.left_out]
+        rec.notes += merged.notes()
+        if any(r.is_profile for r in runs):
+            live = _from_profile(next(r for r in runs if r.is_profile), rules)
             rec.notes.append(f"the live profile points to {live.recommended!r}: " + "; ".join(live.reasons[:2]))
         return rec
     return _from_profile(runs[0], rules)
@@ -152,24 +163,7 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommend
 
 # --- replay --------------------------------------------------------------------
 
-def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommendation:
-    th, cand = rules["thresholds"], rules["candidates"]
-    model = fit(runs, target=run)
-    rec = Recommendation(None, "undecided", "replay", _describe_target(run), cost_model=model)
-    rec.notes += model.notes
-    rec.notes.append(threshold.recommend_note(model))
-    baseline_name = next((n for n in ("commit", "revert") if n in run.strategies), None)
-    baseline_name = baseline_name or next(iter(run.strategies), None)
-    rec.baseline = baseline_name
-    if baseline_name is None:
-        rec.reasons.append("the Run has no strategies")
-        rec.measure_next.append("replay with --strategy all")
-        return rec
-    base = run.strategies[baseline_name]
-    share = B.max_or_nan(B.mm_share(r) for r in base.ranks)
-    rec.mm_share_pct = share
-    base_rps = base.throughput_rps if base.throughput_rps else None
-
+def _options(run: Run, base_rps: float | None, rules: dict[str, Any]) -> tuple[dict[str, Option], dict[str, list[float]]]:
     options: dict[str, Option] = {}
     samples: dict[str, list[float]] = {}
     for name, s in run.strategies.items():
@@ -183,42 +177,37 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
             noise_pct=100 * noise if noise is not None else None, repeats=len(s.repeats_rps) or 1,
             patchable=name in PATCHABLE_STRATEGIES,
             note=note or rules["not_a_fix"].get(name, ""))
-    if model.workload_mb is not None:
-        x = model.crossover_mb(1.0 / max(model.requests_per_iteration or 1.0, 1.0))
-        if x is not None and math.isinf(x):
-            xs = "batched broadcasting never pays (sending costs more per MB than every rank hashing)"
-        elif x is not None:
-            xs = f"batched broadcasting pays above {x:.2f} MB"
-        elif not model.separable and model.saving_ms_per_mb is not None:
-            xs = ("where batched broadcasting starts to pay is unknown (one message size per collective: the "
-                  "per-collective cost cannot be told from the per-MB cost; 0 MB is only a lower bound, "
-                  "not used to decide)")
-        else:
-            xs = "where batched broadcasting starts to pay is unknown"
-        sending = (f"{_f(model.k_ms_per_mb)} ms/MB + {_f(model.c_ms_per_collective)} ms per collective"
-                   if model.separable else
-                   f"{_f(model.k_ms_per_mb)} ms/MB with the per-collective cost folded in (not separable)")
-        rec.reasons.append(
-            f"cost model at tp {model.tp}: materialize {_f(model.m_all_ms_per_mb)} ms/MB with every rank at once, "
+    return options, samples
+
+
+def _cost_reason(model: CostModel) -> str | None:
+    if model.workload_mb is None:
+        return None
+    x = model.crossover_mb(1.0 / max(model.requests_per_iteration or 1.0, 1.0))
+    if x is not None and math.isinf(x):
+        xs = "batched broadcasting never pays (sending costs more per MB than every rank hashing)"
+    elif x is not None:
+        xs = f"batched broadcasting pays above {x:.2f} MB"
+    elif not model.separable and model.saving_ms_per_mb is not None:
+        xs = ("where batched broadcasting starts to pay is unknown (one message size per collective: the "
+              "per-collective cost cannot be told from the per-MB cost; 0 MB is only a lower bound, "
+              "not used to decide)")
+    else:
+        xs = "where batched broadcasting starts to pay is unknown"
+    sending = (f"{_f(model.k_ms_per_mb)} ms/MB + {_f(model.c_ms_per_collective)} ms per collective"
+               if model.separable else
+               f"{_f(model.k_ms_per_mb)} ms/MB with the per-collective cost folded in (not separable)")
+    return (f"cost model at tp {model.tp}: materialize {_f(model.m_all_ms_per_mb)} ms/MB with every rank at once, "
             f"{_f(model.m_one_ms_per_mb)} ms/MB on the entry rank alone; sending {sending}; "
-            f"{_f(model.requests_per_iteration, 1)} requests "
-            f"per loop iteration; {xs}; this workload: "
+            f"{_f(model.requests_per_iteration, 1)} requests per loop iteration; {xs}; this workload: "
             f"{model.workload_mb:.2f} MB per multimodal request")
 
-    if not math.isnan(share) and share < th["min_mm_share_pct"]:
-        rec.recommended, rec.confidence = NONE, "high" if base.repeats_rps and len(base.repeats_rps) > 1 else "medium"
-        rec.reasons.insert(0, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in "
-                              f"`{baseline_name}` (under {th['min_mm_share_pct']}%): no patch is worth it")
-        rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
-        return rec
 
-    cands = [n for n in cand["order"] if n in options]
-    if not cands:
-        rec.reasons.append(f"none of the patchable strategies ({', '.join(PATCHABLE_STRATEGIES)}) was replayed")
-        rec.measure_next.append("replay with --strategy all (or at least revert, batch and precompute)")
-        rec.runners_up = list(options.values())
-        return rec
-
+def _choose(cands: list[str], options: dict[str, Option], samples: dict[str, list[float]], pays: bool | None,
+            rules: dict[str, Any]) -> tuple[str, list[str]]:
+    """The best candidate, and those tied with it inside the noise (the pick among ties: the cost
+    model's side of the crossover, then the lower busiest-rank CPU, then the rules' order)."""
+    th, cand = rules["thresholds"], rules["candidates"]
     best = max(cands, key=lambda n: options[n].expected_rps or 0.0)
     tied = [best]
     for n in cands:
@@ -228,66 +217,110 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         within = abs(1 - c.ratio) * 100 <= th["tie_pct"]
         if (c.status == NOT_JUDGED and within) or (c.status != NOT_JUDGED and not c.significant):
             tied.append(n)
-    pays = model.broadcast_pays()
-    if len(tied) > 1:
-        group = cand["when_broadcast_pays"] if pays else cand["when_broadcast_does_not_pay"] if pays is False \
-            else cand["order"]
-        order = cand["order"]
+    if len(tied) == 1:
+        return best, tied
+    group = cand["when_broadcast_pays"] if pays else cand["when_broadcast_does_not_pay"] if pays is False \
+        else cand["order"]
+    order = cand["order"]
 
-        def cpu(n: str) -> float:
-            v = options[n].max_cpu_pct
-            return v if v is not None and not math.isnan(v) else 1e9
+    def cpu(n: str) -> float:
+        v = options[n].max_cpu_pct
+        return v if v is not None and not math.isnan(v) else 1e9
 
-        pick = min(tied, key=lambda n: (n not in group, cpu(n), order.index(n) if n in order else 99))
-    else:
-        pick = best
-    # The pick against the baseline (commit, the current path): a patch that is slower, or
-    # not measurably faster where the model says the missing broadcast fix would pay, is no answer.
-    base_cmp: Comparison | None = None
-    if baseline_name in options and baseline_name not in cands:
-        base_cmp = compare_samples(samples[baseline_name], samples[pick], metric="throughput_rps", alpha=th["alpha"])
-    if base_cmp is not None:
-        undecided = _against_baseline(rec, base_cmp, pick, baseline_name, options, cands, pays, rules)
-        if undecided:
-            for n, o in options.items():
-                if n != baseline_name:
-                    o.verdict = compare_samples(samples[baseline_name], samples[n], metric="throughput_rps",
-                                                alpha=th["alpha"]).verdict()
-            rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
-            rec.reasons.insert(1, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in "
-                                  f"`{baseline_name}`")
-            return rec
-    rec.recommended, rec.chosen = pick, options[pick]
-    ch = options[pick]
+    return min(tied, key=lambda n: (n not in group, cpu(n), order.index(n) if n in order else 99)), tied
 
-    # Verdicts of everything else against the pick, with the repeats.
+
+def _verdicts(options: dict[str, Option], samples: dict[str, list[float]], against: str, alpha: float,
+              *, keep_against: bool = False) -> list[Option]:
+    """Every other option judged against `against` with the repeats, fastest first."""
+    out = []
     for n, o in options.items():
-        if n == pick:
-            continue
-        c = compare_samples(samples[pick], samples[n], metric="throughput_rps", alpha=th["alpha"])
-        o.verdict = c.verdict()
-        rec.runners_up.append(o)
-    rec.runners_up.sort(key=lambda o: -(o.expected_rps or 0))
+        if n != against:
+            o.verdict = compare_samples(samples[against], samples[n], metric="throughput_rps", alpha=alpha).verdict()
+        if n != against or keep_against:
+            out.append(o)
+    return sorted(out, key=lambda o: -(o.expected_rps or 0))
 
-    vs = f" ({ch.vs_baseline:.2f}x `{baseline_name}`)" if ch.vs_baseline and baseline_name != pick else ""
-    cpu_txt = f", busiest rank's scheduler CPU {ch.max_cpu_pct:.0f}%" if ch.max_cpu_pct is not None and not math.isnan(ch.max_cpu_pct) else ""
-    rec.reasons.insert(0, f"`{pick}` is expected at {ch.expected_rps:.2f} req/s{vs}{cpu_txt}, p99 {_f(ch.p99_ms, 0)} ms"
-                          + (f"; {ch.note}" if ch.note and pick not in rules["not_a_fix"] else ""))
-    rec.reasons.insert(1, f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in `{baseline_name}`")
-    if pays is not None:
-        side = "above" if pays else "below"
-        rec.reasons.append(f"the workload is {side} the crossover: broadcasting "
-                           f"{'pays' if pays else 'does not pay'} here")
-        measured_bcast = [n for n in ("batch",) if n in options and n in cands]
-        if measured_bcast and pays and "revert" in options and \
-                (options["revert"].expected_rps or 0) > (options["batch"].expected_rps or 0):
-            rec.notes.append("the cost model and the measured throughput disagree (model: broadcasting pays; "
-                             "measured: revert faster): trust the measurement, and replay again to be sure")
 
-    # Confidence.
+def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommendation:
+    th, cand = rules["thresholds"], rules["candidates"]
+    model = fit(runs, target=run)
+    rec = Recommendation(None, "undecided", "replay", _describe_target(run), cost_model=model)
+    rec.notes += model.notes
+    rec.notes.append(threshold.recommend_note(model))
+    rec.baseline = baseline_name = BASELINE if BASELINE in run.strategies else next(iter(run.strategies), None)
+    if baseline_name is None:
+        rec.reasons.append("the Runs have no strategy with a measured throughput")
+        rec.measure_next.append("replay with --strategy all")
+        return rec
+    base = run.strategies[baseline_name]
+    share = B.max_or_nan(B.mm_share(r) for r in base.ranks)
+    rec.mm_share_pct = share
+    options, samples = _options(run, base.throughput_rps or None, rules)
+    if (reason := _cost_reason(model)) is not None:
+        rec.reasons.append(reason)
+    share_words = f"the multimodal path is {share:.1f}% of the busiest rank's scheduler time in `{baseline_name}`"
+    if not math.isnan(share) and share < th["min_mm_share_pct"]:
+        rec.recommended, rec.confidence = NONE, "high" if base.repeats_rps and len(base.repeats_rps) > 1 else "medium"
+        rec.reasons.insert(0, f"{share_words} (under {th['min_mm_share_pct']}%): no patch is worth it")
+        rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
+        return rec
+    cands = [n for n in cand["order"] if n in options]
+    if not cands:
+        rec.reasons.append(f"none of the patchable strategies ({', '.join(PATCHABLE_STRATEGIES)}) was replayed")
+        rec.measure_next.append("replay with --strategy all (or at least revert, batch and precompute)")
+        rec.runners_up = list(options.values())
+        return rec
+    pays = model.broadcast_pays()
+    pick, tied = _choose(cands, options, samples, pays, rules)
+    # The pick against the baseline (the current path): a patch that is slower, or not
+    # measurably faster, is no answer; only the size of the gap says which words to use.
+    base_cmp = None
+    if baseline_name not in cands:
+        base_cmp = compare_samples(samples[baseline_name], samples[pick], metric="throughput_rps", alpha=th["alpha"])
+    if base_cmp is not None and (_against_baseline(rec, base_cmp, pick, baseline_name, options, cands, pays, rules)
+                                 or _insufficient(rec, base_cmp, pick, baseline_name, options)):
+        rec.runners_up = _verdicts(options, samples, baseline_name, th["alpha"], keep_against=True)
+        rec.reasons.insert(1, share_words)
+        return rec
+    rec.recommended, rec.chosen = pick, options[pick]
+    rec.runners_up = _verdicts(options, samples, pick, th["alpha"])
+    _chosen_reasons(rec, options[pick], baseline_name, share_words, pays, options, cands, rules)
+    _confidence(rec, options, cands, tied, pays, th)
+    if not model.separable:
+        rec.measure_next.append("to place the crossover precisely, replay commit and batch (or a second workload "
+                                "with a different feature size) so the per-collective cost can be fitted")
+    if options[pick].max_cpu_pct is not None and not math.isnan(options[pick].max_cpu_pct) and run.trace.get(
+            "arrival", {}).get("mode") == "closed":
+        rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
+                         "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
+    return rec
+
+
+def _chosen_reasons(rec: Recommendation, ch: Option, baseline: str, share_words: str, pays: bool | None,
+                    options: dict[str, Option], cands: list[str], rules: dict[str, Any]) -> None:
+    vs = f" ({ch.vs_baseline:.2f}x `{baseline}`)" if ch.vs_baseline and baseline != ch.name else ""
+    cpu_txt = (f", busiest rank's scheduler CPU {ch.max_cpu_pct:.0f}%"
+               if ch.max_cpu_pct is not None and not math.isnan(ch.max_cpu_pct) else "")
+    rec.reasons.insert(0, f"`{ch.name}` is expected at {ch.expected_rps:.2f} req/s{vs}{cpu_txt}, p99 {_f(ch.p99_ms, 0)} ms"
+                          + (f"; {ch.note}" if ch.note and ch.name not in rules["not_a_fix"] else ""))
+    rec.reasons.insert(1, share_words)
+    if pays is None:
+        return
+    rec.reasons.append(f"the workload is {'above' if pays else 'below'} the crossover: broadcasting "
+                       f"{'pays' if pays else 'does not pay'} here")
+    if pays and "batch" in cands and "revert" in options and \
+            (options["revert"].expected_rps or 0) > (options["batch"].expected_rps or 0):
+        rec.notes.append("the cost model and the measured throughput disagree (model: broadcasting pays; "
+                         "measured: revert faster): trust the measurement, and replay again to be sure")
+
+
+def _confidence(rec: Recommendation, options: dict[str, Option], cands: list[str], tied: list[str],
+                pays: bool | None, th: dict[str, Any]) -> None:
+    """Of a pick the data shows beats the baseline: how sure the choice among the patches is."""
+    pick = rec.recommended
     noise = [o.noise_pct for o in options.values() if o.noise_pct is not None]
     max_noise = max(noise) if noise else None
-    one_repeat = any(options[n].repeats < 2 for n in cands)
     if len(tied) > 1:
         rec.confidence = "low"
         others = ", ".join(f"`{n}`" for n in tied if n != pick)
@@ -297,9 +330,9 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
                            f"inside the noise; `{pick}` is chosen by {why}")
         rec.measure_next.append(f"replay again with --repeat 5 or more (and more requests, -n) to separate "
                                 f"{', '.join(tied)}" + (f"; repeat noise now up to {max_noise:.0f}%" if max_noise else ""))
-    elif one_repeat:
+    elif any(options[n].repeats < 2 for n in cands):
         rec.confidence = "low"
-        rec.reasons.append("one repeat per strategy: the noise is unknown, so no difference is judged significant")
+        rec.reasons.append("one repeat of some patches: the noise is unknown, so they are not judged against the pick")
         rec.measure_next.append("replay with --repeat 3 or more to judge the differences")
     elif max_noise is not None and max_noise > th["max_noise_pct"]:
         rec.confidence = "medium"
@@ -307,21 +340,22 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
                                 "replay on a quieter machine or with more requests")
     else:
         rec.confidence = "high"
-    if base_cmp is not None and not base_cmp.better:
-        # Not measurably faster than the path it replaces: never a confident pick.
-        rec.confidence = "low"
-        rec.reasons.append(f"`{pick}` is not measurably faster than `{baseline_name}` "
-                           f"({base_cmp.verdict()}): the data does not show the patch helps")
-        rec.measure_next.append(f"replay again with --repeat 5 or more (and more requests, -n) to separate "
-                                f"`{pick}` from `{baseline_name}`")
-    if not model.separable:
-        rec.measure_next.append("to place the crossover precisely, replay commit and batch (or a second workload "
-                                "with a different feature size) so the per-collective cost can be fitted")
-    if options[pick].max_cpu_pct is not None and not math.isnan(options[pick].max_cpu_pct) and run.trace.get(
-            "arrival", {}).get("mode") == "closed":
-        rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
-                         "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
-    return rec
+
+
+def _insufficient(rec: Recommendation, c: Comparison, pick: str, baseline: str, options: dict[str, Option]) -> bool:
+    """The best patch is not measurably faster than the baseline (one repeat, or inside the noise):
+    no recommendation, and the words say so consistently."""
+    if c.better:
+        return False
+    rec.recommended, rec.confidence, rec.chosen, rec.leading = None, INSUFFICIENT, None, pick
+    o = options[pick]
+    vs = f" ({o.vs_baseline:.2f}x `{baseline}`)" if o.vs_baseline else ""
+    rec.reasons.insert(0, f"insufficient evidence: `{pick}` leads at {_f(o.expected_rps)} req/s{vs}, but the data "
+                          f"does not show it is faster than `{baseline}` ({c.verdict()}): keep the current path until "
+                          "a replay with more repeats shows it")
+    rec.measure_next.append(f"replay again with --repeat 3 or more (and more requests, -n) to separate `{pick}` "
+                            f"from `{baseline}`; Runs of the same trace are merged, so a second Run adds repeats")
+    return True
 
 
 def _against_baseline(rec: Recommendation, c: Comparison, pick: str, baseline: str, options: dict[str, Option],

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import MmdiagError
 from ..run import RankResult, Run, StrategyResult
+from ..strategies import BASELINE
 from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 from . import breakdown as B
 from .breakdown import json_safe
@@ -161,12 +162,13 @@ def _pick(run: Run, path: str, wanted: str | None, default: str | None, label: s
 def choose(before: Run, after: Run, before_path: str, after_path: str, before_strategy: str | None = None,
            after_strategy: str | None = None) -> tuple[Side, Side]:
     check_comparable(before, after, before_path, after_path)
-    bname, bres = _pick(before, before_path, before_strategy, "commit", "before")
+    bname, bres = _pick(before, before_path, before_strategy, BASELINE, "before")
     default_after = None
     if not after_strategy and len(after.strategies) > 1:
         from .recommend import recommend
         rec = recommend([after])
-        default_after = rec.recommended if rec.recommended in after.strategies else None
+        lead = rec.recommended or rec.leading     # the report is what judges a lead not yet shown to help
+        default_after = lead if lead in after.strategies else None
         if default_after == bname and before is after:
             default_after = None
     aname, ares = _pick(after, after_path, after_strategy, default_after, "after")

@@ -13,7 +13,9 @@ def _f(x, nd=2) -> str:
 
 
 def render_recommendation(rec: Recommendation) -> str:
-    if rec.recommended is None:
+    if rec.recommended is None and rec.leading:
+        head = f"recommended: nothing yet, insufficient evidence (`{rec.leading}` leads; keep the current path)"
+    elif rec.recommended is None:
         head = "recommended: cannot decide from these measurements (keep the current path)"
     elif rec.recommended == NONE:
         head = "recommended: none (leave the multimodal path as it is)"

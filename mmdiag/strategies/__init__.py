@@ -19,6 +19,8 @@ from .revert import Revert
 
 REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async, Cond, DictAsync)}
 assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
+# The one baseline: the path a recommendation or an acceptance report measures patches against.
+BASELINE: str = next(n for n, c in REGISTRY.items() if c.baseline)
 # The strategies `mmdiag apply` can patch in: those whose module names a patch.
 PATCHABLE: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.patch)
 

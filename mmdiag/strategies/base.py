@@ -36,6 +36,8 @@ class Strategy:
     live_markers: ClassVar[tuple[str, ...]] = ()
     # Module under mmdiag/sglang/patches that patches it into SGLang; None: no patch ships it.
     patch: ClassVar[str | None] = None
+    # The current upstream path every patch is measured against (exactly one strategy).
+    baseline: ClassVar[bool] = False
 
     def setup(self, s: "ReplayScheduler") -> None:
         pass

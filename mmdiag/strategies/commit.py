@@ -22,6 +22,7 @@ class Commit(Strategy):
     name = "commit"
     summary = "17a57fd: entry rank materializes, one blocking broadcast_object_list per multimodal request"
     collectives = "per request"
+    baseline = True
 
     def process(self, s, reqs) -> Ready:
         return [(r, _process_and_broadcast_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

@@ -1,0 +1,87 @@
+"""Merge replay Runs that measured the same thing into one: `merge_replays(runs)`.
+
+Runs of one trace, at one rank count, on one host, with the same replay settings
+measure the same workload; their strategies (and the repeats of a strategy replayed
+in several Runs) pool into one Run. Any other Run is left out, with the reason.
+The first replay Run given is the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..run import Run, StrategyResult
+
+# Replay settings that change what a strategy measures.
+SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb")
+# What makes two traces the same workload (the file may have moved).
+TRACE_KEYS = ("requests", "mm_requests", "items", "mm_bytes", "arrival", "source")
+
+
+@dataclass
+class Merged:
+    run: Run | None
+    used: list[str] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)   # (Run, why)
+
+    def notes(self) -> list[str]:
+        if len(self.used) + len(self.left_out) < 2:
+            return []
+        out = [f"measurements merged from {len(self.used)} Run(s): {', '.join(self.used)}"]
+        out += [f"left out {name}: {why}" for name, why in self.left_out]
+        return out
+
+
+def label(run: Run, i: int) -> str:
+    return run.path or f"Run {i + 1}"
+
+
+def _differs(ref: Run, run: Run) -> str | None:
+    if run.tp != ref.tp:
+        return f"tp {run.tp}, not {ref.tp} (collective costs differ with the rank count)"
+    for k in TRACE_KEYS:
+        if run.trace.get(k) != ref.trace.get(k):
+            return f"another trace ({k} differs)"
+    if run.host.get("hostname") != ref.host.get("hostname"):
+        return f"measured on host {run.host.get('hostname')!r}, not {ref.host.get('hostname')!r}"
+    for k in SETTINGS:
+        if run.config.get(k) != ref.config.get(k):
+            return f"replayed with another {k} ({run.config.get(k)!r}, not {ref.config.get(k)!r})"
+    return None
+
+
+def pool(results: list[StrategyResult]) -> StrategyResult:
+    """One strategy replayed in several Runs: every repeat counts; the Run whose own
+    (median) throughput is the median stands for the per-rank figures."""
+    if len(results) == 1:
+        return results[0]
+    rep = sorted(results, key=lambda s: s.throughput_rps if s.throughput_rps is not None else 0.0)[len(results) // 2]
+    agree = [s.ranks_agree for s in results]
+    return replace(rep, repeats_rps=_finite(x for s in results for x in (s.repeats_rps or [s.throughput_rps])),
+                   repeats_p99_ms=_finite(x for s in results for x in s.repeats_p99_ms),
+                   ranks_agree=None if None in agree else all(agree))
+
+
+def _finite(xs) -> list[float]:
+    return [float(x) for x in xs if isinstance(x, (int, float)) and x == x]
+
+
+def merge_replays(runs: list[Run]) -> Merged:
+    replays = [(i, r) for i, r in enumerate(runs) if r.is_replay]
+    if not replays:
+        return Merged(None)
+    ref = replays[0][1]
+    m = Merged(None)
+    by_name: dict[str, list[StrategyResult]] = {}
+    for i, run in replays:
+        why = _differs(ref, run)
+        if why:
+            m.left_out.append((label(run, i), why))
+            continue
+        m.used.append(label(run, i))
+        for name, s in run.strategies.items():
+            if not isinstance(s.throughput_rps, (int, float)) or s.throughput_rps != s.throughput_rps:
+                m.left_out.append((f"{label(run, i)} `{name}`", "no throughput measured"))
+                continue
+            by_name.setdefault(name, []).append(s)
+    m.run = replace(ref, strategies={n: pool(ss) for n, ss in by_name.items()})
+    return m
