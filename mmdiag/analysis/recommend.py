@@ -204,9 +204,10 @@ def _cost_reason(model: CostModel) -> str | None:
 
 
 def _choose(cands: list[str], options: dict[str, Option], samples: dict[str, list[float]], pays: bool | None,
-            rules: dict[str, Any]) -> tuple[str, list[str]]:
-    """The best candidate, and those tied with it inside the noise (the pick among ties: the cost
-    model's side of the crossover, then the lower busiest-rank CPU, then the rules' order)."""
+            rules: dict[str, Any], baseline: str | None) -> tuple[str, list[str]]:
+    """The best candidate, and those tied with it inside the noise (the pick among ties: one shown
+    faster than the baseline, then the cost model's side of the crossover, then the lower
+    busiest-rank CPU, then the rules' order)."""
     th, cand = rules["thresholds"], rules["candidates"]
     best = max(cands, key=lambda n: options[n].expected_rps or 0.0)
     tied = [best]
@@ -227,7 +228,12 @@ def _choose(cands: list[str], options: dict[str, Option], samples: dict[str, lis
         v = options[n].max_cpu_pct
         return v if v is not None and not math.isnan(v) else 1e9
 
-    return min(tied, key=lambda n: (n not in group, cpu(n), order.index(n) if n in order else 99)), tied
+    def beats_baseline(n: str) -> bool:
+        return baseline is None or baseline in cands or compare_samples(
+            samples[baseline], samples[n], metric="throughput_rps", alpha=th["alpha"]).better
+
+    return min(tied, key=lambda n: (not beats_baseline(n), n not in group, cpu(n),
+                                    order.index(n) if n in order else 99)), tied
 
 
 def _verdicts(options: dict[str, Option], samples: dict[str, list[float]], against: str, alpha: float,
@@ -272,7 +278,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.runners_up = list(options.values())
         return rec
     pays = model.broadcast_pays()
-    pick, tied = _choose(cands, options, samples, pays, rules)
+    pick, tied = _choose(cands, options, samples, pays, rules, baseline_name)
     # The pick against the baseline (the current path): a patch that is slower, or not
     # measurably faster, is no answer; only the size of the gap says which words to use.
     base_cmp = None
