@@ -326,13 +326,21 @@ def replay_cmd(trace_file, **kw):
 
 @main.command("demo")
 @click.option("--profile", default=None, metavar="NAME", help="workload profile [default: profiles/defaults.toml]")
-@click.option("-n", "n", type=int, default=None, help="requests to synthesize [default: the profile's]")
+@click.option("-n", "n", type=int, default=None,
+              help="requests to synthesize [default: [quick] requests in profiles/defaults.toml]")
 @_replay_options
 def demo_cmd(profile, n, **kw):
-    """Synthesize the default workload and replay it over every strategy (the README's first command)."""
+    """Synthesize the default workload and replay it over every strategy (the README's first command).
+    The Run is kept (--json, default ./mmdiag-runs/demo-<time>.json)."""
+    from .analysis.adaptive import default_path
     from .workloads import defaults, synth_to_file
 
-    profile = profile or defaults()["workload"]
+    d = defaults()
+    profile = profile or d["workload"]
+    n = n or d.get("quick", {}).get("requests")   # about a minute on 2 cores, not five
+    if not kw.get("json_out"):
+        kw["json_out"] = default_path(d.get("quick", {}).get("runs_dir", "mmdiag-runs"), "demo")
+        os.makedirs(os.path.dirname(kw["json_out"]), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mmdiag-demo-") as tmp:
         path = os.path.join(tmp, "trace.jsonl")
         count = synth_to_file(profile, n, path)

@@ -33,41 +33,29 @@ def _load_runs(paths):
     return [Run.load(p) for p in paths]
 
 
-def replay_default(tp: int | None = None, repeat: int = 2, n: int | None = None, profile: str | None = None,
-                   quiet: bool = False):
-    """Replay the bundled default workload over every strategy (what `recommend` does with no Runs)."""
-    from .. import strategies as registry
-    from ..replay import ReplayOptions, replay
-    from ..workloads import defaults, synth_to_file
+def replay_default(tp: int | None = None, repeat: int | None = None, n: int | None = None,
+                   profile: str | None = None, quiet: bool = False, save: str | None = None):
+    """What `recommend` does with no Runs: replay the bundled default workload until the answer is
+    decided (mmdiag.analysis.adaptive); the Run is kept and the path said. Returns the merged Run."""
+    from .adaptive import recommend_default
 
-    d = defaults()
-    profile = profile or d["workload"]
-    tp = int(tp if tp is not None else d["tp"])
-
-    def progress(p: dict) -> None:
-        label = p.get("label")
-        if not quiet and label and label != progress.last:
-            click.echo(f"  replaying {label} ...", err=True)
-            progress.last = label
-    progress.last = None
-
-    with tempfile.TemporaryDirectory(prefix="mmdiag-recommend-") as tmp:
-        path = os.path.join(tmp, "trace.jsonl")
-        count = synth_to_file(profile, n, path)
-        if not quiet:
-            click.echo(f"no Runs given: replaying {count} requests of the default workload {profile!r} "
-                       f"at tp {tp}, every strategy, {repeat} repeats", err=True)
-        return replay(path, ReplayOptions(tp=tp, strategies=registry.resolve([]), repeat=repeat), progress=progress)
+    res, _ = recommend_default(tp=tp, n=n, profile=profile, repeat=repeat, save=save,
+                               log=lambda s: None if quiet else click.echo(s, err=True))
+    return res.run
 
 
 @click.command("recommend")
 @click.argument("runs", nargs=-1, metavar="[RUN.json ...]", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the recommendation as JSON (key `recommended`)")
 @click.option("--tp", type=int, default=None, help="with no Runs: ranks for the replay [default: profiles/defaults.toml]")
-@click.option("--repeat", type=int, default=2, show_default=True, help="with no Runs: repeats per strategy")
-@click.option("-n", "n", type=int, default=None, help="with no Runs: requests to synthesize [default: the profile's]")
+@click.option("--repeat", type=int, default=None,
+              help="with no Runs: exactly this many repeats per strategy [default: a stopping rule: 2, then more "
+                   "of the undecided strategies until decided or the budget in profiles/defaults.toml [quick]]")
+@click.option("-n", "n", type=int, default=None,
+              help="with no Runs: requests to synthesize [default: [quick] requests in profiles/defaults.toml]")
 @click.option("--profile", default=None, metavar="NAME", help="with no Runs: workload profile [default: profiles/defaults.toml]")
-@click.option("--save", type=click.Path(dir_okay=False), default=None, help="with no Runs: also save the replayed Run here")
+@click.option("--save", type=click.Path(dir_okay=False), default=None,
+              help="with no Runs: where to keep the replayed Run [default: ./mmdiag-runs/recommend-<time>.json]")
 @_one_line_errors
 def recommend_command(runs, as_json, tp, repeat, n, profile, save):
     """Recommend the patch for the measured workload: revert, dict, batch, precompute, or none.
@@ -84,19 +72,15 @@ def recommend_command(runs, as_json, tp, repeat, n, profile, save):
     from ..render.recommend_text import render_recommendation
     from .recommend import recommend
 
-    if repeat < 1:
+    if repeat is not None and repeat < 1:
         raise MmdiagError("--repeat must be at least 1")
     if runs:
         loaded = _load_runs(runs)
     else:
-        if save:
-            from .verify import check_writable
-            check_writable(save)
-        run = replay_default(tp=tp, repeat=repeat, n=n, profile=profile, quiet=as_json)
-        if save:
-            run.save(save)
-        loaded = [run]
+        loaded = [replay_default(tp=tp, repeat=repeat, n=n, profile=profile, quiet=as_json, save=save)]
     rec = recommend(loaded)
+    if not runs and loaded[0].path:
+        rec.notes.append(f"the replayed Run is kept in {loaded[0].path}")
     if as_json:
         click.echo(json.dumps(rec.to_dict(), indent=1))
     else:

@@ -90,13 +90,14 @@ class Recommendation:
     baseline: str | None = None
     cost_model: CostModel | None = None
     leading: str | None = None        # insufficient evidence: the patch that leads, not yet shown to help
+    tied: list[str] = field(default_factory=list)   # patches the data cannot tell from the pick / lead
     runs_used: list[str] = field(default_factory=list)
     runs_left_out: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "recommended": self.recommended, "confidence": self.confidence, "source": self.source,
-            "target": self.target, "baseline": self.baseline, "leading": self.leading,
+            "target": self.target, "baseline": self.baseline, "leading": self.leading, "tied": self.tied,
             "runs": {"used": self.runs_used, "left_out": self.runs_left_out},
             "mm_share_pct": _num(self.mm_share_pct),
             "reasons": self.reasons,
@@ -279,6 +280,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         return rec
     pays = model.broadcast_pays()
     pick, tied = _choose(cands, options, samples, pays, rules, baseline_name)
+    rec.tied = [n for n in tied if n != pick]
     # The pick against the baseline (the current path): a patch that is slower, or not
     # measurably faster, is no answer; only the size of the gap says which words to use.
     base_cmp = None
