@@ -336,3 +336,20 @@ def test_among_tied_patches_one_shown_faster_than_the_baseline_wins():
     rec = recommend([run])
     _consistent(rec)
     assert rec.recommended == "precompute" and rec.confidence == "low"
+
+
+def test_cost_model_reads_each_strategy_module_and_a_new_one_plugs_in(monkeypatch):
+    from mmdiag import strategies
+    from mmdiag.analysis.costmodel import COST_CLASSES
+
+    assert all(c.cost_class in COST_CLASSES for c in strategies.REGISTRY.values())
+    m = fit([video_run()])
+    pred = m.to_dict()["predicted_ms_per_mm_request"]
+    assert set(pred) == set(strategies.REGISTRY)
+    assert pred["batch"] < pred["commit"] and pred["precompute"] == 0.0 and pred["async"] is None
+    assert pred["cond"] == min(pred["revert"], pred["commit"])
+
+    class Twice(strategies.REGISTRY["batch"]):     # a new strategy: its module names its class
+        name, cost_class = "twice", "entry_per_request"
+    monkeypatch.setitem(strategies.REGISTRY, "twice", Twice)
+    assert m.predicted_ms("twice") == pytest.approx(pred["commit"])

@@ -8,6 +8,12 @@ Per multimodal request of B MB of features, on the critical path of the loop:
     dict        m_all * B + c + k * B          raw dict per request, every rank materializes
     precompute  0 in the scheduler; m_one * B in the (single) tokenizer process
 
+Each strategy module says which of these it is (`cost_class`, COST_CLASSES below); the
+model iterates the registry, so a new strategy only names its class. Also:
+
+    background  (async, dict_async) the collective runs off the loop: not modelled
+    conditional (cond) per request the cheaper of revert and commit (its threshold is the crossover)
+
 with, all measured for the replay's rank count:
     m_all  ms per MB of materialization while every rank materializes (revert/dict ranks;
            ranks that share cores or memory bandwidth slow each other down here),
@@ -35,11 +41,28 @@ from ..run import Run, StrategyResult
 from ..vocab import REPLAY_SCHEMA
 
 MB = float(2 ** 20)
-# Strategies in which every rank materializes, and in which only the entry rank does.
-EVERY_RANK = ("revert", "dict")
-ENTRY_ONLY = ("commit", "batch")
-# Strategies whose own collectives carry features on the critical path (async hides them).
-SENDERS = ("commit", "dict", "batch")
+# cost class -> (who materializes: every rank / the entry rank / the tokenizer, and how often
+# the strategy's own collective sits on the loop's critical path: per request / per iteration).
+COST_CLASSES: dict[str, tuple[str | None, str | None]] = {
+    "every_rank": ("every", None),
+    "entry_per_request": ("entry", "request"),
+    "entry_per_iteration": ("entry", "iteration"),
+    "every_rank_resend": ("every", "request"),
+    "tokenizer": ("tokenizer", None),
+    "background": (None, None),
+    "conditional": (None, None),
+}
+
+
+def _classes() -> dict[str, tuple[str | None, str | None]]:
+    """strategy -> its cost class's (materializes, sends), from the strategy modules."""
+    from ..strategies import REGISTRY
+    return {n: COST_CLASSES[c.cost_class] for n, c in REGISTRY.items() if c.cost_class in COST_CLASSES}
+
+
+def _names(materializes: str | None = None, sends: bool | None = None) -> tuple[str, ...]:
+    return tuple(n for n, (m, c) in _classes().items()
+                 if (materializes is None or m == materializes) and (sends is None or (c is not None) == sends))
 
 
 @dataclass
@@ -84,16 +107,22 @@ class CostModel:
         r = max(self.requests_per_iteration or 1.0, 1.0) if r is None else max(r, 1.0)
         if mb is None:
             return None
-        if strategy in SENDERS and not self.separable:
-            return None          # c and k not told apart: a sender's cost at another size is unknown
-        ma, mo, c, k = self.m_all_ms_per_mb, self.m_one_ms_per_mb, self.c_ms_per_collective, self.k_ms_per_mb
-        return {
-            "revert": ma * mb,
-            "commit": mo * mb + c + k * mb,
-            "batch": mo * mb + c / r + k * mb,
-            "dict": ma * mb + c + k * mb,
-            "precompute": 0.0,
-        }.get(strategy)
+        from ..strategies import REGISTRY
+        cls = getattr(REGISTRY.get(strategy), "cost_class", None)
+        if cls == "conditional":
+            costs = [self._class_ms(COST_CLASSES[k], mb, r) for k in ("every_rank", "entry_per_request")]
+            return None if None in costs else min(costs)
+        return self._class_ms(COST_CLASSES[cls], mb, r) if cls in COST_CLASSES else None
+
+    def _class_ms(self, cls: tuple[str | None, str | None], mb: float, r: float) -> float | None:
+        materializes, sends = cls
+        if materializes is None or (sends is not None and not self.separable):
+            return None          # not modelled; or c and k not told apart (a sender's cost is unknown)
+        mat = {"every": self.m_all_ms_per_mb * mb, "entry": self.m_one_ms_per_mb * mb, "tokenizer": 0.0}[materializes]
+        if sends is None:
+            return mat
+        per = {"request": 1.0, "iteration": 1.0 / r}[sends]
+        return mat + self.c_ms_per_collective * per + self.k_ms_per_mb * mb
 
     def broadcast_pays(self) -> bool | None:
         """Does the batched broadcast beat every rank materializing, at this workload?
@@ -109,7 +138,7 @@ class CostModel:
         r = max(self.requests_per_iteration or 1.0, 1.0)
         d["crossover_mb_batch"] = _finite(self.crossover_mb(1.0 / r))
         d["broadcast_pays"] = self.broadcast_pays()
-        d["predicted_ms_per_mm_request"] = {s: self.predicted_ms(s) for s in ("revert", "commit", "dict", "batch", "precompute")}
+        d["predicted_ms_per_mm_request"] = {s: self.predicted_ms(s) for s in _classes()}
         return d
 
 
@@ -127,12 +156,13 @@ def _materialize_points(run: Run) -> tuple[list[float], list[float]]:
     every, one = [], []
     if mb <= 0:
         return every, one
+    every_rank, entry_only = _names("every"), _names("entry")
     for name, s in run.strategies.items():
-        if name in EVERY_RANK:
+        if name in every_rank:
             vals = [r.phases_ms.get("from_dict", 0.0) / mb for r in s.ranks]
             if vals and max(vals) > 0:
                 every.append(sum(vals) / len(vals))
-        elif name in ENTRY_ONLY and s.ranks:
+        elif name in entry_only and s.ranks:
             v = s.rank(0).phases_ms.get("from_dict", 0.0) / mb if any(r.rank == 0 for r in s.ranks) else 0.0
             if v > 0:
                 one.append(v)
@@ -194,7 +224,7 @@ def fit(runs: list[Run], target: Run | None = None) -> CostModel:
         e, o = _materialize_points(run)
         every += e
         one += o
-        for name in SENDERS:
+        for name in _names(sends=True):
             if name in run.strategies:
                 p = _comm_point(name, run.strategies[name])
                 if p:

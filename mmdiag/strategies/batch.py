@@ -24,6 +24,7 @@ class Batch(Strategy):
     name = "batch"
     summary = "entry rank materializes all of a loop iteration's multimodal requests, one broadcast_object_list for the lot"
     collectives = "per iteration"
+    cost_class = "entry_per_iteration"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "batch"
 
     def process(self, s, reqs) -> Ready:

@@ -22,6 +22,7 @@ class Commit(Strategy):
     name = "commit"
     summary = "17a57fd: entry rank materializes, one blocking broadcast_object_list per multimodal request"
     collectives = "per request"
+    cost_class = "entry_per_request"   # mmdiag.analysis.costmodel.COST_CLASSES
     baseline = True
 
     def process(self, s, reqs) -> Ready:

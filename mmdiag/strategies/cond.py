@@ -37,6 +37,7 @@ class Cond(Strategy):
                "smaller ones materialize on every rank (threshold: option, SGLANG_MM_BROADCAST_THRESHOLD, "
                "or the measured crossover)")
     collectives = "per request"  # per request above the threshold
+    cost_class = "conditional"   # mmdiag.analysis.costmodel.COST_CLASSES
 
     def __init__(self, threshold: T.Threshold | None = None):
         self.threshold = threshold or T.resolve(env=os.environ)

@@ -19,6 +19,7 @@ class Dict(Strategy):
     name = "dict"
     summary = "broadcast the raw mm_inputs dict per request, then every rank materializes"
     collectives = "per request"
+    cost_class = "every_rank_resend"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "dict"
 
     def process(self, s, reqs) -> Ready:

@@ -19,6 +19,7 @@ class DictAsync(Async):
     summary = ("the raw dict broadcast per request (dict) on a background thread with its own gloo group (async); "
                "every rank materializes, the loop does not block")
     collectives = "per request"
+    cost_class = "background"   # mmdiag.analysis.costmodel.COST_CLASSES
     materialize = staticmethod(_broadcast_raw_mm_inputs)
 
     def setup(self, s) -> None:

@@ -11,5 +11,6 @@ class Precompute(Revert):
     summary = ("hashes computed once before the scheduler (SGLANG_MM_PRECOMPUTE_HASH), so every rank's "
                "from_dict skips hashing; the hashing is reported as tokenizer-side time")
     collectives = "none"
+    cost_class = "tokenizer"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "precompute"
     hashes_in_tokenizer = True

@@ -8,6 +8,7 @@ class Revert(Strategy):
     name = "revert"
     summary = "every rank materializes its own copy (the pre-17a57fd path): no extra collective, hashing on all ranks in parallel"
     collectives = "none"
+    cost_class = "every_rank"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "revert"
 
     def process(self, s, reqs) -> Ready:
