@@ -86,9 +86,12 @@ def trace():
 @click.option("--model", "model", default=None, metavar="NAME",
               help="model geometry from profiles/models [default: the default profile's]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeat-share", type=float, default=None, metavar="S",
+              help="share (0..1) of multimodal requests that repeat a recent request's images byte for byte "
+                   "(items get content ids; for measuring hash caches)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="trace file to write")
 def trace_synth(profile, n, request_rate, max_concurrency, image_count, image_resolution, random_image_count,
-                random_input_len, random_range_ratio, model, seed, output):
+                random_input_len, random_range_ratio, model, seed, repeat_share, output):
     """Synthesize a trace from a workload profile, or from bench_serving's image options.
 
     Feature shapes follow real model geometry (Qwen2.5-VL: sides rounded to multiples
@@ -102,7 +105,7 @@ def trace_synth(profile, n, request_rate, max_concurrency, image_count, image_re
     """
     from .workloads import ImageDataset, defaults, load_workload, synth_images_to_file, synth_to_file
 
-    kw = dict(request_rate=request_rate, max_concurrency=max_concurrency, seed=seed)
+    kw = dict(request_rate=request_rate, max_concurrency=max_concurrency, seed=seed, repeat_share=repeat_share)
     image = dict(image_count=image_count, image_resolution=image_resolution, random_image_count=random_image_count,
                  random_input_len=random_input_len, random_range_ratio=random_range_ratio)
     if any(v is not None for v in image.values()):

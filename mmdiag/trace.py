@@ -34,6 +34,8 @@ class MMItem:
     shape: tuple[int, ...]
     dtype: str = "float32"
     hash: int | None = None
+    # Items with the same content id carry identical feature bytes (a repeated image).
+    content: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +48,8 @@ class MMItem:
         d: dict[str, Any] = {"modality": self.modality, "shape": list(self.shape), "dtype": self.dtype}
         if self.hash is not None:
             d["hash"] = self.hash
+        if self.content is not None:
+            d["content"] = self.content
         return d
 
 
@@ -120,7 +124,10 @@ def _parse_item(obj: Any, path: str, lineno: int, k: int) -> MMItem:
     h = obj.get("hash")
     if h is not None and not (_int(h) and h >= 0):
         raise _fail(path, lineno, f"field '{where}.hash': expected a non-negative integer or null")
-    return MMItem(modality, tuple(shape), dtype, h)
+    c = obj.get("content")
+    if c is not None and not (_int(c) and c >= 0):
+        raise _fail(path, lineno, f"field '{where}.content': expected a non-negative integer or null")
+    return MMItem(modality, tuple(shape), dtype, h, c)
 
 
 def _parse_request(obj: Any, path: str, lineno: int, last_t: float) -> TraceRequest:

@@ -8,6 +8,7 @@ Arrivals follow `sglang.bench_serving`: Poisson at `--request-rate`, at most
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -285,14 +286,46 @@ def synthesize_images(model_name: str, n: int, ds: ImageDataset, *, request_rate
     return header, requests()
 
 
-def synth_to_file(profile: str, n: int | None, out: str, **kw: Any) -> int:
+# A repeat copies one of the last REPEAT_POOL multimodal requests (a client re-sending a recent image).
+REPEAT_POOL = 64
+
+
+def with_repeats(reqs: Iterator[TraceRequest], share: float, seed: int = 0) -> Iterator[TraceRequest]:
+    """Give every item a content id; with probability `share` a multimodal request instead
+    repeats a recent one's items (same shapes, same content ids: identical feature bytes)."""
+    rng = random.Random(seed + 2)  # its own stream: the rest of the trace is unchanged
+    pool: list[tuple[MMItem, ...]] = []
+    fresh = 0
+    for r in reqs:
+        if r.mm and pool and rng.random() < share:
+            r = dataclasses.replace(r, mm=rng.choice(pool))
+        elif r.mm:
+            items = tuple(dataclasses.replace(it, content=fresh + k) for k, it in enumerate(r.mm))
+            fresh += len(items)
+            pool = (pool + [items])[-REPEAT_POOL:]
+            r = dataclasses.replace(r, mm=items)
+        yield r
+
+
+def synth_to_file(profile: str, n: int | None, out: str, repeat_share: float | None = None, **kw: Any) -> int:
     wl = load_workload(profile)
     header, reqs = synthesize(wl, n if n is not None else int(wl.data.get("requests", 200)), **kw)
-    return write_trace(out, header, reqs)
+    return _write(out, header, reqs, repeat_share, kw.get("seed", 0))
 
 
-def synth_images_to_file(model_name: str, n: int | None, out: str, ds: ImageDataset, **kw: Any) -> int:
+def synth_images_to_file(model_name: str, n: int | None, out: str, ds: ImageDataset,
+                         repeat_share: float | None = None, **kw: Any) -> int:
     from .ingest.bench_serving import defaults as bench_defaults
     header, reqs = synthesize_images(model_name, n if n is not None else int(bench_defaults()["num_prompts"]),
                                      ds, **kw)
+    return _write(out, header, reqs, repeat_share, kw.get("seed", 0))
+
+
+def _write(out: str, header: TraceHeader, reqs: Iterator[TraceRequest], repeat_share: float | None, seed: int) -> int:
+    if repeat_share is not None:
+        if not 0.0 <= repeat_share <= 1.0:
+            raise ProfileError(f"repeat share {repeat_share} is not between 0 and 1", where="--repeat-share",
+                               fix="give a share such as 0.3")
+        header.source["repeat_share"] = repeat_share
+        reqs = with_repeats(reqs, repeat_share, seed)
     return write_trace(out, header, reqs)
