@@ -154,9 +154,26 @@ def feature_shape(model: dict[str, Any], spec: dict[str, Any]) -> tuple[int, ...
         return ((h // p) * (w // p), row)
     if modality == "video":
         frames = max(tp, int(spec["frames"]) // tp * tp)
-        h, w = smart_resize(spec["height"], spec["width"], factor, model["min_pixels"], model["video_max_pixels"])
+        lo, hi = model["min_pixels"], model["video_max_pixels"]
+        v = model.get("video")
+        if v:   # the processor's per-frame budget: a long video gets smaller frames
+            lo = v["min_pixels"]
+            hi = max(min(hi, v["total_pixels"] / frames * v["frame_factor"]), int(lo * 1.05))
+        h, w = smart_resize(spec["height"], spec["width"], factor, lo, hi)
         return ((frames // tp) * (h // p) * (w // p), row)
     raise ProfileError(f"unknown modality {modality!r} in mix")
+
+
+def sampled_frames(model: dict[str, Any], total_frames: int, seconds: float) -> int | None:
+    """Frames the model's processor takes from a video file of `total_frames` over `seconds`
+    (SGLang's Qwen-VL smart_nframes); None when the file has too few frames for it."""
+    v = model["video"]
+    f = v["frame_factor"]
+    lo = math.ceil(v["min_frames"] / f) * f
+    hi = math.floor(min(v["max_frames"], total_frames) / f) * f
+    n = seconds * v["fps"] if seconds > 0 else lo
+    n = math.floor(min(max(n, lo), hi, total_frames) / f) * f
+    return n if f <= n <= total_frames else None
 
 
 # --- synthesis -----------------------------------------------------------------

@@ -73,6 +73,7 @@ reqs = []
 for r in spec["requests"]:
     obj = io.GenerateReqInput(text=r.get("text"), input_ids=r.get("input_ids"),
                               image_data=[image(x) for x in r["images"]] or None,
+                              video_data=r.get("videos") or None,
                               sampling_params={"max_new_tokens": 8}, rid=r["rid"])
     out_dict = {"text": "ok", "meta_info": r.get("meta_info", {"id": r["rid"]})}
     reqs.append((obj, out_dict, r["created"], r["created"] + 0.5))
@@ -85,7 +86,7 @@ print(type(reqs[0][0]).__module__, type(server_args).__module__)
 def make_dump(version: str, out, requests: list[dict], *, server_args: str = "dataclass",
               model_path: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> str:
     """Write one dump with `version`'s own classes. requests: dicts with rid, created,
-    images (data URIs, paths, or {"url": ...} for ImageData), text / input_ids, meta_info."""
+    images (data URIs, paths, or {"url": ...} for ImageData), videos, text / input_ids, meta_info."""
     spec = {"server_args": server_args, "model_path": model_path, "requests": requests}
     r = subprocess.run([sys.executable, "-c", BUILDER, str(wheel(version)), str(out), json.dumps(spec)],
                        capture_output=True, text=True, timeout=120)

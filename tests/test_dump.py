@@ -38,6 +38,46 @@ def test_image_size_from_real_encodings(fmt, kw):
     assert image_size(b"\x89PNG\r\n\x1a\n trunc") is None and image_size(b"not an image") is None
 
 
+def mp4(path, w, h, frames, fps):
+    """A real MPEG-4 video (PyAV), moov after mdat as encoders write it by default."""
+    import av
+    import numpy as np
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 7 % 255, np.uint8), format="rgb24")
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return str(path)
+
+
+def test_video_shape_from_the_file_and_the_processor_sampling(tmp_path):
+    clip = mp4(tmp_path / "clip.mp4", 320, 240, 30, 10)          # 3 s
+    uri = "data:video/mp4;base64," + base64.b64encode(open(clip, "rb").read()).decode()
+    dump = make_dump("0.5.23", tmp_path / "d.pkl", [
+        {"rid": "v1", "created": 1.0, "text": "a", "images": [], "videos": [clip]},
+        {"rid": "v2", "created": 2.0, "text": "b", "images": [], "videos": [uri]},
+        {"rid": "v3", "created": 3.0, "text": "c", "images": [], "videos": ["https://example.com/v.mp4"]}],
+        server_args="dict")
+    out = tmp_path / "t.jsonl"
+    conv = convert([dump], str(out))
+    # 3 s at 2 fps -> 6 frames, 3 rows of frame pairs; 240x320 is under the 100352-pixel video
+    # floor, so it scales up to 280x392: 3 * (280/14) * (392/14) = 1680 rows of 1176.
+    assert [it.shape for r in _read(out)[1] for it in r.mm] == [(1680, 1176)] * 2
+    assert conv.requests == 2 and any("video given as a URL" in k for k in conv.skipped)
+
+
+def test_long_video_frames_are_capped_and_shrunk():
+    from mmdiag.workloads import sampled_frames
+    assert sampled_frames(QWEN, 30, 3.0) == 6 and sampled_frames(QWEN, 1, 0.04) is None
+    n = sampled_frames(QWEN, 30 * 600, 600.0)                   # 10 minutes: 1200 at 2 fps, capped
+    assert n == 768
+    rows = feature_shape(QWEN, {"modality": "video", "width": 1920, "height": 1080, "frames": n})[0]
+    # Per frame at most 90316800 / 768 * 2 = 235200 pixels: 1080p shrinks to 336x644 (24x46 patches).
+    assert rows == 384 * 24 * 46
+
+
 def _read(path):
     with TraceReader(str(path)) as r:
         return r.header, list(r)

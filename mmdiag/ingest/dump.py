@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from ..errors import MmdiagError
 from ..trace import MMItem, TraceHeader, TraceRequest, write_trace
-from .media import Media, resolve_image
+from .media import Media, resolve_image, resolve_video
 
 # Modules whose classes a dump legitimately holds (never imported: names only).
 ALLOWED_MODULES = (
@@ -204,9 +204,12 @@ class Converter:
     """Turns dump entries into compact trace requests, counting what it leaves out."""
 
     def __init__(self, model: dict[str, Any], default_size: tuple[int, int] | None, conv: Conversion):
-        from ..workloads import feature_shape
+        from ..workloads import feature_shape, sampled_frames
         self.model, self.default_size, self.conv = model, default_size, conv
         self._shape = lambda w, h: feature_shape(model, {"modality": "image", "width": w, "height": h})
+        self._frames = lambda m: sampled_frames(model, m.frames, m.seconds) if "video" in model else None
+        self._vshape = lambda w, h, n: feature_shape(model, {"modality": "video", "width": w, "height": h,
+                                                             "frames": n})
         self.tokens_per_row = 1.0 / (model.get("merge_size", 1) ** 2)
 
     def _image(self, ref: Any) -> Media:
@@ -229,17 +232,24 @@ class Converter:
         if rid in seen:
             self.conv.skipped["duplicate request id (in more than one dump)"] += 1
             return None
-        if one.get("video_data") or one.get("audio_data"):
-            kind = "video" if one.get("video_data") else "audio"
-            self.conv.skipped[f"{kind} input (mmdiag reads image sizes only)"] += 1
+        if one.get("audio_data"):
+            self.conv.skipped["audio input (mmdiag reads image and video sizes only)"] += 1
             return None
         items = []
+        dtype = self.model.get("dtype", "float32")
         for ref in _listify(one.get("image_data")):
             m = self._image(ref)
             if m.size is None:
                 self.conv.skipped[SKIP_WORDS[m.skip or "unsupported"]] += 1
                 return None
-            items.append(MMItem("image", self._shape(*m.size), self.model.get("dtype", "float32")))
+            items.append(MMItem("image", self._shape(*m.size), dtype))
+        for ref in _listify(one.get("video_data")):
+            m = resolve_video(ref.get("url") if isinstance(ref, Record) else ref)
+            n = self._frames(m) if m.size is not None else None
+            if n is None:
+                self.conv.skipped[VIDEO_SKIP_WORDS.get(m.skip, VIDEO_SKIP_WORDS["unreadable"])] += 1
+                return None
+            items.append(MMItem("video", self._vshape(*m.size, n), dtype))
         seen.add(rid)
         return created, TraceRequest(rid, 0.0, self._prompt_len(one, meta, items), tuple(items))
 
@@ -257,6 +267,11 @@ class Converter:
         return len(text.encode("utf-8", "replace")) // 4 if isinstance(text, str) else 0
 
 
+VIDEO_SKIP_WORDS = {
+    "url": "video given as a URL (never fetched)",
+    "unreadable": "video whose size and frames could not be read (MP4/MOV only), or too short",
+    "precomputed": "precomputed video features",
+}
 SKIP_WORDS = {
     "url": "image given as a URL (never fetched; give --default-size WxH)",
     "unreadable": "image whose size could not be read",

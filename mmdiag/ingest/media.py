@@ -1,16 +1,19 @@
-"""Width and height of an image from its encoded header, without decoding pixels.
+"""Width and height of an image or video from its encoded header, without decoding pixels.
 
-A request dump holds images as SGLang received them: data URIs, bare base64, raw bytes,
-local paths or URLs. The size is read from the container header (PNG, JPEG, GIF, WebP,
-BMP); URLs are never fetched. No imaging library is needed or used.
+A request dump holds media as SGLang received them: data URIs, bare base64, raw bytes,
+local paths or URLs. Image sizes are read from the container header (PNG, JPEG, GIF,
+WebP, BMP); a video's size, frame count and duration from its MP4/MOV boxes (tkhd, mdhd,
+stsz). URLs are never fetched. No imaging or video library is needed or used.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 # Bytes read from a local file: enough for any header below (a JPEG's SOF can sit after
 # a large EXIF block, so read generously).
@@ -22,6 +25,8 @@ class Media:
     """What an image reference resolved to: a size, or why there is none."""
     size: tuple[int, int] | None = None   # (width, height)
     skip: str | None = None                # url | unreadable | precomputed | unsupported
+    frames: int | None = None              # video: frames in the file
+    seconds: float | None = None           # video: its duration
 
 
 def _png(b: bytes) -> tuple[int, int] | None:
@@ -108,31 +113,135 @@ def _read_head(path: str) -> bytes | None:
         return None
 
 
-def resolve_image(ref: object) -> Media:
-    """An image reference from a request (str, bytes, {"url": ...}, ImageData record)."""
+def _source(ref: object) -> tuple[str, object]:
+    """Where a media reference's bytes are: ("bytes", data) | ("file", path) | (skip reason, None)."""
     if isinstance(ref, (bytes, bytearray)):
-        return _sized(bytes(ref))
+        return "bytes", bytes(ref)
     if isinstance(ref, dict):
         if "url" in ref:
-            return resolve_image(ref["url"])
-        # {"format": "processor_output" | "precomputed_embedding", ...}: features, not an image
-        return Media(skip="precomputed" if "format" in ref else "unsupported")
+            return _source(ref["url"])
+        # {"format": "processor_output" | "precomputed_embedding", ...}: features, not media
+        return ("precomputed" if "format" in ref else "unsupported"), None
     if not isinstance(ref, str):
-        return Media(skip="unsupported")
+        return "unsupported", None
     s = ref.strip()
     low = s[:16].lower()
     if low.startswith(("http://", "https://")):
-        return Media(skip="url")
+        return "url", None
     if low.startswith("data:"):
         head, _, payload = s.partition(",")
-        return _sized(_b64(payload) if head.endswith(";base64") else None)
+        return ("bytes", _b64(payload)) if head.endswith(";base64") else ("unreadable", None)
     if low.startswith("file://"):
-        return _sized(_read_head(s[len("file://"):]))
+        return "file", s[len("file://"):]
     if os.path.isabs(s) or (len(s) < 4096 and os.path.exists(s)):
-        return _sized(_read_head(s))
-    return _sized(_b64(s))          # SGLang also takes bare base64
+        return "file", s
+    return "bytes", _b64(s)          # SGLang also takes bare base64
+
+
+def resolve_image(ref: object) -> Media:
+    """An image reference from a request (str, bytes, {"url": ...})."""
+    kind, where = _source(ref)
+    if kind == "file":
+        return _sized(_read_head(where))
+    return _sized(where) if kind == "bytes" else Media(skip=kind)
+
+
+def resolve_video(ref: object) -> Media:
+    """A video reference: size, frame count and duration from its MP4/MOV header."""
+    kind, where = _source(ref)
+    if kind not in ("file", "bytes"):
+        return Media(skip=kind)
+    if not where:
+        return Media(skip="unreadable")
+    try:
+        if kind == "file":
+            with open(where, "rb") as f:
+                info = mp4_info(f)
+        else:
+            info = mp4_info(io.BytesIO(where))
+    except OSError:
+        info = None
+    if info is None:
+        return Media(skip="unreadable")
+    w, h, frames, seconds = info
+    return Media(size=(w, h), frames=frames, seconds=seconds)
 
 
 def _sized(data: bytes | None) -> Media:
     size = image_size(data) if data else None
     return Media(size=size) if size else Media(skip="unreadable")
+
+
+# --- MP4 / MOV (ISO base media file format) ---------------------------------------
+
+_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
+
+
+def _boxes(f: BinaryIO, end: int | None) -> "list[tuple[bytes, int, int]]":
+    """(type, body offset, body size) of the boxes from f's position to `end`; seeks past bodies."""
+    out = []
+    while end is None or f.tell() + 8 <= end:
+        start = f.tell()
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        size, kind = struct.unpack(">I4s", head)
+        hdr = 8
+        if size == 1:
+            big = f.read(8)
+            if len(big) < 8:
+                break
+            size, hdr = struct.unpack(">Q", big)[0], 16
+        elif size == 0:   # to the end of the file
+            size = (end if end is not None else f.seek(0, io.SEEK_END)) - start
+        if size < hdr:
+            break
+        out.append((kind, start + hdr, size - hdr))
+        f.seek(start + size)
+    return out
+
+
+def _track(f: BinaryIO, off: int, size: int, found: dict) -> None:
+    """Collect tkhd/mdhd/hdlr/stsz/stts fields of one trak (recursing into its containers)."""
+    f.seek(off)
+    for kind, boff, bsize in _boxes(f, off + size):
+        if kind in _CONTAINERS:
+            _track(f, boff, bsize, found)
+            continue
+        if kind not in (b"tkhd", b"mdhd", b"hdlr", b"stsz", b"stts"):
+            continue
+        f.seek(boff)
+        body = f.read(min(bsize, 4096))
+        if kind == b"tkhd" and len(body) >= 84:
+            found["wh"] = (struct.unpack(">I", body[-8:-4])[0] >> 16, struct.unpack(">I", body[-4:])[0] >> 16)
+        elif kind == b"mdhd" and len(body) >= 24:
+            found["ts"] = struct.unpack(">IQ", body[20:32]) if body[0] == 1 else struct.unpack(">II", body[12:20])
+        elif kind == b"hdlr" and len(body) >= 12:
+            found["handler"] = body[8:12]
+        elif kind == b"stsz" and len(body) >= 12:
+            found["frames"] = struct.unpack(">I", body[8:12])[0]
+        elif kind == b"stts" and len(body) >= 8 and "frames" not in found:
+            n = struct.unpack(">I", body[4:8])[0]
+            found["frames"] = sum(struct.unpack(">I", body[8 + 8 * i:12 + 8 * i])[0]
+                                  for i in range(min(n, (len(body) - 8) // 8)))
+
+
+def mp4_info(f: BinaryIO) -> tuple[int, int, int, float] | None:
+    """(width, height, frames, seconds) of the first video track; None if not MP4/MOV."""
+    f.seek(0)
+    top = _boxes(f, None)
+    moov = next(((o, s) for k, o, s in top if k == b"moov"), None)
+    if not top or top[0][0] not in (b"ftyp", b"moov", b"wide", b"free", b"mdat") or moov is None:
+        return None
+    f.seek(moov[0])
+    for kind, off, size in _boxes(f, moov[0] + moov[1]):
+        if kind != b"trak":
+            continue
+        found: dict = {}
+        _track(f, off, size, found)
+        if found.get("handler") == b"vide" and "wh" in found and found.get("frames") and found.get("ts"):
+            (w, h), (scale, dur) = found["wh"], found["ts"]
+            if w > 0 and h > 0 and scale > 0 and dur > 0:
+                return w, h, found["frames"], dur / scale
+        f.seek(off + size)
+    return None
