@@ -21,7 +21,7 @@ from sglang_wheels import wheel
 BUILDER = r'''
 import __future__, abc, ast, dataclasses, enum, json, pickle, sys, types, typing, zipfile
 
-whl, out, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+whl, out, spec = sys.argv[1], sys.argv[2], json.load(sys.stdin)
 z = zipfile.ZipFile(whl)
 
 def module(member, modname, names, drop=()):
@@ -88,8 +88,8 @@ def make_dump(version: str, out, requests: list[dict], *, server_args: str = "da
     """Write one dump with `version`'s own classes. requests: dicts with rid, created,
     images (data URIs, paths, or {"url": ...} for ImageData), videos, text / input_ids, meta_info."""
     spec = {"server_args": server_args, "model_path": model_path, "requests": requests}
-    r = subprocess.run([sys.executable, "-c", BUILDER, str(wheel(version)), str(out), json.dumps(spec)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", BUILDER, str(wheel(version)), str(out)], input=json.dumps(spec),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "sglang.srt.managers.io_struct", r.stdout
     return str(out)

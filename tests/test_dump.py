@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmdiag.cli import main
 from mmdiag.ingest.dump import convert, load_dump, DumpError
-from mmdiag.ingest.media import image_size
+from mmdiag.ingest.media import image_size, resolve_image
 from mmdiag.trace import TraceReader
 from mmdiag.workloads import feature_shape, load_model
 from sglang_dumps import make_dump
@@ -76,6 +76,16 @@ def test_long_video_frames_are_capped_and_shrunk():
     rows = feature_shape(QWEN, {"modality": "video", "width": 1920, "height": 1080, "frames": n})[0]
     # Per frame at most 90316800 / 768 * 2 = 235200 pixels: 1080p shrinks to 336x644 (24x46 patches).
     assert rows == 384 * 24 * 46
+
+
+def test_header_far_into_a_base64_image_is_still_found():
+    # Three 64 KiB APP2 segments before the frame header: past the prefix decoded first.
+    jpeg = encoded("JPEG", 1120, 700)
+    app = b"\xff\xe2" + (65535).to_bytes(2, "big") + b"\x00" * 65533
+    big = jpeg[:2] + app * 3 + jpeg[2:]
+    assert image_size(big) == (1120, 700)
+    for ref in (base64.b64encode(big).decode(), "data:image/jpeg;base64," + base64.b64encode(big).decode()):
+        assert resolve_image(ref).size == (1120, 700)
 
 
 def _read(path):
