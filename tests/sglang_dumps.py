@@ -67,6 +67,9 @@ else:
     server_args = None
 
 def image(ref):
+    if isinstance(ref, dict) and "pil" in ref:   # the Engine API's PIL images
+        from PIL import Image
+        return Image.new("RGB", tuple(ref["pil"]))
     return ut.ImageData(url=ref["url"]) if isinstance(ref, dict) else ref
 
 reqs = []
@@ -86,7 +89,8 @@ print(type(reqs[0][0]).__module__, type(server_args).__module__)
 def make_dump(version: str, out, requests: list[dict], *, server_args: str = "dataclass",
               model_path: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> str:
     """Write one dump with `version`'s own classes. requests: dicts with rid, created,
-    images (data URIs, paths, or {"url": ...} for ImageData), videos, text / input_ids, meta_info."""
+    images (data URIs, paths, {"url": ...} for ImageData, {"pil": [w, h]} for a PIL image), videos,
+    text / input_ids, meta_info."""
     spec = {"server_args": server_args, "model_path": model_path, "requests": requests}
     r = subprocess.run([sys.executable, "-c", BUILDER, str(wheel(version)), str(out)], input=json.dumps(spec),
                        capture_output=True, text=True, timeout=300)

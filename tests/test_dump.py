@@ -102,13 +102,15 @@ def test_old_release_dump_converts_with_real_sizes(tmp_path):
         {"rid": "early", "created": 1000.25, "text": "hi", "images": [str(jpeg), {"url": bare}],
          "meta_info": {"id": "early", "prompt_tokens": 5000}},
         {"rid": "text", "created": 1000.5, "input_ids": list(range(77)), "images": []},
+        {"rid": "pil", "created": 1001.0, "text": "", "images": [{"pil": [1120, 700]}]},
     ]
     dump = make_dump("0.5.4.post1", tmp_path / "dump.pkl", reqs)      # ServerArgs dataclass of 0.5.4.post1
     out = tmp_path / "t.jsonl"
     conv = convert([dump], str(out))
-    assert (conv.requests, conv.model, conv.model_path) == (3, "qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert (conv.requests, conv.model, conv.model_path) == (4, "qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct")
     header, got = _read(out)
-    assert [r.rid for r in got] == ["early", "text", "late"] and [r.t for r in got] == [0.0, 0.25, 0.5]
+    assert [r.rid for r in got] == ["early", "text", "late", "pil"] and [r.t for r in got] == [0.0, 0.25, 0.5, 0.75]
+    assert got[3].mm[0].shape == (4000, 1176)                 # a PIL image's size from its pickled state
     assert header.arrival == {"mode": "recorded"} and header.model["name"] == "Qwen2.5-VL"
     assert got[2].mm[0].shape == (4000, 1176)                 # 1120x700 -> 4000 rows of 1176
     small = feature_shape(QWEN, {"modality": "image", "width": 640, "height": 360})

@@ -89,18 +89,15 @@ def _bytearray(data: Any = b"", *rest: Any) -> bytearray:
     return bytearray(data.encode("latin-1") if isinstance(data, str) else data)
 
 
-def _pil_image(*args: Any) -> Record:   # PIL.Image.Image (the Engine API takes PIL images)
-    return _record_class("PIL.Image.Image")(*args)
-
-
 # Plain data some pickles name by global; rebuilt by mmdiag's own functions, never looked up.
 PLAIN = {
     ("collections", "OrderedDict"): lambda *a: dict(*a[:1]) if not a or isinstance(a[0], (list, tuple, dict)) else {},
     ("builtins", "bytearray"): _bytearray,
     ("builtins", "set"): lambda *a: set(*a[:1]) if not a or isinstance(a[0], (list, tuple)) else set(),
     ("builtins", "frozenset"): lambda *a: frozenset(*a[:1]) if not a or isinstance(a[0], (list, tuple)) else frozenset(),
-    ("PIL.Image", "Image"): _pil_image,
 }
+# Classes outside SGLang a request may hold, kept as inert records like SGLang's own.
+FOREIGN_RECORDS = {("PIL.Image", "Image")}   # the Engine API takes PIL images
 
 _RECORD_CLASSES: dict[str, type] = {}
 
@@ -115,6 +112,8 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in PLAIN:
             return PLAIN[(module, name)]
+        if (module, name) in FOREIGN_RECORDS:
+            return _record_class(f"{module}.{name}")
         if any(module == m or module.startswith(m + ".") for m in ALLOWED_MODULES):
             return _record_class(f"{module}.{name}")
         raise Refused(f"{module}.{name}")
