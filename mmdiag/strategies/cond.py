@@ -38,6 +38,7 @@ class Cond(Strategy):
                "or the measured crossover)")
     collectives = "per request"  # per request above the threshold
     cost_class = "conditional"   # mmdiag.analysis.costmodel.COST_CLASSES
+    patch = "cond"
 
     def __init__(self, threshold: T.Threshold | None = None):
         self.threshold = threshold or T.resolve(env=os.environ)
