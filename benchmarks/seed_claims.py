@@ -214,10 +214,14 @@ def main() -> int:
     print(tabulate(rows, headers=["seed", "proposal", "the seed says", "claim", "mmdiag measures",
                                   *[label for label, _ in runs]], tablefmt="github"))
     host = runs[0][1].host if runs else {}
-    print(f"\nhost {host.get('hostname')} ({host.get('cpus')} cores); repeats {args.repeat}; "
-          f"requests {', '.join(f'{p}={n}' for p, n in request_counts(args).items())} "
-          "(override with --requests); a ratio inside about 15% is within run-to-run noise at one repeat")
+    sizes = "from --runs" if args.runs else ", ".join(f"{p}={n}" for p, n in request_counts(args).items())
+    print(f"\nhost {host.get('hostname')} ({host.get('cpus')} cores); repeats {args.repeat}; requests {sizes}; "
+          "a ratio inside about 15% is within run-to-run noise at one repeat")
     print("not measured here: 000 方案3 共享内存 (shared memory), a transport rather than a strategy")
+    for label, run in runs:
+        th = ((run.config.get("strategies") or {}).get("cond") or {}).get("threshold")
+        if th:
+            print(f"cond's threshold in {label}: {th.get('text')}")
     for q in check_quotes(claims, args.seeds_dir):
         print(f"quote check: {q}")
     if args.hash_n:
