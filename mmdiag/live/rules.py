@@ -37,18 +37,43 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class WaitRule:
+    """Frames in which a rank waits (a collective's gloo wait, a socket poll, a
+    sched_yield spin): the sample counts as waiting, in `phase` if given, else in
+    the phase its other frames give."""
+    functions: frozenset[str]
+    files: tuple[str, ...] = ()
+    phase: str | None = None
+
+    def matches(self, frame: Frame) -> bool:
+        if frame.name not in self.functions and frame.short not in self.functions:
+            return False
+        return not self.files or frame.file.endswith(self.files)
+
+
+@dataclass(frozen=True)
 class RuleSet:
     rules: tuple[Rule, ...]
     strategy_order: tuple[str, ...]
     strategy_markers: dict[str, frozenset[str]]
     source: str
     strategy_requires: dict[str, frozenset[str]] = field(default_factory=dict)
+    waits: tuple[WaitRule, ...] = ()
 
     @property
     def stack_markers(self) -> tuple[tuple[str, str], ...]:
         """The ("outer", "inner") pairs of the `outer>inner` markers."""
         pairs = {tuple(m.split(">", 1)) for ms in self.strategy_markers.values() for m in ms if ">" in m}
         return tuple(sorted(pairs))
+
+    def classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
+        """(phase, waiting) of one sample: the innermost frame matching a wait rule
+        makes it waiting, in that rule's phase if it has one."""
+        for f in reversed(frames):
+            for w in self.waits:
+                if w.matches(f):
+                    return (w.phase or self.phase_of(frames)), True
+        return self.phase_of(frames), False
 
     def phase_of(self, frames: tuple[Frame, ...]) -> str:
         """`frames` root first. Innermost matching frame wins; no match is `other`."""
@@ -92,6 +117,14 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         rules.append(Rule(phase, frozenset(fns), tuple(r.get("files", ())), frozenset(r.get("within", ()))))
     if not rules:
         raise _fail(source, "no [[rule]] tables")
+    waits = []
+    for k, w in enumerate(d.get("wait", []), 1):
+        fns = w.get("functions")
+        if not fns or not all(isinstance(x, str) for x in fns):
+            raise _fail(source, f"wait {k}: `functions` must be a non-empty list of names")
+        if w.get("phase") is not None and w["phase"] not in PHASES:
+            raise _fail(source, f"wait {k}: phase {w['phase']!r} is not one of {', '.join(PHASES)}")
+        waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase")))
     st = d.get("strategy", {})
     order = tuple(st.get("order", ()))
     markers, requires = {}, {}
@@ -106,7 +139,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise _fail(source, f"[strategy] {k}: must be a list of markers")
         markers[k] = frozenset(v)
-    return RuleSet(tuple(rules), order, markers, source, requires)
+    return RuleSet(tuple(rules), order, markers, source, requires, tuple(waits))
 
 
 @lru_cache(maxsize=8)
