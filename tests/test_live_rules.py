@@ -191,6 +191,10 @@ def test_non_entry_wait_behind_idle_entry_is_idle(rules):
                        ("event_loop", "run_forward_step"))
     r1 = _patched_rank(1, "mmdiag::scheduler_TP1", ("event_loop", "recv_requests", "broadcast_pyobj"),
                        ("event_loop", "run_forward_step"))
+    gloo = Frame("broadcast", "torch/distributed/distributed_c10d.py", 1)
+    (t1,) = r1.threads.values()
+    t1.stacks = type(t1.stacks)({(st + (gloo,) if "broadcast_pyobj" in [f.name for f in st] else st): n
+                                 for st, n in t1.stacks.items()})  # the gloo wait under broadcast_pyobj
     run = build_run([r0, r1], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
     a, b = run.ranks
     assert a.phases_pct["idle"] == 50.0 and a.phases_pct["recv"] == 0.0

@@ -78,17 +78,29 @@ class RankProfile:
     functions: set[str] = field(default_factory=set)
     top_other: list[tuple[str, int]] = field(default_factory=list)
     gil_held_ci: float | None = None
+    # Per phase, the share of wall time spent waiting in it (rules.toml [[wait]]) and its half-width.
+    wait_pct: dict[str, float] = field(default_factory=dict)
+    wait_ci: dict[str, float | None] = field(default_factory=dict)
 
 
 def _pct(n: float, d: float) -> float:
     return 100.0 * n / d if d else 0.0
 
 
-def _phase_counts(t: ThreadSamples | None, rules: RuleSet) -> Counter:
+ALL = "all"  # the key of a rank's total wait share in wait_pct / wait_ci
+
+
+def _phase_counts(t: ThreadSamples | None, rules: RuleSet, waits: Counter | None = None) -> Counter:
+    """Samples per phase; with `waits`, also count there the samples that were
+    waiting (rules.toml [[wait]]), per phase."""
     c: Counter = Counter({p: 0 for p in PHASES})
     if t is not None:
         for stack, n in t.stacks.items():
-            c[rules.phase_of(stack)] += n
+            phase, waiting = rules.classify(stack)
+            c[phase] += n
+            if waiting and waits is not None:
+                waits[phase] += n
+                waits[ALL] += n
     return c
 
 
@@ -111,6 +123,7 @@ def _strategy_tokens(rs: RankSamples, rules: RuleSet) -> set[str]:
         for stack in t.stacks:
             names = [f.short for f in stack]
             tokens.update(names)
+            tokens.update(f.name for f in stack)  # qualified (Cond.process) as py-spy shows it
             tokens.add("phase:" + rules.phase_of(stack))
             if not entry:
                 for outer, inner in pairs:
@@ -151,8 +164,14 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
     main = main_thread(rs.threads, rs.pid)
     counts = _phase_counts(main, rules)
     total = sum(counts.values())
-    per_block = [_phase_counts(_main_of(threads, main), rules) for threads, _ in rs.block_list()]
-    phases_pct, phases_ci = shares_pct(per_block, PHASES)
+    per_block, wait_block = [], []
+    for threads, _ in rs.block_list():
+        w: Counter = Counter()
+        per_block.append(_phase_counts(_main_of(threads, main), rules, w))
+        wait_block.append(w)
+    sizes = [sum(b.values()) for b in per_block]
+    phases_pct, phases_ci = shares_pct(per_block, PHASES, sizes)
+    wait_pct, wait_ci = shares_pct(wait_block, PHASES + (ALL,), sizes)
     functions = _strategy_tokens(rs, rules)
     # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
     other_leaf: Counter = Counter()
@@ -176,7 +195,7 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                        "phases_pct": {p: round(_pct(n, t.samples), 2)
                                       for p, n in _phase_counts(t, rules).items() if n}})
     return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, phases_ci, gil_held, gil_wait,
-                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci)
+                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci)
 
 
 def _group(title: str | None) -> tuple[int, int]:
@@ -188,7 +207,8 @@ def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
     """While a group's entry rank is idle (waiting for arrivals), the other ranks
     wait for it inside the receive broadcast (broadcast_pyobj). That wait is idle
     time, not request transport, as the replay's timers count it: move
-    min(entry idle %, rank recv %) from `recv` to `idle` on each non-entry rank.
+    min(entry idle %, rank's wait in recv %) from `recv` to `idle` on each
+    non-entry rank (only waiting can be idle; unpickling the requests is work).
     Samples carry no timestamps, so this is the share-level form of the replay's
     per-iteration min(). Returns a note when anything moved."""
     entries: dict[tuple[int, int], RankProfile] = {}
@@ -200,10 +220,11 @@ def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
         e = entries.get(_group(p.title))
         if e is None or e is p:
             continue
-        moved = round(min(e.phases_pct["idle"], p.phases_pct["recv"]), 2)
+        moved = round(min(e.phases_pct["idle"], p.wait_pct.get("recv", 0.0)), 2)
         if moved > 0:
-            p.phases_pct["recv"] = round(p.phases_pct["recv"] - moved, 2)
-            p.phases_pct["idle"] = round(p.phases_pct["idle"] + moved, 2)
+            for d in (p.phases_pct, p.wait_pct):
+                d["recv"] = round(d["recv"] - moved, 2)
+                d["idle"] = round(d["idle"] + moved, 2)
             moved_any.append(f"rank {p.rank} {moved:.1f}")
     if not moved_any:
         return []

@@ -36,11 +36,13 @@ def render_profile(run: Run) -> str:
     rows = []
     for r in run.ranks or []:
         ci = r.phases_ci or {}
+        wp, wc = live.get("wait_pct", {}).get(str(r.rank), {}), live.get("wait_ci", {}).get(str(r.rank), {})
         rows.append([r.rank, r.pid if r.pid is not None else "-", r.samples]
-                    + [pm(r.phases_pct.get(p), ci.get(p)) for p in SHOWN]
+                    + [pm(r.phases_pct.get(p), ci.get(p)) for p in SHOWN] + [pm(wp.get("all"), wc.get("all"))]
                     + [pm(r.gil_held_pct, gil_ci.get(str(r.rank))), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
     table = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in SHOWN]
-                     + ["GIL held %", "GIL wait %", "CPU %"], tablefmt="simple", disable_numparse=True)
+                     + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt="simple",
+                     disable_numparse=True)
     out = ("\n".join(head) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
            "how precise a profile is)\n\n" + table + "\n")
     if run.findings:

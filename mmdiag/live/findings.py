@@ -62,6 +62,21 @@ def differs(a: float, ha: float, b: float, hb: float) -> bool:
     return abs(a - b) > math.sqrt(ha * ha + hb * hb)
 
 
+def _wait_findings(profiles: list[RankProfile]) -> list[str]:
+    """Ranks that spend a real share of their time waiting (collectives, polls, spins)."""
+    out = []
+    for p in profiles:
+        total, hw = p.wait_pct.get("all", 0.0), p.wait_ci.get("all") or 0.0
+        if not above(total, hw, MIN_PCT):
+            continue
+        where = sorted(((v, k) for k, v in p.wait_pct.items() if k != "all" and v >= 1.0), reverse=True)
+        out.append(f"rank {p.rank} waits {pm(total, hw)}% of its time ("
+                   + ", ".join(f"{k} {v:.0f}%" for v, k in where)
+                   + "): in collectives for other ranks or polling for work, counted in the phase it waits for, "
+                     "not as work")
+    return out
+
+
 def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | None],
              exited: list[dict] | None = None, notes: list[str] | None = None) -> list[str]:
     out: list[str] = []
@@ -131,6 +146,7 @@ def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | 
         p = next(x for x in profiles if x.rank == r)
         who = ", ".join(t["name"] or str(t["tid"]) for t in p.other_threads if t.get("gil_held_pct"))
         out.append(f"rank {r}: up to {w:.0f}% of the main thread's time may be GIL wait (held by: {who or 'other threads'})")
+    out.extend(_wait_findings(profiles))
     pinned = [(r, c) for r, c in sorted(cpu.items()) if c is not None and c >= 90.0]
     if pinned:
         out.append("scheduler CPU pinned: " + ", ".join(f"rank {r} {c:.0f}%" for r, c in pinned))

@@ -47,6 +47,7 @@ from .stats import duration_for
 DEFAULT_DURATION_S = 30.0
 DEFAULT_RATE_HZ = 100
 DEFAULT_BLOCK_S = 2.0
+MIN_BLOCKS, MIN_BLOCK_S = 5, 1.0
 TARGET_CI_PTS = 2.0
 PYSPY_DEFAULT_RATE_HZ = 100  # py-spy record's own default (for --from-raw files)
 ATTACH_TIMEOUT_S = 20.0
@@ -80,6 +81,12 @@ def _ipc_note(pids: list[int]) -> list[str]:
             return ["SGLANG_USE_CUDA_IPC_TRANSPORT=1: features travel as CUDA IPC handles, not CPU tensors; "
                     "mmdiag's replay models the CPU path only"]
     return []
+
+
+def block_length(duration: float, block_s: float = DEFAULT_BLOCK_S) -> float:
+    """Blocks of block_s, shorter for a short window so it still has MIN_BLOCKS
+    (Student t on 1 degree of freedom is 12.7: two blocks say next to nothing)."""
+    return min(block_s, max(MIN_BLOCK_S, duration / MIN_BLOCKS))
 
 
 def _probe(spy, ranks) -> None:
@@ -162,14 +169,15 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     disc = discover(pid)
     log(disc.describe())
     _probe(spy, disc.ranks)
+    block_s = block_length(duration, block_s)
     tmp = tempfile.mkdtemp(prefix="mmdiag-profile-")
     try:
-        sampler = Sampler(spy, disc.ranks, rate, min(block_s, duration), _out_dir(raw_dir, tmp), tmp, gil)
+        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil)
         cpus = {r.rank: CpuMeter(r.pid) for r in disc.ranks}
         try:
             sampler.start(ATTACH_TIMEOUT_S)
             log(f"sampling {len(disc.ranks)} rank(s) at {rate} Hz for {duration:g} s in blocks of "
-                f"{min(block_s, duration):g} s (py-spy {spy.version}, non-blocking)")
+                f"{block_s:g} s (py-spy {spy.version}, non-blocking)")
             window, interrupted = _sample_window(sampler, cpus, duration, on_window)
         finally:
             sampler.kill()
@@ -196,7 +204,7 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
             "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
-            "block_s": min(block_s, duration), "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
+            "block_s": block_s, "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
             "recorder_start_skew": sampler.start_skew(), "gil_missing": gil_missing}
     return build_run(samples, ruleset, window, cpus, live, notes, exited)
@@ -257,6 +265,9 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
     live["rules"] = ruleset.source
     live["phase_gil_pct"] = {str(p.rank): p.phase_gil_pct for p in profiles}
     live["gil_held_ci"] = {str(p.rank): p.gil_held_ci for p in profiles}
+    # Waiting (rules.toml [[wait]]): per phase, share of wall time and its half-width; "all": in total.
+    live["wait_pct"] = {str(p.rank): p.wait_pct for p in profiles}
+    live["wait_ci"] = {str(p.rank): p.wait_ci for p in profiles}
     threads = {}
     for p in profiles:
         tpct = cpus[p.rank].thread_pct() if cpus else {}

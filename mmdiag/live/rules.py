@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
-from ..vocab import PHASES
+from ..vocab import PHASES, TOKENIZER_PHASES
 from .errors import LiveError
+
+RULE_PHASES = PHASES + TOKENIZER_PHASES
 
 RULES_FILE = os.path.join(os.path.dirname(__file__), "rules.toml")
 
@@ -29,6 +31,7 @@ class Rule:
     functions: frozenset[str]
     files: tuple[str, ...] = ()
     within: frozenset[str] = frozenset()
+    outer: bool = False  # wins wherever its frame is on the stack (checked before the others)
 
     def matches(self, frame: Frame) -> bool:
         if frame.name not in self.functions and frame.short not in self.functions:
@@ -55,15 +58,15 @@ class WaitRule:
 class RuleSet:
     rules: tuple[Rule, ...]
     strategy_order: tuple[str, ...]
-    strategy_markers: dict[str, frozenset[str]]
+    strategy_markers: dict[str, tuple[str, ...]]
     source: str
-    strategy_requires: dict[str, frozenset[str]] = field(default_factory=dict)
     waits: tuple[WaitRule, ...] = ()
 
     @property
     def stack_markers(self) -> tuple[tuple[str, str], ...]:
         """The ("outer", "inner") pairs of the `outer>inner` markers."""
-        pairs = {tuple(m.split(">", 1)) for ms in self.strategy_markers.values() for m in ms if ">" in m}
+        pairs = {tuple(part.split(">", 1)) for ms in self.strategy_markers.values() for m in ms
+                 for part in m.split("+") if ">" in part}
         return tuple(sorted(pairs))
 
     def classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
@@ -76,11 +79,15 @@ class RuleSet:
         return self.phase_of(frames), False
 
     def phase_of(self, frames: tuple[Frame, ...]) -> str:
-        """`frames` root first. Innermost matching frame wins; no match is `other`."""
+        """`frames` root first. An `outer` rule matching any frame wins; else the
+        innermost matching frame; no match is `other`."""
+        for rule in self.rules:
+            if rule.outer and any(rule.matches(f) for f in frames):
+                return rule.phase
         for i in range(len(frames) - 1, -1, -1):
             f = frames[i]
             for rule in self.rules:
-                if rule.matches(f):
+                if not rule.outer and rule.matches(f):
                     if rule.within and not any(
                             o.name in rule.within or o.short in rule.within for o in frames[:i]):
                         continue
@@ -88,12 +95,12 @@ class RuleSet:
         return "other"
 
     def strategy_of(self, functions: set[str]) -> str:
-        """The multimodal path, from the function names (short) seen in the window,
-        plus the `outer>inner` and `phase:NAME` tokens attribute() adds (see rules.toml)."""
+        """The multimodal path, from the function names seen in the window, plus
+        the `outer>inner` and `phase:NAME` tokens attribute() adds (see rules.toml)."""
         for name in self.strategy_order:
-            if (functions & self.strategy_markers.get(name, frozenset())
-                    and self.strategy_requires.get(name, frozenset()) <= functions):
-                return name
+            for marker in self.strategy_markers.get(name, ()):
+                if all(part in functions for part in marker.split("+")):
+                    return name
         return "unknown"
 
 
@@ -109,12 +116,13 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
     rules = []
     for k, r in enumerate(d.get("rule", []), 1):
         phase = r.get("phase")
-        if phase not in PHASES:
-            raise _fail(source, f"rule {k}: phase {phase!r} is not one of {', '.join(PHASES)}")
+        if phase not in RULE_PHASES:
+            raise _fail(source, f"rule {k}: phase {phase!r} is not one of {', '.join(RULE_PHASES)}")
         fns = r.get("functions")
         if not fns or not all(isinstance(x, str) for x in fns):
             raise _fail(source, f"rule {k}: `functions` must be a non-empty list of names")
-        rules.append(Rule(phase, frozenset(fns), tuple(r.get("files", ())), frozenset(r.get("within", ()))))
+        rules.append(Rule(phase, frozenset(fns), tuple(r.get("files", ())), frozenset(r.get("within", ())),
+                          bool(r.get("outer", False))))
     if not rules:
         raise _fail(source, "no [[rule]] tables")
     waits = []
@@ -125,21 +133,18 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         if w.get("phase") is not None and w["phase"] not in PHASES:
             raise _fail(source, f"wait {k}: phase {w['phase']!r} is not one of {', '.join(PHASES)}")
         waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase")))
-    st = d.get("strategy", {})
-    order = tuple(st.get("order", ()))
-    markers, requires = {}, {}
-    for k, v in st.items():
-        if k == "order":
-            continue
-        if k == "requires":
-            if not isinstance(v, dict) or not all(isinstance(x, list) for x in v.values()):
-                raise _fail(source, "[strategy.requires] must map a path to a list of names")
-            requires = {n: frozenset(x) for n, x in v.items()}
-            continue
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise _fail(source, f"[strategy] {k}: must be a list of markers")
-        markers[k] = frozenset(v)
-    return RuleSet(tuple(rules), order, markers, source, requires, tuple(waits))
+    order = tuple(d.get("strategy", {}).get("order", ()))
+    markers = strategy_markers()
+    unknown = [n for n in order if n not in markers]
+    if unknown:
+        raise _fail(source, f"[strategy] order names {unknown[0]!r}, not a strategy of mmdiag.strategies")
+    return RuleSet(tuple(rules), order, markers, source, tuple(waits))
+
+
+def strategy_markers() -> dict[str, tuple[str, ...]]:
+    """Each strategy's `live_markers` (mmdiag/strategies/): where the markers live."""
+    from ..strategies import REGISTRY
+    return {name: tuple(cls.live_markers) for name, cls in REGISTRY.items()}
 
 
 @lru_cache(maxsize=8)

@@ -58,9 +58,11 @@ def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float]:
     return p, max(t95(b - 1) * math.sqrt(var), floor)
 
 
-def shares_pct(block_counts: list[dict[str, int]], keys) -> tuple[dict[str, float], dict[str, float]]:
-    """Per key: share in percent of all samples, and its 95% half-width in points."""
-    sizes = [sum(c.values()) for c in block_counts]
+def shares_pct(block_counts: list[dict[str, int]], keys, sizes: list[int] | None = None
+               ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Per key: share in percent of all samples, and its 95% half-width in points.
+    sizes: samples per block (default: the sum of the block's counts)."""
+    sizes = sizes if sizes is not None else [sum(c.values()) for c in block_counts]
     pct, hw = {}, {}
     for k in keys:
         p, h = block_share([c.get(k, 0) for c in block_counts], sizes)

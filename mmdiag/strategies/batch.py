@@ -25,6 +25,8 @@ class Batch(Strategy):
     summary = "entry rank materializes all of a loop iteration's multimodal requests, one broadcast_object_list for the lot"
     collectives = "per iteration"
     cost_class = "entry_per_iteration"   # mmdiag.analysis.costmodel.COST_CLASSES
+    # The replay's function, then the methods mmdiag's SGLang patch adds.
+    live_markers = ("_batch_process_mm_inputs", "_mmdiag_batch_prepare", "_mmdiag_orig_process_input_requests")
     patch = "batch"
 
     def process(self, s, reqs) -> Ready:

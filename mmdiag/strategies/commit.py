@@ -24,6 +24,9 @@ class Commit(Strategy):
     collectives = "per request"
     cost_class = "entry_per_request"   # mmdiag.analysis.costmodel.COST_CLASSES
     baseline = True
+    # 17a57fd's method (the replay's and SGLang's own name) entering the collective;
+    # a reverted or precompute-patched server keeps the name but enters none.
+    live_markers = ("_process_and_broadcast_mm_inputs+broadcast_object_list",)
 
     def process(self, s, reqs) -> Ready:
         return [(r, _process_and_broadcast_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

@@ -39,6 +39,7 @@ class Cond(Strategy):
     collectives = "per request"  # per request above the threshold
     cost_class = "conditional"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "cond"
+    live_markers = ("Cond.process",)
 
     def __init__(self, threshold: T.Threshold | None = None):
         self.threshold = threshold or T.resolve(env=os.environ)

@@ -21,6 +21,11 @@ class Dict(Strategy):
     collectives = "per request"
     cost_class = "every_rank_resend"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "dict"
+    # The replay's function; the SGLang patch keeps 17a57fd's method name but materializes
+    # on the other ranks too, after the broadcast (from_dict, from_processor_output later).
+    live_markers = ("_broadcast_raw_mm_inputs",
+                    "_process_and_broadcast_mm_inputs>from_dict+broadcast_object_list",
+                    "_process_and_broadcast_mm_inputs>from_processor_output+broadcast_object_list")
 
     def process(self, s, reqs) -> Ready:
         return [(r, _broadcast_raw_mm_inputs(s, r.mm_inputs)) for r in self.mm_reqs(reqs)]

@@ -20,6 +20,7 @@ class DictAsync(Async):
                "every rank materializes, the loop does not block")
     collectives = "per request"
     cost_class = "background"   # mmdiag.analysis.costmodel.COST_CLASSES
+    live_markers = ("_async_broadcast_worker+_broadcast_raw_mm_inputs",)
     materialize = staticmethod(_broadcast_raw_mm_inputs)
 
     def setup(self, s) -> None:

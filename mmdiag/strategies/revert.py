@@ -10,6 +10,8 @@ class Revert(Strategy):
     collectives = "none"
     cost_class = "every_rank"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "revert"
+    # Materialization seen and none of the broadcasting paths (their markers come first).
+    live_markers = ("phase:from_dict",)
 
     def process(self, s, reqs) -> Ready:
         out = []
