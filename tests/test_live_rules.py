@@ -200,3 +200,17 @@ def test_non_entry_wait_behind_idle_entry_is_idle(rules):
     assert a.phases_pct["idle"] == 50.0 and a.phases_pct["recv"] == 0.0
     assert b.phases_pct["idle"] == 50.0 and b.phases_pct["recv"] == 0.0
     assert any("counted as idle, not recv" in f for f in run.findings)
+
+
+def test_markers_are_the_strategy_modules_own():
+    """rules.py reads each strategy's live_markers from its source (no torch import):
+    the same as the classes say, and every path the rules detect is a strategy."""
+    from mmdiag.live.rules import strategy_markers
+    from mmdiag.strategies import REGISTRY
+    read = strategy_markers()
+    assert set(read) == set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        if "live_markers" in vars(cls):
+            assert read[name] == tuple(cls.live_markers), name
+    order = load_rules().strategy_order
+    assert set(order) <= set(REGISTRY) and all(read[n] for n in order)

@@ -1,6 +1,8 @@
 """Stack -> phase rules, kept as data in rules.toml (see the comments there)."""
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import tomllib
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from .errors import LiveError
 RULE_PHASES = PHASES + TOKENIZER_PHASES
 
 RULES_FILE = os.path.join(os.path.dirname(__file__), "rules.toml")
+STRATEGIES_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "strategies")
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,24 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
     return RuleSet(tuple(rules), order, markers, source, tuple(waits))
 
 
+@lru_cache(maxsize=1)
 def strategy_markers() -> dict[str, tuple[str, ...]]:
-    """Each strategy's `live_markers` (mmdiag/strategies/): where the markers live."""
-    from ..strategies import REGISTRY
-    return {name: tuple(cls.live_markers) for name, cls in REGISTRY.items()}
+    """Each strategy's `live_markers`, where they live: on its class in
+    mmdiag/strategies/. Read from the source, not imported: the strategy modules
+    import torch, which would cost `profile` and `top` seconds of start-up."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path in sorted(glob.glob(os.path.join(STRATEGIES_DIR, "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            attrs = {}
+            for st in cls.body:
+                if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name):
+                    if st.targets[0].id in ("name", "live_markers"):
+                        attrs[st.targets[0].id] = ast.literal_eval(st.value)
+            if "name" in attrs:
+                out[attrs["name"]] = tuple(attrs.get("live_markers", ()))
+    return out
 
 
 @lru_cache(maxsize=8)

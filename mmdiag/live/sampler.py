@@ -28,6 +28,14 @@ from .pyspy import PySpy, Recorder, ThreadSamples, classify_failure, read_raw, s
 REGISTRY: set[int] = set()  # live py-spy pids (tests check nothing is left behind)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 @dataclass
 class Block:
     index: int
@@ -131,7 +139,7 @@ class RankChain:
     def _collect(self, c: _Chunk) -> Block | None:
         for x in c.recorders:
             REGISTRY.discard(x.proc.pid)
-        if any(x.target_exited for x in c.recorders) or not psutil.pid_exists(self.rank.pid):
+        if any(x.target_exited for x in c.recorders) or not alive(self.rank.pid):
             self.exited = True
         if not os.path.exists(c.main.out):
             if c.sampling is None and not self.exited:
