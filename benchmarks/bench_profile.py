@@ -57,7 +57,7 @@ def start_replay(trace, tp, strategy, out=None, stats=None):
         env["MMDIAG_STATS_DIR"] = stats
     cmd = [PY, "-m", "mmdiag", "replay", trace, "--tp", str(tp), "--strategy", strategy, "-q", "--timeout", "60"]
     if out:
-        cmd += ["--json", out]
+        cmd += ["-o", out]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import RunFileError
+from .fileio import write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
 from .vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 
 KNOWN_SCHEMAS = (REPLAY_SCHEMA, PROFILE_SCHEMA)
@@ -193,42 +192,3 @@ def _strategy_from_dict(d: dict[str, Any]) -> StrategyResult:
     known = StrategyResult.__dataclass_fields__
     kw = {k: v for k, v in d.items() if k in known and k != "ranks"}
     return StrategyResult(ranks=[_rank_from_dict(r) for r in d["ranks"]], **kw)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    write_lines_atomic(path, [text])
-
-
-def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
-    """Stream chunks to a temp file beside `path`, fsync, rename: all or nothing
-    (a full disk or Ctrl-C leaves the old file, or none, never half a file)."""
-    real = os.path.realpath(path)
-    if os.path.exists(real) and not os.path.isfile(real):
-        # A device or pipe (/dev/stdout, a FIFO): write through, never replace it.
-        with open(real, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        return
-    directory = os.path.dirname(real) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".mmdiag-", dir=directory)
-    try:
-        # mkstemp makes 0600; a report or Run is meant to be shared like any new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, real)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

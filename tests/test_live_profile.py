@@ -174,7 +174,7 @@ def test_from_raw_same_numbers(live, tmp_path):
     for a, b in zip(run.ranks, again.ranks):
         assert (a.rank, a.samples, a.phases_pct, a.gil_held_pct) == (b.rank, b.samples, b.phases_pct, b.gil_held_pct)
     out = tmp_path / "raw.json"
-    res = _cli("--from-raw", *files, "--json", out)
+    res = _cli("--from-raw", *files, "-o", out)
     assert res.returncode == 0, res.stderr
     d = json.loads(out.read_text())
     assert d["schema"] == PROFILE_SCHEMA and len(d["ranks"]) == 2
@@ -193,7 +193,7 @@ def test_from_raw_of_pyspy_record(replay, tmp_path):
 
 def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
     out, ss = tmp_path / "p.json", tmp_path / "p.speedscope.json"
-    res = _cli("--pid", replay["launcher"], "--duration", 3, "--rate", 50, "--json", out, "--speedscope", ss)
+    res = _cli("--pid", replay["launcher"], "--duration", 3, "--rate", 50, "-o", out, "--speedscope", ss)
     assert res.returncode == 0, res.stderr
     assert "findings:" in res.stdout and "mmdiag::scheduler_TP1" in res.stderr
     d = json.loads(out.read_text())
@@ -206,7 +206,7 @@ def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
 def test_ctrl_c_keeps_what_was_sampled(replay, tmp_path):
     out = tmp_path / "p.json"
     p = subprocess.Popen([PY, "-m", "mmdiag.live", "--pid", str(replay["ranks"][0]), "--duration", "60",
-                          "--rate", "100", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--rate", "100", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while time.time() < deadline and not _pyspy_left(replay["ranks"][:1]):
         time.sleep(0.1)
@@ -285,7 +285,7 @@ def test_unparseable_raw(tmp_path):
 def test_target_exits_mid_profile(tmp_path):
     fake = _fake_rank("mmdiag::scheduler_TP0", 2.5)
     out = tmp_path / "p.json"
-    res = _cli("--pid", fake.pid, "--duration", 8, "--rate", 100, "--json", out)
+    res = _cli("--pid", fake.pid, "--duration", 8, "--rate", 100, "-o", out)
     fake.wait()
     line = _one_line_error(res, code=4)
     assert "exited during the profile" in line

@@ -137,17 +137,17 @@ def test_cli_json_write_failure_is_one_line(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from mmdiag.live.commands import profile_command
-    from mmdiag.run import Run
+    from mmdiag import fileio
+    from mmdiag.cli import main
 
     f = tmp_path / "rank0.raw"
     f.write_text("thread (1): MainThread;main (x.py:1);run_forward_step (x.py:2) 30\n")
 
-    def full(self, path):
+    def full(path, text):
         raise OSError(_errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Run, "save", full)
-    r = CliRunner().invoke(profile_command, ["--from-raw", str(f), "--json", str(tmp_path / "p.json")])
+    monkeypatch.setattr(fileio, "write_text_atomic", full)
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(f), "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     errors = [ln for ln in r.output.splitlines() if ln.startswith("mmdiag: error: ")]

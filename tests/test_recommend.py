@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from runs_synth import profile_run, rank, replay_run, strategy, video_run
 
-from mmdiag.analysis import commands
+from mmdiag import api
+from mmdiag.cli import main
 from mmdiag.analysis.compare import compare_samples, t_quantile, t_two_sided_p
 from mmdiag.analysis.costmodel import fit
 from mmdiag.analysis.recommend import load_rules, recommend
@@ -220,7 +221,7 @@ def test_runs_of_one_trace_are_merged_and_others_left_out_with_the_reason(tmp_pa
                                                                      tp=4, mean_mb=1.0))]:
         paths[name] = str(tmp_path / f"{name}.json")
         run.save(paths[name])
-    r = CliRunner().invoke(commands.recommend_command, [paths[k] for k in ("before", "after", "tp2", "other")] +
+    r = CliRunner().invoke(main, ["recommend", paths[k] for k in ("before", "after", "tp2", "other")] +
                            ["--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -243,7 +244,7 @@ def test_a_null_throughput_is_left_out_not_a_traceback(tmp_path):
     d["strategies"]["precompute"]["throughput_rps"] = None
     p = tmp_path / "null.json"
     p.write_text(json.dumps(d))
-    r = CliRunner().invoke(commands.recommend_command, [str(p), "--json"])
+    r = CliRunner().invoke(main, ["recommend", str(p), "--json"])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     out = json.loads(r.output)
     assert out["recommended"] == "batch"
@@ -278,22 +279,22 @@ def test_cli_json_and_no_runs_replays_the_default(monkeypatch, tmp_path):
         calls.update(kw)
         return video_run()
 
-    monkeypatch.setattr(commands, "replay_default", fake_replay_default)
-    r = CliRunner().invoke(commands.recommend_command, ["--json"])
+    monkeypatch.setattr(api, "replay_default", fake_replay_default)
+    r = CliRunner().invoke(main, ["recommend", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["recommended"] == "batch" and d["cost_model"]["broadcast_pays"] is True
     assert "tp" in calls
     p = tmp_path / "run.json"
     video_run().save(str(p))
-    r = CliRunner().invoke(commands.recommend_command, [str(p)])
+    r = CliRunner().invoke(main, ["recommend", str(p)])
     assert r.exit_code == 0 and "recommended: batch" in r.output
 
 
 def test_cli_bad_run_file_is_one_line(tmp_path):
     p = tmp_path / "cut.json"
     p.write_text('{"schema": "mmdiag.replay/1", "tp": 2, "strat')
-    r = CliRunner().invoke(commands.recommend_command, [str(p)])
+    r = CliRunner().invoke(main, ["recommend", str(p)])
     assert r.exit_code == 2 and "mmdiag: error:" in r.output and "Traceback" not in r.output
 
 

@@ -33,7 +33,7 @@ def _check_contract(d, tp, names):
 def test_every_strategy_at_tp2_cli_json_and_timeline(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=24, rows=64)
     out, tl = tmp_path / "run.json", tmp_path / "timeline.json"
-    r = mmdiag_cli("replay", trace, "--tp", "2", "--json", str(out), "--timeline", str(tl), "-q")
+    r = mmdiag_cli("replay", trace, "--tp", "2", "-o", str(out), "--timeline", str(tl), "-q")
     assert r.returncode == 0, r.stderr
     for name in STRATEGIES:
         assert name in r.stdout
@@ -152,13 +152,13 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
     for args, code, text in [
         (("replay", trace, "--strategy", "nope"), 2, "unknown strategy 'nope'"),
-        (("replay", trace, "--tp", "0"), 2, "--tp must be at least 1"),
-        (("replay", trace, "--max-concurrency", "0"), 2, "--max-concurrency must be at least 1"),
+        (("replay", trace, "--tp", "0"), 2, "'--tp': 0 is not in the range 1<=x"),
+        (("replay", trace, "--max-concurrency", "0"), 2, "'--max-concurrency': 0 is not in the range 1<=x"),
         (("replay", trace, "--strategy", "all", "--strategy", "nope"), 2, "unknown strategy 'nope'"),
         (("replay", str(tmp_path)), 2, "is a directory"),
         (("replay", str(tmp_path / "missing.jsonl")), 2, "no such trace file"),
         (("trace", "synth", "--profile", "nope", "-o", str(tmp_path / "x.jsonl")), 2, "unknown workload profile"),
-        (("replay", trace, "--json", str(tmp_path / "no" / "dir.json")), 2, "directory does not exist"),
+        (("replay", trace, "-o", str(tmp_path / "no" / "dir.json")), 2, "directory does not exist"),
     ]:
         r = mmdiag_cli(*args, timeout=60)
         assert r.returncode == code, (args, r.stderr)

@@ -10,11 +10,11 @@ def test_replay_runs_the_installed_code_before_and_after_apply(tmp_path):
     pkg = site_packages("0.5.5", tmp_path / "site")  # broadcast-always: the regression itself
     trace = make_trace(tmp_path / "t.jsonl", n=12, rows=16)
     before, after = tmp_path / "before.json", tmp_path / "after.json"
-    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "--json", str(before))
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(before))
     assert r.returncode == 0, r.stderr
     r = mmdiag_cli("apply", "batch", "--sglang", str(pkg), "--yes")
     assert r.returncode == 0, r.stderr
-    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "--json", str(after))
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(after))
     assert r.returncode == 0, r.stderr
     b, a = json.loads(before.read_text()), json.loads(after.read_text())
     assert list(b["strategies"]) == ["commit"] and list(a["strategies"]) == ["batch"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from runs_synth import profile_run, rank, replay_run, strategy, video_run
 
-from mmdiag.analysis.commands import report_command
+from mmdiag.cli import main
 from mmdiag.analysis.criteria import load_criteria, parse_criteria
 from mmdiag.analysis.report import build_report
 from mmdiag.errors import ProfileError
@@ -40,7 +40,7 @@ def _write(tmp_path, name, run):
 
 
 def _cli(*args):
-    return CliRunner().invoke(report_command, [str(a) for a in args])
+    return CliRunner().invoke(main, ["report", *[str(a) for a in args]])
 
 
 class _Imgs(HTMLParser):
@@ -357,19 +357,17 @@ def test_verify_end_to_end_on_a_real_release(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_verify_prints_the_report_and_returns_the_exit_status(tmp_path, capsys):
+def test_apply_verify_prints_the_report_and_exits_1_when_acceptance_fails(tmp_path):
     from conftest import make_trace
     from sglang_wheels import site_packages
-
-    from mmdiag.analysis.commands import run_verify
 
     pkg = site_packages("0.5.5", tmp_path / "site")
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16)
     crit = tmp_path / "crit.toml"
     crit.write_text("[ranks_agree]\nrequire = true\n[cpu_per_request_ratio]\nmax = 0.001\n")   # cannot pass
-    code = run_verify(str(pkg), "revert", trace, tp=2, criteria=str(crit), output=str(tmp_path / "v.html"), repeat=1)
-    out = capsys.readouterr()
-    assert code == 1 and "acceptance: FAIL" in out.out and "cpu_per_request_ratio" in out.err
+    r = CliRunner().invoke(main, ["apply", "revert", "--verify", "--yes", "--sglang", str(pkg), "--trace", trace,
+                                  "--tp", "2", "--criteria", str(crit), "-o", str(tmp_path / "v.html"), "--repeat", "1"])
+    assert r.exit_code == 1 and "acceptance: FAIL" in r.stdout and "cpu_per_request_ratio" in r.stderr, r.output
     assert "<img" in (tmp_path / "v.html").read_text()
 
 

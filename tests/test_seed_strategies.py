@@ -140,7 +140,7 @@ def test_cond_replay_follows_the_environment_threshold(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16, video_every=3, text_every=4)
     out = tmp_path / "run.json"
     limit = 40 * 1176 * 4  # images (16 or 32 rows) below, videos (64 rows) above
-    r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "cond", "--json", str(out), "-q",
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "cond", "-o", str(out), "-q",
                    env={T.ENV: str(limit)})
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())

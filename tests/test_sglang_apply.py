@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sglang_wheels import RELEASES, checkout, isolated_state, site_packages, state_of, tree_bytes  # noqa: F401
 
 import mmdiag.sglang.apply as A
-from mmdiag.sglang.commands import apply_command, doctor_command
+from mmdiag.cli import main
 from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, NotApplicable,
                                   ReadOnlyInstall, UnknownLayout)
@@ -32,7 +32,7 @@ FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/man
 
 
 def run(*args):
-    r = CliRunner().invoke(apply_command, [str(a) for a in args])
+    r = CliRunner().invoke(main, ["apply", *[str(a) for a in args]])
     assert "Traceback" not in r.output
     return r
 
@@ -76,7 +76,7 @@ def test_apply_undo_roundtrip(version, strategy, tmp_path):
     other = next(s for s in ("dict", "batch") if s != strategy)
     with pytest.raises(AlreadyPatched):
         A.apply(locate(str(pkg)), other)
-    doc = CliRunner().invoke(doctor_command, ["--sglang", str(pkg)])
+    doc = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
     assert re.search(rf"^mmdiag patch\s+{strategy} \(applied", doc.output, re.M), doc.output
     u = run("--undo", "--sglang", pkg, "--yes")
     assert u.exit_code == 0, u.output

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from sglang_wheels import RELEASES, checkout, isolated_state, pristine, site_packages  # noqa: F401
 
-from mmdiag.sglang.commands import doctor_command
+from mmdiag.cli import main
 from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import SGLangNotFound, UnknownLayout
 from mmdiag.sglang.facts import release
@@ -40,16 +40,16 @@ def test_variant_by_structure(version, layout, tmp_path):
 
 def test_doctor_cli_json_and_text(tmp_path):
     pkg = site_packages("0.5.6", tmp_path)
-    r = CliRunner().invoke(doctor_command, ["--sglang", str(pkg), "--json"])
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["variant"] == "broadcast-flag" and d["install"]["version"] == "0.5.6"
-    r = CliRunner().invoke(doctor_command, ["--sglang", str(pkg.parent)])
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg.parent)])
     assert r.exit_code == 0 and "broadcast-flag" in r.output and "server_args.py:582" in r.output
 
 
 def test_not_found(tmp_path):
-    r = CliRunner().invoke(doctor_command, ["--sglang", str(tmp_path / "nope")])
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(tmp_path / "nope")])
     assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ") and "Traceback" not in r.output
     with pytest.raises(SGLangNotFound):
         locate(str(tmp_path))
@@ -82,7 +82,7 @@ def test_unknown_layout_reports_markers(tmp_path):
     det = detect(locate(str(pkg)))
     assert det.variant is None
     assert "from_processor_output" in det.notes[0] and "_process_and_broadcast_mm_inputs" in det.notes[0]
-    r = CliRunner().invoke(doctor_command, ["--sglang", str(pkg)])
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
     assert r.exit_code == 1 and "unknown" in r.output
 
 

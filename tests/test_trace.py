@@ -82,7 +82,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_cli_malformed_trace_is_one_line_and_writes_nothing(tmp_path):
     p = _with_line(tmp_path, '{"rid": "x", "t": "soon"}')
     out = tmp_path / "run.json"
-    r = mmdiag_cli("replay", p, "--tp", "2", "--json", str(out), timeout=60)
+    r = mmdiag_cli("replay", p, "--tp", "2", "-o", str(out), timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert f"{p}:3" in r.stderr and "'t'" in r.stderr

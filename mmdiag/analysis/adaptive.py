@@ -22,7 +22,7 @@ from ..errors import MmdiagError
 from ..run import Run
 from .merge import merge_replays
 from .recommend import INSUFFICIENT, Recommendation, recommend
-from .verify import check_writable
+from ..fileio import check_writable
 
 UNDECIDED = (INSUFFICIENT, "low")
 

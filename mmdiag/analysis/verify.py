@@ -22,8 +22,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .. import render
 from ..errors import MmdiagError
-from ..run import Run, write_text_atomic
+from ..run import Run
 from .criteria import Criterion, load_criteria
 from .report import Report, build_report
 
@@ -37,44 +38,6 @@ class VerifyResult:
     applied: Any          # mmdiag.sglang.apply.ApplyResult
     before_json: str | None = None
     after_json: str | None = None
-
-
-HTML_EXT, MD_EXT = (".html", ".htm"), (".md", ".markdown")
-
-
-def check_report_output(out: str) -> None:
-    """The report can be written to `out`: a known extension (.html or .md), a writable folder."""
-    ext = os.path.splitext(out)[1].lower()
-    if ext not in HTML_EXT + MD_EXT:
-        raise MmdiagError(f"unknown report format {ext or '(no extension)'!r}", where=out,
-                          fix="name the output report.html or report.md")
-    check_writable(out)
-
-
-def render_to(report: Report, out: str) -> None:
-    """Write the report by the file's extension (.html or .md), atomically."""
-    check_report_output(out)
-    if os.path.splitext(out)[1].lower() in HTML_EXT:
-        from ..render.report_html import render_html
-        text = render_html(report)
-    else:
-        from ..render.report_md import render_markdown
-        text = render_markdown(report)
-    try:
-        write_text_atomic(out, text)
-    except OSError as e:
-        raise MmdiagError(f"cannot write ({e.strerror or e})", where=out) from None
-
-
-def check_writable(path: str) -> None:
-    """An output file can be created at `path` (the one such check in mmdiag.analysis)."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise MmdiagError("is a directory", where=path, fix="give a file name such as report.html")
-    if not os.path.isdir(d):
-        raise MmdiagError("directory does not exist", where=path)
-    if not os.access(d, os.W_OK):
-        raise MmdiagError("directory is not writable", where=path)
 
 
 def check_applicable(inst: Any, strategy: str) -> None:
@@ -120,7 +83,7 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
 
     crit = criteria if isinstance(criteria, list) else load_criteria(criteria)
     if out:
-        check_report_output(out)
+        render.check_output(out, "Report")
     inst = locate(install_path)
     path = str(inst.package_dir)
     check_applicable(inst, strategy)        # before the minutes-long replays, not after the first
@@ -159,5 +122,5 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
         before.save(res.before_json)
         after.save(res.after_json)
     if out:
-        render_to(report, out)
+        render.write(report, out)
     return res

@@ -1,5 +1,7 @@
-"""`python -m mmdiag.live ...` is `mmdiag profile ...` (also usable before cli.py registers it)."""
-from .commands import profile_command
+"""`python -m mmdiag.live ...` is `mmdiag profile ...`."""
+import sys
+
+from ..cli import main
 
 if __name__ == "__main__":
-    profile_command(prog_name="mmdiag profile")
+    main(["profile", *sys.argv[1:]], prog_name="mmdiag")

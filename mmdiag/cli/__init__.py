@@ -1,0 +1,20 @@
+"""The `mmdiag` command line: one click application over mmdiag.api.
+
+app.py holds the group and its one error handler; each *_cmds module holds a family of
+commands; this module gathers them. A new command: a function in a *_cmds module and its
+line below.
+"""
+from __future__ import annotations
+
+from .analysis_cmds import recommend_command, report_command
+from .app import main
+from .profile_cmd import profile_command
+from .replay_cmds import demo_cmd, replay_cmd
+from .sglang_cmds import apply_command, doctor_command
+from .trace_cmds import trace
+
+for _cmd in (trace, replay_cmd, demo_cmd, profile_command, recommend_command, report_command,
+             doctor_command, apply_command):
+    main.add_command(_cmd)
+
+__all__ = ["main"]

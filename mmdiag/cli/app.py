@@ -1,0 +1,116 @@
+"""The one click application and its one error handler.
+
+Every command is a thin skin over mmdiag.api: parse, call, render. A MmdiagError from
+anywhere leaves as `mmdiag: error: what; what to do` on stderr (and, under --json, as
+{"error": ..., "fix": ...} on stdout) with the error's exit code; never a traceback.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import click
+
+from ..errors import MmdiagError
+from ..fileio import dumps_json
+
+EXIT_ACCEPTANCE_FAILED = 1
+EXIT_INTERRUPTED = 130
+_JSON = "mmdiag.json"   # ctx.meta key: this invocation prints machine JSON on stdout
+_ARGV = "mmdiag.argv"
+
+# What Ctrl-C left behind, by command (default: the replay's).
+INTERRUPTED = {"profile": "py-spy was stopped, nothing was written",
+               "apply": "the install was left as it was before this command"}
+DEFAULT_INTERRUPTED = "every rank was stopped, no Run was written"
+
+
+def mark_json(ctx: click.Context, value: Any = True) -> None:
+    """From now on this invocation's errors are also printed as JSON on stdout."""
+    if value:
+        ctx.meta[_JSON] = True
+
+
+def wants_json(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get(_JSON)) or "--json" in ctx.meta.get(_ARGV, ())
+
+
+def _error_json(e: MmdiagError) -> str:
+    what = f"{e.where}: {e.what}" if e.where else e.what
+    return dumps_json({"error": what, "fix": e.fix, "exit_code": e.exit_code})
+
+
+class MmdiagGroup(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGV, list(args))
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        old = warnings.showwarning
+        warnings.showwarning = lambda msg, *a, **k: click.echo(f"mmdiag: warning: {msg}", err=True)
+        try:
+            return super().invoke(ctx)
+        except MmdiagError as e:
+            click.echo(f"mmdiag: error: {e.one_line()}", err=True)
+            detail = getattr(e, "detail", "")
+            if detail:
+                click.echo(detail, err=True, nl=False)
+            if wants_json(ctx):
+                click.echo(_error_json(e))
+            ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            # Bad options are user mistakes like any other: one line, exit 2.
+            sub = e.ctx.command_path if e.ctx else ctx.command_path
+            what, fix = e.format_message().rstrip("."), f"see `{sub} --help`"
+            click.echo(f"mmdiag: error: {what[:1].lower() + what[1:]}; {fix}", err=True)
+            if wants_json(ctx):
+                click.echo(dumps_json({"error": what, "fix": fix, "exit_code": e.exit_code}))
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo(f"mmdiag: interrupted; {INTERRUPTED.get(ctx.invoked_subcommand, DEFAULT_INTERRUPTED)}",
+                       err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        finally:
+            warnings.showwarning = old
+
+
+def json_switch(what: str):
+    """The one --json convention: a switch printing `what` as JSON on stdout instead of text,
+    in every outcome (an error prints {"error", "fix", "exit_code"} and exits non-zero)."""
+    return click.option("--json", "as_json", is_flag=True,
+                        callback=lambda ctx, p, v: (mark_json(ctx, v), v)[1],
+                        help=f"print {what} as JSON on stdout (errors too, as {{\"error\", \"fix\"}})")
+
+
+def output_option(what: str, formats: str):
+    return click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                        help=f"write {what} to this file; the extension picks the format ({formats})")
+
+
+@click.group(cls=MmdiagGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mmdiag")
+def main():
+    """Diagnose SGLang's multimodal-input path under tensor parallelism.
+
+    \b
+    Upstream commit 17a57fd86 (PR #11910) made the entry TP rank materialize each
+    request's images/video once and broadcast the result to the other ranks with a
+    blocking broadcast_object_list. That helps large video and hurts small images at
+    high concurrency. mmdiag measures which way it goes for YOUR traffic:
+
+    \b
+      mmdiag trace synth --profile small-image-c96 -o trace.jsonl
+      mmdiag replay trace.jsonl --tp 4 -o run.json         # every strategy, side by side
+      mmdiag demo                                          # both steps on the default workload
+      mmdiag profile --pid 1234 -o live.json               # attach to a live server (py-spy)
+      mmdiag recommend run.json                            # which fix, and why, in numbers
+      mmdiag doctor                                        # which path your SGLang runs
+      mmdiag apply batch                                   # patch it (mmdiag apply --undo)
+
+    \b
+    Output: --json prints the command's result as JSON on stdout (errors too);
+    -o FILE writes it to a file whose extension picks the format (.json, .md, .html, .txt).
+    Exit codes: 0 ok, 1 acceptance failed (report, apply --verify), 2 bad input,
+    3 a replay fault or a busy lock, 4 a profiled rank exited, 5 ptrace refused,
+    6 py-spy failed, 130 Ctrl-C.
+    """

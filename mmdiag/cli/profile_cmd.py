@@ -1,0 +1,93 @@
+"""`mmdiag profile`: attach py-spy to a live server (or a replay), or analyse raw files."""
+from __future__ import annotations
+
+import click
+
+from .. import api
+from .. import render as out
+from ..live.errors import LiveError, TargetExitedError
+from ..live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
+from . import options as o
+from .replay_cmds import legacy_json
+
+
+@click.command("profile")
+@click.option("--pid", type=o.PID, default=None,
+              help="the SGLang server's main PID, one scheduler's PID, or an `mmdiag replay` PID")
+@click.option("--duration", type=o.SECONDS, default=DEFAULT_DURATION_S, show_default=True, help="seconds to sample")
+@click.option("--rate", type=o.RATE_HZ, default=None,
+              help=f"samples per second per rank [default: {DEFAULT_RATE_HZ}; with --from-raw: the rate the files "
+                   f"were recorded at, default {PYSPY_DEFAULT_RATE_HZ} as py-spy's]")
+@legacy_json("the Run (schema mmdiag.profile/1)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="write the Run; the extension picks the format (profile.json, profile.md, profile.txt)")
+@click.option("--speedscope", type=click.Path(dir_okay=False), default=None,
+              help="write every rank's sampled stacks for https://www.speedscope.app")
+@click.option("--raw-dir", type=click.Path(file_okay=False), default=None,
+              help="keep py-spy's raw files here (rank<N>.pid<P>.raw / .gil.raw), for --from-raw")
+@click.option("--from-raw", "from_raw_flag", is_flag=True,
+              help="analyse py-spy raw files (FILES) recorded elsewhere instead of attaching")
+@click.option("--no-gil", is_flag=True, help="skip the --gil recorder (about a fifth of py-spy's CPU; no GIL figures)")
+@click.option("--pyspy", default=None, metavar="PATH", help="py-spy binary [default: $MMDIAG_PYSPY, PATH, beside python]")
+@click.option("--rules", default=None, type=click.Path(dir_okay=False), help="stack->phase rules TOML [default: bundled]")
+@click.option("--quiet", "-q", is_flag=True, help="no progress lines on stderr")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, from_raw_flag, no_gil, pyspy,
+                    rules, quiet, files):
+    """Attach to a live SGLang server (or an mmdiag replay) and attribute each scheduler
+    rank's time to the multimodal phases, with GIL sampling.
+
+    \b
+      mmdiag profile --pid 1234                  # server main PID: finds sglang::scheduler* children
+      mmdiag profile --pid 1234 -o prof.json --speedscope prof.speedscope.json
+      mmdiag profile --from-raw rank0.raw rank0.gil.raw rank1.raw ...
+    \b
+    Samples with py-spy (non-blocking, every thread, plus a --gil recorder) on all
+    ranks over the same window; psutil gives CPU%. Phases: recv, from_dict, pickle,
+    broadcast, unpickle, forward, other, idle (rules: mmdiag/live/rules.toml).
+    Exit codes: 4 a rank exited during the window (what was sampled is kept),
+    5 ptrace refused, 6 py-spy missing or failed, 2 bad input.
+    """
+    as_json = json_out == "-"
+    files_out = [(p, w) for p, w in ((output, "-o"), (None if as_json else json_out, "--json")) if p]
+    for path, what in files_out:
+        out.check_output(path, "Run", what)
+    run = _collect(pid, duration, rate, speedscope, raw_dir, from_raw_flag, no_gil, pyspy, rules, files,
+                   log=(lambda s: None) if quiet or as_json else (lambda s: click.echo(f"mmdiag: {s}", err=True)))
+    click.echo(out.render(run, "json" if as_json else "text"), nl=False)
+    for path, what in files_out:
+        out.write(run, path, what=what, fix="the profile is shown above; free space or choose another path")
+        if not as_json:
+            click.echo(f"\nRun written to {path}")
+    if speedscope and not as_json:
+        click.echo(f"speedscope written to {speedscope} (open in https://www.speedscope.app)")
+    _exited(run, [p for p, _ in files_out])
+
+
+def _collect(pid, duration, rate, speedscope, raw_dir, from_raw_flag, no_gil, pyspy, rules, files, log):
+    if from_raw_flag:
+        if pid is not None:
+            raise LiveError("give either --pid or --from-raw FILES, not both")
+        if not files:
+            raise LiveError("--from-raw needs py-spy raw files", fix="mmdiag profile --from-raw rank0.raw rank1.raw")
+        if speedscope:
+            raise LiveError("--speedscope is for a live profile; py-spy can write speedscope itself "
+                            "(py-spy record --format speedscope)")
+        return api.profile_from_raw(list(files), rate=rate or PYSPY_DEFAULT_RATE_HZ, rules=rules)
+    if files:
+        raise LiveError(f"unexpected argument {files[0]!r}", fix="files are for --from-raw")
+    if pid is None:
+        raise LiveError("--pid is required (or --from-raw FILES)",
+                        fix="find it with `ps -eo pid,args | grep -e sglang -e mmdiag`")
+    return api.profile(pid, duration, rate, pyspy=pyspy, raw_dir=raw_dir, rules=rules, gil=not no_gil,
+                       speedscope=speedscope, log=log)
+
+
+def _exited(run, written: list[str]) -> None:
+    exited = run.config.get("live", {}).get("exited") or []
+    if exited:
+        e = exited[0]
+        more = f" (and {len(exited) - 1} more)" if len(exited) > 1 else ""
+        raise TargetExitedError(f"rank {e['rank']} (pid {e['pid']}) exited during the profile{more}; "
+                                f"what was sampled ({e['samples']} samples, about {e['sampled_s']:.1f} s) "
+                                "is reported above" + (f" and in {written[0]}" if written else ""))

@@ -1,0 +1,98 @@
+"""`mmdiag doctor` and `mmdiag apply`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import api
+from .. import render as out
+from ..errors import MmdiagError
+from ..vocab import PATCHABLE_STRATEGIES
+from . import options as o
+from .analysis_cmds import show_report
+from .app import json_switch
+from .progress import Bar
+
+SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (default: this interpreter's)"
+
+
+@click.command("doctor")
+@click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
+@json_switch("the detection")
+def doctor_command(sglang_path, as_json):
+    """Find SGLang and report its multimodal path variant and any mmdiag patch.
+    Exit 1 when the variant is unknown, 2 when no SGLang is found."""
+    det = api.doctor(sglang_path)
+    click.echo(out.render(det, "json" if as_json else "text"), nl=False)
+    if det.variant is None:
+        raise click.exceptions.Exit(1)
+
+
+_STATUS = {
+    "dry-run": "dry run: nothing was written",
+    "applied": "applied `{strategy}` to {files}; manifest {manifest}",
+    "already-applied": "`{strategy}` already applied: nothing to do",
+    "nothing-to-do": "nothing to patch",
+    "undone": "undone `{strategy}`: original bytes restored",
+    "declined": "declined: nothing was written",
+}
+
+
+def _confirm(yes: bool):
+    def show(diff: str) -> bool:
+        if diff:
+            click.echo(diff, nl=False)
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise MmdiagError("not a terminal: pass --yes to write (or --dry-run); nothing was changed")
+        return click.confirm("write these changes?", default=False)
+    return show
+
+
+@click.command("apply")
+@click.argument("strategy", required=False, type=click.Choice(PATCHABLE_STRATEGIES))
+@click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
+@click.option("--dry-run", is_flag=True, help="show the diff, write nothing")
+@click.option("--yes", "-y", is_flag=True, help="do not ask before writing")
+@click.option("--undo", is_flag=True, help="restore the original files recorded by the last apply")
+@click.option("--verify", is_flag=True,
+              help="replay the installed code, apply, replay again, and write the acceptance report")
+@click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: the trace to replay [default: the bundled default workload]")
+@click.option("--tp", type=o.RANKS, default=None, help="with --verify: ranks to replay with [default: 4]")
+@click.option("--repeat", type=o.REPEATS, default=2, show_default=True, help="with --verify: " + o.REPEAT_HELP_VERDICT)
+@click.option("--criteria", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: acceptance criteria file [default: profiles/criteria/default.toml]")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="with --verify: write the report here (the extension picks the format: .html, .md, .json)")
+def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output):
+    """Patch the installed SGLang with STRATEGY (revert, dict, batch, precompute), or --undo.
+
+    With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
+    the result against the acceptance criteria (exit 1 when it fails).
+    """
+    if undo == (strategy is not None):
+        raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHABLE_STRATEGIES)}")
+    if verify:
+        if undo or dry_run:
+            raise MmdiagError("--verify applies a STRATEGY; it does not combine with --undo or --dry-run")
+        with Bar(enabled=True) as bar:
+            res = api.verify(strategy, sglang_path=sglang_path, trace=trace, tp=tp, criteria=criteria, output=output,
+                             repeat=repeat, confirm=_confirm(yes), progress=bar,
+                             log=lambda s: click.echo(s, err=True))
+        show_report(res.report, output, False,
+                    failed_note="; the patch stays applied (mmdiag apply --undo restores)")
+        return
+    if undo:
+        res = api.undo(sglang_path=sglang_path, dry_run=dry_run, confirm=_confirm(yes))
+    else:
+        res = api.apply(strategy, sglang_path=sglang_path, dry_run=dry_run, confirm=_confirm(yes))
+    if res.status == "dry-run" and res.diff:
+        click.echo(res.diff, nl=False)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    click.echo(_STATUS[res.status].format(strategy=res.strategy, files=", ".join(res.files), manifest=res.manifest))
+    if res.status == "declined":
+        raise click.exceptions.Exit(1)

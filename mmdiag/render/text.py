@@ -1,0 +1,97 @@
+"""Console text (and Markdown tables) for Runs, doctor detections and plain summaries."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tabulate import tabulate
+
+from ..live.stats import pm
+from ..run import Run
+from ..vocab import PROFILE_SCHEMA
+from . import table
+
+PROFILE_SHOWN = ("recv", "from_dict", "pickle", "broadcast", "unpickle", "forward", "other", "idle")
+
+
+def _f(v, fmt="{:.1f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def render_run(run: Run) -> str:
+    return render_profile(run) if run.schema == PROFILE_SCHEMA else table.render_run(run)
+
+
+def render_run_md(run: Run) -> str:
+    if run.schema == PROFILE_SCHEMA:
+        return render_profile(run, "github")
+    return "\n\n".join([f"## mmdiag replay at tp {run.tp}", table.summary_table(run, "github"),
+                        "### Phase time per request, ms", table.phase_table(run, "github")])
+
+
+def _profile_head(run: Run, name: str) -> str:
+    live = run.config.get("live", {})
+    if live.get("source") == "live":
+        return (f"profile of PID {live['target_pid']} ({live.get('target_title', '')}): "
+                f"{len(run.ranks or [])} rank(s), {live['duration_s']:.1f} s at {live['rate_hz']} Hz, "
+                f"py-spy {live['pyspy']['version']}; multimodal path: {name}")
+    return f"profile from {len(live.get('files', []))} py-spy raw file(s); multimodal path: {name}"
+
+
+def render_profile(run: Run, fmt: str = "simple") -> str:
+    (name, _), = run.strategies.items()
+    live = run.config.get("live", {})
+    gil_ci = live.get("gil_held_ci", {})
+    rows = []
+    for r in run.ranks or []:
+        ci = r.phases_ci or {}
+        wp, wc = live.get("wait_pct", {}).get(str(r.rank), {}), live.get("wait_ci", {}).get(str(r.rank), {})
+        rows.append([r.rank, r.pid if r.pid is not None else "-", r.samples]
+                    + [pm(r.phases_pct.get(p), ci.get(p)) for p in PROFILE_SHOWN] + [pm(wp.get("all"), wc.get("all"))]
+                    + [pm(r.gil_held_pct, gil_ci.get(str(r.rank))), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
+    tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in PROFILE_SHOWN]
+                   + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
+                   disable_numparse=True)
+    out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
+           "how precise a profile is)\n\n" + tab + "\n")
+    if run.findings:
+        out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in run.findings) + "\n"
+    return out
+
+
+def render_doctor(det: Any) -> str:
+    i = det.install
+    rows = [
+        ("sglang", str(i.package_dir)),
+        ("layout", f"{i.layout} (found by {i.found_by})"),
+        ("version", i.version or "unknown"),
+        ("variant", det.variant or "unknown"),
+        ("path", det.summary),
+        ("scheduler.py", f"{det.scheduler_lines} lines; mm call: {det.mm_call}"),
+    ]
+    rows += [(target, lay or "unknown layout") for target, lay in det.layouts.items()]
+    if det.flag:
+        f = det.flag
+        rows.append(("flag", f"{f['option']} default {f.get('default')} "
+                             f"({f['file']}:{f['field_line']}, option at line {f.get('option_line')})"))
+    rows.append(("mmdiag patch", _patch_line(det)))
+    if det.release:
+        rows.append(("release facts", f"{det.release['version']}: {det.release['variant']}"))
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    out += [f"note: {n}" for n in det.notes]
+    return "\n".join(out) + "\n"
+
+
+def _patch_line(det: Any) -> str:
+    if det.manifest:
+        m = det.manifest
+        return (f"{m['strategy']} ({m.get('status')}, {m.get('created')}; "
+                f"files: {', '.join(m['files'])}; undo: mmdiag apply --undo)")
+    if det.patch_markers:
+        return f"markers {det.patch_markers} but no manifest"
+    return "none"
+
+
+def render_mapping(d: dict[str, Any]) -> str:
+    return "\n".join(f"{k:15} {v}" for k, v in d.items()) + "\n"
