@@ -110,7 +110,7 @@ def test_arrivals_and_text_lengths_follow_bench_serving():
 
 @pytest.mark.parametrize("opts, msg", [
     (("--image-resolution", "8k"), "not a resolution"),
-    (("--image-count", "0"), "--image-count must be at least 1"),
+    (("--image-count", "0"), "'--image-count': 0 is not in the range 1<=x"),
     (("--image-resolution", "360p", "--profile", "mixed"), "not both"),
     (("--request-rate", "fast"), "--request-rate 'fast' is not a number"),
     (("--request-rate", "-1"), "must be positive"),
