@@ -221,7 +221,7 @@ def test_runs_of_one_trace_are_merged_and_others_left_out_with_the_reason(tmp_pa
                                                                      tp=4, mean_mb=1.0))]:
         paths[name] = str(tmp_path / f"{name}.json")
         run.save(paths[name])
-    r = CliRunner().invoke(main, ["recommend", paths[k] for k in ("before", "after", "tp2", "other")] +
+    r = CliRunner().invoke(main, ["recommend", *[paths[k] for k in ("before", "after", "tp2", "other")]] +
                            ["--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
