@@ -38,3 +38,9 @@ class ReplayError(MmdiagError):
 
 class RunFileError(MmdiagError):
     """A Run JSON file is missing, truncated or of the wrong schema."""
+
+
+class Terminated(ReplayError):
+    """The replay was stopped by SIGTERM; exits as a shell reports a SIGTERMed command."""
+
+    exit_code = 143

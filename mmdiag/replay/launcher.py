@@ -9,6 +9,7 @@ order) and dies with the launcher even if the launcher is SIGKILLed
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,14 +17,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
-from ..errors import MmdiagError, ReplayError
+from ..errors import MmdiagError, ReplayError, Terminated
+from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
+from . import heartbeat
 
 GRACE_S = 5.0
 
@@ -103,14 +107,15 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
                              opts.max_concurrency is None or opts.max_concurrency >= 1)]:
         if not ok:
             raise MmdiagError(f"{flag} must be {'positive' if flag in ('--timeout', '--max-recv-mb') else 'at least 1'}, got {value}")
-    scan(trace)  # a malformed trace fails here, before any process starts
+    header, stats = scan(trace)  # a malformed trace fails here, before any process starts
+    est = check_memory(opts, header, stats)
     if opts.tp > (os.cpu_count() or 1):
         warnings.warn(f"--tp {opts.tp} is more than this machine's {os.cpu_count()} cores: "
                       "ranks share cores, so timings are pessimistic", stacklevel=2)
     if opts.port is not None:
         check_port(opts.port)
     port = opts.port or free_port()
-    with tempfile.TemporaryDirectory(prefix="mmdiag-replay-") as tmp:
+    with _sigterm_as_error(), tempfile.TemporaryDirectory(prefix="mmdiag-replay-") as tmp:
         out = os.path.join(tmp, "run.json")
         prog = os.path.join(tmp, "progress.json")
         tl_dir = os.path.join(tmp, "timeline") if opts.timeline else None
@@ -134,16 +139,19 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
                 cmd += ["--enable-broadcast-flag"]
         procs: list[subprocess.Popen] = []
         logs = [os.path.join(tmp, f"rank{r}.log") for r in range(opts.tp)]
+        beats = os.path.join(tmp, "heartbeat")
+        heartbeat.create(beats, opts.tp)
         try:
             for r in range(opts.tp):
                 env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(opts.tp),
                            LOCAL_WORLD_SIZE=str(opts.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            MMDIAG_PARENT_PID=str(os.getpid()), MMDIAG_LAUNCHER="mmdiag",
+                           **{heartbeat.ENV: beats, memory.RANK_MEMORY_ENV: str(est.heap_ceiling)},
                            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **opts.extra_env)
                 with open(logs[r], "w") as log:
                     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                   stdin=subprocess.DEVNULL, start_new_session=True))
-            _watch(procs, logs, prog, opts, progress)
+            _watch(procs, logs, prog, beats, progress)
         except BaseException:
             _kill_all(procs)
             raise
@@ -157,33 +165,87 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         return run
 
 
-def _watch(procs, logs, prog, opts: ReplayOptions, progress) -> None:
-    failed: tuple[int, int] | None = None
-    failed_at = 0.0
+def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
+    """Refuse, before any rank starts, a replay that cannot fit in this machine's memory."""
+    conc = opts.max_concurrency
+    if conc is None and header.arrival.get("mode") == "closed":
+        conc = int(header.arrival["max_concurrency"])
+    from ..replay.scheduler import MAX_PENDING
+    est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * memory.MiB),
+                          conc, backlog_requests=MAX_PENDING if "async" in opts.strategies else 0)
+    avail = memory.available_bytes()
+    if est.total > avail:
+        raise MmdiagError(f"this replay needs {est.explain()}, more than the {avail / memory.GiB:.1f} GiB "
+                          "this machine has available", where=f"--tp {opts.tp}",
+                          fix="lower --tp, --max-recv-mb or --max-concurrency, or leave out the async strategy")
+    return est
+
+
+@contextlib.contextmanager
+def _sigterm_as_error() -> Iterator[None]:
+    """SIGTERM stops a replay the way Ctrl-C does: ranks stopped, temporary files removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated("terminated by SIGTERM; every rank was stopped, no Run was written")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _blame(procs, codes, logs, beats, low_memory: bool) -> ReplayError:
+    """Name the rank that caused a failure: one killed by a signal; else one whose
+    heartbeat stopped (its peers' collectives timed out waiting for it); else one
+    whose last words are not a failed collective."""
+    stale = heartbeat.stale_ranks(beats, len(procs), [c is None for c in codes])
+    bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+    killed = [(r, c) for r, c in bad if c < 0]
+    fix = "the other ranks were stopped; rerun with MMDIAG_DEBUG=1 to see every rank's log"
+    if not killed and stale:
+        r, age = stale[0]
+        state = ""
+        with contextlib.suppress(Exception):
+            import psutil
+            if psutil.Process(procs[r].pid).status() == psutil.STATUS_STOPPED:
+                state = ", the process is stopped (SIGSTOP?)"
+        waiting = ", ".join(str(k) for k, _ in bad) or "the others"
+        return ReplayError(f"rank {r} stopped making progress (no heartbeat for {age:.0f} s{state}); "
+                           f"rank {waiting} gave up waiting for it in a collective", fix=fix)
+    bad.sort(key=lambda rc: (rc[1] > 0, "collective failed" in _last_line(logs[rc[0]])))
+    r, c = bad[0]
+    how = f"was killed by signal {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
+    detail = _last_line(logs[r])
+    if c == -signal.SIGKILL and low_memory:
+        how += " (memory was nearly exhausted: likely the kernel's OOM killer)"
+        fix = "lower --tp, --max-recv-mb or --max-concurrency; " + fix
+    return ReplayError(f"rank {r} {how}" + (f" ({detail})" if detail else ""), fix=fix)
+
+
+def _watch(procs, logs, prog, beats, progress) -> None:
+    failed_at: float | None = None
+    low_memory = False
     while True:
         codes = [p.poll() for p in procs]
-        if failed is None:
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                # Blame the rank that died, not a peer whose collective failed because of it:
-                # a signal first, then a rank whose last words are not a failed collective.
-                bad.sort(key=lambda rc: (rc[1] > 0, "collective failed" in _last_line(logs[rc[0]])))
-                failed, failed_at = bad[0], time.time()
-        if all(c is not None for c in codes) and failed is None:
+        low_memory = low_memory or memory.memory_low()
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = time.time()
+            error = _blame(procs, codes, logs, beats, low_memory)
+        if all(c is not None for c in codes) and failed_at is None:
             return
-        if failed is not None:
+        if failed_at is not None:
             # The others notice through their collectives; give them a moment, then stop them.
             if all(c is not None for c in codes) or time.time() - failed_at > GRACE_S:
                 _kill_all(procs)
-                r, c = failed
-                how = f"was killed by signal {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
-                detail = _last_line(logs[r])
                 if os.environ.get("MMDIAG_DEBUG"):
                     for k, path in enumerate(logs):
                         with open(path, errors="replace") as f:
                             sys.stderr.write(f"--- rank {k} log ---\n{f.read()}")
-                raise ReplayError(f"rank {r} {how}" + (f" ({detail})" if detail else ""),
-                                  fix="the other ranks were stopped; rerun with MMDIAG_DEBUG=1 to see every rank's log")
+                raise error
         if progress is not None:
             try:
                 with open(prog) as f:

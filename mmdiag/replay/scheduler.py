@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..mmpath.memory import RANK_BASE_BYTES, HeapTrimmer, MiB
 from ..run import summarize_ms
 from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
@@ -175,7 +176,7 @@ class RankOutcome:
 class ReplayScheduler:
     def __init__(self, rank: int, world: int, strategy: Strategy, timers: PhaseTimers, *,
                  cpu_group: Any = None, timeout: timedelta = timedelta(seconds=60),
-                 forward_ms: float = 0.0, progress: Any = None):
+                 forward_ms: float = 0.0, progress: Any = None, heap_ceiling: int = 0):
         self.rank, self.world = rank, world
         self.is_entry_rank = rank == 0
         self.strategy = strategy
@@ -197,6 +198,7 @@ class ReplayScheduler:
         self.held_at = time.time()
         self.invalid = 0
         self.stop = False
+        self.trim_heap = HeapTrimmer(heap_ceiling or RANK_BASE_BYTES + 256 * MiB)
 
     # --- the loop ---------------------------------------------------------------
     def event_loop(self, intake: Intake | None, total: int | None) -> RankOutcome:
@@ -216,10 +218,14 @@ class ReplayScheduler:
                 ready = self.process_input_requests(reqs)
                 ready += self.strategy.poll(self)
                 self.hold(ready)
-                self.run_forward_step(busy=bool(reqs or ready))
-                iterations += 1
+                busy = bool(reqs or ready)
                 if reqs:
                     batch_sizes.append(len(reqs))
+                # Nothing of this iteration's features may outlive it: memory must not grow with the trace.
+                del reqs, ready
+                self.trim_heap()
+                self.run_forward_step(busy=busy)
+                iterations += 1
                 stalls.append((time.perf_counter() - it0 - (t.get("idle") - idle0)
                                - (t.get("forward") - fwd0)) * 1000.0)
                 t.maybe_flush()

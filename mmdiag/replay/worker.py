@@ -23,9 +23,12 @@ import torch.distributed as dist
 
 from .. import strategies as strategy_registry
 from ..errors import MmdiagError
+from ..mmpath import memory
+from ..mmpath.memory import RANK_MEMORY_ENV
 from ..trace import scan
 from ..vocab import REPLAY_RANK_TITLE
 from .assemble import assemble_run, strategy_result
+from . import heartbeat
 from .comm import broadcast_pyobj, install_torch_timers
 from .scheduler import Intake, ReplayScheduler, tokenizer_prepass
 from .timers import PhaseTimers
@@ -147,6 +150,9 @@ def run_rank(args: argparse.Namespace) -> int:
         if max_conc is None and header.arrival.get("mode") == "closed":
             max_conc = int(header.arrival["max_concurrency"])
         image_token_id = int(header.model.get("image_token_id", 0))
+    # The launcher's heap ceiling for a rank; under torchrun, the byte cap's bound.
+    heap_ceiling = int(os.environ.get(RANK_MEMORY_ENV, 0)) or (
+        memory.RANK_BASE_BYTES + int(args.max_recv_mb * memory.MiB))
     results = {}
     described: dict[str, dict] = {}
     prepass = None
@@ -157,7 +163,7 @@ def run_rank(args: argparse.Namespace) -> int:
                         else _make_strategy(name, rank, group, results, world, args, header, stats))
             timers.reset(name)
             sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=timeout,
-                                    forward_ms=args.forward_ms, progress=progress)
+                                    forward_ms=args.forward_ms, progress=progress, heap_ceiling=heap_ceiling)
             tok_s: dict[int, float] = {}
             if rank == 0:
                 progress.label = f"{name}" + (f" {rep + 1}/{args.repeat}" if args.repeat > 1 else "")
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     args = parse_args(argv)
     rank = os.environ.get("RANK", "?")
+    if rank != "?":
+        heartbeat.start(int(rank))
     try:
         return run_rank(args)
     except KeyboardInterrupt:

@@ -1,0 +1,104 @@
+"""Faults a user meets in a replay: too little memory, a frozen rank, SIGTERM."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from mmdiag.mmpath import memory
+from mmdiag.replay import heartbeat
+from mmdiag.replay.launcher import _blame
+from conftest import ROOT, make_trace, mmdiag_cli
+from test_replay import _assert_gone, _ranks_of
+
+
+def test_a_replay_that_cannot_fit_is_refused_before_any_rank_starts(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    r = mmdiag_cli("trace", "synth", "-n", "16", "-o", str(trace))
+    assert r.returncode == 0, r.stderr
+    if psutil.virtual_memory().available > 128 * memory.GiB:
+        pytest.skip("this machine could hold a 64-rank replay of 16 requests")
+    t0 = time.time()
+    r = mmdiag_cli("replay", str(trace), "--tp", "64", "-q", timeout=60)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "GiB" in err and "available" in err and "lower --tp" in err
+    assert time.time() - t0 < 30  # refused up front, not after 64 ranks came up
+
+
+def test_a_rank_killed_while_memory_ran_low_names_the_oom_killer(tmp_path):
+    logs = [str(tmp_path / f"rank{r}.log") for r in range(2)]
+    for p in logs:
+        open(p, "w").close()
+    beats = str(tmp_path / "hb")
+    heartbeat.create(beats, 2)
+    err = _blame([None, None], [None, -signal.SIGKILL], logs, beats, low_memory=True)
+    assert "rank 1 was killed by signal SIGKILL" in str(err) and "OOM killer" in str(err)
+    assert "OOM" not in str(_blame([None, None], [None, -signal.SIGKILL], logs, beats, low_memory=False))
+
+
+def test_freed_heap_is_given_back_when_rss_passes_the_ceiling():
+    # Large buffers served from the heap, as once glibc's dynamic mmap threshold has risen
+    # in a rank (M_MMAP_THRESHOLD = -3).
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 32 * memory.MiB) == 1
+    keep, blocks = [], []
+    for _ in range(64):  # 16 MiB buffers with small survivors between them: a fragmented heap
+        blocks.append(bytearray(16 * memory.MiB))
+        keep.append(bytearray(4096))
+    ceiling = memory._rss_bytes() - 512 * memory.MiB
+    del blocks
+    trim = memory.HeapTrimmer(ceiling)
+    kept = memory._rss_bytes() > ceiling  # glibc kept the freed pages (or gave them back itself)
+    trim()
+    assert trim.trims == int(kept) and memory._rss_bytes() < ceiling
+    trim()
+    assert trim.trims == int(kept)  # under the ceiling: nothing to do
+
+
+def _long_replay(tmp_path, *extra, env=None):
+    trace = make_trace(tmp_path / "t.jsonl", n=2000, rows=16, rate=40.0, text_every=0)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdiag", "replay", trace, "--tp", "2",
+                             "--strategy", "commit", "-q", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+    ranks = _ranks_of(psutil.Process(proc.pid), 2)
+    time.sleep(3)  # into the loop: past torch import and rendezvous
+    return proc, ranks
+
+
+@pytest.mark.slow
+def test_the_frozen_rank_is_blamed_not_the_one_whose_timeout_fired(tmp_path):
+    proc, ranks = _long_replay(tmp_path, "--timeout", "10")
+    victim = next(p for p in ranks if "TP1" in " ".join(p.cmdline()))
+    victim.suspend()  # SIGSTOP
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if victim.is_running():
+            victim.resume()
+    assert proc.returncode == 3, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "rank 1 stopped making progress" in err and "rank 0 gave up waiting" in err
+    _assert_gone(ranks)
+
+
+@pytest.mark.slow
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc, ranks = _long_replay(tmp_path, "--timeout", "20", env={"TMPDIR": str(tmpdir)})
+    assert glob.glob(str(tmpdir / "mmdiag-replay-*"))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err and "Traceback" not in err
+    _assert_gone(ranks)
+    assert not glob.glob(str(tmpdir / "mmdiag-replay-*"))
