@@ -21,11 +21,12 @@ import time
 import warnings
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
-
+from ..lazy import lazy_module
 from .timers import PhaseTimers
+
+torch = lazy_module("torch")   # strategies import this module; `mmdiag --help` must not load torch
+dist = lazy_module("torch.distributed")
+c10d = lazy_module("torch.distributed.distributed_c10d")
 
 _installed: PhaseTimers | None = None
 

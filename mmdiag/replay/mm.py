@@ -15,7 +15,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from ..lazy import lazy_module
+
+torch = lazy_module("torch")   # strategies import this module; `mmdiag --help` must not load torch
 
 MODALITIES = ("image", "video", "audio")
 PAD_MODULUS = 1 << 30

@@ -3,7 +3,9 @@ from __future__ import annotations
 import queue
 import threading
 
-import torch.distributed as dist
+from ..lazy import lazy_module
+
+dist = lazy_module("torch.distributed")   # the registry is read by --help, which must not load torch
 
 from .base import Ready, Strategy
 from .commit import _process_and_broadcast_mm_inputs

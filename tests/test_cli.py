@@ -1,0 +1,123 @@
+"""The command line as one application: light --help, ranged options, one JSON convention.
+
+Every test walks the click app itself (commands and options are read from it, never listed
+here), so a new command or option is covered the day it is added.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mmdiag.cli import main
+
+HEAVY = ("torch", "numpy", "matplotlib", "scipy", "viztracer")
+
+
+def commands(group=main, path=()):
+    """(path, command) for every command and group of the app."""
+    yield path, group
+    for name, cmd in getattr(group, "commands", {}).items():
+        yield from commands(cmd, path + (name,))
+
+
+def _strict(text: str):
+    def refuse(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_no_help_imports_torch():
+    """`mmdiag --help` and every command's --help start without torch, numpy, matplotlib, scipy."""
+    paths = [list(p) for p, _ in commands()]
+    code = (f"import sys\nfrom mmdiag.cli import main\nfor p in {paths!r}:\n"
+            "    try:\n        main(p + ['--help'], prog_name='mmdiag')\n    except SystemExit as e:\n"
+            "        assert e.code == 0, (p, e.code)\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr[-2000:]
+
+
+def _bad_values(opt: click.Option) -> list[str]:
+    t = opt.type
+    bad = ["abc"]
+    if t.min is not None:
+        bad.append(str(t.min - 1 if isinstance(t, click.IntRange) else t.min - 1.0))
+    if t.max is not None:
+        bad.append(str(t.max + 1))
+    return bad
+
+
+def _numeric_options():
+    for path, cmd in commands():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and isinstance(p.type, (click.types._NumberParamTypeBase,)):
+                yield path, cmd, p
+
+
+def test_every_numeric_option_has_a_range():
+    unranged = [f"{' '.join(path)} {p.opts[-1]}" for path, _, p in _numeric_options()
+                if not isinstance(p.type, (click.IntRange, click.FloatRange))
+                or (p.type.min is None and p.type.max is None)]
+    assert not unranged, f"give these a click.IntRange/FloatRange (mmdiag/cli/options.py): {unranged}"
+
+
+def test_bad_numbers_are_one_line_errors_with_exit_2():
+    """--port 99999, --port -5, --tp abc, ...: for every numeric option of every command."""
+    runner = CliRunner()
+    checked = 0
+    for path, cmd, opt in _numeric_options():
+        args = ["x" for a in cmd.params if isinstance(a, click.Argument) and a.required]
+        for value in _bad_values(opt):
+            r = runner.invoke(main, [*path, opt.opts[-1], value, *args])
+            errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mmdiag: error: ")]
+            assert r.exit_code == 2 and "Traceback" not in r.output, (path, opt.opts, value, r.output)
+            assert len(errors) == 1 and opt.opts[-1] in errors[0], (path, opt.opts, value, r.stderr)
+            checked += 1
+    assert checked > 20
+
+
+def test_json_errors_are_json_on_stdout(tmp_path):
+    """doctor --json where there is no SGLang: valid JSON on stdout, the one line on stderr, exit 2."""
+    r = CliRunner().invoke(main, ["doctor", "--json", "--sglang", str(tmp_path / "nope")])
+    assert r.exit_code == 2
+    d = _strict(r.stdout)
+    assert "nope" in d["error"] and d["fix"] and d["exit_code"] == 2
+    assert r.stderr.startswith("mmdiag: error: ") and len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["report", "a.json", "b.json", "--json", "--criteria", "x", "--bogus"])
+    assert r.exit_code == 2 and "--bogus" in _strict(r.stdout)["error"]
+
+
+@pytest.fixture
+def raw_profile(tmp_path):
+    f = tmp_path / "rank0.raw"
+    f.write_text("thread (1): MainThread;main (x.py:1);run_forward_step (x.py:2) 30\n")
+    return f
+
+
+def test_json_is_strict_and_files_follow_their_extension(tmp_path, raw_profile):
+    """A live profile has no throughput (NaN inside): --json prints null, never a bare NaN;
+    -o picks the format by extension and refuses one the Run cannot be written as."""
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "--json"])
+    assert r.exit_code == 0, r.output
+    d = _strict(r.stdout)
+    assert d["schema"] == "mmdiag.profile/1" and d["strategies"][next(iter(d["strategies"]))]["throughput_rps"] is None
+    md = tmp_path / "p.md"
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(md)])
+    assert r.exit_code == 0 and md.read_text().count("|") > 10, r.output
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(tmp_path / "p.html")])
+    assert r.exit_code == 2 and "p.html" in r.stderr and "run.json" in r.stderr, r.output
+    assert not (tmp_path / "p.html").exists()
+
+
+def test_old_json_file_form_still_writes_with_a_deprecation_line(tmp_path, raw_profile):
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "deprecated" in r.stderr and "-o" in r.stderr
+    assert _strict(out.read_text())["schema"] == "mmdiag.profile/1"
