@@ -29,8 +29,8 @@ TOKENIZER_PHASES = ("tokenizer_hash",)
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async")
 
-# Strategies `mmdiag apply` can patch into an installed SGLang.
-PATCHABLE_STRATEGIES = ("revert", "dict", "batch", "precompute", "cond")
+# Which of them `mmdiag apply` can patch in is said by each strategy's module (its `patch`):
+# mmdiag.strategies.PATCHABLE.
 
 REPLAY_SCHEMA = "mmdiag.replay/1"
 PROFILE_SCHEMA = "mmdiag.profile/1"

@@ -121,3 +121,23 @@ def test_old_json_file_form_still_writes_with_a_deprecation_line(tmp_path, raw_p
     assert r.exit_code == 0, r.output
     assert "deprecated" in r.stderr and "-o" in r.stderr
     assert _strict(out.read_text())["schema"] == "mmdiag.profile/1"
+
+
+def test_help_and_readme_say_what_the_strategy_modules_say():
+    """The README's strategy table, replay's help and apply's choices are derived from the
+    registry: a strategy module's words change, these change with them (or this fails)."""
+    import os
+    import re
+
+    from mmdiag import render
+    from mmdiag.strategies import REGISTRY, catalog
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- strategies:[^\n]*-->\n(.*?)\n<!-- /strategies -->", readme, re.S)
+    assert block and block.group(1) + "\n" == render.render(catalog(), "markdown"), \
+        "README strategy table is stale: paste `mmdiag strategies --format markdown`"
+    help_text = " ".join(CliRunner().invoke(main, ["replay", "--help"], terminal_width=200).output.split())
+    for name, cls in REGISTRY.items():
+        assert f"{name} {' '.join(cls.summary.split())}" in help_text, name
+    apply_choices = next(p for p in main.commands["apply"].params if p.name == "strategy").type.choices
+    assert tuple(apply_choices) == tuple(n for n, c in REGISTRY.items() if c.patch)

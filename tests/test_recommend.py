@@ -18,7 +18,8 @@ from mmdiag.analysis.compare import compare_samples, t_quantile, t_two_sided_p
 from mmdiag.analysis.costmodel import fit
 from mmdiag.analysis.recommend import load_rules, recommend
 from mmdiag.render.recommend_text import render_recommendation
-from mmdiag.vocab import PATCHABLE_STRATEGIES, STRATEGIES
+from mmdiag.strategies import PATCHABLE as PATCHABLE_STRATEGIES
+from mmdiag.vocab import STRATEGIES
 
 
 # --- significance (pyperf compare_to style) ------------------------------------------

@@ -18,7 +18,7 @@ from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, NotApplicable,
                                   ReadOnlyInstall, UnknownLayout)
 from mmdiag.sglang.locate import locate
-from mmdiag.vocab import PATCHABLE_STRATEGIES
+from mmdiag.strategies import PATCHABLE as PATCHABLE_STRATEGIES
 
 # (version, strategy) -> files written ([] = nothing to patch, None = refused as not applicable)
 EXPECT = {

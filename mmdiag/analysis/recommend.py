@@ -25,7 +25,8 @@ from typing import Any
 from ..errors import MmdiagError, ProfileError
 from ..run import Run, StrategyResult
 from ..strategies import BASELINE
-from ..vocab import PATCHABLE_STRATEGIES, PROFILE_SCHEMA, STRATEGIES
+from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
+from ..vocab import PROFILE_SCHEMA, STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise

@@ -11,10 +11,11 @@ from .app import main
 from .profile_cmd import profile_command
 from .replay_cmds import demo_cmd, replay_cmd
 from .sglang_cmds import apply_command, doctor_command
+from .strategies_cmd import strategies_command
 from .trace_cmds import trace
 
 for _cmd in (trace, replay_cmd, demo_cmd, profile_command, recommend_command, report_command,
-             doctor_command, apply_command):
+             doctor_command, apply_command, strategies_command):
     main.add_command(_cmd)
 
 __all__ = ["main"]

@@ -1,11 +1,14 @@
 """`mmdiag replay` and `mmdiag demo`."""
 from __future__ import annotations
 
+import textwrap
+
 import click
 
 from .. import api
 from .. import render as out
 from ..errors import MmdiagError
+from ..strategies import catalog
 from ..vocab import STRATEGIES
 from . import options as o
 from .app import mark_json
@@ -88,13 +91,16 @@ def run_replay(trace_file: str | None, json_out, output, quiet, demo: dict | Non
     return run
 
 
-def _replay_help() -> str:
-    from ..strategies import REGISTRY
-    width = max(len(n) for n in REGISTRY)
-    return "\n".join(f"  {n.ljust(width)}  {c.summary}" for n, c in REGISTRY.items())
+def strategies_help() -> str:
+    """The strategies as the registry describes them, for --help (click keeps \\b blocks as written)."""
+    cat = catalog()
+    width = max(len(s["name"]) for s in cat)
+    lines = [textwrap.fill(s["summary"], 96, initial_indent=f"  {s['name'].ljust(width)}  ",
+                           subsequent_indent=" " * (width + 4)) for s in cat]
+    return "\b\nStrategies (mmdiag strategies):\n" + "\n".join(lines)
 
 
-@click.command("replay")
+@click.command("replay", epilog=strategies_help())
 @click.argument("trace_file", metavar="TRACE")
 @replay_options
 def replay_cmd(trace_file, **kw):
@@ -105,7 +111,7 @@ def replay_cmd(trace_file, **kw):
     CPU group. Rank 0 (the entry rank) admits requests at their arrival times and sends
     each loop iteration's requests to all ranks by pickle over broadcast (SGLang's
     recv_requests / broadcast_pyobj); then every rank handles them with the strategy
-    (see `mmdiag strategies`).
+    (listed below).
     \b
     Materialization costs SGLang's: sha256 over each feature's bytes. Every rank must
     end with the same hashes and pad values; that is checked.
@@ -113,7 +119,7 @@ def replay_cmd(trace_file, **kw):
     run_replay(trace_file, **kw)
 
 
-@click.command("demo")
+@click.command("demo", epilog=strategies_help())
 @click.option("--profile", default=None, metavar="NAME", help="workload profile [default: profiles/defaults.toml]")
 @click.option("-n", "n", type=o.COUNT, default=None,
               help="requests to synthesize [default: [quick] requests in profiles/defaults.toml]")

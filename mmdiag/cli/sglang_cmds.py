@@ -8,7 +8,7 @@ import click
 from .. import api
 from .. import render as out
 from ..errors import MmdiagError
-from ..vocab import PATCHABLE_STRATEGIES
+from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from . import options as o
 from .analysis_cmds import show_report
 from .app import json_switch

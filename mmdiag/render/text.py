@@ -95,3 +95,21 @@ def _patch_line(det: Any) -> str:
 
 def render_mapping(d: dict[str, Any]) -> str:
     return "\n".join(f"{k:15} {v}" for k, v in d.items()) + "\n"
+
+
+def _catalog_rows(cat: list[dict[str, Any]], code: str = "") -> list[list[str]]:
+    return [[f"{code}{s['name']}{code}" + (" (baseline)" if s["baseline"] else ""), s["summary"], s["collectives"],
+             f"{code}{s['patch']}{code}" if s["patch"] else "none ships"] for s in cat]
+
+
+CATALOG_HEADERS = ["strategy", "what the TP ranks do with each request's mm inputs", "own collectives", "patch"]
+
+
+def render_catalog(cat: list[dict[str, Any]]) -> str:
+    return "\n\n".join(f"{r[0]}\n  {r[1]}\n  collectives: {r[2]}; patch: {r[3]}" for r in _catalog_rows(cat))
+
+
+def render_catalog_md(cat: list[dict[str, Any]]) -> str:
+    # Unpadded rows: the README keeps this table, and a diff of it should show only what changed.
+    rows = [CATALOG_HEADERS, ["---"] * len(CATALOG_HEADERS)] + _catalog_rows(cat, "`")
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)

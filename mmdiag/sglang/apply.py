@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..vocab import PATCHABLE_STRATEGIES
+from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from .detect import MANIFEST_NAME, Detection, detect
 from .errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, ReadOnlyInstall,
                      SGLangError, UnknownLayout)

@@ -40,3 +40,14 @@ def resolve(names: list[str] | tuple[str, ...]) -> list[str]:
     if not names or "all" in names:
         return list(STRATEGIES)
     return [n for n in STRATEGIES if n in names]
+
+
+class Catalog(list):
+    """What every strategy says about itself, one dict per strategy in the canonical order:
+    the source of `mmdiag strategies`, the replay's help and the README's table."""
+
+
+def catalog() -> Catalog:
+    return Catalog({"name": n, "summary": c.summary, "collectives": c.collectives,
+                    "patch": f"mmdiag apply {n}" if c.patch else None, "baseline": c.baseline}
+                   for n, c in REGISTRY.items())

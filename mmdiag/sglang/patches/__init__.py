@@ -1,9 +1,9 @@
-"""One module per patchable strategy (names: mmdiag.vocab.PATCHABLE_STRATEGIES)."""
+"""One module per patchable strategy (names: mmdiag.strategies.PATCHABLE, from each strategy's `patch`)."""
 from __future__ import annotations
 
 from importlib import import_module
 
-from ...vocab import PATCHABLE_STRATEGIES
+from ...strategies import PATCHABLE as PATCHABLE_STRATEGIES
 
 
 def strategy_module(name: str):
