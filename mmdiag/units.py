@@ -14,3 +14,8 @@ def mb(nbytes: float) -> float:
 def fmt_mb(nbytes: float, nd: int = 1) -> str:
     """'18.8 MB' for 18_816_000 bytes."""
     return f"{mb(nbytes):,.{nd}f} MB"
+
+
+def fmt_gb(nbytes: float, nd: int = 1) -> str:
+    """'23.9 GB' (10^9 bytes): memory is said in the same decimal units as features."""
+    return f"{nbytes / 1e9:,.{nd}f} GB"

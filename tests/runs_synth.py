@@ -8,7 +8,7 @@ from mmdiag.replay.assemble import latency_hist
 from mmdiag.run import RankResult, Run, StrategyResult, summarize_ms
 from mmdiag.vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 
-MB = 2 ** 20
+from mmdiag.units import MB  # the tool's one size unit (10^6 bytes)
 
 
 def rank(r, cpu_pct=50.0, wall_s=10.0, collectives=0, bytes_sent=0, **phases_ms):

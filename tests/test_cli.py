@@ -141,3 +141,17 @@ def test_help_and_readme_say_what_the_strategy_modules_say():
         assert f"{name} {' '.join(cls.summary.split())}" in help_text, name
     apply_choices = next(p for p in main.commands["apply"].params if p.name == "strategy").type.choices
     assert tuple(apply_choices) == tuple(n for n, c in REGISTRY.items() if c.patch)
+
+
+def test_sizes_are_decimal_mb_as_the_readme_says(tmp_path):
+    """The README's 18.8 MB for a 1120x700 Qwen image (4000x1176 float32) is what the tool prints."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    said = float(re.search(r"\(4000x1176 float32, ([\d.]+) MB\)", readme).group(1))
+    trace = tmp_path / "t.jsonl"
+    r = CliRunner().invoke(main, ["trace", "synth", "--profile", "small-image-c96", "-n", "2", "-o", str(trace)])
+    assert r.exit_code == 0, r.output
+    info = _strict(CliRunner().invoke(main, ["trace", "info", str(trace), "--json"]).stdout)
+    assert info["max_request_mb"] == said == round(4000 * 1176 * 4 / 1e6, 1)

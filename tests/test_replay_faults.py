@@ -30,7 +30,7 @@ def test_a_replay_that_cannot_fit_is_refused_before_any_rank_starts(tmp_path):
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "GiB" in err and "available" in err and "lower --tp" in err
+    assert " GB" in err and "available" in err and "lower --tp" in err
     assert time.time() - t0 < 30  # refused up front, not after 64 ranks came up
 
 

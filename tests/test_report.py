@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from runs_synth import profile_run, rank, replay_run, strategy, video_run
+from runs_synth import MB, profile_run, rank, replay_run, strategy, video_run
 
 from mmdiag.cli import main
 from mmdiag.analysis.criteria import load_criteria, parse_criteria
@@ -26,9 +26,9 @@ def _pair(after_rps=(2.0, 2.05, 1.95), after_cpu=40.0, before_rps=(1.0, 1.02, 0.
     b = replay_run([strategy("commit", before_rps, [rank(0, cpu_pct=90, recv=100, from_dict=300, pickle=100,
                                                           broadcast=50), rank(1, cpu_pct=50, recv=100, broadcast=400,
                                                                               unpickle=40)][:tp],
-                             coll=1.0, bytes_per_request=36 * 2 ** 20, p99=1500.0)], tp=tp, mean_mb=18, rate=rate)
+                             coll=1.0, bytes_per_request=36 * MB, p99=1500.0)], tp=tp, mean_mb=18, rate=rate)
     a = replay_run([strategy("revert", after_rps, [rank(r, cpu_pct=after_cpu, recv=100, from_dict=150)
-                                                   for r in range(tp)], bytes_per_request=18 * 2 ** 20, p99=p99,
+                                                   for r in range(tp)], bytes_per_request=18 * MB, p99=p99,
                              seed=1)], tp=tp, mean_mb=18, rate=rate)
     return b, a
 

@@ -5,7 +5,7 @@ import math
 import sys
 from pathlib import Path
 
-from runs_synth import rank, replay_run, strategy
+from runs_synth import MB, rank, replay_run, strategy
 
 from mmdiag.vocab import STRATEGIES
 
@@ -14,7 +14,7 @@ import seed_claims as SC  # noqa: E402
 
 
 def _run(rps: dict[str, float]):
-    return replay_run([strategy(n, [v, v], [rank(0, collectives=10, bytes_sent=10 * 2 ** 20, pickle=50.0),
+    return replay_run([strategy(n, [v, v], [rank(0, collectives=10, bytes_sent=10 * MB, pickle=50.0),
                                              rank(1)]) for n, v in rps.items()], tp=2, mean_mb=1.0)
 
 

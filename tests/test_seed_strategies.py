@@ -26,7 +26,7 @@ THRESHOLD = 24 * 1176 * 4         # between 12 and 40 rows: requests 1 and 3 are
 def test_threshold_precedence_and_parsing():
     model = CostModel(tp=4, m_all_ms_per_mb=3.0, m_one_ms_per_mb=1.0, c_ms_per_collective=2.0,
                       k_ms_per_mb=1.0, separable=True)
-    assert T.resolve(env={}, model=model).bytes == pytest.approx(2.0 * 2 ** 20)   # c / (m_all - m_one - k)
+    assert T.resolve(env={}, model=model).bytes == pytest.approx(2.0 * 1e6)   # c / (m_all - m_one - k) MB
     assert T.resolve(env={T.ENV: "100k"}, model=model).source == "env"
     assert T.resolve("2M", env={T.ENV: "100k"}, model=model).bytes == 2e6
     never = CostModel(tp=4, m_all_ms_per_mb=1.0, m_one_ms_per_mb=1.0, c_ms_per_collective=2.0,

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..run import Run, StrategyResult
+from ..units import MB
 from ..vocab import REPLAY_SCHEMA
 
-MB = float(2 ** 20)
 # cost class -> (who materializes: every rank / the entry rank / the tokenizer, and how often
 # the strategy's own collective sits on the loop's critical path: per request / per iteration).
 COST_CLASSES: dict[str, tuple[str | None, str | None]] = {

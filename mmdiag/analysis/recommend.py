@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import MmdiagError, ProfileError
 from ..run import Run, StrategyResult
+from .. import units
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from ..vocab import PROFILE_SCHEMA, STRATEGIES
@@ -119,7 +120,7 @@ def _describe_target(run: Run) -> str:
     if run.schema == PROFILE_SCHEMA:
         return f"live profile at tp {run.tp}" + (f" ({run.host.get('hostname')})" if run.host.get("hostname") else "")
     prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
-    mb = (t.get("mean_mm_request_bytes") or 0) / 2 ** 20
+    mb = units.mb(t.get("mean_mm_request_bytes") or 0)
     return (f"replay of {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
             f"{t.get('mm_requests')} multimodal at {mb:.1f} MB each, tp {run.tp}")
 

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import MmdiagError
 from ..run import RankResult, Run, StrategyResult
 from ..strategies import BASELINE
+from ..units import MB
 from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 from . import breakdown as B
 from .breakdown import json_safe
@@ -29,7 +30,6 @@ from .compare import NOT_JUDGED, Comparison, compare_samples
 from .criteria import Criterion
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
-MB = float(2 ** 20)
 
 
 class ReportError(MmdiagError):

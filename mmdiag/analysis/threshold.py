@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import MmdiagError
+from ..units import MB
 
 ENV = "SGLANG_MM_BROADCAST_THRESHOLD"
 # 000_3099abf5086ce8a8.txt (方案2: 条件优化): `export SGLANG_MM_BROADCAST_THRESHOLD=100000  # 100KB`.
@@ -64,7 +65,7 @@ def from_model(model) -> Threshold:
     if math.isinf(x):
         return Threshold(math.inf, "measured", f"no threshold pays at tp {model.tp}: sending costs more per MB "
                          "than every rank hashing, so `cond` never broadcasts (it is `revert`)")
-    b = x * 2 ** 20
+    b = x * MB
     return Threshold(b, "measured", f"broadcast requests above {b:,.0f} bytes ({x:.2f} MB), "
                      f"the measured crossover at tp {model.tp}")
 

@@ -14,6 +14,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from ..units import fmt_gb, fmt_mb
+
 GiB, MiB = 2**30, 2**20
 # A rank with torch imported and a gloo group up (measured: about 250 MiB).
 RANK_BASE_BYTES = 300 * MiB
@@ -47,10 +49,10 @@ class MemoryEstimate:
         return self.ranks * self.per_rank + self.shared
 
     def explain(self) -> str:
-        extra = f" + {self.backlog / MiB:.0f} MiB queued" if self.backlog else ""
-        shm = f" + {self.shared / MiB:.0f} MiB in /dev/shm" if self.shared else ""
-        return (f"about {self.total / GiB:.1f} GiB ({self.ranks} ranks x ({RANK_BASE_BYTES / GiB:.2f} GiB + "
-                f"{COPIES_PER_RANK} copies of {self.in_flight / MiB:.0f} MiB of features in flight{extra}){shm})")
+        extra = f" + {fmt_mb(self.backlog, 0)} queued" if self.backlog else ""
+        shm = f" + {fmt_mb(self.shared, 0)} in /dev/shm" if self.shared else ""
+        return (f"about {fmt_gb(self.total)} ({self.ranks} ranks x ({fmt_gb(RANK_BASE_BYTES, 2)} + "
+                f"{COPIES_PER_RANK} copies of {fmt_mb(self.in_flight, 0)} of features in flight{extra}){shm})")
 
 
 def estimate(tp: int, mm_bytes: int, max_request_bytes: int, max_recv_bytes: int,

@@ -7,6 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .. import units
 from ..analysis.report import Report
 from ..vocab import PHASES
 
@@ -53,7 +54,7 @@ def header_lines(rep: Report) -> list[str]:
                      f"{t.get('requests')} requests per run, --request-rate {src.get('request_rate')}, "
                      f"--max-concurrency {src.get('max_concurrency')}; host {a.run.host.get('hostname', '?')}")
     elif t.get("requests") is not None:
-        mb = (t.get("mean_mm_request_bytes") or 0) / 2 ** 20
+        mb = units.mb(t.get("mean_mm_request_bytes") or 0)
         prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
         lines.append(f"workload: {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
                      f"{t.get('mm_requests')} multimodal at {mb:.1f} MB each; host "

@@ -5,6 +5,7 @@ import math
 
 from tabulate import tabulate
 
+from .. import units
 from ..run import Run, StrategyResult
 from ..vocab import CONTRACT_PHASES
 
@@ -23,7 +24,7 @@ def summary_table(run: Run, fmt: str = "simple") -> str:
         if len(s.repeats_rps) > 1:
             rps += f" ±{_spread(s.repeats_rps):.2f}"
         rows.append([name, rps, vs, _f(s.latency_ms["p50"]), _f(s.latency_ms["p99"]),
-                     _f(s.bytes_per_request / 2**20), _f(s.collectives_per_request, 2),
+                     _f(units.mb(s.bytes_per_request)), _f(s.collectives_per_request, 2),
                      _f(s.requests_per_iteration), _f(cpu, 2),
                      {True: "yes", False: "NO", None: "-"}[s.ranks_agree]])
     return tabulate(rows, headers=["strategy", "req/s", "vs commit", "p50 ms", "p99 ms", "MB/req",
@@ -53,7 +54,7 @@ def phase_table(run: Run, fmt: str = "simple") -> str:
 def render_run(run: Run) -> str:
     t = run.trace
     head = (f"replay of {t.get('requests')} requests ({t.get('mm_requests')} multimodal, "
-            f"{_f(t.get('mean_mm_request_bytes', 0) / 2**20)} MB of features each) "
+            f"{_f(units.mb(t.get('mean_mm_request_bytes', 0)))} MB of features each) "
             f"at tp {run.tp} on {run.host.get('hostname')} ({run.host.get('cpus')} cores)")
     parts = [head, "", summary_table(run), "",
              "phase time per request, ms (recv = the every-version request broadcast; "

@@ -27,6 +27,7 @@ from ..errors import MmdiagError, ReplayError, Terminated
 from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
+from ..units import MB, fmt_gb
 from . import heartbeat
 
 GRACE_S = 5.0
@@ -171,11 +172,11 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
     if conc is None and header.arrival.get("mode") == "closed":
         conc = int(header.arrival["max_concurrency"])
     from ..replay.scheduler import MAX_PENDING
-    est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * memory.MiB),
+    est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * MB),
                           conc, backlog_requests=MAX_PENDING if "async" in opts.strategies else 0)
     avail = memory.available_bytes()
     if est.total > avail:
-        raise MmdiagError(f"this replay needs {est.explain()}, more than the {avail / memory.GiB:.1f} GiB "
+        raise MmdiagError(f"this replay needs {est.explain()}, more than the {fmt_gb(avail)} "
                           "this machine has available", where=f"--tp {opts.tp}",
                           fix="lower --tp, --max-recv-mb or --max-concurrency, or leave out the async strategy")
     return est

@@ -26,6 +26,7 @@ from ..errors import MmdiagError
 from ..mmpath import memory
 from ..mmpath.memory import RANK_MEMORY_ENV
 from ..trace import scan
+from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
 from .assemble import assemble_run, strategy_result
 from . import heartbeat
@@ -152,7 +153,7 @@ def run_rank(args: argparse.Namespace) -> int:
         image_token_id = int(header.model.get("image_token_id", 0))
     # The launcher's heap ceiling for a rank; under torchrun, the byte cap's bound.
     heap_ceiling = int(os.environ.get(RANK_MEMORY_ENV, 0)) or (
-        memory.RANK_BASE_BYTES + int(args.max_recv_mb * memory.MiB))
+        memory.RANK_BASE_BYTES + int(args.max_recv_mb * MB))
     results = {}
     described: dict[str, dict] = {}
     prepass = None
@@ -173,7 +174,7 @@ def run_rank(args: argparse.Namespace) -> int:
                         prepass = tokenizer_prepass(args.trace)
                     sched.precomputed, tok_s = prepass
             dist.barrier(group=group)
-            intake = (Intake(args.trace, time.time(), max_conc, int(args.max_recv_mb * 2**20))
+            intake = (Intake(args.trace, time.time(), max_conc, int(args.max_recv_mb * MB))
                       if rank == 0 else None)
             try:
                 outcome = sched.event_loop(intake, stats.requests if stats else None)
