@@ -11,8 +11,7 @@ confidence interval of the difference of means is reported beside it:
 - fewer than 2 repeats on a side -> "not judged": the noise is unknown, so no
   difference counts as a win (replay with --repeat N to judge).
 
-No SciPy: the t distribution's CDF is the regularized incomplete beta function,
-evaluated by its continued fraction (Numerical Recipes, betacf).
+The test and its t distribution are SciPy's (`scipy.stats.ttest_ind(equal_var=False)`).
 """
 from __future__ import annotations
 
@@ -21,69 +20,23 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from scipy import stats
+
 ALPHA = 0.05
 
 SIGNIFICANT, NOT_SIGNIFICANT, NOT_JUDGED = "significant", "not significant", "not judged"
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    tiny, eps = 1e-300, 3e-14
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1.0 - x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_two_sided_p(t: float, df: float) -> float:
     """P(|T| >= |t|) for Student's t with df degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
     if math.isnan(t) or df <= 0:
         return 1.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
+    return float(2.0 * stats.t.sf(abs(t), df))
 
 
 def t_quantile(p: float, df: float) -> float:
     """The t value with two-sided tail probability 1-p (e.g. p=0.95 -> 95% CI half-width factor)."""
-    lo, hi = 0.0, 1e3
-    target = 1.0 - p
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if t_two_sided_p(mid, df) > target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    return float(stats.t.ppf((1.0 + p) / 2.0, df))
 
 
 @dataclass
@@ -162,16 +115,11 @@ def compare_samples(before: list[float], after: list[float], *, metric: str = "t
         p = 1.0 if diff == 0 else 0.0
         status = SIGNIFICANT if diff != 0 else NOT_SIGNIFICANT
         return Comparison(metric, mb, ma, len(b), len(a), ratio, diff, (diff, diff), p, status, higher_is_better)
-    se = math.sqrt(se2)
-    t = diff / se
-    # Welch-Satterthwaite degrees of freedom.
-    num = se2 ** 2
-    den = ((vb / len(b)) ** 2 / (len(b) - 1)) + ((va / len(a)) ** 2 / (len(a) - 1))
-    df = num / den if den > 0 else float(len(a) + len(b) - 2)
-    p = t_two_sided_p(t, df)
-    half = t_quantile(0.95, df) * se
+    res = stats.ttest_ind(a, b, equal_var=False)
+    p = float(res.pvalue)
+    lo, hi = res.confidence_interval(0.95)
     status = SIGNIFICANT if p < alpha else NOT_SIGNIFICANT
-    return Comparison(metric, mb, ma, len(b), len(a), ratio, diff, (diff - half, diff + half), p, status,
+    return Comparison(metric, mb, ma, len(b), len(a), ratio, diff, (float(lo), float(hi)), p, status,
                       higher_is_better)
 
 
