@@ -155,3 +155,24 @@ def test_sizes_are_decimal_mb_as_the_readme_says(tmp_path):
     assert r.exit_code == 0, r.output
     info = _strict(CliRunner().invoke(main, ["trace", "info", str(trace), "--json"]).stdout)
     assert info["max_request_mb"] == said == round(4000 * 1176 * 4 / 1e6, 1)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    import io
+
+    from mmdiag import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, kind in ((io.StringIO(), progress.Lines), (Tty(), progress.Bar)):
+        with progress.stderr(stream=stream, every_s=0.0) as p:
+            assert isinstance(p, kind)
+            for done in (1, 2, 4):
+                p({"label": "commit", "done": done, "total": 4})
+            p({"label": "revert", "done": 1, "total": 4})
+        out = stream.getvalue()
+        assert "commit" in out and "revert" in out and "4/4" in out, out
+        if kind is progress.Lines:   # every update is a plain line when every_s is 0
+            assert len(out.splitlines()) == 4 and "\r" not in out

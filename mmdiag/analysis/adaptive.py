@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import MmdiagError
+from ..progress import Lines as Progress  # noqa: F401 - the one progress line (mmdiag.progress)
 from ..run import Run
 from .merge import merge_replays
 from .recommend import INSUFFICIENT, Recommendation, recommend
@@ -76,25 +77,6 @@ def replay_until_decided(replay_round: Callable[[list[str], int], Run], strategi
             return res
         log(f"not decided yet ({res.rec.confidence}): one more repeat of {', '.join(todo)}")
         repeat = 1
-
-
-class Progress:
-    """A line on stderr every few seconds, on a terminal or not (replay progress dicts)."""
-
-    def __init__(self, log: Callable[[str], None], every_s: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.log, self.every, self.clock = log, every_s, clock
-        self.t0 = clock()
-        self.last, self.label = -every_s, None
-
-    def __call__(self, p: dict) -> None:
-        now = self.clock()
-        label = p.get("label")
-        if label == self.label and now - self.last < self.every:
-            return
-        self.label, self.last = label, now
-        done = f": {p.get('done')}/{p.get('total')} requests" if p.get("total") else ""
-        self.log(f"  [{now - self.t0:4.0f} s] replaying {label or '...'}{done}")
 
 
 def default_path(runs_dir: str, what: str, clock: Callable[[], float] = time.time) -> str:

@@ -12,7 +12,7 @@ from ..strategies import catalog
 from ..vocab import STRATEGIES
 from . import options as o
 from .app import mark_json
-from .progress import Bar
+from .. import progress
 
 OUTPUTS = "run.json, run.md, run.txt"
 
@@ -74,7 +74,7 @@ def run_replay(trace_file: str | None, json_out, output, quiet, demo: dict | Non
     files = [(p, w) for p, w in ((output, "-o"), (None if as_json else json_out, "--json")) if p]
     for path, what in files:
         out.check_output(path, "Run", what)
-    with Bar(enabled=not quiet and not as_json) as bar:
+    with progress.stderr(enabled=not quiet and not as_json) as bar:
         if demo is not None:
             run = api.demo(demo["profile"], demo["n"], log=lambda s: click.echo(s, err=True), progress=bar, **kw)
         else:

@@ -12,7 +12,7 @@ from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from . import options as o
 from .analysis_cmds import show_report
 from .app import json_switch
-from .progress import Bar
+from .. import progress
 
 SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (default: this interpreter's)"
 
@@ -78,7 +78,7 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
     if verify:
         if undo or dry_run:
             raise MmdiagError("--verify applies a STRATEGY; it does not combine with --undo or --dry-run")
-        with Bar(enabled=True) as bar:
+        with progress.stderr() as bar:
             res = api.verify(strategy, sglang_path=sglang_path, trace=trace, tp=tp, criteria=criteria, output=output,
                              repeat=repeat, confirm=_confirm(yes), progress=bar,
                              log=lambda s: click.echo(s, err=True))
