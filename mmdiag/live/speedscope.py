@@ -1,10 +1,21 @@
 """Write the sampled stacks as a speedscope file (https://www.speedscope.app)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from ..run import write_json_atomic
+from .. import fileio, render
 from .attribute import RankSamples
+
+
+@dataclass
+class SampledStacks:
+    """Every rank's sampled stacks: what the `speedscope` renderer shows."""
+    ranks: list[RankSamples]
+    noun = "speedscope file"
+
+    def to_speedscope(self) -> dict[str, Any]:
+        return to_speedscope(self.ranks)
 
 
 def to_speedscope(ranks: list[RankSamples], name: str = "mmdiag profile") -> dict[str, Any]:
@@ -35,4 +46,4 @@ def to_speedscope(ranks: list[RankSamples], name: str = "mmdiag profile") -> dic
 
 
 def write_speedscope(path: str, ranks: list[RankSamples]) -> None:
-    write_json_atomic(path, to_speedscope(ranks))
+    fileio.write_text_atomic(path, render.render(SampledStacks(ranks), "speedscope"))

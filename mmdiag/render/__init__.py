@@ -57,6 +57,7 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
                                                 "Catalog": ".text:render_catalog_md"}),
     Renderer("html", (".html", ".htm"), {"Report": ".report_html:render_html"}),
     Renderer("speedscope", (".speedscope.json",), {"SampledStacks": ".json_:render_speedscope"}),
+    Renderer("chrome", (".trace.json",), {"RankTimelines": ".timeline:render_chrome"}),
 )}
 
 
@@ -107,6 +108,7 @@ def write(obj: Any, path: str, fmt: str | None = None, what: str | None = None,
     try:
         fileio.write_text_atomic(path, text)
     except OSError as e:
-        raise MmdiagError(f"cannot write the {type(obj).__name__} ({e.strerror or e})",
+        noun = getattr(obj, "noun", type(obj).__name__)
+        raise MmdiagError(f"cannot write the {noun} ({e.strerror or e})",
                           where=f"{what} {path}" if what else path,
                           fix=fix) from None

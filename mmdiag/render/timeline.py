@@ -1,24 +1,31 @@
-"""One Chrome-trace / Perfetto file for all ranks, from each rank's viztracer log."""
+"""One Chrome-trace / Perfetto file for all ranks, from each rank's viztracer log
+(the `chrome` renderer; `replay --timeline` writes it)."""
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
 
 from ..errors import MmdiagError
 
 
-def combine_timeline(rank_files: list[str], output: str) -> None:
+@dataclass
+class RankTimelines:
+    files: list[str]   # one viztracer log per rank
+    noun = "timeline"
+
+
+def render_chrome(t: RankTimelines) -> str:
     from viztracer.report_builder import ReportBuilder
 
-    missing = [f for f in rank_files if not os.path.exists(f)]
+    missing = [f for f in t.files if not os.path.exists(f)]
     if missing:
         raise MmdiagError(f"timeline incomplete: no events from {', '.join(os.path.basename(m) for m in missing)}")
-    # viztracer picks the format from the suffix, so the temp name keeps it.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), ".part-" + os.path.basename(output))
-    try:
-        ReportBuilder(rank_files, verbose=0).save(output_file=tmp)
-        os.replace(tmp, output)
-    except OSError as e:
-        raise MmdiagError(f"cannot write timeline ({e.strerror})", where=output) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.StringIO()
+    ReportBuilder(t.files, verbose=0).save(output_file=buf)
+    return buf.getvalue()
+
+
+def combine_timeline(rank_files: list[str], output: str) -> None:
+    from . import write
+    write(RankTimelines(rank_files), output, "chrome", what="--timeline")
