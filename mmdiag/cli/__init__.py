@@ -6,6 +6,7 @@ line below.
 """
 from __future__ import annotations
 
+from ..vocab import PHASES, STRATEGIES
 from .analysis_cmds import recommend_command, report_command
 from .app import main
 from .profile_cmd import profile_command
@@ -13,6 +14,10 @@ from .replay_cmds import demo_cmd, replay_cmd
 from .sglang_cmds import apply_command, doctor_command
 from .strategies_cmd import strategies_command
 from .trace_cmds import trace
+
+# The names, from the vocabulary (indented like the docstring they extend).
+main.help += (f"\n\n    \b\n    Strategies (one name everywhere; mmdiag strategies): {', '.join(STRATEGIES)}."
+              f"\n    Phases (per rank): {', '.join(PHASES)}.")
 
 for _cmd in (trace, replay_cmd, demo_cmd, profile_command, recommend_command, report_command,
              doctor_command, apply_command, strategies_command):

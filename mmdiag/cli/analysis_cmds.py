@@ -6,12 +6,13 @@ import click
 from .. import api
 from .. import render as out
 from . import options as o
-from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option
+from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 
 
 @click.command("recommend")
 @click.argument("runs", nargs=-1, metavar="[RUN.json ...]", type=click.Path(dir_okay=False))
 @json_switch("the recommendation (key `recommended`)")
+@output_option("the recommendation", "recommendation.json, recommendation.txt")
 @click.option("--tp", type=o.RANKS, default=None, help="with no Runs: ranks for the replay [default: profiles/defaults.toml]")
 @click.option("--repeat", type=o.REPEATS, default=None,
               help="with no Runs: exactly this many repeats per strategy [default: a stopping rule: 2, then more "
@@ -21,7 +22,7 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option
 @click.option("--profile", default=None, metavar="NAME", help="with no Runs: workload profile [default: profiles/defaults.toml]")
 @click.option("--save", type=click.Path(dir_okay=False), default=None,
               help="with no Runs: where to keep the replayed Run [default: ./mmdiag-runs/recommend-<time>.json]")
-def recommend_command(runs, as_json, tp, repeat, n, profile, save):
+def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
     """Recommend the patch for the measured workload: revert, dict, batch, precompute, or none.
 
     \b
@@ -33,6 +34,8 @@ def recommend_command(runs, as_json, tp, repeat, n, profile, save):
     strategies' throughput against the repeat noise. commit (the regression) and async
     (no patch ships it) are shown but never recommended.
     """
+    if output:
+        out.check_output(output, "Recommendation", "-o")
     if runs:
         loaded = api.load_runs(runs)
     else:
@@ -43,7 +46,9 @@ def recommend_command(runs, as_json, tp, repeat, n, profile, save):
     rec = api.recommend(loaded)
     if not runs and loaded[0].path:
         rec.notes.append(f"the replayed Run is kept in {loaded[0].path}")
-    click.echo(out.render(rec, "json" if as_json else "text"), nl=False)
+    if output:
+        out.write(rec, output, what="-o")
+    show(rec, as_json)
 
 
 @click.command("report")
@@ -85,7 +90,7 @@ def report_command(before, after, criteria, output, as_json, before_strategy, af
 
 def show_report(rep, output: str | None, as_json: bool, failed_note: str = "") -> None:
     """Print a Report (text or JSON); exit 1 (after saying which criteria) when it failed."""
-    click.echo(out.render(rep, "json" if as_json else "text"), nl=False)
+    show(rep, as_json)
     if output and not as_json:
         click.echo(f"report written to {output}")
     if not rep.passed:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import MmdiagError
+from .. import render
 from ..fileio import dumps_json
 
 EXIT_ACCEPTANCE_FAILED = 1
@@ -85,6 +86,11 @@ def json_switch(what: str):
 def output_option(what: str, formats: str):
     return click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                         help=f"write {what} to this file; the extension picks the format ({formats})")
+
+
+def show(obj: Any, as_json: bool, fmt: str = "text") -> None:
+    """The one way a command prints its result: JSON under --json, else `fmt` (text)."""
+    click.echo(render.render(obj, "json" if as_json else fmt), nl=False)
 
 
 @click.group(cls=MmdiagGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -8,6 +8,7 @@ from .. import render as out
 from ..live.errors import LiveError, TargetExitedError
 from ..live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
 from . import options as o
+from .app import show
 from .replay_cmds import legacy_json
 
 
@@ -54,7 +55,7 @@ def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, 
         out.check_output(path, "Run", what)
     run = _collect(pid, duration, rate, speedscope, raw_dir, from_raw_flag, no_gil, pyspy, rules, files,
                    log=(lambda s: None) if quiet or as_json else (lambda s: click.echo(f"mmdiag: {s}", err=True)))
-    click.echo(out.render(run, "json" if as_json else "text"), nl=False)
+    show(run, as_json)
     for path, what in files_out:
         out.write(run, path, what=what, fix="the profile is shown above; free space or choose another path")
         if not as_json:

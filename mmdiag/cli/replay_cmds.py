@@ -11,7 +11,7 @@ from ..errors import MmdiagError
 from ..strategies import catalog
 from ..vocab import STRATEGIES
 from . import options as o
-from .app import mark_json
+from .app import mark_json, show
 from .. import progress
 
 OUTPUTS = "run.json, run.md, run.txt"
@@ -79,7 +79,7 @@ def run_replay(trace_file: str | None, json_out, output, quiet, demo: dict | Non
             run = api.demo(demo["profile"], demo["n"], log=lambda s: click.echo(s, err=True), progress=bar, **kw)
         else:
             run = api.replay(trace_file, progress=bar, **kw)
-    click.echo(out.render(run, "json" if as_json else "text"), nl=False)
+    show(run, as_json)
     for path, what in files:
         out.write(run, path, what=what)
         if not as_json:

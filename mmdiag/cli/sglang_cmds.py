@@ -11,7 +11,7 @@ from ..errors import MmdiagError
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from . import options as o
 from .analysis_cmds import show_report
-from .app import json_switch
+from .app import json_switch, output_option, show
 from .. import progress
 
 SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (default: this interpreter's)"
@@ -20,11 +20,16 @@ SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (d
 @click.command("doctor")
 @click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
 @json_switch("the detection")
-def doctor_command(sglang_path, as_json):
+@output_option("the detection", "doctor.json, doctor.txt")
+def doctor_command(sglang_path, as_json, output):
     """Find SGLang and report its multimodal path variant and any mmdiag patch.
     Exit 1 when the variant is unknown, 2 when no SGLang is found."""
+    if output:
+        out.check_output(output, "Detection", "-o")
     det = api.doctor(sglang_path)
-    click.echo(out.render(det, "json" if as_json else "text"), nl=False)
+    if output:
+        out.write(det, output, what="-o")
+    show(det, as_json)
     if det.variant is None:
         raise click.exceptions.Exit(1)
 

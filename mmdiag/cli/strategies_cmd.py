@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .. import render as out
 from ..strategies import catalog
-from .app import json_switch
+from .app import json_switch, show
 
 
 @click.command("strategies")
@@ -14,4 +13,4 @@ from .app import json_switch
 @json_switch("the strategies")
 def strategies_command(fmt, as_json):
     """List the strategies: what the ranks do, their own collectives, the patch that applies it."""
-    click.echo(out.render(catalog(), "json" if as_json else fmt), nl=False)
+    show(catalog(), as_json, fmt)

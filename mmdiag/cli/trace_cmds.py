@@ -4,9 +4,8 @@ from __future__ import annotations
 import click
 
 from .. import api
-from ..render import render
 from . import options as o
-from .app import json_switch
+from .app import json_switch, show
 
 
 @click.group()
@@ -102,7 +101,7 @@ def trace_from_dump(paths, output, model, default_size):
 @json_switch("the totals")
 def trace_info(trace_file, as_json):
     """Validate a trace (every line) and print its totals (sizes in MB = 10^6 bytes)."""
-    click.echo(render(api.trace_info(trace_file), "json" if as_json else "text"), nl=False)
+    show(api.trace_info(trace_file), as_json)
 
 
 @trace.command("profiles")
