@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..vocab import PHASES, STRATEGIES
 from .analysis_cmds import recommend_command, report_command
 from .app import main
-from .profile_cmd import profile_command
+from .profile_cmd import profile_command, top_command
 from .replay_cmds import demo_cmd, replay_cmd
 from .sglang_cmds import apply_command, doctor_command
 from .strategies_cmd import strategies_command
@@ -19,7 +19,7 @@ from .trace_cmds import trace
 main.help += (f"\n\n    \b\n    Strategies (one name everywhere; mmdiag strategies): {', '.join(STRATEGIES)}."
               f"\n    Phases (per rank): {', '.join(PHASES)}.")
 
-for _cmd in (trace, replay_cmd, demo_cmd, profile_command, recommend_command, report_command,
+for _cmd in (trace, replay_cmd, demo_cmd, profile_command, top_command, recommend_command, report_command,
              doctor_command, apply_command, strategies_command):
     main.add_command(_cmd)
 

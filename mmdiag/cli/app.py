@@ -22,6 +22,7 @@ _ARGV = "mmdiag.argv"
 
 # What Ctrl-C left behind, by command (default: the replay's).
 INTERRUPTED = {"profile": "py-spy was stopped, nothing was written",
+               "top": "py-spy was stopped, the target runs on untouched",
                "apply": "the install was left as it was before this command"}
 DEFAULT_INTERRUPTED = "every rank was stopped, no Run was written"
 

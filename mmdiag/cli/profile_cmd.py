@@ -92,3 +92,35 @@ def _exited(run, written: list[str]) -> None:
         raise TargetExitedError(f"rank {e['rank']} (pid {e['pid']}) exited during the profile{more}; "
                                 f"what was sampled ({e['samples']} samples, about {e['sampled_s']:.1f} s) "
                                 "is reported above" + (f" and in {written[0]}" if written else ""))
+
+
+@click.command("top")
+@click.option("--pid", type=o.PID, required=True,
+              help="the SGLang server's main PID, one scheduler's PID, or an `mmdiag replay` PID")
+@click.option("--window", type=click.FloatRange(2.0, 3600.0), default=10.0, show_default=True,
+              help="seconds of samples behind each figure (a sliding window of 1 s blocks)")
+@click.option("--rate", type=o.RATE_HZ, default=100, show_default=True, help="samples per second per rank")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="on exit, write a Run (schema mmdiag.profile/1) covering the whole watch")
+@click.option("--duration", type=o.SECONDS, default=None, help="quit by itself after this many seconds")
+@click.option("--no-gil", is_flag=True, help="skip the --gil recorder (no GIL figures)")
+@click.option("--pyspy", default=None, metavar="PATH", help="py-spy binary [default: $MMDIAG_PYSPY, PATH, beside python]")
+@click.option("--rules", default=None, type=click.Path(dir_okay=False), help="stack->phase rules TOML [default: bundled]")
+def top_command(pid, window, rate, output, duration, no_gil, pyspy, rules):
+    """A live view of each scheduler rank, refreshed about once a second, like
+    `py-spy top`: phase shares with their 95% intervals over a sliding window, the
+    share spent waiting, GIL held, CPU%, the multimodal path and configuration.
+
+    \b
+    Keys: p pause, tab / arrows / 0-9 switch rank, v switch view (one rank's
+    phases, or every rank side by side), q quit. py-spy never pauses the target;
+    quitting detaches and leaves it as it was. Without a terminal it prints a
+    plain frame per second.
+    """
+    if output:
+        out.check_output(output, "Run", "-o")
+    run = api.top(pid, rate=rate, window_s=window, output=output, pyspy=pyspy, rules=rules, gil=not no_gil,
+                  duration=duration, log=lambda s: click.echo(f"mmdiag: {s}", err=True))
+    if run is not None:
+        out.write(run, output, what="-o", fix="free space or choose another path")
+        click.echo(f"Run of the whole watch ({run.config['live']['duration_s']:.0f} s) written to {output}", err=True)

@@ -124,7 +124,7 @@ def _strategy_tokens(rs: RankSamples, rules: RuleSet) -> set[str]:
             names = [f.short for f in stack]
             tokens.update(names)
             tokens.update(f.name for f in stack)  # qualified (Cond.process) as py-spy shows it
-            tokens.add("phase:" + rules.phase_of(stack))
+            tokens.add("phase:" + rules.classify(stack)[0])
             if not entry:
                 for outer, inner in pairs:
                     if outer in names and inner in names[names.index(outer) + 1:]:
@@ -177,7 +177,7 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
     other_leaf: Counter = Counter()
     if main is not None:
         for stack, n in main.stacks.items():
-            if stack and rules.phase_of(stack) == "other":
+            if stack and rules.classify(stack)[0] == "other":
                 other_leaf[stack[-1].name] += n
 
     gil_held = gil_wait = gil_ci = None

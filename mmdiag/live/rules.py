@@ -57,7 +57,7 @@ class WaitRule:
         return not self.files or frame.file.endswith(self.files)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: classify() caches per rule set
 class RuleSet:
     rules: tuple[Rule, ...]
     strategy_order: tuple[str, ...]
@@ -74,7 +74,11 @@ class RuleSet:
 
     def classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
         """(phase, waiting) of one sample: the innermost frame matching a wait rule
-        makes it waiting, in that rule's phase if it has one."""
+        makes it waiting, in that rule's phase if it has one. Cached: `top` sees the
+        same stacks every second."""
+        return _classify(self, frames)
+
+    def _classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
         for f in reversed(frames):
             for w in self.waits:
                 if w.matches(f):
@@ -105,6 +109,11 @@ class RuleSet:
                 if all(part in functions for part in marker.split("+")):
                     return name
         return "unknown"
+
+
+@lru_cache(maxsize=1 << 16)
+def _classify(rules: RuleSet, frames: tuple[Frame, ...]) -> tuple[str, bool]:
+    return rules._classify(frames)
 
 
 def _fail(source: str, what: str) -> LiveError:

@@ -55,7 +55,8 @@ def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float]:
         return p, floor
     resid = sum((c - p * n) ** 2 for c, n in pairs)
     var = b / (b - 1) * resid / (n_all * n_all)
-    return p, max(t95(b - 1) * math.sqrt(var), floor)
+    # A share lies in [0, 1]: a half-width reaching past both ends says nothing more.
+    return p, min(max(t95(b - 1) * math.sqrt(var), floor), max(p, 1.0 - p))
 
 
 def shares_pct(block_counts: list[dict[str, int]], keys, sizes: list[int] | None = None
