@@ -51,12 +51,17 @@ def _one_line_error(res, code=None):
     return errors[0]
 
 
-def _fake_rank(title: str, seconds: float) -> subprocess.Popen:
-    """A Python process titled like a scheduler rank that spins for `seconds`, then exits."""
-    code = ("import setproctitle, time, sys; setproctitle.setproctitle(sys.argv[1]); t = time.time()\n"
-            "def run_forward_step():\n    x = 0\n    while time.time() - t < float(sys.argv[2]): x += 1\n"
+def _fake_rank(title: str, seconds: float, gate: str | None = None) -> subprocess.Popen:
+    """A Python process titled like a scheduler rank that spins for `seconds` (counted
+    from when the file `gate` appears, if given), then exits."""
+    code = ("import os, setproctitle, time, sys; setproctitle.setproctitle(sys.argv[1])\n"
+            "gate = sys.argv[3] if len(sys.argv) > 3 else None\n"
+            "def run_forward_step():\n    x, t = 0, None\n"
+            "    while t is None or time.time() - t < float(sys.argv[2]):\n"
+            "        x += 1\n"
+            "        if t is None and (gate is None or os.path.exists(gate)): t = time.time()\n"
             "run_forward_step()\n")
-    p = subprocess.Popen([PY, "-c", code, title, str(seconds)])
+    p = subprocess.Popen([PY, "-c", code, title, str(seconds)] + ([gate] if gate else []))
     deadline = time.time() + 10
     while time.time() < deadline:
         try:
@@ -283,10 +288,18 @@ def test_unparseable_raw(tmp_path):
 
 
 def test_target_exits_mid_profile(tmp_path):
-    fake = _fake_rank("mmdiag::scheduler_TP0", 2.5)
+    gate = tmp_path / "go"
+    fake = _fake_rank("mmdiag::scheduler_TP0", 2.5, gate=str(gate))
     out = tmp_path / "p.json"
-    res = _cli("--pid", fake.pid, "--duration", 8, "--rate", 100, "-o", out)
+    p = subprocess.Popen([PY, "-m", "mmdiag.live", "--pid", str(fake.pid), "--duration", "60", "--rate", "100",
+                          "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not _pyspy_left([fake.pid]):
+        time.sleep(0.1)
+    gate.touch()  # the window is open: the rank now runs 2.5 s more and exits
+    stdout, stderr = p.communicate(timeout=120)
     fake.wait()
+    res = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     line = _one_line_error(res, code=4)
     assert "exited during the profile" in line
     d = json.loads(out.read_text())

@@ -50,7 +50,7 @@ DEFAULT_BLOCK_S = 2.0
 MIN_BLOCKS, MIN_BLOCK_S = 5, 1.0
 TARGET_CI_PTS = 2.0
 PYSPY_DEFAULT_RATE_HZ = 100  # py-spy record's own default (for --from-raw files)
-ATTACH_TIMEOUT_S = 20.0
+ATTACH_TIMEOUT_S = 60.0  # a loaded host can take long to let py-spy in
 CPU_POLL_S = 0.5
 _REGISTRY = REGISTRY  # live recorders' pids (for tests: nothing left behind)
 

@@ -27,7 +27,7 @@ from ..run import Run
 from .attribute import ALL, RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import Discovery, discover
 from .header import config_line
-from .profile import _probe, build_run
+from .profile import ATTACH_TIMEOUT_S, _probe, build_run
 from .pyspy import check_version, find_pyspy
 from .rules import load_rules
 from .sampler import CpuMeter, Sampler
@@ -75,7 +75,7 @@ class TopSession:
             c.poll(first=True)
         self.header = config_line(self.disc)
         try:
-            self.sampler.start(20.0)
+            self.sampler.start(ATTACH_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
