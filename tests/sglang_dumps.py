@@ -56,11 +56,35 @@ def module(member, modname, names, drop=()):
     exec(code, ns)
     return mod
 
+def msgspec_server_args(model_path):
+    """0.5.2x's ServerArgs: a msgspec Struct (dict=True) pickled by its own __reduce__ through
+    _rebuild_server_args. Both are compiled from the wheel unchanged; the Struct is built as the
+    wheel's msgspec.defstruct builds it, with two of its fields (the rest need all of SGLang)."""
+    import msgspec
+    tree = ast.parse(z.read("sglang/srt/server_args.py"))
+    rebuild = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_rebuild_server_args")
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ServerArgs")
+    reduce_ = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__reduce__")
+    mod = types.ModuleType("sglang.srt.server_args")
+    for name in ("sglang", "sglang.srt"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules[mod.__name__] = mod
+    mod.msgspec = msgspec
+    exec(compile(ast.Module([rebuild, reduce_], []), "sglang/srt/server_args.py", "exec"), mod.__dict__)
+    mod.ServerArgs = msgspec.defstruct("ServerArgs", [("model_path", str), ("tp_size", int, 1)],
+                                       namespace={"__reduce__": mod.__dict__.pop("__reduce__")},
+                                       dict=True, module=mod.__name__)
+    sa = mod.ServerArgs(model_path=model_path, tp_size=2)
+    sa.__dict__["_resolved"] = True    # resolution bookkeeping travels outside the fields
+    return sa
+
 io = module("sglang/srt/managers/io_struct.py", "sglang.srt.managers.io_struct", ["GenerateReqInput"])
 ut = module("sglang/srt/utils/common.py", "sglang.srt.utils.common", ["ImageData"])
 if spec["server_args"] == "dataclass":
     sa = module("sglang/srt/server_args.py", "sglang.srt.server_args", ["ServerArgs"], drop=("__post_init__",))
     server_args = sa.ServerArgs(model_path=spec["model_path"], tp_size=2)
+elif spec["server_args"] == "msgspec":
+    server_args = msgspec_server_args(spec["model_path"])
 elif spec["server_args"] == "dict":
     server_args = {"model_path": spec["model_path"], "tp_size": 2}
 else:

@@ -140,6 +140,23 @@ def test_new_release_folder_streams_dedupes_and_counts_urls(tmp_path):
     assert [it.shape for r in _read(out)[1] for it in r.mm] == [(4000, 1176)] * 2
 
 
+def test_msgspec_server_args_and_odd_created_times(tmp_path):
+    """0.5.23 pickles ServerArgs through _rebuild_server_args(cls, fields, bookkeeping): the model
+    comes from its fields. A request whose created_time is NaN or inf is left out and counted
+    (the trace's arrivals must stay ordered and finite)."""
+    img = [data_uri("PNG", 1120, 700)]
+    dump = make_dump("0.5.23", tmp_path / "d.pkl", [
+        {"rid": "a", "created": 2.0, "text": "a", "images": img},
+        {"rid": "nan", "created": float("nan"), "text": "b", "images": img},
+        {"rid": "inf", "created": float("inf"), "text": "c", "images": img}], server_args="msgspec")
+    assert b"_rebuild_server_args" in open(dump, "rb").read()
+    out = tmp_path / "t.jsonl"
+    conv = convert([dump], str(out))
+    assert (conv.model, conv.model_path, conv.requests) == ("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct", 1)
+    assert conv.skipped == {"request without a created_time": 2}
+    assert [r.rid for r in _read(out)[1]] == ["a"]
+
+
 def test_dump_without_server_args_needs_model(tmp_path):
     dump = make_dump("0.5.23", tmp_path / "d.pkl", [{"rid": "a", "created": 1.0, "text": "a", "images": []}],
                      server_args="none")

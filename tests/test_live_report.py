@@ -136,3 +136,20 @@ def test_bad_bench_inputs_are_one_line_errors(tmp_path):
     assert r.exit_code == 2 and "both sides" in r.stderr
     r = _report(bp, bp, "--before-bench", good, "--after-bench", str(broken))
     assert r.exit_code == 2 and "x.jsonl:1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_concurrency", "abc", "max_concurrency"), ("max_concurrency", 1.5, "max_concurrency"),
+    ("request_rate", "fast", "request_rate"), ("request_rate", float("nan"), "request_rate"),
+    ("request_throughput", float("inf"), "request_throughput"), ("duration", -3.0, "duration"),
+    ("completed", 200.5, "completed")])
+def test_odd_fields_in_a_result_line_are_one_line_errors(tmp_path, field, value, words):
+    """A hand-edited or foreign line: named field, exit 2, no report written (never a traceback)."""
+    good = write_runs(tmp_path / "g.jsonl", "0.5.23", [(10.0, 900, 80)])
+    line = json.loads(open(good).readline())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**line, field: value}) + "\n")
+    bp, out = _profile(tmp_path, "bp", [50.0, 50.0]), tmp_path / "r.md"
+    r = _report(bp, bp, "--before-bench", good, "--after-bench", str(bad), "-o", str(out))
+    assert r.exit_code == 2 and f"bad.jsonl:1: field '{words}'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -133,11 +133,19 @@ def _result_line(line: str, where: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ProfileError("not a bench_serving result line (not a JSON object)", where=where)
     for key in RESULT_KEYS:
-        if not _number(d.get(key)):
-            raise ProfileError(f"field {key!r}: expected a number, got {d.get(key)!r}", where=where,
+        if not (_number(d.get(key)) and math.isfinite(d[key]) and d[key] >= 0):
+            raise ProfileError(f"field {key!r}: expected a finite number >= 0, got {d.get(key)!r}", where=where,
                                fix="give result files written by bench_serving --output-file")
-    if d["completed"] < 1 or d["duration"] <= 0:
+    if not isinstance(d["completed"], int):
+        raise ProfileError(f"field 'completed': expected a whole number of requests, got {d['completed']!r}",
+                           where=where)
+    if d["completed"] < 1 or d["duration"] <= 0 or d["request_throughput"] <= 0:
         raise ProfileError("the run completed no requests", where=where)
+    rate, conc = d.get("request_rate"), d.get("max_concurrency")
+    if rate is not None and not (_number(rate) and rate > 0):
+        raise ProfileError(f"field 'request_rate': expected req/s > 0 or Infinity, got {rate!r}", where=where)
+    if conc is not None and not (isinstance(conc, int) and not isinstance(conc, bool) and conc >= 1):
+        raise ProfileError(f"field 'max_concurrency': expected a whole number >= 1, got {conc!r}", where=where)
     d["_where"] = where
     return d
 

@@ -15,6 +15,7 @@ and any other name stops the load with a one-line error. SGLang is never importe
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections import Counter
@@ -298,10 +299,21 @@ def _entries(d: dict[str, Any], conv: Conversion) -> Iterator[tuple[Record, Any,
         ok = isinstance(entry, (list, tuple)) and len(entry) >= 3 and isinstance(entry[0], Record)
         if not ok or entry[0].kind not in REQUEST_CLASSES:
             conv.skipped["entry that is not (GenerateReqInput, output, created, finished)"] += 1
-        elif not isinstance(entry[2], (int, float)) or isinstance(entry[2], bool):
+        elif (created := _seconds(entry[2])) is None:
             conv.skipped["request without a created_time"] += 1
         else:
-            yield entry[0], entry[1], float(entry[2])
+            yield entry[0], entry[1], created
+
+
+def _seconds(x: Any) -> float | None:
+    """A finite time stamp, or None (NaN, inf or a huge int would break the trace's order)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def convert(paths: list[str], out: str, *, model: str | None = None,
