@@ -225,6 +225,10 @@ def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
             for d in (p.phases_pct, p.wait_pct):
                 d["recv"] = round(d["recv"] - moved, 2)
                 d["idle"] = round(d["idle"] + moved, 2)
+            # The moved share carries the entry rank's uncertainty about its idle time.
+            for d, e_ci in ((p.phases_ci, e.phases_ci), (p.wait_ci, e.phases_ci)):
+                if d.get("idle") is not None and e_ci.get("idle") is not None:
+                    d["idle"] = max(d["idle"], e_ci["idle"])
             moved_any.append(f"rank {p.rank} {moved:.1f}")
     if not moved_any:
         return []
