@@ -77,6 +77,32 @@ def _wait_findings(profiles: list[RankProfile]) -> list[str]:
     return out
 
 
+def _gil_findings(profiles: list[RankProfile]) -> list[str]:
+    """GIL by phase, pooled over ranks, and ranks whose main thread may wait for it."""
+    out: list[str] = []
+    pooled: dict[str, tuple[float, int]] = {}
+    for p in profiles:
+        for k, g in p.phase_gil_pct.items():
+            n = p.phase_counts.get(k, 0)
+            if g is not None and n:
+                held, tot = pooled.get(k, (0.0, 0))
+                pooled[k] = (held + g * n / 100.0, tot + n)
+    gil = {k: 100.0 * h / n for k, (h, n) in pooled.items() if n >= MIN_PHASE_SAMPLES}
+    if "from_dict" in gil and any(k in gil for k in ("pickle", "unpickle")):
+        other = "pickle" if "pickle" in gil else "unpickle"
+        verb = "releases" if gil["from_dict"] < 50 else "mostly holds"
+        out.append(f"hashing {verb} the GIL (from_dict held it in {gil['from_dict']:.0f}% of its samples) "
+                   f"while {other} holds it ({gil[other]:.0f}%)")
+    elif gil:
+        out.append("GIL held by phase: " + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(gil.items(), key=lambda kv: -kv[1])))
+    waits = [(p.rank, p.gil_wait_pct) for p in profiles if p.gil_wait_pct and p.gil_wait_pct >= MIN_PCT]
+    for r, w in waits:
+        p = next(x for x in profiles if x.rank == r)
+        who = ", ".join(t["name"] or str(t["tid"]) for t in p.other_threads if t.get("gil_held_pct"))
+        out.append(f"rank {r}: up to {w:.0f}% of the main thread's time may be GIL wait (held by: {who or 'other threads'})")
+    return out
+
+
 def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | None],
              exited: list[dict] | None = None, notes: list[str] | None = None) -> list[str]:
     out: list[str] = []
@@ -125,27 +151,7 @@ def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | 
     if any(above(ph(p, "idle"), _ci(p, "idle"), MIN_PCT) for p in profiles):
         parts = ", ".join(f"rank {p.rank} {pm(ph(p, 'idle'), _ci(p, 'idle'))}%" for p in profiles)
         out.append(f"idle (waiting for requests): {parts}")
-    # GIL by phase, pooled over ranks.
-    pooled: dict[str, tuple[float, int]] = {}
-    for p in profiles:
-        for k, g in p.phase_gil_pct.items():
-            n = p.phase_counts.get(k, 0)
-            if g is not None and n:
-                held, tot = pooled.get(k, (0.0, 0))
-                pooled[k] = (held + g * n / 100.0, tot + n)
-    gil = {k: 100.0 * h / n for k, (h, n) in pooled.items() if n >= MIN_PHASE_SAMPLES}
-    if "from_dict" in gil and any(k in gil for k in ("pickle", "unpickle")):
-        other = "pickle" if "pickle" in gil else "unpickle"
-        verb = "releases" if gil["from_dict"] < 50 else "mostly holds"
-        out.append(f"hashing {verb} the GIL (from_dict held it in {gil['from_dict']:.0f}% of its samples) "
-                   f"while {other} holds it ({gil[other]:.0f}%)")
-    elif gil:
-        out.append("GIL held by phase: " + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(gil.items(), key=lambda kv: -kv[1])))
-    waits = [(p.rank, p.gil_wait_pct) for p in profiles if p.gil_wait_pct and p.gil_wait_pct >= MIN_PCT]
-    for r, w in waits:
-        p = next(x for x in profiles if x.rank == r)
-        who = ", ".join(t["name"] or str(t["tid"]) for t in p.other_threads if t.get("gil_held_pct"))
-        out.append(f"rank {r}: up to {w:.0f}% of the main thread's time may be GIL wait (held by: {who or 'other threads'})")
+    out.extend(_gil_findings(profiles))
     out.extend(_wait_findings(profiles))
     pinned = [(r, c) for r, c in sorted(cpu.items()) if c is not None and c >= 90.0]
     if pinned:
