@@ -1,15 +1,16 @@
 """Real SGLang wheels for the sglang tests: fetched with `pip download --no-deps`
 into MMDIAG_WHEEL_CACHE (default <repo>/.cache/sglang-wheels) and unpacked.
 
-Only the files mmdiag reads are unpacked (sglang/__init__.py, version.py,
-srt/managers/*, srt/server_args.py, srt/utils/common.py): the same bytes as the
-wheel, a few MB less to copy per test. No SGLang source lives in the repository.
+Only the Python files mmdiag reads are unpacked (KEEP): the same bytes as the wheel,
+never its compiled parts (wheels from 0.5.12.post1 on are cp311 platform wheels).
+No SGLang source lives in the repository.
 
 A wheel that cannot be had skips the test locally, but fails it when the CI
 environment variable is set (CI runs with CI=true), so CI never passes on skips.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MMDIAG_WHEEL_CACHE", REPO / ".cache" / "sglang-wheels"))
 UNPACKED = CACHE / "unpacked"
 
-# version -> variant by code structure (also in mmdiag/sglang/variants.toml [[releases]])
+# version -> variant by code structure (the mm path's shape), for the gloo/runtime tests
 RELEASES = {
     "0.5.4.post1": "per-rank",
     "0.5.4.post2": "broadcast-always",
@@ -31,8 +32,12 @@ RELEASES = {
     "0.5.5.post3": "broadcast-flag",
     "0.5.6": "broadcast-flag",
 }
-KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/srt/managers/", "sglang/srt/server_args.py",
-        "sglang/srt/utils/common.py")
+# One wheel per layout family (issue 10), oldest to newest.
+FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.9", "0.5.13", "0.5.17", "0.5.19",
+                 "0.5.21", "0.5.23"]
+KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/_version.py", "sglang/srt/managers/",
+        "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py",
+        "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py")
 
 
 def wheel(version: str) -> Path:
@@ -57,7 +62,8 @@ def wheel(version: str) -> Path:
 
 def pristine(version: str) -> Path:
     """The unpacked `sglang` package of one wheel (shared, never modified)."""
-    dest = UNPACKED / version
+    tag = hashlib.sha256("\n".join(KEEP).encode()).hexdigest()[:8]  # a new KEEP unpacks afresh
+    dest = UNPACKED / f"{version}-{tag}"
     pkg = dest / "sglang"
     if (pkg / "srt" / "managers" / "scheduler.py").is_file():
         return pkg
@@ -65,7 +71,7 @@ def pristine(version: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(wheel(version)) as z:
         for name in z.namelist():
-            if name.startswith(KEEP) and not name.endswith("/"):
+            if name.startswith(KEEP) and name.endswith(".py"):
                 z.extract(name, tmp)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -10,7 +10,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import RELEASES, checkout, isolated_state, site_packages, state_of, tree_bytes  # noqa: F401
+from sglang_wheels import checkout, isolated_state, pristine, site_packages, state_of, tree_bytes  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.cli import main
@@ -20,13 +20,21 @@ from mmdiag.sglang.errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply
 from mmdiag.sglang.locate import locate
 from mmdiag.strategies import PATCHABLE as PATCHABLE_STRATEGIES
 
-# (version, strategy) -> files written ([] = nothing to patch, None = refused as not applicable)
+# What issue 10 asks of each family: files written, [] nothing to patch, "env"/"flag" what
+# the user sets instead of code (the release ships it), None refused as not applicable.
+_S, _T = ["scheduler"], ["tokenizer_manager"]
 EXPECT = {
-    "per-rank": {"revert": [], "dict": None, "batch": None, "precompute": ["tokenizer_manager"], "cond": None},
-    "broadcast-always": {"revert": ["scheduler"], "dict": ["scheduler"], "batch": ["scheduler"],
-                         "precompute": ["tokenizer_manager", "scheduler"], "cond": ["scheduler"]},
-    "broadcast-flag": {"revert": [], "dict": ["scheduler"], "batch": ["scheduler"],
-                       "precompute": ["tokenizer_manager"], "cond": ["scheduler"]},
+    "0.5.4.post1": {"revert": [], "dict": None, "batch": None, "precompute": _T},
+    "0.5.5.post2": {"revert": _S, "dict": _S, "batch": _S, "precompute": _T + _S},
+    "0.5.6.post2": {"revert": "flag", "dict": _S, "batch": _S, "precompute": _T},
+    "0.5.7": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env"},
+    "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env"},
+    # shared-memory transport: features already reach every rank, dict would pickle them again
+    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
+    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
+    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
+    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
+    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
 }
 FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
 
@@ -37,25 +45,43 @@ def run(*args):
     return r
 
 
-@pytest.mark.parametrize("version", list(RELEASES))
+def _refused(strategy, pkg, before):
+    r = run(strategy, "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ") and "does not apply" in r.output
+    assert tree_bytes(pkg) == before
+
+
+def _settings_only(strategy, pkg, before, what):
+    r = run(strategy, "--sglang", pkg, "--yes")
+    assert r.exit_code == 0 and "nothing was written" in r.output, r.output
+    assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
+    res = A.apply(locate(str(pkg)), strategy)
+    assert res.status == "settings"
+    # the broadcast flag stays off either way; precompute sets the release's own variable
+    assert res.settings["flags"] == {"--enable-broadcast-mm-inputs-process": False}
+    if what == "env":
+        assert res.settings["env"] == {"SGLANG_MM_PRECOMPUTE_HASH": "1"}
+        assert "SGLANG_MM_PRECOMPUTE_HASH=1 python -m sglang.launch_server" in r.output
+        assert "srt/environ.py:" in r.output
+    assert "--enable-broadcast-mm-inputs-process off" in r.output
+
+
+@pytest.mark.parametrize("version", list(EXPECT))
 @pytest.mark.parametrize("strategy", PATCHABLE_STRATEGIES)
 def test_apply_undo_roundtrip(version, strategy, tmp_path):
-    layout = "checkout" if version in ("0.5.5", "0.5.6") else "site-packages"
+    layout = "checkout" if version in ("0.5.5.post2", "0.5.9", "0.5.23") else "site-packages"
     pkg = (checkout if layout == "checkout" else site_packages)(version, tmp_path)
     before = tree_bytes(pkg)
-    expect = EXPECT[RELEASES[version]][strategy]
+    expect = EXPECT[version][strategy]
     if expect is None:
-        r = run(strategy, "--sglang", pkg, "--yes")
-        assert r.exit_code != 0 and r.output.startswith("mmdiag: error: ") and "does not apply" in r.output
-        assert tree_bytes(pkg) == before
-        return
+        return _refused(strategy, pkg, before)
+    if expect in ("env", "flag"):
+        return _settings_only(strategy, pkg, before, expect)
     dry = run(strategy, "--sglang", pkg, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
     if not expect:
         assert "nothing to patch" in dry.output
-        if RELEASES[version] == "broadcast-flag":
-            assert "--enable-broadcast-mm-inputs-process" in dry.output and "server_args.py:" in dry.output
         return
     for key in expect:
         assert f"+++ b/{FILES[key]}" in dry.output
@@ -64,23 +90,22 @@ def test_apply_undo_roundtrip(version, strategy, tmp_path):
     assert r.output.index("+++ b/") < r.output.index("applied `")  # diff shown first
     for key in expect:
         py_compile.compile(str(pkg / FILES[key]), doraise=True, cfile=str(tmp_path / "c.pyc"))
-    changed = {k for k in before if tree_bytes(pkg)[k] != before[k]}
-    assert changed == {FILES[k] for k in expect}
+    after = tree_bytes(pkg)
+    assert after.keys() == before.keys()  # no mmdiag file inside the package
+    assert {k for k in before if after[k] != before[k]} == {FILES[k] for k in expect}
     det = detect(locate(str(pkg)))
-    assert det.patched == strategy and det.variant == RELEASES[version]
+    assert det.patched == strategy and det.variant == detect(locate(str(pristine(version)))).variant
     assert det.manifest["files"].keys() == {FILES[k] for k in expect}
-    # twice: a no-op
-    again = run(strategy, "--sglang", pkg, "--yes")
+    again = run(strategy, "--sglang", pkg, "--yes")  # twice: a no-op
     assert again.exit_code == 0 and "already applied" in again.output
-    # another strategy on top: refused
     other = next(s for s in ("dict", "batch") if s != strategy)
-    with pytest.raises(AlreadyPatched):
+    with pytest.raises(AlreadyPatched):  # another strategy on top: refused
         A.apply(locate(str(pkg)), other)
     doc = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
     assert re.search(rf"^mmdiag patch\s+{strategy} \(applied", doc.output, re.M), doc.output
     u = run("--undo", "--sglang", pkg, "--yes")
     assert u.exit_code == 0, u.output
-    assert tree_bytes(pkg) == before  # byte-identical
+    assert tree_bytes(pkg) == before  # byte-identical, file-for-file
     assert detect(locate(str(pkg))).patched is None
 
 

@@ -41,6 +41,7 @@ _STATUS = {
     "nothing-to-do": "nothing to patch",
     "undone": "undone `{strategy}`: original bytes restored",
     "declined": "declined: nothing was written",
+    "settings": "nothing was written: this release ships the fix; set what the notes say",
 }
 
 

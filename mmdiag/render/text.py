@@ -60,37 +60,8 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
 
 
 def render_doctor(det: Any) -> str:
-    i = det.install
-    rows = [
-        ("sglang", str(i.package_dir)),
-        ("layout", f"{i.layout} (found by {i.found_by})"),
-        ("version", i.version or "unknown"),
-        ("variant", det.variant or "unknown"),
-        ("path", det.summary),
-        ("scheduler.py", f"{det.scheduler_lines} lines; mm call: {det.mm_call}"),
-    ]
-    rows += [(target, lay or "unknown layout") for target, lay in det.layouts.items()]
-    if det.flag:
-        f = det.flag
-        rows.append(("flag", f"{f['option']} default {f.get('default')} "
-                             f"({f['file']}:{f['field_line']}, option at line {f.get('option_line')})"))
-    rows.append(("mmdiag patch", _patch_line(det)))
-    if det.release:
-        rows.append(("release facts", f"{det.release['version']}: {det.release['variant']}"))
-    width = max(len(k) for k, _ in rows)
-    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    out += [f"note: {n}" for n in det.notes]
-    return "\n".join(out) + "\n"
-
-
-def _patch_line(det: Any) -> str:
-    if det.manifest:
-        m = det.manifest
-        return (f"{m['strategy']} ({m.get('status')}, {m.get('created')}; "
-                f"files: {', '.join(m['files'])}; undo: mmdiag apply --undo)")
-    if det.patch_markers:
-        return f"markers {det.patch_markers} but no manifest"
-    return "none"
+    from ..sglang.report import doctor_text  # one home for doctor's rows (the release facts)
+    return doctor_text(det)
 
 
 def render_mapping(d: dict[str, Any]) -> str:

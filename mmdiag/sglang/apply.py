@@ -43,12 +43,15 @@ MANIFEST_SCHEMA = "mmdiag.sglang-patch/1"
 @dataclass
 class ApplyResult:
     strategy: str | None
-    status: str  # "dry-run" | "applied" | "already-applied" | "nothing-to-do" | "undone" | "declined"
+    # "dry-run" | "applied" | "already-applied" | "nothing-to-do" | "undone" | "declined"
+    # | "settings" (the release ships the fix: nothing written, `settings` says what to set)
+    status: str
     variant: str | None
     diff: str = ""
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     manifest: str | None = None
+    settings: dict = field(default_factory=dict)  # {"env": {VAR: value}, "flags": {option: on?}}
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -274,8 +277,10 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     files = [file_rel(k) for k in p.new_texts]
     if p.nothing_to_do:
         return ApplyResult(strategy, "nothing-to-do", det.variant, notes=p.notes)
+    if not p.new_texts:  # the release ships it: say what to set, write nothing
+        return ApplyResult(strategy, "settings", det.variant, notes=p.notes, settings=p.settings)
     if dry_run:
-        return ApplyResult(strategy, "dry-run", det.variant, diff, files, p.notes)
+        return ApplyResult(strategy, "dry-run", det.variant, diff, files, p.notes, settings=p.settings)
     targets = [install.path(k) for k in p.new_texts]
     check_writable(targets + [install.package_dir])
     _check_state_writable(install)
@@ -350,7 +355,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         except OSError as e:
             raise SGLangError(f"the patch was written but its manifest could not be updated ({e.strerror or e})",
                               where=str(mpath), fix="`mmdiag apply --undo` still restores the original bytes") from None
-    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath))
+    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings)
 
 
 def _check_state_writable(install: SGLangInstall) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -19,8 +20,19 @@ class MethodSpan:
     node: ast.FunctionDef | ast.AsyncFunctionDef
 
 
+@functools.lru_cache(maxsize=24)
+def _parse(text: str) -> ast.Module:
+    return ast.parse(text)
+
+
 def parse(text: str, filename: str) -> ast.Module:
-    return ast.parse(text, filename=filename)
+    """Parsed once per text (scheduler.py is 6,000+ lines from 0.5.20; detection, planning
+    and the probes all read it). Callers must not mutate the tree (copy.deepcopy first)."""
+    try:
+        return _parse(text)
+    except SyntaxError as e:
+        e.filename = filename
+        raise
 
 
 def find_class(tree: ast.Module, name: str) -> ast.ClassDef | None:

@@ -2,7 +2,9 @@
 
 Variants (mmdiag/sglang/variants.toml): `per-rank`, `broadcast-always`,
 `broadcast-flag`; anything else is reported as unknown with the markers found.
-Also says whether an mmdiag patch is applied (code markers + manifest).
+The release's facts (handler, flag, group, precompute, transport; mmdiag.sglang.probes)
+and its layout family come with it. Also says whether an mmdiag patch is applied
+(code markers + manifest).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from . import astutil
 from .errors import UnknownLayout
 from .facts import facts, file_rel, layouts, release, variants
 from .locate import SGLangInstall
+from .probes import ReleaseFacts, match_family, probe
 
 PATCH_MARKER_RE = re.compile(r"#\s*mmdiag-patch:\s*([a-z_-]+)")
 MANIFEST_NAME = "manifest.json"
@@ -29,14 +32,19 @@ class Detection:
     scheduler_lines: int
     markers: dict[str, list[int]]  # marker -> 1-based lines in scheduler.py
     methods: dict[str, int]  # Scheduler methods of interest -> def line
-    mm_call: str | None  # what handle_generate_request calls on recv_req.mm_inputs
+    mm_call: str | None  # what the request handler calls on recv_req.mm_inputs
     layouts: dict[str, str | None]  # target -> known layout description, None = unknown
     patched: str | None  # strategy named by mmdiag-patch markers / manifest
     patch_markers: dict[str, list[str]]  # file key -> strategies marked in it
     manifest: dict[str, Any] | None
     release: dict[str, Any] | None  # the variants.toml row for install.version
     flag: dict[str, Any] | None  # where --enable-broadcast-mm-inputs-process is defined
+    facts: ReleaseFacts = field(default_factory=ReleaseFacts)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str | None:
+        return self.facts.family
 
     @property
     def known(self) -> bool:
@@ -45,6 +53,7 @@ class Detection:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["install"] = self.install.to_dict()
+        d["family"] = self.family
         return d
 
 
@@ -100,19 +109,13 @@ def tokenizer_mm_statement(text: str) -> ast.stmt | None:
     return None
 
 
-def flag_location(install: SGLangInstall, field_name: str, option: str) -> dict[str, Any] | None:
-    text = _read(install, "server_args")
-    if text is None:
+def flag_location(install: SGLangInstall, rf: ReleaseFacts, option: str) -> dict[str, Any] | None:
+    """Where the broadcast flag is declared (file, line, default) and how it is read."""
+    if rf.flag_declared is None:
         return None
-    out: dict[str, Any] = {"option": option, "field": field_name, "file": str(install.path("server_args"))}
-    for i, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if s.startswith(f"{field_name}:") and "field_line" not in out:
-            out["field_line"] = i
-            out["default"] = s.split("=", 1)[1].strip() if "=" in s else None
-        if f'"{option}"' in s and "option_line" not in out:
-            out["option_line"] = i
-    return out if "field_line" in out else None
+    rel, line = rf.flag_declared.rsplit(":", 1)
+    return {"option": option, "field": "enable_broadcast_mm_inputs_process", "file": str(install.package_dir / rel),
+            "field_line": int(line), "default": rf.flag_default, "read": rf.flag_read, "read_at": rf.flag_read_at}
 
 
 def read_manifest(install: SGLangInstall) -> dict[str, Any] | None:
@@ -131,16 +134,16 @@ def read_manifest(install: SGLangInstall) -> dict[str, Any] | None:
     return None
 
 
-def _match_variant(methods: dict[str, Any], text: str, mm_call: str | None, patched: bool):
+def _match_variant(methods: dict[str, Any], rf: ReleaseFacts, patched: bool):
     for v in variants():
         if not all(m in methods for m in v["methods_present"]):
             continue
         if any(m in methods for m in v["methods_absent"]):
             continue
-        if not all(t in text for t in v["text_present"]):
+        if not all(getattr(rf, f) for f in v["facts_present"]):
             continue
         # A patch keeps the call site; an unpatched file must call what the variant calls.
-        if mm_call != v["mm_call"] and not patched:
+        if rf.mm_call != v["mm_call"] and not patched:
             continue
         return v
     return None
@@ -164,9 +167,10 @@ def detect(install: SGLangInstall) -> Detection:
     markers = {k: v for k, v in markers.items() if v}
     interesting = ("_process_and_broadcast_mm_inputs", "_get_multimodal_inputs",
                    "process_input_requests", "_mmdiag_orig_process_input_requests",
-                   "handle_generate_request", "abort_request")
+                   "handle_generate_request", "_handle_generate_request", "abort_request")
     methods = {k: spans[k].def_line for k in interesting if k in spans}
-    mm_call = mm_call_of(spans.get("handle_generate_request"))
+    rf = probe(install.package_dir, None)
+    mm_call = rf.mm_call
 
     patch_markers: dict[str, list[str]] = {}
     for key in ("scheduler", "tokenizer_manager"):
@@ -179,7 +183,7 @@ def detect(install: SGLangInstall) -> Detection:
     if patched is None and patch_markers:
         patched = sorted({s for v in patch_markers.values() for s in v})[0]
 
-    v = _match_variant(spans, text, mm_call, bool(patch_markers))
+    v = _match_variant(spans, rf, bool(patch_markers))
     if manifest and manifest.get("variant"):
         vname = manifest["variant"]
     else:
@@ -188,8 +192,7 @@ def detect(install: SGLangInstall) -> Detection:
 
     lay = {}
     for target, name in (("Scheduler._process_and_broadcast_mm_inputs", "_process_and_broadcast_mm_inputs"),
-                         ("Scheduler._get_multimodal_inputs", "_get_multimodal_inputs"),
-                         ("Scheduler.process_input_requests", "process_input_requests")):
+                         ("Scheduler._get_multimodal_inputs", "_get_multimodal_inputs")):
         if name in spans:
             lay[target] = layout_of(target, spans[name].node)
     tm = _read(install, "tokenizer_manager")
@@ -201,10 +204,10 @@ def detect(install: SGLangInstall) -> Detection:
         lay["TokenizerManager._tokenize_one_request:mm_inputs"] = layout_of(
             "TokenizerManager._tokenize_one_request:mm_inputs", st)
 
+    match_family(rf, vname)
     flag = None
     if vname == "broadcast-flag":
-        vf = next(x for x in variants() if x["name"] == "broadcast-flag")
-        flag = flag_location(install, vf["flag_field"], vf["flag"])
+        flag = flag_location(install, rf, next(x for x in variants() if x["name"] == "broadcast-flag")["flag"])
 
     rel = release(install.version)
     notes = []
@@ -222,4 +225,4 @@ def detect(install: SGLangInstall) -> Detection:
         notes.append("mmdiag patch markers found but no manifest: the patch was not applied by this "
                      "mmdiag or its state folder was removed; undo is not possible automatically")
     return Detection(install, vname, summary, len(lines), markers, methods, mm_call, lay,
-                     patched, patch_markers, manifest, rel, flag, notes)
+                     patched, patch_markers, manifest, rel, flag, rf, notes)

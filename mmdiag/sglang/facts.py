@@ -38,3 +38,11 @@ def release(version: str | None) -> dict[str, Any] | None:
 
 def releases() -> list[dict[str, Any]]:
     return facts()["releases"]
+
+
+def families() -> list[dict[str, Any]]:
+    return facts()["families"]
+
+
+def family(name: str | None) -> dict[str, Any] | None:
+    return next((f for f in families() if f["name"] == name), None)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import __future__
 import ast
+import copy
 import dataclasses
 import enum
 import hashlib
@@ -296,7 +297,8 @@ class SGLangMMPath:
     @staticmethod
     def _exec(nodes, ns, filename):
         strip = _StripSGLangImports()
-        mod = ast.fix_missing_locations(strip.visit(ast.Module(body=list(nodes), type_ignores=[])))
+        nodes = copy.deepcopy(list(nodes))  # the trees are shared (astutil.parse caches them)
+        mod = ast.fix_missing_locations(strip.visit(ast.Module(body=nodes, type_ignores=[])))
         code = compile(mod, filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
         exec(code, ns)
         missing = [n for n in strip.names if n not in ns]

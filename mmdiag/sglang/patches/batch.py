@@ -2,48 +2,77 @@
 
 Why every rank enters the same collectives in the same order: the decision to
 broadcast (and what to broadcast) is computed from `recv_reqs` alone, and every
-rank of cpu_group received the same `recv_reqs` from recv_requests'
+rank of the release's group (cpu_group, later dp_tp_cpu_group) received the same `recv_reqs` from recv_requests'
 broadcast_pyobj (with DP attention, cpu_group is the attention-TP group and the
 work requests are broadcast within that same group). It never depends on local
 state (caches, queues, health-check skips), so a call without multimodal requests
 enters no collective on any rank, and a call with some enters exactly one on all.
-The entry rank never raises between deciding and broadcasting: a from_dict failure
-is sent as None and every rank then materializes that request itself (raising the
-same error everywhere, as the per-rank path would). A prepared result that is not
+The entry rank never raises between deciding and broadcasting: before 0.5.19 a
+failed materialization is sent as None and every rank then materializes that request
+itself (raising the same error everywhere, as the per-rank path would); from 0.5.19
+it is sent in the release's own `_MultimodalInputBroadcast(error=...)` and every rank
+raises the release's `_MultimodalInputProcessingError`, which its handler turns into
+the same rejected request on every rank. A prepared result that is not
 consumed (early return, abort) falls back to local from_dict, never to a
 collective. Results are cached only for the duration of one call (bounded by the
 requests in that call), dropped by abort_request, and cleared when the call ends.
 """
 from __future__ import annotations
 
-from .common import GROUP_WORLD, MARK, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
+from .common import MARK, Collective, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
 
 STRATEGY = "batch"
 DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
 
-METHOD = f'''
-def _process_and_broadcast_mm_inputs(
-    self,
-    raw_mm_inputs: Optional[dict],
-):
+
+def _consume(c: Collective) -> str:
+    if c.error_cls:  # 0.5.19+: the release's inputs-or-error object; an error fails on every rank
+        return ("        result = hit[2]\n"
+                "        if result.error is not None:\n"
+                "            raise _MultimodalInputProcessingError(result.error)\n"
+                "        return result.inputs\n")
+    return "        return hit[2]\n"
+
+
+def _build_one(c: Collective) -> str:
+    """Entry-rank code for one payload: appends to `results`, never raises."""
+    if c.error_cls:
+        return (f"            try:\n"
+                f"                results.append({c.error_cls}(inputs={c.materialize}))\n"
+                f"            except Exception as e:  # every rank raises it, after the same collective\n"
+                f"                results.append({c.error_cls}(error=(\n"
+                f"                    \"mmdiag batch: the entry rank could not build the multimodal inputs: \"\n"
+                f"                    f\"{{type(e).__name__}}: {{e}}\")))\n")
+    return (f"            try:\n"
+            f"                results.append({c.materialize})\n"
+            f"            except Exception as e:  # never skip the collective the others entered\n"
+            f"                logger.warning(f\"mmdiag batch: materializing failed on the entry rank ({{e}}); \"\n"
+            f"                               \"every rank will materialize this request itself\")\n"
+            f"                results.append(None)\n")
+
+
+def method(c: Collective) -> str:
+    return f'''
+def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
     {MARK} batch -- take what _mmdiag_batch_prepare materialized for this call.
     if raw_mm_inputs is None:
         return None
     hit = (getattr(self, "_mmdiag_mm_cache", None) or {{}}).pop(id(raw_mm_inputs), None)
     if hit is not None and hit[0] is raw_mm_inputs:
-        return hit[2]
-    # Not prepared (aborted, failed on the entry rank, single rank, or called outside
+{_consume(c)}    # Not prepared (aborted, failed on the entry rank, single rank, or called outside
     # process_input_requests): materialize here. No collective, so no rank can wait.
-    return MultimodalInputs.from_dict(raw_mm_inputs)
+    return {c.materialize}
 '''
 
-HELPERS = f'''
+
+def helpers(c: Collective) -> str:
+    return f'''
 {MARK} batch -- helpers. See mmdiag.sglang.patches.batch for why ranks stay in step.
 @staticmethod
 def _mmdiag_mm_payloads(recv_reqs):
-    """(rid, raw mm dict) of every multimodal request in recv_reqs, in order.
+    """(rid, raw mm inputs) of every multimodal request in recv_reqs, in order.
 
-    A pure function of recv_reqs, which every rank of cpu_group received
+    A pure function of recv_reqs, which every rank of the group received
     identically (broadcast_pyobj in recv_requests): all ranks get the same list.
     """
     out = []
@@ -53,13 +82,13 @@ def _mmdiag_mm_payloads(recv_reqs):
         else:
             subs = [req]
         for sub in subs:
-            if isinstance(sub, TokenizedGenerateReqInput):
-                raw = sub.mm_inputs
-            elif isinstance(sub, TokenizedEmbeddingReqInput):
-                raw = sub.image_inputs
-            else:
+            if not isinstance(sub, (TokenizedGenerateReqInput, TokenizedEmbeddingReqInput)):
                 continue
-            if raw is not None:
+            raw = getattr(sub, "mm_inputs", None)
+            if raw is None:
+                raw = getattr(sub, "image_inputs", None)  # embedding requests before 0.5.15
+            # Error objects and already-built inputs never reach the broadcast (0.5.19+).
+            if raw is not None and type(raw).__name__ not in ("MMInputsProcessError", "MultimodalInputs"):
                 out.append((sub.rid, raw))
     return out
 
@@ -69,29 +98,20 @@ def _mmdiag_batch_prepare(self, recv_reqs):
     payloads = self._mmdiag_mm_payloads(recv_reqs)
     if not payloads:
         return  # same on every rank: the list is computed from identical recv_reqs
-{GROUP_WORLD}    if world <= 1:
+{c.group_world}    if world <= 1:
         return  # materialized per request, locally
-    is_src = torch.distributed.get_rank(group=group) == 0
-    if is_src:
+    if {c.entry}:
         results = []
-        for _rid, raw in payloads:
-            try:
-                results.append(MultimodalInputs.from_dict(raw))
-            except Exception as e:  # never skip the collective the others entered
-                logger.warning(f"mmdiag batch: from_dict failed on the entry rank ({{e}}); "
-                               "every rank will materialize this request itself")
-                results.append(None)
-        obj_list = [results]
+        for _rid, raw_mm_inputs in payloads:
+{_build_one(c)}        obj_list = [results]
     else:
         obj_list = [None]
-    torch.distributed.broadcast_object_list(
-        obj_list, src=torch.distributed.get_global_rank(group, 0), group=group
-    )
+    torch.distributed.broadcast_object_list(obj_list, src={c.src}, group=group)
     for (rid, raw), mm in zip(payloads, obj_list[0]):
         if mm is not None:
             self._mmdiag_mm_cache[id(raw)] = (raw, rid, mm)
 
-def process_input_requests(self, recv_reqs: List):
+def process_input_requests(self, recv_reqs):
     {MARK} batch -- prepare once, run SGLang's own loop, drop what is left.
     self._mmdiag_batch_prepare(recv_reqs)
     try:
@@ -99,7 +119,7 @@ def process_input_requests(self, recv_reqs: List):
     finally:
         self._mmdiag_mm_cache = {{}}
 
-def abort_request(self, recv_req: AbortReq):
+def abort_request(self, recv_req):
     {MARK} batch -- an aborted request leaves nothing cached.
     cache = getattr(self, "_mmdiag_mm_cache", None)
     if cache:
@@ -113,12 +133,12 @@ def abort_request(self, recv_req: AbortReq):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    def prepare(s: str, where: str) -> str:
-        require_layout(s, "Scheduler", "process_input_requests", where)
-        require_layout(s, "Scheduler", "abort_request", where)  # presence (no fingerprints listed)
+    def prepare(s: str, where: str, c: Collective) -> str:
+        require_layout(s, "Scheduler", "process_input_requests", where)  # presence (no fingerprints listed)
+        require_layout(s, "Scheduler", "abort_request", where)
         # Rename first: afterwards the wrappers take the original names.
         s = rename_method(s, "Scheduler", "process_input_requests", "_mmdiag_orig_process_input_requests", STRATEGY)
         s = rename_method(s, "Scheduler", "abort_request", "_mmdiag_orig_abort_request", STRATEGY)
-        return insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", HELPERS)
+        return insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", helpers(c))
 
-    return patch_broadcast_path(det, texts, STRATEGY, METHOD, prepare)
+    return patch_broadcast_path(det, texts, STRATEGY, method, prepare)

@@ -16,9 +16,49 @@ from ..facts import layouts
 
 MARK = "# mmdiag-patch:"
 
-# Generated-code lines the broadcasting patches share: the size of the CPU group they
-# broadcast over (1 when torch.distributed is not initialized).
-GROUP_WORLD = '    group = self.cpu_group\n    world = 1\n    if (\n        group is not None\n        and torch.distributed.is_available()\n        and torch.distributed.is_initialized()\n    ):\n        world = torch.distributed.get_world_size(group=group)\n'
+# Generated-code lines the broadcasting patches share: the size of the release's CPU
+# group they broadcast over (1 when torch.distributed is not initialized).
+GROUP_WORLD = ('    group = {group}\n    world = 1\n    if (\n        group is not None\n'
+               '        and torch.distributed.is_available()\n        and torch.distributed.is_initialized()\n'
+               '    ):\n        world = torch.distributed.get_world_size(group=group)\n')
+
+
+@dataclass(frozen=True)
+class Collective:
+    """The release's own entry-rank broadcast, read from its code (mmdiag.sglang.probes):
+    the patches broadcast over the same group, from the same source, with the same
+    entry test, materialize with the same call and, from 0.5.19, send the same
+    inputs-or-error object."""
+
+    group: str
+    src: str
+    entry: str
+    materialize: str  # the release's MultimodalInputs.from_*(raw_mm_inputs, ...) call
+    error_cls: str | None  # _MultimodalInputBroadcast (0.5.19+), None before
+    notes: tuple[str, ...] = ()
+
+    @property
+    def group_world(self) -> str:
+        return GROUP_WORLD.format(group=self.group)
+
+
+def collective_of(det, text: str) -> Collective:
+    f = det.facts
+    m = _class_methods(text, "Scheduler").get("_process_and_broadcast_mm_inputs")
+    call = None
+    for n in ast.walk(m.node) if m else ():
+        if isinstance(n, ast.Call) and ast.unparse(n.func).startswith("MultimodalInputs.from_"):
+            call = ast.unparse(n)
+            break
+    if not (f.group and f.src and f.entry_test and call and "raw_mm_inputs" in call):
+        raise UnknownLayout("the entry-rank broadcast's group, source, entry test or materializer was not found "
+                            f"(group {f.group}, src {f.src}, entry {f.entry_test}, call {call})",
+                            where=str(det.install.path("scheduler")), fix="nothing was changed")
+    src, notes = f.src, ()
+    if src == "0":  # 17a57fd's global rank 0: wrong when the group does not start at 0 (PP > 1)
+        src = f"torch.distributed.get_global_rank({f.group}, 0)"
+        notes = (f"the broadcast source is the group's first rank ({src}), as PR #12762 fixed upstream",)
+    return Collective(f.group, src, f.entry_test, call, f.error_protocol, notes)
 
 
 @dataclass
@@ -27,12 +67,14 @@ class Plan:
     variant: str
     new_texts: dict[str, str] = field(default_factory=dict)  # file key -> patched text
     notes: list[str] = field(default_factory=list)
+    # What the user sets instead of a code change: {"env": {VAR: value}, "flags": {option: on?}}
+    settings: dict = field(default_factory=dict)
     # file key -> sha256 of the bytes the plan was built from (apply re-checks them under its lock)
     planned_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def nothing_to_do(self) -> bool:
-        return not self.new_texts
+        return not self.new_texts and not self.settings
 
 
 def _class_methods(text: str, cls: str) -> dict[str, astutil.MethodSpan]:
@@ -109,30 +151,47 @@ def append_module_code(text: str, new_source: str) -> str:
     return text + sep + "\n\n" + textwrap.dedent(new_source).strip("\n") + "\n"
 
 
-DISPATCH = f'''
-def _get_multimodal_inputs(self, mm_inputs_dict: dict):
-    {MARK} {{strategy}} -- the strategy replaces the choice that
-    # server_args.enable_broadcast_mm_inputs_process made here; the flag is not read.
-    return self._process_and_broadcast_mm_inputs(mm_inputs_dict)
-'''
+def force_broadcast_branch(text: str, strategy: str, where: str) -> str:
+    """Make `_get_multimodal_inputs` always take its broadcast branch: the flag test
+    becomes True, the rest of the release's method (0.5.19's early exits for an error
+    object and for already-built inputs) stays as it is."""
+    span = _class_methods(text, "Scheduler")["_get_multimodal_inputs"]
+    lines = text.splitlines(keepends=True)
+    for n in ast.walk(span.node):
+        if isinstance(n, ast.If) and "enable_broadcast_mm_inputs_process" in ast.unparse(n.test):
+            line = lines[n.lineno - 1]
+            head = f"if {ast.unparse(n.test)}:"
+            if line.strip() != head:
+                break
+            indent = line[: len(line) - len(line.lstrip())]
+            eol = "\r\n" if line.endswith("\r\n") else "\n"
+            lines[n.lineno - 1] = (f"{indent}if True:  {MARK} {strategy} -- always the strategy's path "
+                                   f"(was: {ast.unparse(n.test)}){eol}")
+            return "".join(lines)
+    raise UnknownLayout("Scheduler._get_multimodal_inputs: the broadcast flag test was not found on one line",
+                        where=where, fix="nothing was changed")
 
 
-def patch_broadcast_path(det, texts: dict[str, str], strategy: str, method: str, prepare=None) -> Plan:
+def patch_broadcast_path(det, texts: dict[str, str], strategy: str, method, prepare=None) -> Plan:
     """What dict and batch share: replace 17a57fd's `_process_and_broadcast_mm_inputs`
-    with `method`; on flag releases make `_get_multimodal_inputs` always take it.
-    `prepare(text, where) -> text` runs first for the strategy's own edits."""
+    with `method(Collective) -> source`; on flag releases make `_get_multimodal_inputs`
+    always take it. `prepare(text, where, Collective) -> text` runs first for the
+    strategy's own edits."""
     plan = Plan(strategy, det.variant)
     if det.variant == "per-rank":
         raise not_applicable(strategy, det.variant, "it predates 17a57fd: no entry-rank path to patch")
     where = str(det.install.path("scheduler"))
     s = texts["scheduler"]
     require_layout(s, "Scheduler", "_process_and_broadcast_mm_inputs", where)
+    col = collective_of(det, s)
+    plan.notes += list(col.notes)
+    method = method(col)
     if prepare is not None:
-        s = prepare(s, where)
+        s = prepare(s, where, col)
     s = replace_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", method)
     if det.variant == "broadcast-flag":
         require_layout(s, "Scheduler", "_get_multimodal_inputs", where)
-        s = replace_method(s, "Scheduler", "_get_multimodal_inputs", DISPATCH.format(strategy=strategy))
+        s = force_broadcast_branch(s, strategy, where)
         plan.notes.append("active whatever --enable-broadcast-mm-inputs-process says")
     plan.new_texts["scheduler"] = s
     return plan
@@ -147,10 +206,7 @@ def not_applicable(strategy: str, variant: str, why: str) -> NotApplicable:
 # entry-rank broadcast of broadcast-always releases, so no collective remains).
 def per_rank_method(strategy: str, why: str) -> str:
     return f'''
-def _process_and_broadcast_mm_inputs(
-    self,
-    raw_mm_inputs: Optional[dict],
-):
+def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
     {MARK} {strategy} -- {why}
     # Every TP rank already holds recv_req.mm_inputs (recv_requests' broadcast_pyobj),
     # so each materializes it itself: no collective, no rank waits on another.
@@ -160,10 +216,11 @@ def _process_and_broadcast_mm_inputs(
 '''
 
 
-def flag_note(det) -> str:
-    f = det.flag or {}
-    where = f"{f.get('file', 'srt/server_args.py')}:{f.get('field_line', '?')}"
-    opt = f"{f.get('file', 'srt/server_args.py')}:{f.get('option_line', '?')}"
-    return (f"keep {f.get('option', '--enable-broadcast-mm-inputs-process')} off (default "
-            f"{f.get('default', 'False')}): field defined at {where}, command-line option at {opt}; "
-            "with it off every rank runs MultimodalInputs.from_dict (per-rank)")
+def flag_off(det, plan: Plan) -> str:
+    """Settings-only advice: keep the broadcast flag off (its default); returns the note."""
+    f = det.facts
+    plan.settings.setdefault("flags", {})["--enable-broadcast-mm-inputs-process"] = False
+    return (f"keep --enable-broadcast-mm-inputs-process off (default {f.flag_default}; declared "
+            f"{f.flag_declared}, read as {f.flag_read} at {f.flag_read_at}): leave it out of the "
+            "`python -m sglang.launch_server` command; with it off every rank materializes its own inputs")
+

@@ -1,35 +1,33 @@
 """`dict`: broadcast the raw mm_inputs dict from the entry rank; every rank materializes."""
 from __future__ import annotations
 
-from .common import GROUP_WORLD, MARK, Plan, patch_broadcast_path
+from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
 
 STRATEGY = "dict"
-DESCRIPTION = "entry rank broadcasts the raw dict per request; every rank runs from_dict"
+DESCRIPTION = "entry rank broadcasts the raw dict per request; every rank materializes"
 
-METHOD = f'''
-def _process_and_broadcast_mm_inputs(
-    self,
-    raw_mm_inputs: Optional[dict],
-):
+
+def method(c: Collective) -> str:
+    return f'''
+def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
     {MARK} dict -- broadcast the raw inputs, every rank materializes.
-    # One broadcast_object_list per multimodal request, entered by every rank of
-    # cpu_group: the call depends only on recv_req.mm_inputs, which every rank got
-    # identically from recv_requests' broadcast_pyobj. The source is the group's
-    # first rank in global numbering (correct with PP > 1, cf. PR #12762).
+    # One broadcast_object_list per multimodal request, entered by every rank of the
+    # release's group: the call depends only on recv_req.mm_inputs, which every rank
+    # got identically from recv_requests' broadcast_pyobj.
     if raw_mm_inputs is None:
         return None
-{GROUP_WORLD}    if world > 1:
-        is_src = torch.distributed.get_rank(group=group) == 0
-        obj_list = [raw_mm_inputs if is_src else None]
-        torch.distributed.broadcast_object_list(
-            obj_list, src=torch.distributed.get_global_rank(group, 0), group=group
-        )
+{c.group_world}    if world > 1:
+        obj_list = [raw_mm_inputs if {c.entry} else None]
+        torch.distributed.broadcast_object_list(obj_list, src={c.src}, group=group)
         raw_mm_inputs = obj_list[0]
-    return MultimodalInputs.from_dict(raw_mm_inputs)
+    return {c.materialize}
 '''
 
 
-
-
 def build(det, texts: dict[str, str]) -> Plan:
-    return patch_broadcast_path(det, texts, STRATEGY, METHOD)
+    if det.facts.transport == "shm":
+        raise not_applicable(
+            STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
+            "its features already reach every rank through shared memory; broadcasting the raw dict "
+            "would pickle them again from the entry rank (use `precompute`, or `batch` for the broadcast path)")
+    return patch_broadcast_path(det, texts, STRATEGY, method)

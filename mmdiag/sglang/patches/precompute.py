@@ -8,7 +8,8 @@ scheduler rank's `MultimodalInputs.from_dict` -> `set_pad_value` finds it set
 and skips hashing. No collective is added. On broadcast-always releases the
 entry-rank broadcast is also reverted to per-rank (otherwise the regression's
 collective would remain); on broadcast-flag releases the flag must stay off.
-This is what later upstream releases do behind SGLANG_MM_PRECOMPUTE_HASH.
+This is what upstream ships from 0.5.7 behind SGLANG_MM_PRECOMPUTE_HASH=1: there
+no code is written, the plan says what to set (the variable, the flag off) and where.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..detect import tokenizer_mm_statement
 from ..errors import UnknownLayout
 from ..facts import layouts
 from .. import astutil
-from .common import MARK, Plan, append_module_code, flag_note, insert_after_statement
+from .common import MARK, Plan, append_module_code, flag_off, insert_after_statement
 from .common import per_rank_method, replace_method, require_layout
 
 STRATEGY = "precompute"
@@ -51,8 +52,25 @@ def _mmdiag_precompute_mm_hashes(mm_inputs):
 TARGET = "TokenizerManager._tokenize_one_request:mm_inputs"
 
 
+def env_settings(det, plan: Plan) -> Plan:
+    """The release ships it: SGLANG_MM_PRECOMPUTE_HASH=1 and the broadcast flag off."""
+    f = det.facts
+    plan.settings.setdefault("env", {})["SGLANG_MM_PRECOMPUTE_HASH"] = "1"
+    plan.notes.append(
+        f"no code change: this release ships precompute behind SGLANG_MM_PRECOMPUTE_HASH (declared {f.precompute_env}, "
+        f"default {f.precompute_default}); set SGLANG_MM_PRECOMPUTE_HASH=1 in the environment of the "
+        "`python -m sglang.launch_server` process (e.g. `SGLANG_MM_PRECOMPUTE_HASH=1 python -m sglang.launch_server "
+        "...`, `-e SGLANG_MM_PRECOMPUTE_HASH=1` for docker run, `env:` in a pod spec) and restart it; the tokenizer "
+        f"manager then hashes each item once on its {f.precompute_hashing} ({f.precompute_at})")
+    if det.variant == "broadcast-flag":
+        plan.notes.append(flag_off(det, plan))
+    return plan
+
+
 def build(det, texts: dict[str, str]) -> Plan:
     plan = Plan(STRATEGY, det.variant)
+    if det.facts.precompute_env:
+        return env_settings(det, plan)
     tm = texts["tokenizer_manager"]
     where = str(det.install.path("tokenizer_manager"))
     stmt = tokenizer_mm_statement(tm)
@@ -74,5 +92,5 @@ def build(det, texts: dict[str, str]) -> Plan:
         plan.new_texts["scheduler"] = s
         plan.notes.append("the entry-rank broadcast is reverted to per-rank as well")
     elif det.variant == "broadcast-flag":
-        plan.notes.append(flag_note(det))
+        plan.notes.append(flag_off(det, plan))
     return plan

@@ -1,7 +1,7 @@
-"""`revert`: per-rank `MultimodalInputs.from_dict` on every rank (before 17a57fd)."""
+"""`revert`: per-rank materialization on every rank (before 17a57fd)."""
 from __future__ import annotations
 
-from .common import Plan, flag_note, per_rank_method, replace_method, require_layout
+from .common import Plan, flag_off, per_rank_method, replace_method, require_layout
 
 STRATEGY = "revert"
 DESCRIPTION = "every rank materializes MultimodalInputs itself; no collective"
@@ -13,7 +13,7 @@ def build(det, texts: dict[str, str]) -> Plan:
         plan.notes.append("this install is already per-rank (before 17a57fd): nothing to patch")
         return plan
     if det.variant == "broadcast-flag":
-        plan.notes.append("nothing to patch: " + flag_note(det))
+        plan.notes.append("no code change: " + flag_off(det, plan))
         return plan
     where = str(det.install.path("scheduler"))
     s = texts["scheduler"]
