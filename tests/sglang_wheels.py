@@ -111,10 +111,12 @@ def state_of(pkg: Path) -> Path:
     return locate(str(pkg)).state_dir
 
 
-@pytest.fixture(autouse=True)
-def isolated_state(tmp_path_factory, monkeypatch):
-    """Each test keeps mmdiag's apply state in its own folder, not the user's ~/.local/state.
+@pytest.fixture(autouse=True, scope="session")
+def isolated_state(tmp_path_factory):
+    """mmdiag's apply state goes to a test folder, not the user's ~/.local/state, for the
+    whole session (module-scoped fixtures apply patches too; rank processes inherit it).
     Autouse in every module that imports it."""
     d = tmp_path_factory.mktemp("mmdiag-state")
-    monkeypatch.setenv("MMDIAG_STATE_DIR", str(d))
-    return d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMDIAG_STATE_DIR", str(d))
+        yield d

@@ -140,10 +140,9 @@ def _match_variant(methods: dict[str, Any], rf: ReleaseFacts, patched: bool):
             continue
         if any(m in methods for m in v["methods_absent"]):
             continue
-        if not all(getattr(rf, f) for f in v["facts_present"]):
-            continue
-        # A patch keeps the call site; an unpatched file must call what the variant calls.
-        if rf.mm_call != v["mm_call"] and not patched:
+        # A patch keeps the call site but may replace what the facts are read from (the
+        # flag test); an unpatched file must show both.
+        if not patched and (rf.mm_call != v["mm_call"] or not all(getattr(rf, f) for f in v["facts_present"])):
             continue
         return v
     return None
