@@ -24,17 +24,17 @@ from mmdiag.strategies import PATCHABLE as PATCHABLE_STRATEGIES
 # the user sets instead of code (the release ships it), None refused as not applicable.
 _S, _T = ["scheduler"], ["tokenizer_manager"]
 EXPECT = {
-    "0.5.4.post1": {"revert": [], "dict": None, "batch": None, "precompute": _T},
-    "0.5.5.post2": {"revert": _S, "dict": _S, "batch": _S, "precompute": _T + _S},
-    "0.5.6.post2": {"revert": "flag", "dict": _S, "batch": _S, "precompute": _T},
-    "0.5.7": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env"},
-    "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env"},
+    "0.5.4.post1": {"revert": [], "dict": None, "batch": None, "precompute": _T, "cond": None},
+    "0.5.5.post2": {"revert": _S, "dict": _S, "batch": _S, "precompute": _T + _S, "cond": _S},
+    "0.5.6.post2": {"revert": "flag", "dict": _S, "batch": _S, "precompute": _T, "cond": _S},
+    "0.5.7": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S},
+    "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S},
     # shared-memory transport: features already reach every rank, dict would pickle them again
-    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
-    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
-    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
-    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
-    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env"},
+    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
+    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
+    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
+    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
+    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
 }
 FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
 

@@ -55,11 +55,19 @@ def check_applicable(inst: Any, strategy: str) -> None:
             "would measure patched code as the installed one", where=str(inst.package_dir),
             fix="nothing was replayed or changed; run `mmdiag apply --undo` first, then verify again")
     dry = apply_patch(inst, strategy, dry_run=True)
+    if dry.status == "settings" and not dry.settings.get("env"):
+        dry.status = "nothing-to-do"  # only the flag's default (off): what is installed already runs
     if dry.status == "nothing-to-do":
         why = "; ".join(dry.notes) or "the patch plan changes nothing"
         raise MmdiagError(f"`{strategy}` has nothing to change on this install ({why}): there is no after to "
                           "compare", where=str(inst.package_dir),
                           fix="nothing was replayed or changed; pick another strategy (mmdiag recommend)")
+    if dry.status == "settings":
+        env = " ".join(f"{k}={v}" for k, v in dry.settings["env"].items())
+        raise MmdiagError(f"`{strategy}` is a setting on this release ({env}), not a patch: --verify replays "
+                          "patches only", where=str(inst.package_dir),
+                          fix=f"nothing was replayed or changed; set {env} on the server and compare "
+                          "`mmdiag profile` before and after")
     if dry.status != "dry-run":
         raise MmdiagError(f"`mmdiag apply {strategy}` cannot be applied here ({dry.status})",
                           where=str(inst.package_dir))

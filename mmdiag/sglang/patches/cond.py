@@ -22,22 +22,21 @@ from __future__ import annotations
 import os
 
 from ...analysis import threshold as T
-from .common import GROUP_WORLD, MARK, Plan, patch_broadcast_path
+from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
 
 STRATEGY = "cond"
 DESCRIPTION = "broadcast the materialized inputs only for requests above a feature-size threshold"
 
-METHOD = f'''
-def _process_and_broadcast_mm_inputs(
-    self,
-    raw_mm_inputs: Optional[dict],
-):
+
+def method(c: Collective) -> str:
+    return f'''
+def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
     {MARK} cond -- broadcast only requests whose features exceed the threshold.
     # See mmdiag.sglang.patches.cond for why every rank takes the same collectives.
     if raw_mm_inputs is None:
         return None
-{GROUP_WORLD}    if world <= 1:
-        return MultimodalInputs.from_dict(raw_mm_inputs)
+{c.group_world}    if world <= 1:
+        return {c.materialize}
     limit = getattr(self, "_mmdiag_cond_limit", None)
     if limit is None:
         limit = self._mmdiag_cond_limit = self._mmdiag_cond_agree_limit(group)
@@ -46,20 +45,17 @@ def _process_and_broadcast_mm_inputs(
         for data in (getattr(item, "feature", None), getattr(item, "precomputed_embeddings", None)):
             nbytes += int(getattr(data, "nbytes", 0) or 0)
     if nbytes <= limit:
-        return MultimodalInputs.from_dict(raw_mm_inputs)
-    is_src = torch.distributed.get_rank(group=group) == 0
+        return {c.materialize}
     obj_list = [None]
-    if is_src:
+    if {c.entry}:
         try:
-            obj_list = [MultimodalInputs.from_dict(raw_mm_inputs)]
+            obj_list = [{c.materialize}]
         except Exception as e:  # never skip the collective the others entered
-            logger.warning(f"mmdiag cond: from_dict failed on the entry rank ({{e}}); "
+            logger.warning(f"mmdiag cond: materializing failed on the entry rank ({{e}}); "
                            "every rank will materialize this request itself")
-    torch.distributed.broadcast_object_list(
-        obj_list, src=torch.distributed.get_global_rank(group, 0), group=group
-    )
+    torch.distributed.broadcast_object_list(obj_list, src={c.src}, group=group)
     if obj_list[0] is None:
-        return MultimodalInputs.from_dict(raw_mm_inputs)
+        return {c.materialize}
     return obj_list[0]
 
 def _mmdiag_cond_agree_limit(self, group):
@@ -81,8 +77,13 @@ def _mmdiag_cond_agree_limit(self, group):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
+    if det.facts.transport == "shm":
+        raise not_applicable(
+            STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
+            "its large features already reach every rank through shared memory; broadcasting them would "
+            "pickle them again from the entry rank (use `precompute`)")
     th = T.resolve(env=os.environ)
     default = 'float("inf")' if th.never else repr(float(th.bytes))
-    plan = patch_broadcast_path(det, texts, STRATEGY, METHOD.replace("{default}", default))
+    plan = patch_broadcast_path(det, texts, STRATEGY, lambda c: method(c).replace("{default}", default))
     plan.notes.append(f"threshold baked in: {th.text}; {T.ENV} set for the server overrides it")
     return plan
