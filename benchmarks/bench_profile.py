@@ -142,17 +142,17 @@ def accuracy(tmp, tp, args, tag, window, rate, prate):
     finally:
         stop(launcher)
     truth = window_shares(snaps["start"], snaps["end"])
-    rows = compare({r.rank: r.phases_pct for r in run.ranks}, truth, min_pct=MIN_PCT)
-    ci = {r.rank: r.phases_ci or {} for r in run.ranks}
+    rows = compare({r.rank: r.profile.phases_pct for r in run.ranks}, truth, min_pct=MIN_PCT)
+    ci = {r.rank: r.profile.phases_ci for r in run.ranks}
     for row in rows:
         row["ci"] = ci[row["rank"]].get(row["phase"])
     return run, rows
 
 
 def print_accuracy(run, rows, strategy, tp, rate) -> bool:
-    live = run.config["live"]
-    print(f"\naccuracy, tp {tp}, {strategy} (detected: {live['strategy_detected']}), window {live['duration_s']:.1f} s "
-          f"at {live['rate_hz']} Hz in {live['block_s']:g} s blocks, Poisson {rate} req/s, 4.7 MB images")
+    live = run.live
+    print(f"\naccuracy, tp {tp}, {strategy} (detected: {live.strategy_detected}), window {live.duration_s:.1f} s "
+          f"at {live.rate_hz} Hz in {live.block_s:g} s blocks, Poisson {rate} req/s, 4.7 MB images")
     print(f"  {'rank':>4} {'phase':<10} {'profile %':>15} {'timers %':>9} {'gap pts':>8}")
     for r in rows:
         print(f"  {r['rank']:>4} {r['phase']:<10} {pm(r['profile'], r['ci']):>15} {r['replay']:>9.1f} {r['diff']:>8.1f}")
@@ -164,7 +164,7 @@ def print_accuracy(run, rows, strategy, tp, rate) -> bool:
     print("  worst gap per phase above 5%: " + ", ".join(
         f"{p} {worst[p]['diff']:.1f} (rank {worst[p]['rank']}, {'inside' if worst[p]['ci'] is not None and worst[p]['diff'] <= worst[p]['ci'] else 'outside'} its interval)"
         for p in PHASES if p in worst))
-    widest = max((h for r in run.ranks for h in (r.phases_ci or {}).values() if h is not None), default=float("nan"))
+    widest = max((h for r in run.ranks for h in r.profile.phases_ci.values() if h is not None), default=float("nan"))
     passed = all(r["diff"] <= BOUND_POINTS for r in rows)
     print(f"  widest 95% interval of any share: +/-{widest:.1f} points; within {BOUND_POINTS:.0f} points for every "
           f"phase above {MIN_PCT:.0f}%: {'PASS' if passed else 'FAIL'}")
@@ -212,7 +212,7 @@ def overhead(tmp, tp, args, pairs, requests, prate) -> bool:
             rps, run = one_throughput(tmp, trace, tp, args, w, f"{tp}-{i}-{int(w)}", prate)
             res[w] = rps
             if run is not None:
-                res["samples"] = min(r.samples for r in run.ranks)
+                res["samples"] = min(r.profile.samples for r in run.ranks)
         ratios.append(res[True] / res[False])
         print(f"  pair {i + 1} ({'A B' if not order[0] else 'B A'}): without {res[False]:.2f} req/s, "
               f"with {res[True]:.2f} req/s ({res.get('samples', 0)} samples/rank), ratio {ratios[-1]:.3f}")

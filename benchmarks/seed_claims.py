@@ -57,8 +57,8 @@ def _pickle_ms_per_mm(s) -> float:
 
 
 def _bytes_per_collective(s) -> float:
-    r0 = s.rank(0)
-    return r0.bytes_sent / r0.collectives if r0.collectives else math.nan
+    r0 = s.rank(0).replay
+    return r0.bytes_sent / r0.collectives if r0 and r0.collectives else math.nan
 
 
 def figure(run: Run, c: dict) -> float:

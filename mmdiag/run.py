@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import RunFileError
-from .fileio import write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
+from .fileio import jsonable, write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
 from .vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 
-KNOWN_SCHEMAS = (REPLAY_SCHEMA, PROFILE_SCHEMA)
+# Schemas read and converted on load to the current one.
+OLD_SCHEMAS = {"mmdiag.replay/1": REPLAY_SCHEMA, "mmdiag.profile/1": PROFILE_SCHEMA}
+KNOWN_SCHEMAS = (REPLAY_SCHEMA, PROFILE_SCHEMA, *OLD_SCHEMAS)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,11 +43,8 @@ def summarize_ms(values_ms: list[float]) -> dict[str, float]:
 
 
 @dataclass
-class RankResult:
-    rank: int
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-    phases_ms: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+class ReplayRank:
+    """What only a replay measures of a rank."""
     # Main-loop iterations and how long each took beyond the forward step.
     iterations: int = 0
     loop_stall_ms: dict[str, float] = field(default_factory=dict)
@@ -53,16 +52,44 @@ class RankResult:
     collectives: int = 0
     bytes_sent: int = 0
     recv_bytes: int = 0
-    # Filled by the live profiler; None in a replay.
+
+
+@dataclass
+class ProfileRank:
+    """What only the live profiler measures of a rank (py-spy samples, the process's CPU)."""
     pid: int | None = None
     title: str | None = None
-    samples: int | None = None
-    phases_pct: dict[str, float] | None = None
-    # 95% half-width of each phases_pct share, in points (live/stats.py).
-    phases_ci: dict[str, float | None] | None = None
+    samples: int = 0
+    # Share of wall time per phase (samples), and the 95% half-width of each share in points.
+    phases_pct: dict[str, float] = field(default_factory=dict)
+    phases_ci: dict[str, float | None] = field(default_factory=dict)
     gil_held_pct: float | None = None
+    gil_held_ci: float | None = None
     gil_wait_pct: float | None = None
     cpu_pct: float | None = None
+    # GIL held per phase (% of that phase's samples); other threads; the top unmatched frames.
+    phase_gil_pct: dict[str, float | None] = field(default_factory=dict)
+    # Waiting (live/rules.toml [[wait]]): per phase, share of wall time and its half-width; "all": in total.
+    wait_pct: dict[str, float] = field(default_factory=dict)
+    wait_ci: dict[str, float | None] = field(default_factory=dict)
+    threads: list[dict[str, Any]] = field(default_factory=list)
+    unmatched_top: list[Any] = field(default_factory=list)
+
+    @property
+    def phase_counts(self) -> dict[str, float]:
+        return {k: v * self.samples / 100.0 for k, v in self.phases_pct.items()}
+
+
+@dataclass
+class RankResult:
+    """One scheduler rank, as both collectors see it: CPU and wall seconds and wall time per
+    phase; then the part only its collector fills."""
+    rank: int
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    phases_ms: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    replay: ReplayRank | None = None
+    profile: ProfileRank | None = None
 
     @property
     def busy_ms(self) -> float:
@@ -74,7 +101,7 @@ class StrategyResult:
     name: str
     requests: int
     duration_s: float
-    throughput_rps: float
+    throughput_rps: float | None          # None: not measured (a live profile alone)
     latency_ms: dict[str, float]
     ranks: list[RankResult]
     # Per request, bytes that crossed the CPU group and collectives issued.
@@ -100,6 +127,31 @@ class StrategyResult:
 
 
 @dataclass
+class LiveInfo:
+    """How a live profile was taken (the typed profile part of a Run)."""
+    source: str = "live"                # live: attached to PIDs; top: a watch; raw: py-spy files recorded elsewhere
+    rate_hz: float = 0.0
+    target_pid: int | None = None
+    target_title: str | None = None
+    found: list[dict[str, Any]] = field(default_factory=list)
+    duration_s: float | None = None
+    requested_duration_s: float | None = None
+    pyspy: dict[str, Any] = field(default_factory=dict)
+    exited: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    recorder_start_skew: dict[str, Any] = field(default_factory=dict)
+    gil_missing: list[int] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    block_s: float = 0.0                # samples come in consecutive blocks of this length
+    blocks: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)   # `mmdiag top`: the server configuration seen
+    strategy_detected: str = ""
+    rules: str = ""
+    # What the collection itself noticed (a rank without GIL file, an interrupted window, ...).
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Run:
     schema: str
     tp: int
@@ -107,10 +159,10 @@ class Run:
     created: str = ""
     host: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
+    # Replay settings (forward_ms, max_concurrency, repeat, impl, ...).
     config: dict[str, Any] = field(default_factory=dict)
-    # A live profile's ranks (mirrors its single strategy entry for the contract).
-    ranks: list[RankResult] | None = None
-    findings: list[str] = field(default_factory=list)
+    # A live profile's collection (None in a replay).
+    live: LiveInfo | None = None
     # Where it was loaded from (not saved): how recommend and report name it.
     path: str = field(default="", compare=False, repr=False)
 
@@ -122,12 +174,24 @@ class Run:
     def is_profile(self) -> bool:
         return self.schema == PROFILE_SCHEMA
 
+    @property
+    def ranks(self) -> list[RankResult] | None:
+        """A Run of one strategy (a live profile, a replay of installed code): its ranks."""
+        if len(self.strategies) == 1:
+            return next(iter(self.strategies.values())).ranks
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["path"]
-        if d["ranks"] is None:
-            del d["ranks"]
-        return d
+        if d["live"] is None:
+            del d["live"]
+        for s in d["strategies"].values():
+            for r in s["ranks"]:
+                for part in ("replay", "profile"):
+                    if r[part] is None:
+                        del r[part]
+        return jsonable(d)
 
     def save(self, path: str) -> None:
         """Write atomically: a reader never sees half a Run."""
@@ -145,20 +209,17 @@ class Run:
                     where=source,
                     fix=f"expected one of {', '.join(KNOWN_SCHEMAS)}",
                 )
-            strategies = {
-                name: _strategy_from_dict(s) for name, s in d.get("strategies", {}).items()
-            }
-            ranks = [_rank_from_dict(r) for r in d["ranks"]] if d.get("ranks") is not None else None
+            d = _upgrade(d)
+            live = d.get("live")
             return cls(
                 schema=d["schema"],
                 tp=int(d["tp"]),
-                strategies=strategies,
+                strategies={name: _strategy_from_dict(s) for name, s in d.get("strategies", {}).items()},
                 created=d.get("created", ""),
                 host=d.get("host", {}),
                 trace=d.get("trace", {}),
                 config=d.get("config", {}),
-                ranks=ranks,
-                findings=list(d.get("findings", [])),
+                live=_known(LiveInfo, live) if live is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RunFileError(f"not a valid Run ({type(e).__name__}: {e})", where=source) from None
@@ -183,12 +244,56 @@ class Run:
         return run
 
 
+def _known(cls, d: dict[str, Any]):
+    """`cls` from the keys of `d` it knows (a newer writer's extra keys are ignored)."""
+    return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
 def _rank_from_dict(d: dict[str, Any]) -> RankResult:
-    known = RankResult.__dataclass_fields__
-    return RankResult(**{k: v for k, v in d.items() if k in known})
+    r = _known(RankResult, {k: v for k, v in d.items() if k not in ("replay", "profile")})
+    r.replay = _known(ReplayRank, d["replay"]) if d.get("replay") is not None else None
+    r.profile = _known(ProfileRank, d["profile"]) if d.get("profile") is not None else None
+    return r
 
 
 def _strategy_from_dict(d: dict[str, Any]) -> StrategyResult:
-    known = StrategyResult.__dataclass_fields__
-    kw = {k: v for k, v in d.items() if k in known and k != "ranks"}
+    kw = {k: v for k, v in d.items() if k in StrategyResult.__dataclass_fields__ and k != "ranks"}
     return StrategyResult(ranks=[_rank_from_dict(r) for r in d["ranks"]], **kw)
+
+
+_REPLAY_RANK = tuple(ReplayRank.__dataclass_fields__)
+_PROFILE_RANK = tuple(ProfileRank.__dataclass_fields__)
+# Per-rank live facts that /1 kept in config.live, keyed by str(rank).
+_LIVE_PER_RANK = ("phase_gil_pct", "gil_held_ci", "wait_pct", "wait_ci", "threads", "unmatched_top")
+
+
+def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A /1 Run as /2: each rank's collector fields in its typed part, config.live as `live`
+    (its per-rank facts moved into the ranks), the profile's second copy of its ranks and the
+    stored findings dropped (findings are computed: mmdiag.analysis.findings)."""
+    if d["schema"] not in OLD_SCHEMAS:
+        return d
+    d = dict(d, schema=OLD_SCHEMAS[d["schema"]])
+    profile = d["schema"] == PROFILE_SCHEMA
+    config = dict(d.get("config") or {})
+    live = config.pop("live", None) if profile else None
+    d["config"] = config
+    d.pop("ranks", None)
+    d.pop("findings", None)
+    if live is not None:
+        d["live"] = {k: v for k, v in live.items() if k not in _LIVE_PER_RANK}
+    strategies = {}
+    for name, st in (d.get("strategies") or {}).items():
+        ranks = []
+        for r in st["ranks"]:
+            part_keys = _PROFILE_RANK if profile else _REPLAY_RANK
+            part = {k: r[k] for k in part_keys if r.get(k) is not None}
+            for k in _LIVE_PER_RANK if live is not None else ():
+                v = (live.get(k) or {}).get(str(r["rank"]))
+                if v is not None:
+                    part[k] = v
+            base = {k: v for k, v in r.items() if k not in _REPLAY_RANK + _PROFILE_RANK}
+            ranks.append(dict(base, **{"profile" if profile else "replay": part}))
+        strategies[name] = dict(st, ranks=ranks)
+    d["strategies"] = strategies
+    return d

@@ -32,8 +32,10 @@ STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond"
 # Which of them `mmdiag apply` can patch in is said by each strategy's module (its `patch`):
 # mmdiag.strategies.PATCHABLE.
 
-REPLAY_SCHEMA = "mmdiag.replay/1"
-PROFILE_SCHEMA = "mmdiag.profile/1"
+# /2: each rank's collector fields in a typed part (`replay` / `profile`), a profile's
+# collection under `live`, no stored findings; /1 Runs are read and converted (mmdiag.run).
+REPLAY_SCHEMA = "mmdiag.replay/2"
+PROFILE_SCHEMA = "mmdiag.profile/2"
 TRACE_SCHEMA = "mmdiag.trace/1"
 
 # Process titles: SGLang's scheduler ranks and mmdiag's replay ranks. The live

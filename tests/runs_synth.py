@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from mmdiag.replay.assemble import latency_hist
-from mmdiag.run import RankResult, Run, StrategyResult, summarize_ms
+from mmdiag.run import ProfileRank, RankResult, ReplayRank, Run, StrategyResult, summarize_ms
 from mmdiag.vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 
 from mmdiag.units import MB  # the tool's one size unit (10^6 bytes)
@@ -15,7 +15,7 @@ def rank(r, cpu_pct=50.0, wall_s=10.0, collectives=0, bytes_sent=0, **phases_ms)
     ph = {p: 0.0 for p in PHASES}
     ph.update(phases_ms)
     return RankResult(rank=r, cpu_s=cpu_pct / 100 * wall_s, wall_s=wall_s, phases_ms=ph,
-                      collectives=collectives, bytes_sent=bytes_sent)
+                      replay=ReplayRank(collectives=collectives, bytes_sent=bytes_sent))
 
 
 def strategy(name, rps, ranks, *, requests=100, p99=None, coll=0.0, bytes_per_request=0.0, r_iter=4.0,
@@ -81,15 +81,16 @@ def video_run(tp=4):
 
 
 def profile_run(ranks_pct, tp=None, gil_wait=None, cpu=None):
-    """A live profile (mmdiag.profile/1): per-rank phase shares only."""
+    """A live profile: per-rank phase shares only."""
     ranks = []
     for i, pct in enumerate(ranks_pct):
         full = {p: 0.0 for p in PHASES}
         full.update(pct)
-        ranks.append(RankResult(rank=i, phases_pct=full, gil_held_pct=50.0,
+        wall = 30.0   # a share of wall time is that much of the window, as the profiler writes it
+        ranks.append(RankResult(rank=i, wall_s=wall, phases_ms={p: v * wall * 10.0 for p, v in full.items()},
+                                profile=ProfileRank(phases_pct=full, gil_held_pct=50.0,
                                 gil_wait_pct=(gil_wait[i] if gil_wait else 5.0),
-                                cpu_pct=(cpu[i] if cpu else 50.0), samples=1000))
+                                cpu_pct=(cpu[i] if cpu else 50.0), samples=1000)))
     s = StrategyResult(name="commit", requests=0, duration_s=30.0, throughput_rps=float("nan"),
                        latency_ms={"p50": float("nan"), "p99": float("nan")}, ranks=ranks)
-    return Run(schema=PROFILE_SCHEMA, tp=tp or len(ranks), strategies={"commit": s}, ranks=ranks,
-               host={"hostname": "server"})
+    return Run(schema=PROFILE_SCHEMA, tp=tp or len(ranks), strategies={"commit": s}, host={"hostname": "server"})

@@ -13,7 +13,9 @@ import time
 import psutil
 import pytest
 
+from mmdiag.analysis.findings import findings
 from mmdiag.live import from_raw, profile
+from mmdiag.run import Run
 from mmdiag.live.discover import discover, parse_title
 from mmdiag.live.truth import compare, snapshot, window_shares
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
@@ -144,32 +146,36 @@ def live(replay):
 
 def test_attribution_matches_replay_timers(live):
     run, truth, _ = live
-    assert run.config["live"]["strategy_detected"] == "commit"
+    assert run.live.strategy_detected == "commit"
     assert set(truth) == {0, 1}
-    rows = compare({r.rank: r.phases_pct for r in run.ranks}, truth, min_pct=5.0)
+    rows = compare({r.rank: r.profile.phases_pct for r in run.ranks}, truth, min_pct=5.0)
     assert rows, "no phase above 5%"
     bad = [r for r in rows if r["diff"] > LOOSE_POINTS]
     assert not bad, bad
     # The broadcast the strategy adds is told apart from the receive broadcast.
     r1 = next(r for r in run.ranks if r.rank == 1)
-    assert r1.phases_pct["broadcast"] > 0 and r1.phases_pct["recv"] > 0
-    assert r1.phases_pct["from_dict"] < 1.0  # commit: only the entry rank materializes
+    assert r1.profile.phases_pct["broadcast"] > 0 and r1.profile.phases_pct["recv"] > 0
+    assert r1.profile.phases_pct["from_dict"] < 1.0  # commit: only the entry rank materializes
 
 
 def test_run_contract(live):
     run, _, _ = live
     d = json.loads(json.dumps(run.to_dict()))
-    assert d["schema"] == PROFILE_SCHEMA
-    for r in d["ranks"]:
-        for k in ("rank", "pid", "title", "samples", "phases_pct", "gil_held_pct", "gil_wait_pct", "cpu_pct"):
-            assert r[k] is not None, k
-        assert set(CONTRACT_PHASES) | {"other", "idle"} <= set(r["phases_pct"])
-        assert abs(sum(r["phases_pct"].values()) - 100.0) < 0.5
-        assert r["samples"] > 300  # 6 s at 100 Hz
-        assert 0 <= r["gil_held_pct"] <= 100 and r["cpu_pct"] > 0
+    assert d["schema"] == PROFILE_SCHEMA and "ranks" not in d and "findings" not in d   # ranks once, findings computed
     assert list(d["strategies"]) == ["commit"]
     assert [r["rank"] for r in d["strategies"]["commit"]["ranks"]] == [0, 1]
-    assert any("broadcast_object_list" in f for f in d["findings"])
+    for r in d["strategies"]["commit"]["ranks"]:
+        assert set(CONTRACT_PHASES) <= set(r["phases_ms"]) and r["cpu_s"] > 0
+        p = r["profile"]
+        for k in ("pid", "title", "samples", "phases_pct", "gil_held_pct", "gil_wait_pct", "cpu_pct"):
+            assert p[k] is not None, k
+        assert set(CONTRACT_PHASES) | {"other", "idle"} <= set(p["phases_pct"])
+        assert abs(sum(p["phases_pct"].values()) - 100.0) < 0.5
+        assert p["samples"] > 300  # 6 s at 100 Hz
+        assert 0 <= p["gil_held_pct"] <= 100 and p["cpu_pct"] > 0
+        # One meaning of a share from both collectors: wall time per phase over the window.
+        assert abs(r["phases_ms"]["recv"] / (10.0 * r["wall_s"]) - p["phases_pct"]["recv"]) < 0.5
+    assert any("broadcast_object_list" in f for f in findings(Run.from_dict(d)))
 
 
 def test_from_raw_same_numbers(live, tmp_path):
@@ -177,12 +183,13 @@ def test_from_raw_same_numbers(live, tmp_path):
     files = sorted(str(p) for p in raw.iterdir())
     again = from_raw(files)
     for a, b in zip(run.ranks, again.ranks):
-        assert (a.rank, a.samples, a.phases_pct, a.gil_held_pct) == (b.rank, b.samples, b.phases_pct, b.gil_held_pct)
+        assert (a.rank, a.profile.samples, a.profile.phases_pct, a.profile.gil_held_pct) == \
+            (b.rank, b.profile.samples, b.profile.phases_pct, b.profile.gil_held_pct)
     out = tmp_path / "raw.json"
     res = _cli("--from-raw", *files, "-o", out)
     assert res.returncode == 0, res.stderr
     d = json.loads(out.read_text())
-    assert d["schema"] == PROFILE_SCHEMA and len(d["ranks"]) == 2
+    assert d["schema"] == PROFILE_SCHEMA and len(d["strategies"]["commit"]["ranks"]) == 2
 
 
 def test_from_raw_of_pyspy_record(replay, tmp_path):
@@ -192,8 +199,8 @@ def test_from_raw_of_pyspy_record(replay, tmp_path):
                     "--threads", "--idle", "--nonblocking", "-o", str(f)], check=True, capture_output=True)
     run = from_raw([str(f)])
     (r,) = run.ranks
-    assert r.rank == 1 and r.samples > 100 and r.gil_held_pct is None
-    assert r.phases_pct["recv"] + r.phases_pct["broadcast"] > 50
+    assert r.rank == 1 and r.profile.samples > 100 and r.profile.gil_held_pct is None
+    assert r.profile.phases_pct["recv"] + r.profile.phases_pct["broadcast"] > 50
 
 
 def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
@@ -202,7 +209,7 @@ def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "findings:" in res.stdout and "mmdiag::scheduler_TP1" in res.stderr
     d = json.loads(out.read_text())
-    assert d["schema"] == PROFILE_SCHEMA and [r["rank"] for r in d["ranks"]] == [0, 1]
+    assert d["schema"] == PROFILE_SCHEMA and [r.rank for r in Run.from_dict(d).ranks] == [0, 1]
     s = json.loads(ss.read_text())
     assert s["profiles"] and s["shared"]["frames"]
     assert not _pyspy_left(replay["ranks"])
@@ -221,7 +228,8 @@ def test_ctrl_c_keeps_what_was_sampled(replay, tmp_path):
     assert p.returncode == 0, stderr
     assert "Traceback" not in stderr
     d = json.loads(out.read_text())
-    assert d["ranks"][0]["samples"] > 50 and d["config"]["live"]["interrupted"] is True
+    run = Run.from_dict(d)
+    assert run.ranks[0].profile.samples > 50 and run.live.interrupted is True
     assert not _pyspy_left(replay["ranks"])
 
 
@@ -303,8 +311,8 @@ def test_target_exits_mid_profile(tmp_path):
     line = _one_line_error(res, code=4)
     assert "exited during the profile" in line
     d = json.loads(out.read_text())
-    r = d["ranks"][0]
-    assert r["samples"] > 50 and r["phases_pct"]["forward"] > 80  # what was sampled is kept
+    r = Run.from_dict(d).ranks[0].profile
+    assert r.samples > 50 and r.phases_pct["forward"] > 80  # what was sampled is kept
     assert "rank 0" in res.stdout and not _pyspy_left([fake.pid])
 
 
@@ -339,11 +347,10 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
         fake.kill()
         fake.wait()
     (r,) = run.ranks
-    assert r.samples > 50 and r.gil_held_pct is None and r.gil_wait_pct is None
-    assert any("no GIL recording for rank(s) 0" in f for f in run.findings), run.findings
-    live = run.config["live"]
-    assert live["gil_missing"] == [0]
-    skew = live["recorder_start_skew"]
+    assert r.profile.samples > 50 and r.profile.gil_held_pct is None and r.profile.gil_wait_pct is None
+    assert any("no GIL recording for rank(s) 0" in f for f in findings(run)), findings(run)
+    assert run.live.gil_missing == [0]
+    skew = run.live.recorder_start_skew
     assert [x["rank"] for x in skew["recorders"]] == [0]
     assert all(x["sampling_s"] is not None and x["sampling_s"] >= x["spawned_s"] >= 0 for x in skew["recorders"])
     assert skew["max_s"] is not None and skew["max_s"] >= 0

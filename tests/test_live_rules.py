@@ -126,10 +126,10 @@ def test_missing_gil_recording_is_not_zero(rules):
     from mmdiag.live.profile import build_run
     rs = _patched_rank(0, "rank0.raw", ("event_loop", "run_forward_step"))
     run = build_run([rs], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
-    assert run.ranks[0].gil_held_pct is None and run.ranks[0].gil_wait_pct is None
+    assert run.ranks[0].profile.gil_held_pct is None and run.ranks[0].profile.gil_wait_pct is None
     rs.gil_threads = {}  # a --gil recording with no sample holding the GIL: measured 0
     run = build_run([rs], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
-    assert run.ranks[0].gil_held_pct == 0.0
+    assert run.ranks[0].profile.gil_held_pct == 0.0
 
 
 def test_cli_json_write_failure_is_one_line(tmp_path, monkeypatch):
@@ -197,9 +197,10 @@ def test_non_entry_wait_behind_idle_entry_is_idle(rules):
                                  for st, n in t1.stacks.items()})  # the gloo wait under broadcast_pyobj
     run = build_run([r0, r1], rules, None, None, {"source": "raw", "rate_hz": 100}, [])
     a, b = run.ranks
-    assert a.phases_pct["idle"] == 50.0 and a.phases_pct["recv"] == 0.0
-    assert b.phases_pct["idle"] == 50.0 and b.phases_pct["recv"] == 0.0
-    assert any("counted as idle, not recv" in f for f in run.findings)
+    assert a.profile.phases_pct["idle"] == 50.0 and a.profile.phases_pct["recv"] == 0.0
+    assert b.profile.phases_pct["idle"] == 50.0 and b.profile.phases_pct["recv"] == 0.0
+    from mmdiag.analysis.findings import findings
+    assert any("counted as idle, not recv" in f for f in findings(run))
 
 
 def test_markers_are_the_strategy_modules_own():

@@ -13,19 +13,19 @@ import psutil
 
 from mmdiag.replay import ReplayOptions, replay
 from mmdiag.run import Run
-from mmdiag.vocab import CONTRACT_PHASES, REPLAY_RANK_TITLE, STRATEGIES
+from mmdiag.vocab import CONTRACT_PHASES, REPLAY_RANK_TITLE, REPLAY_SCHEMA, STRATEGIES
 from conftest import ROOT, make_trace, mmdiag_cli
 
 
 def _check_contract(d, tp, names):
-    assert d["schema"] == "mmdiag.replay/1" and d["tp"] == tp
+    assert d["schema"] == REPLAY_SCHEMA and d["tp"] == tp
     assert list(d["strategies"]) == list(names)
     for name, s in d["strategies"].items():
         assert s["throughput_rps"] > 0
         assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
         assert [r["rank"] for r in s["ranks"]] == list(range(tp))
         for r in s["ranks"]:
-            assert r["cpu_s"] > 0
+            assert r["cpu_s"] > 0 and r["replay"]["iterations"] > 0 and "profile" not in r
             assert set(CONTRACT_PHASES) <= set(r["phases_ms"])
         assert s["ranks_agree"] is True, name
 
@@ -42,11 +42,11 @@ def test_every_strategy_at_tp2_cli_json_and_timeline(tmp_path):
     s = d["strategies"]
     mm = d["trace"]["mm_requests"]
     # What each strategy adds, counted on the entry rank: the vocabulary's promises.
-    assert s["revert"]["ranks"][0]["collectives"] == 0 and s["precompute"]["ranks"][0]["collectives"] == 0
-    assert s["commit"]["ranks"][0]["collectives"] == mm
-    assert s["dict"]["ranks"][0]["collectives"] == mm
-    assert s["async"]["ranks"][0]["collectives"] == mm
-    assert 1 <= s["batch"]["ranks"][0]["collectives"] < mm
+    assert s["revert"]["ranks"][0]["replay"]["collectives"] == 0 and s["precompute"]["ranks"][0]["replay"]["collectives"] == 0
+    assert s["commit"]["ranks"][0]["replay"]["collectives"] == mm
+    assert s["dict"]["ranks"][0]["replay"]["collectives"] == mm
+    assert s["async"]["ranks"][0]["replay"]["collectives"] == mm
+    assert 1 <= s["batch"]["ranks"][0]["replay"]["collectives"] < mm
     # Non-entry ranks of commit never hash; every rank of revert does.
     assert s["commit"]["ranks"][1]["phases_ms"]["from_dict"] == 0
     assert s["revert"]["ranks"][1]["phases_ms"]["from_dict"] > 0

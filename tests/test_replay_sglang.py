@@ -21,8 +21,8 @@ def test_replay_runs_the_installed_code_before_and_after_apply(tmp_path):
     assert b["config"]["sglang"]["variant"] == "broadcast-always" and a["config"]["sglang"]["patched"] == "batch"
     mm = b["trace"]["mm_requests"]
     # The release's own path: one collective per multimodal request; the patch: one per loop iteration.
-    assert b["strategies"]["commit"]["ranks"][0]["collectives"] == mm
-    assert 1 <= a["strategies"]["batch"]["ranks"][0]["collectives"] < mm
+    assert b["strategies"]["commit"]["ranks"][0]["replay"]["collectives"] == mm
+    assert 1 <= a["strategies"]["batch"]["ranks"][0]["replay"]["collectives"] < mm
     for run in (b, a):
         (s,) = run["strategies"].values()
         assert s["ranks_agree"] is True

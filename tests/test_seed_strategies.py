@@ -151,7 +151,7 @@ def test_cond_replay_follows_the_environment_threshold(tmp_path):
     big = sum(b > limit for b in sizes if b)
     assert 0 < big < sum(1 for b in sizes if b)
     assert (cfg["broadcast_requests"], cfg["local_requests"]) == (big, sum(1 for b in sizes if b) - big)
-    assert d["strategies"]["cond"]["ranks"][0]["collectives"] == big
+    assert d["strategies"]["cond"]["ranks"][0]["replay"]["collectives"] == big
     assert d["strategies"]["cond"]["ranks_agree"] is True
 
 

@@ -1,8 +1,10 @@
 """Per-rank phase breakdown: where each rank's scheduler time goes.
 
-Works on both collectors' ranks: a replay rank has `phases_ms` (and cpu_s/wall_s),
-a live-profile rank has `phases_pct` (share of samples), `cpu_pct` and the GIL
-shares. Everything here returns plain numbers keyed by the one vocabulary.
+Works on both collectors' ranks alike: each has wall time per phase (`phases_ms`)
+over its `wall_s`, so a phase share means one thing, the share of the rank's wall
+time, whether timed by the replay or sampled by py-spy (whose samples are evenly
+spread over wall time). Everything here returns plain numbers keyed by the one
+vocabulary.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 from typing import Any, Iterable
 
 from ..run import RankResult, Run, StrategyResult
-from ..vocab import PHASES, PROFILE_SCHEMA
+from ..vocab import PHASES
 
 # The multimodal path proper: what the strategies change (recv is the every-version transport).
 MM_PHASES = ("from_dict", "pickle", "broadcast", "unpickle")
@@ -18,15 +20,10 @@ MM_PHASES = ("from_dict", "pickle", "broadcast", "unpickle")
 COMM_PHASES = ("pickle", "broadcast", "unpickle")
 
 
-def is_profile(run: Run) -> bool:
-    return run.schema == PROFILE_SCHEMA
-
-
 def phase_pct(rank: RankResult) -> dict[str, float]:
-    """Share of the rank's scheduler time per phase, in percent (sums to ~100)."""
-    if rank.phases_pct:
-        return {p: float(rank.phases_pct.get(p, 0.0)) for p in PHASES}
-    total = sum(rank.phases_ms.get(p, 0.0) for p in PHASES)
+    """Share of the rank's wall time per phase, in percent (sums to ~100: the phases cover
+    the loop, idle included). Without a wall time, of the phases' sum."""
+    total = rank.wall_s * 1000.0 if rank.wall_s > 0 else sum(rank.phases_ms.get(p, 0.0) for p in PHASES)
     if total <= 0:
         return {p: 0.0 for p in PHASES}
     return {p: 100.0 * rank.phases_ms.get(p, 0.0) / total for p in PHASES}
@@ -49,9 +46,14 @@ def mm_share(rank: RankResult) -> float:
 
 def cpu_pct(rank: RankResult) -> float:
     """Scheduler CPU of the rank as a percent of one core (nan when unknown)."""
-    if rank.cpu_pct is not None:
-        return float(rank.cpu_pct)
+    if rank.profile is not None and rank.profile.cpu_pct is not None:
+        return float(rank.profile.cpu_pct)
     return 100.0 * rank.cpu_s / rank.wall_s if rank.wall_s else math.nan
+
+
+def gil(rank: RankResult, key: str) -> float | None:
+    """gil_held_pct / gil_wait_pct of a profiled rank; None where not measured (a replay)."""
+    return getattr(rank.profile, key) if rank.profile is not None else None
 
 
 def max_or_nan(xs: Iterable[float | None]) -> float:
@@ -62,11 +64,7 @@ def max_or_nan(xs: Iterable[float | None]) -> float:
 def ranks_of(run: Run, strategy: str | None = None) -> list[RankResult]:
     if strategy is not None:
         return run.strategies[strategy].ranks
-    if run.ranks is not None:
-        return run.ranks
-    if len(run.strategies) == 1:
-        return next(iter(run.strategies.values())).ranks
-    return []
+    return run.ranks or []
 
 
 def per_request_ms(s: StrategyResult, rank: RankResult, phase: str) -> float:
@@ -81,11 +79,11 @@ def rank_rows(s: StrategyResult) -> list[dict[str, float]]:
         rows.append({
             "rank": r.rank,
             "pct": pct,
-            "ms_per_request": ({p: per_request_ms(s, r, p) for p in PHASES} if not r.phases_pct else None),
+            "ms_per_request": ({p: per_request_ms(s, r, p) for p in PHASES} if r.profile is None else None),
             "mm_share_pct": mm_share(r),
             "cpu_pct": cpu_pct(r),
-            "gil_held_pct": r.gil_held_pct,
-            "gil_wait_pct": r.gil_wait_pct,
+            "gil_held_pct": gil(r, "gil_held_pct"),
+            "gil_wait_pct": gil(r, "gil_wait_pct"),
         })
     return rows
 

@@ -39,7 +39,6 @@ from typing import Any
 
 from ..run import Run, StrategyResult
 from ..units import MB
-from ..vocab import REPLAY_SCHEMA
 
 # cost class -> (who materializes: every rank / the entry rank / the tokenizer, and how often
 # the strategy's own collective sits on the loop's critical path: per request / per iteration).
@@ -171,12 +170,13 @@ def _materialize_points(run: Run) -> tuple[list[float], list[float]]:
 
 def _comm_point(name: str, s: StrategyResult) -> tuple[str, float, float] | None:
     """(strategy, MB per collective, critical-path ms per collective) of one strategy."""
-    entry = next((r for r in s.ranks if r.rank == 0), None)
+    entry = next((r.replay for r in s.ranks if r.rank == 0 and r.replay is not None), None)
     if entry is None or entry.collectives <= 0 or entry.bytes_sent <= 0:
         return None
     others = [r for r in s.ranks if r.rank != 0]
     unpickle = (sum(r.phases_ms.get("unpickle", 0.0) for r in others) / len(others)) if others else 0.0
-    ms = entry.phases_ms.get("pickle", 0.0) + entry.phases_ms.get("broadcast", 0.0) + unpickle
+    phases = s.rank(0).phases_ms
+    ms = phases.get("pickle", 0.0) + phases.get("broadcast", 0.0) + unpickle
     return name, entry.bytes_sent / entry.collectives / MB, ms / entry.collectives
 
 
@@ -212,7 +212,7 @@ def _fit(points: list[tuple[str, float, float]]) -> tuple[float | None, float | 
 
 def fit(runs: list[Run], target: Run | None = None) -> CostModel:
     """Fit the model from every replay Run given; place `target`'s workload (default: the first)."""
-    replays = [r for r in runs if r.schema == REPLAY_SCHEMA]
+    replays = [r for r in runs if r.is_replay]
     target = target or (replays[0] if replays else None)
     tp = target.tp if target else (runs[0].tp if runs else 0)
     notes: list[str] = []

@@ -27,7 +27,7 @@ from ..run import Run, StrategyResult
 from .. import units
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
-from ..vocab import PROFILE_SCHEMA, STRATEGIES
+from ..vocab import STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
@@ -117,7 +117,7 @@ def _num(x):
 
 def _describe_target(run: Run) -> str:
     t = run.trace
-    if run.schema == PROFILE_SCHEMA:
+    if run.is_profile:
         return f"live profile at tp {run.tp}" + (f" ({run.host.get('hostname')})" if run.host.get("hostname") else "")
     prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
     mb = units.mb(t.get("mean_mm_request_bytes") or 0)
@@ -422,7 +422,8 @@ def _from_profile(run: Run, rules: dict[str, Any]) -> Recommendation:
     rec.baseline = next(iter(run.strategies), None)
     rec.measure_next.append("a replay of this traffic is needed for throughput: mmdiag trace synth (or a captured "
                             "trace), then mmdiag replay --repeat 3 and mmdiag recommend on that Run")
-    gil = [(r.rank, r.gil_wait_pct) for r in ranks if r.gil_wait_pct is not None and r.gil_wait_pct > lv["gil_wait_pct"]]
+    waits = [(r.rank, B.gil(r, "gil_wait_pct")) for r in ranks]
+    gil = [(r, v) for r, v in waits if v is not None and v > lv["gil_wait_pct"]]
     if gil:
         rec.notes.append("GIL wait over " f"{lv['gil_wait_pct']}% on rank(s) " +
                          ", ".join(f"{r} ({v:.0f}%)" for r, v in gil))

@@ -52,7 +52,7 @@ class Side:
 
     @property
     def is_replay(self) -> bool:
-        return self.run.schema == REPLAY_SCHEMA
+        return self.run.is_replay
 
     @property
     def has_requests(self) -> bool:
@@ -151,7 +151,7 @@ def _pick(run: Run, path: str, wanted: str | None, default: str | None, label: s
         return wanted, run.strategies[wanted]
     if len(names) == 1:
         return names[0], run.strategies[names[0]]
-    if not names and run.schema == PROFILE_SCHEMA:
+    if not names and run.is_profile:
         return None, None
     if default and default in run.strategies:
         return default, run.strategies[default]
@@ -257,10 +257,10 @@ def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> 
         ra = next((x for x in after.ranks if x.rank == r), None)
         rows.append(_row_plain(f"scheduler CPU, rank {r}", "%", B.cpu_pct(rb) if rb else None,
                                B.cpu_pct(ra) if ra else None))
-    rows.append(_row_plain("GIL held, busiest rank", "%", _max_rank(before.ranks, lambda r: r.gil_held_pct),
-                           _max_rank(after.ranks, lambda r: r.gil_held_pct)))
-    rows.append(_row_plain("GIL wait, worst rank", "%", _max_rank(before.ranks, lambda r: r.gil_wait_pct),
-                           _max_rank(after.ranks, lambda r: r.gil_wait_pct)))
+    rows.append(_row_plain("GIL held, busiest rank", "%", _max_rank(before.ranks, lambda r: B.gil(r, "gil_held_pct")),
+                           _max_rank(after.ranks, lambda r: B.gil(r, "gil_held_pct"))))
+    rows.append(_row_plain("GIL wait, worst rank", "%", _max_rank(before.ranks, lambda r: B.gil(r, "gil_wait_pct")),
+                           _max_rank(after.ranks, lambda r: B.gil(r, "gil_wait_pct"))))
     if bs and as_ and before.is_replay:
         rows.append(_row_plain("collectives per request", "", bs.collectives_per_request, as_.collectives_per_request))
         rows.append(_row_plain("MB per request (CPU group)", "MB", bs.bytes_per_request / MB, as_.bytes_per_request / MB))
@@ -275,7 +275,7 @@ def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> 
 
 
 def phase_rows(before: Side, after: Side) -> tuple[list[dict[str, Any]], str]:
-    replay = before.is_replay and not any(r.phases_pct for r in before.ranks + after.ranks)
+    replay = not any(r.profile for r in before.ranks + after.ranks)
     unit = "ms per request" if replay else "% of samples"
     out = []
     for r in sorted({r.rank for r in before.ranks} | {r.rank for r in after.ranks}):
@@ -325,7 +325,7 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
         else:
             res.note = "no CPU measurement in the after Run"
     elif c.key == "gil_wait_pct":
-        vals = [(r.rank, r.gil_wait_pct) for r in ranks if r.gil_wait_pct is not None]
+        vals = [(r.rank, B.gil(r, "gil_wait_pct")) for r in ranks if B.gil(r, "gil_wait_pct") is not None]
         if vals:
             rank, worst = max(vals, key=lambda x: x[1])
             res.measured = f"{worst:.1f}% (rank {rank})"

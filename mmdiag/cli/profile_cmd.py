@@ -19,7 +19,7 @@ from .replay_cmds import legacy_json
 @click.option("--rate", type=o.RATE_HZ, default=None,
               help=f"samples per second per rank [default: {DEFAULT_RATE_HZ}; with --from-raw: the rate the files "
                    f"were recorded at, default {PYSPY_DEFAULT_RATE_HZ} as py-spy's]")
-@legacy_json("the Run (schema mmdiag.profile/1)")
+@legacy_json("the Run (schema mmdiag.profile/2)")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="write the Run; the extension picks the format (profile.json, profile.md, profile.txt)")
 @click.option("--speedscope", type=click.Path(dir_okay=False), default=None,
@@ -85,7 +85,7 @@ def _collect(pid, duration, rate, speedscope, raw_dir, from_raw_flag, no_gil, py
 
 
 def _exited(run, written: list[str]) -> None:
-    exited = run.config.get("live", {}).get("exited") or []
+    exited = run.live.exited if run.live else []
     if exited:
         e = exited[0]
         more = f" (and {len(exited) - 1} more)" if len(exited) > 1 else ""

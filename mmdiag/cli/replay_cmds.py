@@ -39,7 +39,7 @@ def replay_options(f):
                      help="tensor-parallel ranks (processes) [default: 4, from profiles/defaults.toml]"),
         click.option("--strategy", "strategies", multiple=True, metavar="NAME",
                      help=f"repeatable: {', '.join(STRATEGIES)} or all [default: all]"),
-        legacy_json("the Run (schema mmdiag.replay/1)"),
+        legacy_json("the Run (schema mmdiag.replay/2)"),
         click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                      help=f"write the Run; the extension picks the format ({OUTPUTS})"),
         click.option("--timeline", type=click.Path(dir_okay=False), default=None,

@@ -166,7 +166,7 @@ def _json_safe(v: Any) -> Any:
 
 
 def with_bench(profile: Any, paths: list[str], where: str) -> Any:
-    """A live profile (mmdiag.profile/1) with the bench_serving runs it was taken during:
+    """A live profile (mmdiag.profile/2) with the bench_serving runs it was taken during:
     throughput and E2E/TTFT latency per run (the repeats), CPU and GIL per rank from the
     profile. A new Run; the profile is not changed."""
     import copy
@@ -202,7 +202,6 @@ def with_bench(profile: Any, paths: list[str], where: str) -> Any:
         name=name, requests=completed, duration_s=dur, throughput_rps=mean("request_throughput"),
         latency_ms=latency, ranks=ranks, repeats_rps=[float(r["request_throughput"]) for r in runs],
         repeats_p99_ms=[float(r["p99_e2e_latency_ms"]) for r in runs])}
-    run.ranks = ranks
     first = runs[0]
     run.trace = {"path": None, "requests": completed, "arrival": arrival_of(first),
                  "source": {"tool": "sglang.bench_serving", "files": list(paths),

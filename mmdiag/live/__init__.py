@@ -1,6 +1,6 @@
 """The live profiler: attach py-spy to running scheduler ranks, attribute samples to phases.
 
-`profile(pid, duration, rate) -> Run` and `from_raw(files) -> Run` (schema mmdiag.profile/1).
+`profile(pid, duration, rate) -> Run` and `from_raw(files) -> Run` (schema mmdiag.profile/2).
 """
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
 """`mmdiag profile`: attach to live scheduler ranks and attribute their time to phases.
 
-    run = profile(pid)                             # a Run, schema mmdiag.profile/1
+    run = profile(pid)                             # a Run, schema mmdiag.profile/2
     run = from_raw(["rank0.raw", "rank0.gil.raw", "rank1.raw"])
 
-The Run has the contract's `ranks[]` (rank, pid, title, samples, phases_pct with
-its 95% half-widths phases_ci, gil_held_pct, gil_wait_pct, cpu_pct, and phases_ms = share x window so analyses
-written for replays read it) and the same ranks under `strategies.<path>`, where
-<path> is the multimodal path seen on the stacks (commit, revert, ...). A live
-profile measures no requests: `requests` is 0 and `throughput_rps` / latencies
-are NaN / empty. Live details (py-spy version, window, per-phase GIL, threads,
-processes found, ranks that exited) are under `config.live`.
+The Run has its ranks once, under `strategies.<path>`, where <path> is the
+multimodal path seen on the stacks (commit, revert, ...): each with the contract's
+rank, cpu_s, wall_s and phases_ms (= share x window: the same wall time per phase a
+replay times), and its `profile` part (mmdiag.run.ProfileRank: pid, title,
+samples, phases_pct with their 95% half-widths, GIL held/wait, CPU, per-phase GIL,
+threads). A live profile measures no requests: `requests` is 0 and
+`throughput_rps` null. How it was taken (py-spy version, window, processes found,
+ranks that exited, the collection's notes) is `live` (mmdiag.run.LiveInfo).
+Findings are computed from the Run when shown (mmdiag.analysis.findings).
 """
 from __future__ import annotations
 
@@ -27,12 +29,11 @@ from typing import Any, Callable
 
 import psutil
 
-from ..run import RankResult, Run, StrategyResult
+from ..run import LiveInfo, ProfileRank, RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import discover
 from .errors import LiveError, RawParseError
-from .findings import findings
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
 from .sampler import REGISTRY, CpuMeter, Sampler
@@ -255,35 +256,25 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
     ranks: list[RankResult] = []
     for p in profiles:
         wall = window if window is not None else p.samples / live.get("rate_hz", DEFAULT_RATE_HZ)
+        tpct = cpus[p.rank].thread_pct() if cpus else {}
+        threads = [{"tid": p.pid, "name": "MainThread", "cpu_pct": tpct.get(p.pid) if p.pid else None}] if cpus else []
+        threads += [dict(t, cpu_pct=tpct.get(t["tid"])) for t in p.other_threads]
         ranks.append(RankResult(
             rank=p.rank, cpu_s=round(cpus[p.rank].cpu_s(), 3) if cpus else 0.0, wall_s=round(wall, 3),
             phases_ms={k: round(p.phases_pct[k] * wall * 10.0, 1) for k in PHASES},
-            pid=p.pid, title=p.title, samples=p.samples, phases_pct=p.phases_pct, phases_ci=p.phases_ci,
-            gil_held_pct=p.gil_held_pct, gil_wait_pct=p.gil_wait_pct, cpu_pct=cpu_pct[p.rank]))
-    live = dict(live)
-    live["strategy_detected"] = strategy
-    live["rules"] = ruleset.source
-    live["phase_gil_pct"] = {str(p.rank): p.phase_gil_pct for p in profiles}
-    live["gil_held_ci"] = {str(p.rank): p.gil_held_ci for p in profiles}
-    # Waiting (rules.toml [[wait]]): per phase, share of wall time and its half-width; "all": in total.
-    live["wait_pct"] = {str(p.rank): p.wait_pct for p in profiles}
-    live["wait_ci"] = {str(p.rank): p.wait_ci for p in profiles}
-    threads = {}
-    for p in profiles:
-        tpct = cpus[p.rank].thread_pct() if cpus else {}
-        rows = [{"tid": p.pid, "name": "MainThread", "cpu_pct": tpct.get(p.pid) if p.pid else None}] if cpus else []
-        for t in p.other_threads:
-            rows.append(dict(t, cpu_pct=tpct.get(t["tid"])))
-        threads[str(p.rank)] = rows
-    live["threads"] = threads
-    live["unmatched_top"] = {str(p.rank): p.top_other for p in profiles}
+            profile=ProfileRank(pid=p.pid, title=p.title, samples=p.samples, phases_pct=p.phases_pct,
+                                phases_ci=p.phases_ci, gil_held_pct=p.gil_held_pct, gil_held_ci=p.gil_held_ci,
+                                gil_wait_pct=p.gil_wait_pct, cpu_pct=cpu_pct[p.rank],
+                                phase_gil_pct=p.phase_gil_pct, wait_pct=p.wait_pct, wait_ci=p.wait_ci,
+                                threads=threads, unmatched_top=p.top_other)))
     dur = window if window is not None else max((r.wall_s for r in ranks), default=0.0)
-    strat = StrategyResult(name=strategy, requests=0, duration_s=round(dur, 3), throughput_rps=math.nan,
+    strat = StrategyResult(name=strategy, requests=0, duration_s=round(dur, 3), throughput_rps=None,
                            latency_ms={}, ranks=ranks)
     tp = max(len(ranks), max((r.rank for r in ranks), default=-1) + 1)
+    info = LiveInfo(**{k: v for k, v in live.items() if k in LiveInfo.__dataclass_fields__},
+                    strategy_detected=strategy, rules=ruleset.source, notes=notes)
     return Run(schema=PROFILE_SCHEMA, tp=tp, strategies={strategy: strat}, created=_now_iso(), host=_host(),
-               config={"live": live}, ranks=ranks,
-               findings=findings(profiles, strategy, cpu_pct, exited, notes))
+               live=info)
 
 
 _GIL_NAME = re.compile(r"[._-]gil(?=[._-]|$)", re.I)

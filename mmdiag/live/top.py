@@ -112,7 +112,7 @@ class TopSession:
         return detect_strategy(list(profiles.values()), self.ruleset) if profiles else "unknown"
 
     def whole_run(self) -> Run:
-        """A Run (schema mmdiag.profile/1) over every block of the watch."""
+        """A Run (schema mmdiag.profile/2) over every block of the watch."""
         watched = time.monotonic() - self.started
         for c in self.whole.values():
             c.poll()

@@ -45,7 +45,7 @@ def phase_table(run: Run, fmt: str = "simple") -> str:
             rows.append([name, r.rank] + [_f(per(p), 2) for p in CONTRACT_PHASES]
                         + [_f(per("forward"), 2), _f(per("idle"), 2), _f(r.cpu_s, 2),
                            _f(100.0 * r.cpu_s / r.wall_s if r.wall_s else math.nan, 0),
-                           _f(r.loop_stall_ms.get("p99", math.nan), 1)])
+                           _f((r.replay.loop_stall_ms if r.replay else {}).get("p99", math.nan), 1)])
     return tabulate(rows, headers=["strategy", "rank"] + [f"{p}" for p in CONTRACT_PHASES]
                     + ["forward", "idle", "CPU s", "CPU %", "stall p99"],
                     tablefmt=fmt, disable_numparse=True)

@@ -6,8 +6,9 @@ from typing import Any
 
 from tabulate import tabulate
 
+from ..analysis.findings import findings
 from ..live.stats import pm
-from ..run import Run
+from ..run import LiveInfo, ProfileRank, Run
 from ..vocab import PROFILE_SCHEMA
 from . import table
 
@@ -30,32 +31,31 @@ def render_run_md(run: Run) -> str:
 
 
 def _profile_head(run: Run, name: str) -> str:
-    live = run.config.get("live", {})
-    if live.get("source") == "live":
-        return (f"profile of PID {live['target_pid']} ({live.get('target_title', '')}): "
-                f"{len(run.ranks or [])} rank(s), {live['duration_s']:.1f} s at {live['rate_hz']} Hz, "
-                f"py-spy {live['pyspy']['version']}; multimodal path: {name}")
-    return f"profile from {len(live.get('files', []))} py-spy raw file(s); multimodal path: {name}"
+    live = run.live or LiveInfo()
+    if live.source == "live":
+        return (f"profile of PID {live.target_pid} ({live.target_title or ''}): "
+                f"{len(run.ranks or [])} rank(s), {live.duration_s:.1f} s at {live.rate_hz} Hz, "
+                f"py-spy {live.pyspy.get('version')}; multimodal path: {name}")
+    return f"profile from {len(live.files)} py-spy raw file(s); multimodal path: {name}"
 
 
 def render_profile(run: Run, fmt: str = "simple") -> str:
     (name, _), = run.strategies.items()
-    live = run.config.get("live", {})
-    gil_ci = live.get("gil_held_ci", {})
     rows = []
-    for r in run.ranks or []:
-        ci = r.phases_ci or {}
-        wp, wc = live.get("wait_pct", {}).get(str(r.rank), {}), live.get("wait_ci", {}).get(str(r.rank), {})
-        rows.append([r.rank, r.pid if r.pid is not None else "-", r.samples]
-                    + [pm(r.phases_pct.get(p), ci.get(p)) for p in PROFILE_SHOWN] + [pm(wp.get("all"), wc.get("all"))]
-                    + [pm(r.gil_held_pct, gil_ci.get(str(r.rank))), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
+    for rank in run.ranks or []:
+        r = rank.profile or ProfileRank()
+        rows.append([rank.rank, r.pid if r.pid is not None else "-", r.samples]
+                    + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for p in PROFILE_SHOWN]
+                    + [pm(r.wait_pct.get("all"), r.wait_ci.get("all"))]
+                    + [pm(r.gil_held_pct, r.gil_held_ci), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
     tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in PROFILE_SHOWN]
                    + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
                    disable_numparse=True)
     out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
            "how precise a profile is)\n\n" + tab + "\n")
-    if run.findings:
-        out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in run.findings) + "\n"
+    found = findings(run)
+    if found:
+        out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in found) + "\n"
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..run import RankResult, Run, StrategyResult, summarize_ms
+from ..run import RankResult, ReplayRank, Run, StrategyResult, summarize_ms
 from ..trace import TraceHeader, TraceStats
 from ..vocab import REPLAY_SCHEMA
 from .scheduler import RankOutcome
@@ -52,8 +52,9 @@ def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, flo
     agree = (len({o.digest for o in outcomes}) == 1 and all(o.held == n for o in outcomes)
              and all(o.invalid == 0 for o in outcomes))
     ranks = [RankResult(rank=o.rank, cpu_s=o.cpu_s, wall_s=o.wall_s, phases_ms=o.phases_ms,
-                        iterations=o.iterations, loop_stall_ms=o.loop_stall_ms,
-                        collectives=o.collectives, bytes_sent=o.bytes_sent, recv_bytes=o.recv_bytes)
+                        replay=ReplayRank(iterations=o.iterations, loop_stall_ms=o.loop_stall_ms,
+                                          collectives=o.collectives, bytes_sent=o.bytes_sent,
+                                          recv_bytes=o.recv_bytes))
              for o in sorted(outcomes, key=lambda o: o.rank)]
     tok_total = sum(tok_s.values())
     tokenizer = {}

@@ -1,26 +1,23 @@
-"""A live profile's findings, in words with their numbers.
+"""A live profile's findings, in words with their numbers: computed from the Run
+whenever it is shown (`findings(run)`), never stored in it.
 
 A finding claims a share only when it is above its threshold by more than its
 95% interval, and a difference between ranks only when it is larger than the
-two intervals combined; the numbers are printed with their intervals.
+two intervals combined; the numbers are printed with their intervals. What a
+strategy is comes from its module (its `summary`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import mean
+from typing import Any
 
-from .attribute import RankProfile
-from .stats import pm
+from ..live.stats import pm
+from ..run import ProfileRank, Run
+from ..strategies import REGISTRY
 
-STRATEGY_WORDS = {
-    "commit": "17a57fd's path: the entry rank materializes and sends each request with a blocking "
-              "broadcast_object_list (`_process_and_broadcast_mm_inputs` on the stacks)",
-    "revert": "every rank materializes its own copy (from_dict on every rank, no extra collective)",
-    "dict": "the raw mm_inputs dict is broadcast per request and every rank materializes",
-    "batch": "one broadcast_object_list per loop iteration for all of its multimodal requests",
-    "async": "17a57fd's broadcast on a background thread (`_async_broadcast_worker`)",
-    "unknown": "no multimodal frames were sampled (no multimodal traffic in the window, or another code path)",
-}
+UNKNOWN = "no multimodal frames were sampled (no multimodal traffic in the window, or another code path)"
 MIN_PCT = 5.0
 MIN_PHASE_SAMPLES = 10
 
@@ -40,6 +37,31 @@ def _verb(xs: list, one: str, many: str) -> str:
 
 def _spread(vals: list[float]) -> str:
     return f" ({min(vals):.0f}-{max(vals):.0f}%)" if len(vals) > 1 and max(vals) - min(vals) >= 1 else ""
+
+
+@dataclass
+class RankProfile:
+    """One profiled rank as the findings read it: its number and its profile part."""
+    rank: int
+    part: ProfileRank
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.part, name)
+
+
+def strategy_words(name: str) -> str:
+    cls = REGISTRY.get(name)
+    return cls.summary if cls is not None else UNKNOWN if name == "unknown" else name
+
+
+def findings(run: Run) -> list[str]:
+    """The findings of a live profile (none for a Run without profiled ranks)."""
+    ranks = [RankProfile(r.rank, r.profile) for r in run.ranks or [] if r.profile is not None]
+    if not ranks:
+        return []
+    live = run.live
+    return rank_findings(ranks, next(iter(run.strategies)), {p.rank: p.cpu_pct for p in ranks},
+                         live.exited if live else [], live.notes if live else [])
 
 
 def _ci(p: RankProfile, k: str) -> float:
@@ -98,17 +120,17 @@ def _gil_findings(profiles: list[RankProfile]) -> list[str]:
     waits = [(p.rank, p.gil_wait_pct) for p in profiles if p.gil_wait_pct and p.gil_wait_pct >= MIN_PCT]
     for r, w in waits:
         p = next(x for x in profiles if x.rank == r)
-        who = ", ".join(t["name"] or str(t["tid"]) for t in p.other_threads if t.get("gil_held_pct"))
+        who = ", ".join(t["name"] or str(t["tid"]) for t in p.threads if t.get("gil_held_pct"))
         out.append(f"rank {r}: up to {w:.0f}% of the main thread's time may be GIL wait (held by: {who or 'other threads'})")
     return out
 
 
-def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | None],
-             exited: list[dict] | None = None, notes: list[str] | None = None) -> list[str]:
+def rank_findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | None],
+                  exited: list[dict] | None = None, notes: list[str] | None = None) -> list[str]:
     out: list[str] = []
     if not profiles:
         return out
-    out.append(f"multimodal path: {strategy}: {STRATEGY_WORDS.get(strategy, strategy)}")
+    out.append(f"multimodal path: {strategy}: {strategy_words(strategy)}")
     entry = min(p.rank for p in profiles)
     rest = [p for p in profiles if p.rank != entry]
     first = next(p for p in profiles if p.rank == entry)
@@ -157,8 +179,8 @@ def findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, float | 
     if pinned:
         out.append("scheduler CPU pinned: " + ", ".join(f"rank {r} {c:.0f}%" for r, c in pinned))
     for p in profiles:
-        if ph(p, "other") >= 30.0 and p.top_other:
-            top = ", ".join(f"{n} ({c})" for n, c in p.top_other[:3])
+        if ph(p, "other") >= 30.0 and p.unmatched_top:
+            top = ", ".join(f"{n} ({c})" for n, c in p.unmatched_top[:3])
             out.append(f"rank {p.rank}: {ph(p, 'other'):.0f}% of samples match no phase rule (most in: {top})")
     for e in exited or []:
         out.append(f"rank {e['rank']} (pid {e['pid']}) exited during the window; "
