@@ -69,3 +69,16 @@ def test_a_phase_share_is_a_share_of_wall_time_from_both_collectors():
     assert B.phase_pct(live.ranks[0])["from_dict"] == 50.0
     # A recommendation reads a profile and a replay through the same shares.
     assert recommend([live]).mm_share_pct == 50.0
+
+
+def test_one_engine_reads_a_replay_and_a_profile_of_the_same_shares_alike():
+    from mmdiag.analysis.recommend import diagnose, load_rules
+
+    replay = video_run()
+    commit = replay.strategies["commit"].ranks
+    live = profile_run([B.phase_pct(r) for r in commit])      # a profile that sampled those very shares
+    rules = load_rules()
+    a, b = diagnose(commit, rules), diagnose(live.ranks, rules)
+    assert a.points_to == b.points_to and abs(a.mm_share_pct - b.mm_share_pct) < 1e-6
+    assert recommend([live]).recommended == a.points_to
+    assert any(f"point to `{a.points_to}`" in n for n in recommend([replay]).notes)

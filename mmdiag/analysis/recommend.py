@@ -8,8 +8,10 @@ workload against the feature size where broadcasting starts to pay. Ties inside
 the noise are broken by the cost model's side of the crossover, then CPU, and are
 reported as low confidence with what to measure next.
 
-From live profiles (no throughput): phase shares per rank, e.g. non-entry ranks
-waiting in the broadcast longer than the entry rank spends materializing.
+One engine: the phase-share diagnosis (`diagnose`: shares of wall time, the same from
+either collector) runs on the replay baseline's ranks or a live profile's; where replays
+measured throughput, the measurement decides and the diagnosis is supporting evidence;
+from live profiles alone (no throughput) the diagnosis is the answer, at low confidence.
 
 The rules and thresholds are data: profiles/recommend.toml.
 """
@@ -157,9 +159,9 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommend
         rec.runs_used = merged.used
         rec.runs_left_out = [{"run": n, "why": w} for n, w in merged.left_out]
         rec.notes += merged.notes()
-        if any(r.is_profile for r in runs):
-            live = _from_profile(next(r for r in runs if r.is_profile), rules)
-            rec.notes.append(f"the live profile points to {live.recommended!r}: " + "; ".join(live.reasons[:2]))
+        for prof in (r for r in runs if r.is_profile and r.ranks):
+            dx = diagnose(prof.ranks, rules)
+            rec.notes.append(f"the live profile points to {dx.points_to!r}: " + "; ".join(dx.reasons[:2]))
         return rec
     return _from_profile(runs[0], rules)
 
@@ -263,8 +265,12 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.measure_next.append("replay with --strategy all")
         return rec
     base = run.strategies[baseline_name]
-    share = B.max_or_nan(B.mm_share(r) for r in base.ranks)
+    dx = diagnose(base.ranks, rules) if base.ranks else None
+    share = dx.mm_share_pct if dx else math.nan
     rec.mm_share_pct = share
+    if dx is not None and dx.points_to != NONE:
+        rec.notes.append(f"the phase shares of `{baseline_name}` alone point to `{dx.points_to}` "
+                         f"({dx.reasons[0]}); the measured throughput decides")
     options, samples = _options(run, base.throughput_rps or None, rules)
     if (reason := _cost_reason(model)) is not None:
         rec.reasons.append(reason)
@@ -408,17 +414,51 @@ def _f(x: float | None, nd: int = 2) -> str:
 
 # --- live profile ----------------------------------------------------------------
 
-def _from_profile(run: Run, rules: dict[str, Any]) -> Recommendation:
+@dataclass
+class Diagnosis:
+    """What the phase shares of a rank set say, whoever measured them (shares of wall time)."""
+    points_to: str                    # "none" or a patch
+    reasons: list[str]
+    mm_share_pct: float
+
+
+def diagnose(ranks: list, rules: dict[str, Any]) -> Diagnosis:
+    """The phase-share rules (profiles/recommend.toml [live]) on a rank set: the multimodal path
+    under the threshold needs no patch; non-entry ranks waiting in the broadcast longer than
+    the entry rank materializes: broadcasting does not pay (revert); waiting but less: batch;
+    no broadcast waited on: hashing dominates (precompute)."""
     th, lv = rules["thresholds"], rules["live"]
+    entry = min(ranks, key=lambda r: r.rank)
+    others = [r for r in ranks if r is not entry]
+    share = B.max_or_nan(B.mm_share(r) for r in ranks)
+    if math.isnan(share) or share < th["min_mm_share_pct"]:
+        return Diagnosis(NONE, [f"the multimodal path is {_f(share, 1)}% of the busiest rank's busy time "
+                                f"(under {th['min_mm_share_pct']}%): no patch is worth it"], share)
+    wait = (sum(B.share_of_busy(r, ("broadcast", "unpickle")) for r in others) / len(others)) if others else 0.0
+    entry_mat = B.share_of_busy(entry, ("from_dict",))
+    others_mat = (sum(B.share_of_busy(r, ("from_dict",)) for r in others) / len(others)) if others else entry_mat
+    numbers = (f"non-entry ranks wait {wait:.1f}% of their busy time in broadcast+unpickle; the entry rank "
+               f"materializes {entry_mat:.1f}%, the others {others_mat:.1f}%; mm path {share:.1f}% on the busiest rank")
+    if wait >= lv["broadcast_wait_pct"] and wait >= entry_mat:
+        return Diagnosis("revert", ["the ranks wait in the broadcast longer than materializing on each rank would "
+                                    "take: broadcasting does not pay for this traffic", numbers], share)
+    if wait >= lv["broadcast_wait_pct"]:
+        return Diagnosis("batch", ["broadcasting saves the other ranks more than they wait for it: keep it, "
+                                   "but one collective per loop iteration instead of per request", numbers], share)
+    return Diagnosis("precompute", ["materialization (hashing) dominates on every rank and no broadcast is waited "
+                                    "on: hash once, in the tokenizer, off the scheduler loop", numbers], share)
+
+
+def _from_profile(run: Run, rules: dict[str, Any]) -> Recommendation:
+    """Without throughput, the phase-share diagnosis is the answer, at low confidence."""
+    lv = rules["live"]
     rec = Recommendation(None, "low", "profile", _describe_target(run))
     ranks = B.ranks_of(run)
     if not ranks:
         raise MmdiagError("the live profile has no ranks", where="recommend",
                           fix="profile again while the server has multimodal traffic")
-    entry = min(ranks, key=lambda r: r.rank)
-    others = [r for r in ranks if r is not entry]
-    share = B.max_or_nan(B.mm_share(r) for r in ranks)
-    rec.mm_share_pct = share
+    dx = diagnose(ranks, rules)
+    rec.recommended, rec.reasons, rec.mm_share_pct = dx.points_to, list(dx.reasons), dx.mm_share_pct
     rec.baseline = next(iter(run.strategies), None)
     rec.measure_next.append("a replay of this traffic is needed for throughput: mmdiag trace synth (or a captured "
                             "trace), then mmdiag replay --repeat 3 and mmdiag recommend on that Run")
@@ -427,30 +467,8 @@ def _from_profile(run: Run, rules: dict[str, Any]) -> Recommendation:
     if gil:
         rec.notes.append("GIL wait over " f"{lv['gil_wait_pct']}% on rank(s) " +
                          ", ".join(f"{r} ({v:.0f}%)" for r, v in gil))
-    if math.isnan(share) or share < th["min_mm_share_pct"]:
-        rec.recommended = NONE
-        rec.reasons.append(f"the multimodal path is {_f(share, 1)}% of the busiest rank's busy samples "
-                           f"(under {th['min_mm_share_pct']}%): no patch is worth it")
-        return rec
-    wait = (sum(B.share_of_busy(r, ("broadcast", "unpickle")) for r in others) / len(others)) if others else 0.0
-    entry_mat = B.share_of_busy(entry, ("from_dict",))
-    others_mat = (sum(B.share_of_busy(r, ("from_dict",)) for r in others) / len(others)) if others else entry_mat
-    numbers = (f"non-entry ranks wait {wait:.1f}% of their busy time in broadcast+unpickle; the entry rank "
-               f"materializes {entry_mat:.1f}%, the others {others_mat:.1f}%; mm path {share:.1f}% on the busiest rank")
-    if wait >= lv["broadcast_wait_pct"] and wait >= entry_mat:
-        rec.recommended = "revert"
-        rec.reasons.append("the ranks wait in the broadcast longer than materializing on each rank would take: "
-                           "broadcasting does not pay for this traffic")
-    elif wait >= lv["broadcast_wait_pct"]:
-        rec.recommended = "batch"
-        rec.reasons.append("broadcasting saves the other ranks more than they wait for it: keep it, "
-                           "but one collective per loop iteration instead of per request")
-    else:
-        rec.recommended = "precompute"
-        rec.reasons.append("materialization (hashing) dominates on every rank and no broadcast is waited on: "
-                           "hash once, in the tokenizer, off the scheduler loop")
-    rec.reasons.append(numbers)
-    rec.notes.append("from phase shares only (no throughput in a live profile): confidence is low")
+    if dx.points_to != NONE:
+        rec.notes.append("from phase shares only (no throughput in a live profile): confidence is low")
     return rec
 
 
