@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from mmdiag.cli import main
+from mmdiag.vocab import PROFILE_SCHEMA
 
 HEAVY = ("torch", "numpy", "matplotlib", "scipy", "viztracer")
 
@@ -106,7 +107,7 @@ def test_json_is_strict_and_files_follow_their_extension(tmp_path, raw_profile):
     r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "--json"])
     assert r.exit_code == 0, r.output
     d = _strict(r.stdout)
-    assert d["schema"] == "mmdiag.profile/1" and d["strategies"][next(iter(d["strategies"]))]["throughput_rps"] is None
+    assert d["schema"] == PROFILE_SCHEMA and d["strategies"][next(iter(d["strategies"]))]["throughput_rps"] is None
     md = tmp_path / "p.md"
     r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(md)])
     assert r.exit_code == 0 and md.read_text().count("|") > 10, r.output
@@ -120,7 +121,7 @@ def test_old_json_file_form_still_writes_with_a_deprecation_line(tmp_path, raw_p
     r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "deprecated" in r.stderr and "-o" in r.stderr
-    assert _strict(out.read_text())["schema"] == "mmdiag.profile/1"
+    assert _strict(out.read_text())["schema"] == PROFILE_SCHEMA
 
 
 def test_help_and_readme_say_what_the_strategy_modules_say():
