@@ -261,6 +261,12 @@ def doctor(sglang_path: str | None = None):
     return detect(locate(sglang_path))
 
 
+def doctor_server(pid: int, sglang_path: str | None = None):
+    """The running server's effective settings (mmdiag.sglang.server.ServerSettings)."""
+    from .sglang.server import read_server
+    return read_server(pid, sglang_path)
+
+
 def apply(strategy: str, *, sglang_path: str | None = None, dry_run: bool = False,
           confirm: Callable[[str], bool] | None = None):
     """Patch the installed SGLang with `strategy` (backup, manifest; an ApplyResult)."""

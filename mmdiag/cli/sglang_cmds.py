@@ -19,11 +19,22 @@ SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (d
 
 @click.command("doctor")
 @click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
+@click.option("--pid", type=click.IntRange(min=1), default=None,
+              help="a running server's PID (or one of its scheduler processes): its effective settings")
 @json_switch("the detection")
 @output_option("the detection", "doctor.json, doctor.txt")
-def doctor_command(sglang_path, as_json, output):
+def doctor_command(sglang_path, pid, as_json, output):
     """Find SGLang and report its multimodal path variant and any mmdiag patch.
-    Exit 1 when the variant is unknown, 2 when no SGLang is found."""
+    With --pid: the running server's release, TP/DP sizes, broadcast flag,
+    SGLANG_MM_PRECOMPUTE_HASH, feature transport, and whether a patch on disk is
+    newer than the server. Exit 1 when the variant is unknown, 2 when no SGLang is found."""
+    if pid is not None:
+        if output:
+            raise MmdiagError("-o goes with doctor without --pid; use --json and redirect")
+        from ..sglang.server import header_text
+        srv = api.doctor_server(pid, sglang_path)
+        click.echo(out.render(srv.to_dict(), "json") if as_json else header_text(srv), nl=False)
+        return
     if output:
         out.check_output(output, "Detection", "-o")
     det = api.doctor(sglang_path)

@@ -1,0 +1,198 @@
+"""`mmdiag doctor --pid PID`: the effective multimodal settings of a running SGLang server,
+read from its live processes (never from a text someone pasted):
+
+- the server process (the PID, or the parent of the scheduler PID given): its command
+  line (`--tp-size`, `--dp-size`, `--enable-broadcast-mm-inputs-process`,
+  `--mm-feature-transport`) and `/proc/PID/environ` (SGLANG_MM_PRECOMPUTE_HASH,
+  SGLANG_USE_CUDA_IPC_TRANSPORT), its start time;
+- its scheduler ranks by process title (`sglang::scheduler_TP1`, ...), for TP/DP sizes
+  when the command line leaves them at their defaults;
+- the SGLang package that process imports: found by its own interpreter with its own
+  environment and working directory (importlib.util.find_spec: nothing is imported),
+  then probed like `mmdiag doctor` (release, defaults, transport);
+- whether an mmdiag patch on disk is newer than the server's start (not picked up yet).
+
+`header_lines(pid)` gives the same in a few lines for other views (`mmdiag profile`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+from .errors import SGLangError
+
+_TRUE = ("1", "true", "yes", "on")
+_FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
+         "print(list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else '')")
+
+
+@dataclass
+class ServerSettings:
+    pid: int  # the server process
+    cmdline: list[str]
+    started: str  # ISO time the server process started
+    ranks: list[tuple[int, str]]  # (pid, title) of its scheduler processes
+    tp_size: int
+    dp_size: int
+    broadcast_flag: bool
+    broadcast_flag_source: str  # "command line" | "default of the release"
+    precompute_env: str | None  # SGLANG_MM_PRECOMPUTE_HASH as the server's environment has it
+    precompute_effective: bool
+    feature_transport: str
+    feature_transport_source: str
+    sglang_dir: str | None
+    version: str | None
+    family: str | None
+    patch: str | None  # the mmdiag strategy applied on disk
+    patch_pending: bool  # the patch was written after the server started: not running yet
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _opt(argv: list[str], *names: str) -> str | None:
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def _int(argv, *names, default: int) -> int | None:
+    v = _opt(argv, *names)
+    try:
+        return int(v) if v is not None else default
+    except ValueError:
+        return default
+
+
+def server_process(pid: int):
+    """(server psutil.Process, [(rank pid, title)]): the PID itself or, for a scheduler
+    PID, its parent; ranks by their titles (mmdiag.live.discover)."""
+    from ..live.discover import discover, parse_title, title_of
+    disc = discover(pid)  # LiveError (an MmdiagError) when PID is neither a server nor a rank
+    proc = psutil.Process(pid)
+    if disc.how == "scheduler":
+        proc = proc.parent()
+        kids = [c for c in proc.children(recursive=True) if parse_title(title_of(c)) is not None]
+        ranks = [(c.pid, title_of(c)) for c in kids]
+    else:
+        ranks = [(r.pid, r.title) for r in disc.ranks]
+    return proc, sorted(ranks)
+
+
+def sglang_dir_of(proc) -> str | None:
+    """The `sglang` package the server imports: its own interpreter, environment and
+    working directory answer find_spec (no import of SGLang)."""
+    try:
+        exe, env, cwd = proc.exe(), proc.environ(), proc.cwd()
+    except psutil.Error:
+        return None
+    try:
+        r = subprocess.run([exe, "-c", _FIND], env=env, cwd=cwd, capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
+
+
+def _sizes(argv, ranks) -> tuple[int, int]:
+    from ..live.discover import parse_title
+    parts = [parse_title(t) or {} for _, t in ranks]
+    tp_titles = max((p.get("TP", 0) for p in parts), default=0) + 1
+    dp_titles = max((p.get("DP", 0) for p in parts), default=0) + 1
+    return _int(argv, "--tp-size", "--tp", default=tp_titles), _int(argv, "--dp-size", "--dp", default=dp_titles)
+
+
+def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
+    """The effective settings of the server behind PID (see the module docstring)."""
+    from .detect import detect
+    from .locate import locate
+    try:
+        proc, ranks = server_process(pid)
+        argv, env, t0 = proc.cmdline(), proc.environ(), proc.create_time()
+    except psutil.NoSuchProcess:
+        raise SGLangError(f"no process with PID {pid}", fix="check the PID (ps -eo pid,args | grep sglang)") from None
+    except psutil.AccessDenied:
+        raise SGLangError(f"cannot read process {pid} (access denied)",
+                          fix="run mmdiag as the user that runs the server, or as root") from None
+    notes: list[str] = []
+    pkg = sglang_path or sglang_dir_of(proc)
+    det = None
+    if pkg:
+        try:
+            det = detect(locate(pkg))
+        except SGLangError as e:
+            notes.append(f"the server's SGLang at {pkg} could not be read: {e.one_line()}")
+    else:
+        notes.append("could not find the `sglang` package the server imports; pass --sglang PATH")
+    f = det.facts if det else None
+    tp, dp = _sizes(argv, ranks)
+    flag_on = "--enable-broadcast-mm-inputs-process" in argv
+    flag_src = "command line" if flag_on else "default of the release"
+    if flag_on and f is not None and f.flag_declared is None:
+        notes.append("--enable-broadcast-mm-inputs-process is on the command line but this release has no such flag")
+    pre = env.get("SGLANG_MM_PRECOMPUTE_HASH")
+    pre_on = (pre or "").strip().lower() in _TRUE
+    pre_effective = pre_on and f is not None and f.precompute_env is not None
+    if pre_on and f is not None and f.precompute_env is None:
+        notes.append("SGLANG_MM_PRECOMPUTE_HASH is set but this release does not read it "
+                     "(`mmdiag apply precompute` patches it in)")
+    transport, tsrc = _transport(argv, env, f)
+    patch, pending = None, False
+    if det is not None and det.manifest:
+        patch = det.manifest["strategy"]
+        written = max((os.stat(det.install.package_dir / rel).st_mtime for rel in det.manifest["files"]
+                       if (det.install.package_dir / rel).exists()), default=0.0)
+        pending = written > t0
+        if pending:
+            notes.append(f"the mmdiag patch `{patch}` was written after the server started: restart the server "
+                         "to run it")
+    started = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds")
+    return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
+                          transport, tsrc, str(det.install.package_dir) if det else pkg,
+                          det.install.version if det else None, f.family if f else None, patch, pending, notes)
+
+
+def _transport(argv, env, f) -> tuple[str, str]:
+    opt = _opt(argv, "--mm-feature-transport")
+    if opt:
+        return opt, "--mm-feature-transport"
+    if (env.get("SGLANG_USE_CUDA_IPC_TRANSPORT") or "").strip().lower() in _TRUE:
+        return "cuda_ipc", "SGLANG_USE_CUDA_IPC_TRANSPORT=1"
+    if f is None:
+        return "unknown", "release not found"
+    return ("shm" if f.transport == "shm" else "pickle"), "the release's CPU transport"
+
+
+def header_lines(pid: int, sglang_path: str | None = None) -> list[str]:
+    """A few lines naming the configuration a server runs: for `doctor --pid` and the
+    head of `mmdiag profile`. Raises an MmdiagError when PID is not a server or rank."""
+    return settings_lines(read_server(pid, sglang_path))
+
+
+def header_text(s: ServerSettings) -> str:
+    return "\n".join(settings_lines(s)) + "\n"
+
+
+def settings_lines(s: ServerSettings) -> list[str]:
+    pre = ("on" if s.precompute_effective else f"set to {s.precompute_env!r}, not read by this release"
+           if s.precompute_env else "unset (every rank hashes)")
+    lines = [
+        f"server pid {s.pid}, started {s.started}; SGLang {s.version or 'unknown'} "
+        f"({s.family or 'unknown family'}) at {s.sglang_dir or '?'}",
+        f"TP {s.tp_size}, DP {s.dp_size}, {len(s.ranks)} scheduler process(es); "
+        f"broadcast flag {'on' if s.broadcast_flag else 'off'} ({s.broadcast_flag_source}); "
+        f"SGLANG_MM_PRECOMPUTE_HASH {pre}; feature transport {s.feature_transport} ({s.feature_transport_source})",
+        f"mmdiag patch: {s.patch or 'none'}" + (" (written after the server started: not running yet)"
+                                                 if s.patch_pending else ""),
+    ]
+    return lines + [f"note: {n}" for n in s.notes]
