@@ -37,7 +37,8 @@ FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.9", 
                  "0.5.21", "0.5.23"]
 KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/_version.py", "sglang/srt/managers/",
         "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py",
-        "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py")
+        "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py",
+        "sglang/srt/multimodal/cache/identity.py")
 
 
 def wheel(version: str) -> Path:

@@ -76,6 +76,23 @@ def test_release_facts_by_structure(version, tmp_path):
     assert all(v is not None for v in det.layouts.values()), det.layouts
 
 
+@pytest.mark.parametrize("version", FAMILY_WHEELS)
+def test_family_frames_are_defined_by_the_release(version):
+    """variants.toml's frames (for the live profiler's rules) name real definitions of
+    the family's code, in the files named."""
+    import ast
+    pkg = pristine(version)
+    fam = next(x for x in families() if x["name"] == detect(locate(str(pkg))).family)
+    for frame in fam["frames"]:
+        rel, qual = frame.split(":")
+        tree = ast.parse((pkg / rel).read_text())
+        scope = tree.body
+        for part in qual.split("."):
+            node = next((n for n in scope if getattr(n, "name", None) == part), None)
+            assert node is not None, f"{frame} is not defined in sglang {version}"
+            scope = getattr(node, "body", [])
+
+
 def test_moved_lines_keep_the_layout(tmp_path):
     """A release that only moved code (blank lines, reordered methods) is not refused."""
     pkg = site_packages("0.5.23", tmp_path)

@@ -1,0 +1,172 @@
+"""Every SGLang release on the index through `mmdiag doctor` and every `mmdiag apply` (dry run).
+
+    python benchmarks/release_matrix.py                    # 0.5.4 .. newest, prints the matrix
+    python benchmarks/release_matrix.py --releases 0.5.7 0.5.23
+    python benchmarks/release_matrix.py --frames           # the frames each family defines (TOML)
+
+Releases come from `pip index versions sglang`; wheels are fetched with
+`pip download --no-deps` into MMDIAG_WHEEL_CACHE (default .cache/sglang-wheels) and only
+their Python sources are unpacked (wheels from 0.5.12.post1 on are cp311 platform wheels:
+nothing compiled is imported). Nothing is written to any wheel: every apply is a dry run.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mmdiag.errors import MmdiagError  # noqa: E402
+from mmdiag.sglang import astutil  # noqa: E402
+from mmdiag.sglang.apply import apply  # noqa: E402
+from mmdiag.sglang.detect import detect  # noqa: E402
+from mmdiag.sglang.facts import families  # noqa: E402
+from mmdiag.sglang.locate import locate  # noqa: E402
+from mmdiag.strategies import PATCHABLE  # noqa: E402
+
+CACHE = Path(os.environ.get("MMDIAG_WHEEL_CACHE", REPO / ".cache" / "sglang-wheels"))
+KEEP = re.compile(r"^sglang/(version\.py|_version\.py|__init__\.py|srt/(managers/.*|utils/common\.py|environ\.py|"
+                  r"server_args\.py|arg_groups/fields/.*|multimodal/processors/hash_executor\.py|multimodal/cache/identity\.py))$")
+FIRST = (0, 5, 4)
+# Frames the live profiler maps (file, qualified name); --frames says which each family defines.
+FRAME_CANDIDATES = {
+    "srt/managers/scheduler.py": ["Scheduler.recv_requests", "Scheduler.process_input_requests",
+                                  "Scheduler.handle_generate_request", "Scheduler._handle_generate_request",
+                                  "Scheduler._process_and_broadcast_mm_inputs", "Scheduler._get_multimodal_inputs",
+                                  "_MultimodalInputBroadcast"],
+    "srt/managers/scheduler_components/request_receiver.py": [
+        "SchedulerRequestReceiver.recv_requests", "SchedulerRequestReceiver._broadcast_reqs_across_ranks",
+        "SchedulerRequestReceiver._finalize_shm_features"],
+    "srt/managers/schedule_batch.py": ["MultimodalInputs.from_dict", "MultimodalInputs.from_processor_output",
+                                       "MultimodalDataItem.set_pad_value"],
+    "srt/multimodal/cache/identity.py": ["resolve_multimodal_item_hash"],
+    "srt/managers/mm_utils.py": ["hash_feature", "tensor_hash", "data_hash",
+                                 "unwrap_shm_features", "ShmPointerMMData.__init__", "ShmPointerMMData.__setstate__",
+                                 "ShmPointerMMData.materialize"],
+    "srt/utils/common.py": ["broadcast_pyobj"],
+    "srt/multimodal/processors/hash_executor.py": ["MultimodalHashExecutor.set_pad_values", "_set_pad_values"],
+    "srt/managers/tokenizer_manager.py": ["TokenizerManager._tokenize_one_request"],
+}
+
+
+def _vkey(v: str) -> tuple:
+    nums = [int(x) for x in re.findall(r"\d+", v)]
+    return tuple(nums[:3]) + ((nums[3],) if "post" in v and len(nums) > 3 else (0,))
+
+
+def index_versions() -> list[str]:
+    r = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "sglang"], capture_output=True,
+                       text=True, timeout=120)
+    m = re.search(r"Available versions: (.*)", r.stdout)
+    if not m:
+        sys.exit(f"release_matrix: `pip index versions sglang` gave no versions ({r.stderr.strip()[-200:]})")
+    vs = [v.strip() for v in m.group(1).split(",")]
+    return sorted((v for v in vs if _vkey(v)[:3] >= FIRST and re.fullmatch(r"[\d.]+(post\d+)?", v)), key=_vkey)
+
+
+def unpacked(version: str) -> Path:
+    dest = CACHE / "matrix-src" / version / "sglang"
+    if (dest / "srt/managers/scheduler.py").is_file():
+        return dest
+    whl = sorted(CACHE.glob(f"sglang-{version}-*.whl"))
+    if not whl:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"sglang=={version}",
+                        "-d", str(CACHE)], check=True, timeout=600)
+        whl = sorted(CACHE.glob(f"sglang-{version}-*.whl"))
+    with zipfile.ZipFile(whl[0]) as z:
+        for name in z.namelist():
+            if KEEP.match(name) and name.endswith(".py"):
+                z.extract(name, dest.parent)
+    return dest
+
+
+def apply_cell(inst, strategy: str) -> str:
+    try:
+        r = apply(inst, strategy, dry_run=True)
+    except MmdiagError as e:
+        return "refused" if "does not apply" in str(e) else "unknown-layout"
+    if r.status == "settings":
+        return "env" if r.settings.get("env") else "flag-off"
+    if r.status == "nothing-to-do":
+        return "none"
+    return "patch:" + "+".join(Path(f).stem.replace("tokenizer_manager", "tm").replace("scheduler", "sch")
+                               for f in r.files)
+
+
+def row(version: str) -> list[str]:
+    inst = locate(str(unpacked(version)))
+    det = detect(inst)
+    f = det.facts
+    pre = ("-" if not f.precompute_env else "pool" if f.precompute_hashing.startswith("thread") else "loop")
+    transport = f.transport + ("+barrier" if f.shm_barrier else "") + ("+agree" if f.shm_failure_agreement else "")
+    flag = "-" if not f.flag_declared else ("sa." if "server_args" in (f.flag_read or "") else "get_mm.") + \
+        ("args" if "server_args.py" in f.flag_declared else "fields/mm")
+    return [version, det.variant or "UNKNOWN", f.family or "?", f.handler or "?", flag,
+            (f.group or "-").replace("self.", ""), pre, transport,
+            ",".join(f.feature_transport_option) or "-"] + [apply_cell(inst, s) for s in PATCHABLE]
+
+
+def defined(pkg: Path) -> set[str]:
+    """`file:qualname` of every top-level function/class and class method in the candidate files."""
+    out = set()
+    for rel in FRAME_CANDIDATES:
+        try:
+            tree = astutil.parse((pkg / rel).read_text(encoding="utf-8"), rel)
+        except OSError:
+            continue
+        for n in tree.body:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(f"{rel}:{n.name}")
+            if isinstance(n, ast.ClassDef):
+                out |= {f"{rel}:{n.name}.{m.name}" for m in n.body
+                        if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return out
+
+
+def frames(versions: list[str]) -> None:
+    """Per family: the candidate frames that every one of its releases here defines, as TOML."""
+    common: dict[str, tuple[list[str], set[str]]] = {}
+    for v in versions:
+        pkg = unpacked(v)
+        fam = detect(locate(str(pkg))).family
+        seen, have = common.get(fam, ([], None))
+        common[fam] = (seen + [v], defined(pkg) if have is None else have & defined(pkg))
+    for fam in families():
+        if fam["name"] not in common:
+            continue
+        seen, have = common[fam["name"]]
+        names = [f"{rel}:{n}" for rel, ns in FRAME_CANDIDATES.items() for n in ns if f"{rel}:{n}" in have]
+        print(f'# {fam["name"]} (defined in each of {", ".join(seen)})\nframes = [\n'
+              + "".join(f'  "{n}",\n' for n in names) + "]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--releases", nargs="*", help="these versions instead of the index's 0.5.4 .. newest")
+    ap.add_argument("--frames", action="store_true", help="print the frames each family defines (TOML)")
+    a = ap.parse_args()
+    versions = a.releases or index_versions()
+    if a.frames:
+        return frames(versions)
+    head = ["release", "variant", "family", "handler", "flag", "group", "precompute", "transport",
+            "--mm-feature-transport"] + [f"apply {s}" for s in PATCHABLE]
+    t0 = time.perf_counter()
+    rows = [row(v) for v in versions]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\n{len(rows)} releases, {time.perf_counter() - t0:.0f} s; apply cells: patch:<files written>, "
+          "env = set SGLANG_MM_PRECOMPUTE_HASH=1 (+ flag off), flag-off = keep the broadcast flag off (its default), "
+          "none = nothing to change, refused = does not apply to that release")
+
+
+if __name__ == "__main__":
+    main()
