@@ -208,6 +208,8 @@ def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
     res = _cli("--pid", replay["launcher"], "--duration", 3, "--rate", 50, "-o", out, "--speedscope", ss)
     assert res.returncode == 0, res.stderr
     assert "findings:" in res.stdout and "mmdiag::scheduler_TP1" in res.stderr
+    # The configuration measured, from the target's command line: TP size, the replay's strategy.
+    assert "configuration: tp 2 | replay --impl mmdiag --strategy commit" in res.stdout, res.stdout
     d = json.loads(out.read_text())
     assert d["schema"] == PROFILE_SCHEMA and [r.rank for r in Run.from_dict(d).ranks] == [0, 1]
     s = json.loads(ss.read_text())

@@ -34,6 +34,7 @@ from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import discover
 from .errors import LiveError, RawParseError
+from .header import config_line
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
 from .sampler import REGISTRY, CpuMeter, Sampler
@@ -203,7 +204,7 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     gil_missing = [ch.rank.rank for ch in sampler.chains if ch.gil_missing]
     notes = _window_notes(disc, duration, window, interrupted, gil_missing, sampler.start_skew()["max_s"], rate)
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
-            "found": [{"pid": p, "title": t} for p, t in disc.seen],
+            "config": {"summary": config_line(disc)}, "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
             "block_s": block_s, "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,

@@ -123,7 +123,7 @@ class TopSession:
                 "found": [{"pid": p, "title": t} for p, t in self.disc.seen], "duration_s": round(watched, 3),
                 "rate_hz": self.rate, "block_s": BLOCK_S,
                 "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in self.sampler.chains},
-                "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": self.header,
+                "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": {"summary": self.header},
                 "exited": [], "interrupted": False}
         return build_run(samples, self.ruleset, watched, self.whole, live, [])
 
