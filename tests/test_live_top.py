@@ -112,6 +112,8 @@ def test_top_in_a_terminal(replay, tmp_path):
             and os.path.basename(p.info["cmdline"][0]) == "py-spy" and any(str(r) in p.info["cmdline"] for r in rank_pids)]
     assert not left, "py-spy left attached"
     run = json.loads(out.read_text())
-    assert run["schema"] == PROFILE_SCHEMA and [r["rank"] for r in run["ranks"]] == [0, 1]
-    assert run["config"]["live"]["source"] == "top" and run["config"]["live"]["duration_s"] > 3
-    assert all(r["samples"] > 100 and r["phases_ci"] for r in run["ranks"])
+    (ranks,) = [s["ranks"] for s in run["strategies"].values()]
+    assert run["schema"] == PROFILE_SCHEMA and [r["rank"] for r in ranks] == [0, 1]
+    assert run["live"]["source"] == "top" and run["live"]["duration_s"] > 3
+    assert "tp 2" in run["live"]["config"]["summary"]
+    assert all(r["profile"]["samples"] > 100 and r["profile"]["phases_ci"] for r in ranks)

@@ -123,4 +123,4 @@ def top_command(pid, window, rate, output, duration, no_gil, pyspy, rules):
                   duration=duration, log=lambda s: click.echo(f"mmdiag: {s}", err=True))
     if run is not None:
         out.write(run, output, what="-o", fix="free space or choose another path")
-        click.echo(f"Run of the whole watch ({run.config['live']['duration_s']:.0f} s) written to {output}", err=True)
+        click.echo(f"Run of the whole watch ({run.live.duration_s:.0f} s) written to {output}", err=True)
