@@ -113,15 +113,39 @@ def replay_options(**kw: Any):
     return ReplayOptions(**kw)
 
 
-def replay(trace: str, *, progress: Progress | None = None, **options: Any) -> Run:
+def replay(trace: str, *, progress: Progress | None = None, threshold: str | None = None, **options: Any) -> Run:
     """Replay `trace` through real rank processes; `options` are ReplayOptions fields
-    (tp, strategies, repeat, timeout, timeline, impl, sglang_path, ...)."""
+    (tp, strategies, repeat, timeout, timeline, impl, sglang_path, ...); `threshold`: cond's
+    (bytes, 'never' or a Run file: mmdiag.analysis.threshold)."""
     from .replay import replay as run_replay
 
     opts = replay_options(**options)
+    if threshold is not None:
+        _with_threshold(opts, threshold)
     if opts.timeline:
         check_writable(opts.timeline, "--timeline")
     return run_replay(trace, opts, progress=progress)
+
+
+def _with_threshold(opts, threshold: str) -> None:
+    """--threshold: checked here, before any rank starts, and handed to rank 0 resolved."""
+    import json
+
+    from .analysis import threshold as T
+    if "cond" not in opts.strategies:
+        raise MmdiagError("--threshold sets the `cond` strategy's threshold, and cond is not replayed",
+                          fix="add --strategy cond (or leave --threshold out)")
+    opts.extra_env = {**opts.extra_env, T.OPTION_ENV: json.dumps(T.from_option(threshold).to_dict())}
+
+
+def _cond_threshold(strategy: str, threshold: str | None):
+    """The threshold `apply cond` bakes in (mmdiag.analysis.threshold.for_patch)."""
+    from .analysis import threshold as T
+    if strategy != "cond":
+        if threshold is not None:
+            raise MmdiagError(f"--threshold is `cond`'s option, not `{strategy}`'s", fix="leave --threshold out")
+        return T.given(None)
+    return T.given(T.for_patch(quick().get("runs_dir", "mmdiag-runs"), threshold))
 
 
 def quick() -> dict[str, Any]:
@@ -238,13 +262,13 @@ def report(before: Run | str, after: Run | str, criteria: str | None = None, *, 
 
 
 def verify(strategy: str, *, sglang_path: str | None = None, trace: str | None = None, tp: int | None = None,
-           log: Log = _quiet, **kw: Any):
+           log: Log = _quiet, threshold: str | None = None, **kw: Any):
     """Replay the installed SGLang, apply `strategy`, replay again, judge (a VerifyResult).
     `kw`: criteria, output, repeat, timeout, enable_broadcast_flag, keep_runs, confirm, progress."""
     from .analysis.verify import verify as _verify
 
     tp = tp if tp is not None else default_tp()
-    with tempfile.TemporaryDirectory(prefix="mmdiag-verify-") as tmp:
+    with _cond_threshold(strategy, threshold), tempfile.TemporaryDirectory(prefix="mmdiag-verify-") as tmp:
         if trace is None:
             trace = os.path.join(tmp, "trace.jsonl")
             synth_trace(trace)
@@ -268,11 +292,14 @@ def doctor_server(pid: int, sglang_path: str | None = None):
 
 
 def apply(strategy: str, *, sglang_path: str | None = None, dry_run: bool = False,
-          confirm: Callable[[str], bool] | None = None):
-    """Patch the installed SGLang with `strategy` (backup, manifest; an ApplyResult)."""
+          confirm: Callable[[str], bool] | None = None, threshold: str | None = None):
+    """Patch the installed SGLang with `strategy` (backup, manifest; an ApplyResult). `threshold`:
+    cond's (bytes, 'never' or a Run file; default: SGLANG_MM_BROADCAST_THRESHOLD, else the
+    crossover in the Run `mmdiag recommend` kept last, else the seed's example, labelled)."""
     from .sglang.apply import apply as _apply
     from .sglang.locate import locate
-    return _apply(locate(sglang_path), strategy, dry_run=dry_run, confirm=confirm)
+    with _cond_threshold(strategy, threshold):
+        return _apply(locate(sglang_path), strategy, dry_run=dry_run, confirm=confirm)
 
 
 def undo(*, sglang_path: str | None = None, dry_run: bool = False, confirm: Callable[[str], bool] | None = None):

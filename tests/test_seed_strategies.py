@@ -13,7 +13,7 @@ import traceback
 import pytest
 
 from mmdiag.analysis import threshold as T
-from mmdiag.analysis.costmodel import CostModel
+from mmdiag.analysis.costmodel import CostModel, fit
 from mmdiag.errors import MmdiagError
 from mmdiag.strategies.cond import Cond, feature_nbytes
 from conftest import make_trace, mmdiag_cli
@@ -136,16 +136,19 @@ def test_feature_nbytes_reads_items():
 
 
 @pytest.mark.slow
-def test_cond_replay_follows_the_environment_threshold(tmp_path):
+@pytest.mark.parametrize("given", ["env", "option"])
+def test_cond_replay_follows_the_environment_threshold(tmp_path, given):
+    """The threshold from SGLANG_MM_BROADCAST_THRESHOLD, or from --threshold (which beats it)."""
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16, video_every=3, text_every=4)
     out = tmp_path / "run.json"
     limit = 40 * 1176 * 4  # images (16 or 32 rows) below, videos (64 rows) above
-    r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "cond", "-o", str(out), "-q",
-                   env={T.ENV: str(limit)})
+    opt = ["--threshold", str(limit)] if given == "option" else []
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "cond", "-o", str(out), "-q", *opt,
+                   env={T.ENV: str(limit) if given == "env" else "1"})
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     cfg = d["config"]["strategies"]["cond"]
-    assert cfg["threshold"]["source"] == "env" and cfg["threshold"]["bytes"] == limit
+    assert cfg["threshold"]["source"] == given and cfg["threshold"]["bytes"] == limit
     with open(trace) as f:
         sizes = [sum(math.prod(it["shape"]) * 4 for it in json.loads(line)["mm"]) for line in list(f)[1:]]
     big = sum(b > limit for b in sizes if b)
@@ -184,3 +187,57 @@ def test_cond_patch_on_real_wheels_two_gloo_ranks(tmp_path, monkeypatch):
         for r in per_rank:
             assert r["collectives"] == above, (name, r["collectives"])
             assert r["caches"] == [0, 0, 0, 0] and r["aborted"] == ["r5"]
+
+
+def _measured_run(path):
+    """A Run whose cost model places the crossover (video_run: broadcasting pays above it)."""
+    from runs_synth import video_run
+    run = video_run()
+    run.save(str(path))
+    return T.from_model(fit([run])).bytes
+
+
+def test_threshold_option_forms_and_mistakes(tmp_path):
+    """--threshold takes bytes, never, or a Run's measured crossover; a mistake is one line before any rank starts."""
+    run_file = tmp_path / "run.json"
+    crossover = _measured_run(run_file)
+    assert 0 < crossover < math.inf
+    assert T.from_option("2M").bytes == 2e6 and T.from_option("never").never
+    th = T.from_option(str(run_file))
+    assert (th.bytes, th.source) == (crossover, "measured") and str(run_file) in th.text
+    trace = make_trace(tmp_path / "t.jsonl", n=2, rows=8)
+    for args, words in ((["--strategy", "revert", "--threshold", "1M"], "add --strategy cond"),
+                        (["--strategy", "cond", "--threshold", "lots"], "not a byte count"),
+                        (["--strategy", "cond", "--threshold", str(trace)], "not JSON")):
+        r = mmdiag_cli("replay", trace, "--tp", "2", *args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_apply_cond_bakes_the_option_else_the_run_recommend_kept(tmp_path):
+    """`apply cond --threshold X` bakes X in; with neither option nor variable, the crossover of the
+    Run `mmdiag recommend` kept last (its runs_dir under the working directory)."""
+    from sglang_wheels import site_packages
+    pkg = str(site_packages("0.5.5", tmp_path / "sg"))
+    work = tmp_path / "work"
+    (work / "mmdiag-runs").mkdir(parents=True)
+    crossover = _measured_run(work / "mmdiag-runs" / "recommend-20260101-000000.json")
+    env = {T.ENV: ""}
+    r = mmdiag_cli("apply", "cond", "--sglang", pkg, "--dry-run", "--threshold", "2M", cwd=work, env=env)
+    assert r.returncode == 0 and "else 2000000.0" in r.stdout and "from the option" in r.stdout, r.stderr
+    r = mmdiag_cli("apply", "cond", "--sglang", pkg, "--dry-run", cwd=work, env=env)
+    assert r.returncode == 0 and f"else {float(crossover)!r}" in r.stdout and "recommend-2026" in r.stdout, r.stderr
+    r = mmdiag_cli("apply", "revert", "--sglang", pkg, "--dry-run", "--threshold", "2M", cwd=work, env=env)
+    assert r.returncode == 2 and "cond" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_recommend_picks_cond_with_the_threshold_it_was_replayed_with():
+    from runs_synth import rank, strategy, video_run
+    from mmdiag.analysis.recommend import recommend
+    run = video_run()
+    run.strategies["cond"] = strategy("cond", [2.30, 2.32, 2.28], [rank(r, cpu_pct=60, recv=3000) for r in range(4)],
+                                      requests=100, coll=1.0)
+    th = {"bytes": 31_500_000.0, "source": "measured", "text": "the measured crossover"}
+    run.config["strategies"] = {"cond": {"name": "cond", "threshold": th}}
+    rec = recommend([run])
+    assert rec.recommended == "cond" and rec.command == "mmdiag apply cond --threshold 31500000"
+    assert rec.to_dict()["command"] == rec.command

@@ -12,6 +12,7 @@ says which.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Callable
 from ..errors import MmdiagError
 from ..progress import Lines as Progress  # noqa: F401 - the one progress line (mmdiag.progress)
 from ..run import Run
+from . import threshold
 from .merge import merge_replays
 from .recommend import INSUFFICIENT, Recommendation, recommend
 from ..fileio import check_writable
@@ -118,8 +120,17 @@ def recommend_default(*, tp: int | None = None, n: int | None = None, profile: s
             f"{', '.join(weighed)} ({rule})")
         progress = Progress(log)
 
+        kept: dict[str, str] = {}
+
         def replay_round(strategies: list[str], rep: int) -> Run:
-            return replay(path, ReplayOptions(tp=tp, strategies=strategies, repeat=rep), progress=progress)
+            run = replay(path, ReplayOptions(tp=tp, strategies=strategies, repeat=rep, extra_env=dict(kept)),
+                         progress=progress)
+            # cond's threshold comes from the strategies replayed before it: a later round replays
+            # fewer, so it keeps the first round's (repeats that pool must measure one threshold).
+            th = ((run.config.get("strategies") or {}).get("cond") or {}).get("threshold")
+            if isinstance(th, dict) and not kept:
+                kept[threshold.OPTION_ENV] = json.dumps(th)
+            return run
 
         cap = repeat or int(quick.get("max_repeats", 6))
         res = replay_until_decided(replay_round, weighed, budget_s=float(quick.get("budget_s", 90)),

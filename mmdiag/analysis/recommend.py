@@ -97,10 +97,12 @@ class Recommendation:
     tied: list[str] = field(default_factory=list)   # patches the data cannot tell from the pick / lead
     runs_used: list[str] = field(default_factory=list)
     runs_left_out: list[dict[str, str]] = field(default_factory=list)
+    command: str | None = None        # how to apply the recommended patch
 
     def to_dict(self) -> dict[str, Any]:
         d = {
-            "recommended": self.recommended, "confidence": self.confidence, "source": self.source,
+            "recommended": self.recommended, "command": self.command, "confidence": self.confidence,
+            "source": self.source,
             "target": self.target, "baseline": self.baseline, "leading": self.leading, "tied": self.tied,
             "runs": {"used": self.runs_used, "left_out": self.runs_left_out},
             "mm_share_pct": _num(self.mm_share_pct),
@@ -300,6 +302,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.reasons.insert(1, share_words)
         return rec
     rec.recommended, rec.chosen = pick, options[pick]
+    rec.command = _apply_command(pick, run, rec)
     rec.runners_up = _verdicts(options, samples, pick, th["alpha"])
     _chosen_reasons(rec, options[pick], baseline_name, share_words, pays, options, cands, rules)
     _confidence(rec, options, cands, tied, pays, th)
@@ -311,6 +314,16 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
                          "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
     return rec
+
+
+def _apply_command(pick: str, run: Run, rec: Recommendation) -> str:
+    """`mmdiag apply PICK`; cond with the threshold it was replayed with (what was measured to win)."""
+    cfg = ((run.config.get("strategies") or {}).get(pick) or {}).get("threshold") if pick == "cond" else None
+    if not isinstance(cfg, dict):
+        return f"mmdiag apply {pick}"
+    th = threshold.Threshold.from_dict(cfg)
+    rec.reasons.append(f"`cond` was replayed with its threshold from {th.source}: {th.text}")
+    return threshold.apply_command(th)
 
 
 def _chosen_reasons(rec: Recommendation, ch: Option, baseline: str, share_words: str, pays: bool | None,

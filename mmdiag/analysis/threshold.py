@@ -8,13 +8,21 @@ for this deployment (mmdiag.analysis.costmodel: B* = c / (m_all - m_one - k),
 one collective per request). When broadcasting never pays (sending costs more
 per MB than every rank hashing, as on the CPU transports so far) the threshold
 is infinite and `cond` is `revert`; mmdiag says so rather than invent a number.
+
+The option (`--threshold` of replay and apply) is a byte count, 'never', or Run files
+whose measured crossover to use; `mmdiag apply cond` with neither option nor variable
+takes the crossover from the Run `mmdiag recommend` kept last (its [quick] runs_dir).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import glob
+import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..errors import MmdiagError
 from ..units import MB
@@ -23,6 +31,9 @@ ENV = "SGLANG_MM_BROADCAST_THRESHOLD"
 # 000_3099abf5086ce8a8.txt (方案2: 条件优化): `export SGLANG_MM_BROADCAST_THRESHOLD=100000  # 100KB`.
 SEED_EXAMPLE_BYTES = 100_000
 NEVER_WORDS = ("inf", "never")
+# How the replay launcher hands `--threshold` (a resolved Threshold, JSON) to rank 0.
+OPTION_ENV = "MMDIAG_COND_THRESHOLD"
+OPTION_FORMS = "bytes (100000, 100k, 2M), 'never', or a Run file (replay -o run.json) to use its measured crossover"
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,11 @@ class Threshold:
         b = "never" if self.never else self.bytes
         return {"bytes": b, "source": self.source, "text": self.text}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Threshold":
+        b = d.get("bytes")
+        return cls(math.inf if b == "never" else None if b is None else float(b), d["source"], d["text"])
+
 
 def parse_bytes(value: str | float | int, where: str) -> float:
     """Bytes as an integer (100000), with a k/M/G suffix (100k, 1.5M), or inf/never."""
@@ -52,7 +68,7 @@ def parse_bytes(value: str | float | int, where: str) -> float:
         x = math.nan
     if math.isnan(x) or x < 0:
         raise MmdiagError(f"threshold {value!r} is not a byte count", where=where,
-                          fix="give bytes (100000, 100k, 2M) or 'never'")
+                          fix=f"give {OPTION_FORMS if where == '--threshold' else 'bytes (100000, 100k, 2M) or never'}")
     return x
 
 
@@ -70,23 +86,81 @@ def from_model(model) -> Threshold:
                      f"the measured crossover at tp {model.tp}")
 
 
-def resolve(option: str | float | None = None, env: Mapping[str, str] | None = None,
-            model=None) -> Threshold:
-    """Option, then the environment variable, then the measured crossover; the seed's
-    example value only when nothing was given or measured (and labelled as such)."""
+def from_runs(paths: Sequence[str], where: str = "--threshold") -> Threshold:
+    """The crossover measured in these Runs (recommend's cost model); an error when they do not place it."""
+    from ..run import Run
+    from .costmodel import fit
+    th = from_model(fit([Run.load(p) for p in paths]))
+    if th.bytes is None:
+        raise MmdiagError(f"the Run does not place the crossover: {th.text}", where=f"{where} {', '.join(paths)}",
+                          fix="replay with --strategy all (or give the threshold in bytes)")
+    return Threshold(th.bytes, "measured", f"{th.text} (measured in {', '.join(paths)})")
+
+
+def from_option(value: str | float) -> Threshold:
+    """--threshold: bytes, 'never', or a Run file whose measured crossover to use."""
+    text = str(value).strip()
+    if isinstance(value, str) and text.lower() not in NEVER_WORDS and os.path.isfile(text):
+        return from_runs([text])
+    return Threshold(parse_bytes(value, "--threshold"), "option", f"threshold {text} from the option")
+
+
+def kept_recommend_run(runs_dir: str) -> Threshold | None:
+    """The crossover in the newest Run `mmdiag recommend` kept (None: no such Run, or it places none)."""
+    kept = sorted(glob.glob(os.path.join(runs_dir, "recommend-*.json")))
+    if not kept:
+        return None
+    try:
+        return from_runs(kept[-1:], "the Run mmdiag recommend kept")
+    except MmdiagError:
+        return None
+
+
+def resolve(option: str | float | Threshold | None = None, env: Mapping[str, str] | None = None,
+            model=None, fallback: Threshold | None = None) -> Threshold:
+    """Option, then the environment variable, then the measured crossover (`model`, else
+    `fallback`); the seed's example value only when nothing was given or measured (and
+    labelled as such)."""
     env = os.environ if env is None else env
+    if isinstance(option, Threshold):
+        return option
     if option is not None:
-        b = parse_bytes(option, "--threshold")
-        return Threshold(b, "option", f"threshold {option} from the option")
+        return from_option(option)
+    if env.get(OPTION_ENV):      # a replay rank: the launcher's resolved --threshold
+        return Threshold.from_dict(json.loads(env[OPTION_ENV]))
     if env.get(ENV, "").strip():
         b = parse_bytes(env[ENV], ENV)
         return Threshold(b, "env", f"threshold {env[ENV].strip()} from {ENV}")
     measured = from_model(model)
     if measured.bytes is not None:
         return measured
+    if fallback is not None:
+        return fallback
     return Threshold(float(SEED_EXAMPLE_BYTES), "seed-example",
                      f"{SEED_EXAMPLE_BYTES} bytes, the seed's example value (000_3099abf5086ce8a8.txt): "
-                     f"nothing measured or given; {measured.text}, or set {ENV}")
+                     f"nothing measured or given; {measured.text}, give --threshold or set {ENV}")
+
+
+_GIVEN: contextvars.ContextVar[Threshold | None] = contextvars.ContextVar("cond_threshold", default=None)
+
+
+@contextlib.contextmanager
+def given(th: Threshold | None):
+    """The threshold `mmdiag apply cond` resolved, for the patch builder to bake in."""
+    token = _GIVEN.set(th)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+def for_patch(runs_dir: str | None = None, option: str | None = None) -> Threshold:
+    """What `mmdiag apply cond` bakes in: the option, the environment, the Run recommend kept, the seed's example."""
+    if _GIVEN.get() is not None and option is None:
+        return _GIVEN.get()
+    env = {k: v for k, v in os.environ.items() if k != OPTION_ENV}
+    kept = kept_recommend_run(runs_dir) if runs_dir and option is None and not env.get(ENV, "").strip() else None
+    return resolve(option, env=env, fallback=kept)
 
 
 def recommend_note(model) -> str:
@@ -94,4 +168,8 @@ def recommend_note(model) -> str:
     th = from_model(model)
     if th.bytes is None or th.never:
         return f"`cond` (size-conditional broadcast): {th.text}"
-    return f"`cond` (size-conditional broadcast): {th.text}; to use it: {ENV}={th.bytes:.0f} mmdiag apply cond"
+    return f"`cond` (size-conditional broadcast): {th.text}; to use it: {apply_command(th)}"
+
+
+def apply_command(th: Threshold) -> str:
+    return "mmdiag apply cond" + ("" if th.bytes is None else " --threshold " + ("never" if th.never else f"{th.bytes:.0f}"))

@@ -23,7 +23,7 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 @click.option("--save", type=click.Path(dir_okay=False), default=None,
               help="with no Runs: where to keep the replayed Run [default: ./mmdiag-runs/recommend-<time>.json]")
 def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
-    """Recommend the patch for the measured workload: revert, dict, batch, precompute, or none.
+    """Recommend the patch for the measured workload: revert, dict, batch, precompute, cond, or none.
 
     \b
     Reads replay Runs (mmdiag replay -o run.json) and/or live profiles. With none, it

@@ -53,6 +53,8 @@ def replay_options(f):
         click.option("--max-recv-mb", type=o.MEGABYTES, default=256.0, show_default=True,
                      help="most feature MB (10^6 bytes) the entry rank takes in one iteration (bounds replay memory)"),
         click.option("--repeat", type=o.REPEATS, default=1, show_default=True, help=o.REPEAT_HELP_TABLE),
+        click.option("--threshold", default=None, metavar="BYTES|never|RUN.json",
+                     help=o.THRESHOLD_HELP.format(measured="the crossover of the strategies replayed before cond")),
         click.option("--port", type=o.PORT, default=None, help="rendezvous port on 127.0.0.1 [default: a free one]"),
         click.option("--impl", type=click.Choice(["mmdiag", "sglang"]), default="mmdiag", show_default=True,
                      help="mmdiag: every strategy's model; sglang: the installed SGLang's own code, as patched"),

@@ -84,8 +84,9 @@ def _confirm(yes: bool):
               help="with --verify: acceptance criteria file [default: profiles/criteria/default.toml]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="with --verify: write the report here (the extension picks the format: .html, .md, .json)")
-def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output):
-    """Patch the installed SGLang with STRATEGY (revert, dict, batch, precompute), or --undo.
+@click.option("--threshold", default=None, metavar="BYTES|never|RUN.json", help="with cond: " + o.THRESHOLD_HELP.format(measured="the crossover in the Run `mmdiag recommend` kept last"))
+def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output, threshold):
+    """Patch the installed SGLang with STRATEGY, or --undo.
 
     With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
     the result against the acceptance criteria (exit 1 when it fails).
@@ -97,15 +98,17 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
             raise MmdiagError("--verify applies a STRATEGY; it does not combine with --undo or --dry-run")
         with progress.stderr() as bar:
             res = api.verify(strategy, sglang_path=sglang_path, trace=trace, tp=tp, criteria=criteria, output=output,
-                             repeat=repeat, confirm=_confirm(yes), progress=bar,
+                             repeat=repeat, threshold=threshold, confirm=_confirm(yes), progress=bar,
                              log=lambda s: click.echo(s, err=True))
         show_report(res.report, output, False,
                     failed_note="; the patch stays applied (mmdiag apply --undo restores)")
         return
     if undo:
+        if threshold is not None:
+            raise MmdiagError("--threshold goes with `apply cond`, not --undo")
         res = api.undo(sglang_path=sglang_path, dry_run=dry_run, confirm=_confirm(yes))
     else:
-        res = api.apply(strategy, sglang_path=sglang_path, dry_run=dry_run, confirm=_confirm(yes))
+        res = api.apply(strategy, sglang_path=sglang_path, dry_run=dry_run, confirm=_confirm(yes), threshold=threshold)
     if res.status == "dry-run" and res.diff:
         click.echo(res.diff, nl=False)
     for n in res.notes:

@@ -20,7 +20,7 @@ def render_recommendation(rec: Recommendation) -> str:
     elif rec.recommended == NONE:
         head = "recommended: none (leave the multimodal path as it is)"
     else:
-        head = f"recommended: {rec.recommended}   (mmdiag apply {rec.recommended})"
+        head = f"recommended: {rec.recommended}   ({rec.command or 'mmdiag apply ' + rec.recommended})"
     out = [head, f"confidence:  {rec.confidence}", f"for:         {rec.target}", ""]
     out += [f"- {r}" for r in rec.reasons]
     opts = ([rec.chosen] if rec.chosen else []) + rec.runners_up

@@ -13,13 +13,12 @@ the request itself (raising the same error everywhere, as the per-rank path woul
 No cache: nothing outlives the call, so an aborted request leaves nothing behind.
 
 The threshold: SGLANG_MM_BROADCAST_THRESHOLD (bytes) read at server start, else the
-value baked in at apply time (mmdiag.analysis.threshold.resolve: the environment
-of `mmdiag apply`, else the seed's 100 KB example; `mmdiag recommend` prints the
-measured crossover to use, or says that no threshold pays).
+value baked in at apply time (mmdiag.analysis.threshold.for_patch: `--threshold`, the
+environment of `mmdiag apply`, the crossover in the Run `mmdiag recommend` kept last,
+else the seed's 100 KB example; `mmdiag recommend` prints the measured crossover and the
+command, or says that no threshold pays).
 """
 from __future__ import annotations
-
-import os
 
 from ...analysis import threshold as T
 from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
@@ -82,7 +81,7 @@ def build(det, texts: dict[str, str]) -> Plan:
             STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
             "its large features already reach every rank through shared memory; broadcasting them would "
             "pickle them again from the entry rank (use `precompute`)")
-    th = T.resolve(env=os.environ)
+    th = T.for_patch()
     default = 'float("inf")' if th.never else repr(float(th.bytes))
     plan = patch_broadcast_path(det, texts, STRATEGY, lambda c: method(c).replace("{default}", default))
     plan.notes.append(f"threshold baked in: {th.text}; {T.ENV} set for the server overrides it")
