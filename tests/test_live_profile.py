@@ -378,3 +378,41 @@ def test_ptrace_refused_says_why():
         fake.kill()
         fake.wait()
     assert not _pyspy_left([fake.pid])
+
+
+SERVER = """
+import subprocess, sys, time
+code = ("import setproctitle, sys, time; setproctitle.setproctitle(sys.argv[1])\\n"
+        "def run_forward_step():\\n    t = time.time()\\n    while time.time() - t < 60: pass\\n"
+        "run_forward_step()\\n")
+kids = [subprocess.Popen([sys.executable, "-c", code, f"sglang::scheduler_TP{r}"]) for r in range(2)]
+time.sleep(60)
+"""
+
+
+def test_profile_of_a_server_names_its_configuration(tmp_path):
+    """A process with an SGLang server's command line and environment, its ranks titled
+    as SGLang titles them: the profile's head is what `doctor --pid` reads of it."""
+    server = subprocess.Popen([PY, "-c", SERVER, "-m", "sglang.launch_server", "--tp-size", "2",
+                               "--enable-broadcast-mm-inputs-process"],
+                              env=dict(os.environ, SGLANG_MM_PRECOMPUTE_HASH="1"))
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if len(discover(server.pid).ranks) == 2:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        res = _cli("--pid", server.pid, "--duration", 2)
+    finally:
+        for c in psutil.Process(server.pid).children():
+            c.kill()
+        server.kill()
+        server.wait()
+    assert res.returncode == 0, res.stderr
+    head = [ln for ln in res.stdout.splitlines() if ln.startswith("configuration: ")]
+    assert head and f"server pid {server.pid}" in head[0], res.stdout
+    text = "\n".join(head)
+    assert "TP 2" in text and "broadcast flag on (command line)" in text and "SGLANG_MM_PRECOMPUTE_HASH" in text

@@ -1,10 +1,12 @@
-"""The configuration a live view measured, in one line: what the target's command
-line and environment say (TP size, the broadcast flag, SGLANG_MM_PRECOMPUTE_HASH,
-the feature transport; for a replay, its strategy and implementation)."""
+"""The configuration a live view measured, in a few lines: for an SGLang server,
+what `mmdiag doctor --pid` reads from its live processes (mmdiag.sglang.server);
+for an mmdiag replay, its own command line (TP size, implementation, strategies,
+the broadcast flag) and the SGLang variables in its ranks' environment."""
 from __future__ import annotations
 
 import psutil
 
+from ..errors import MmdiagError
 from .discover import Discovery
 
 ENV_FLAGS = ("SGLANG_MM_PRECOMPUTE_HASH", "SGLANG_USE_CUDA_IPC_TRANSPORT")
@@ -17,30 +19,32 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
-def _opt(argv: list[str], *names: str) -> str | None:
-    for i, a in enumerate(argv):
-        for n in names:
-            if a == n and i + 1 < len(argv):
-                return argv[i + 1]
-            if a.startswith(n + "="):
-                return a.split("=", 1)[1]
-    return None
-
-
-def config_line(disc: Discovery) -> str:
-    argv = _argv(disc.target_pid)
-    parts = [f"tp {_opt(argv, '--tp', '--tp-size') or len(disc.ranks)}"]
-    if any("replay" in a for a in argv[:4]):
-        strategies = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--strategy"]
-        parts.append(f"replay --impl {_opt(argv, '--impl') or 'mmdiag'} --strategy {','.join(strategies) or 'all'}")
-    if "--enable-broadcast-mm-inputs-process" in argv or "--enable-broadcast-flag" in argv:
+def _replay_line(disc: Discovery, argv: list[str]) -> str:
+    def opt(name: str) -> list[str]:
+        return [a for i, a in enumerate(argv) if i and argv[i - 1] == name]
+    parts = [f"tp {(opt('--tp') or [len(disc.ranks)])[0]}",
+             f"replay --impl {(opt('--impl') or ['mmdiag'])[0]} --strategy {','.join(opt('--strategy')) or 'all'}"]
+    if "--enable-broadcast-flag" in argv:
         parts.append("broadcast flag on")
-    transport = _opt(argv, "--mm-feature-transport")
-    if transport:
-        parts.append(f"transport {transport}")
     try:
         env = psutil.Process(disc.ranks[0].pid).environ() if disc.ranks else {}
     except psutil.Error:
         env = {}
-    parts += [f"{k}={env[k]}" for k in ENV_FLAGS if env.get(k)]
-    return " | ".join(parts)
+    return " | ".join(parts + [f"{k}={env[k]}" for k in ENV_FLAGS if env.get(k)])
+
+
+def config_lines(disc: Discovery) -> list[str]:
+    owner = disc.target_pid
+    if disc.how == "scheduler":
+        try:
+            owner = psutil.Process(owner).ppid()
+        except psutil.Error:
+            pass
+    argv = _argv(owner)
+    if any(a == "replay" or a.endswith("mmdiag.replay.worker") for a in argv[:4]):
+        return [_replay_line(disc, argv)]
+    from ..sglang.server import header_lines
+    try:
+        return header_lines(disc.target_pid)
+    except MmdiagError as e:
+        return [f"configuration not read ({e.one_line()})"]

@@ -34,7 +34,7 @@ from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import discover
 from .errors import LiveError, RawParseError
-from .header import config_line
+from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
 from .sampler import REGISTRY, CpuMeter, Sampler
@@ -204,12 +204,17 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     gil_missing = [ch.rank.rank for ch in sampler.chains if ch.gil_missing]
     notes = _window_notes(disc, duration, window, interrupted, gil_missing, sampler.start_skew()["max_s"], rate)
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
-            "config": {"summary": config_line(disc)}, "found": [{"pid": p, "title": t} for p, t in disc.seen],
+            "config": _config(disc), "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
             "block_s": block_s, "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
             "recorder_start_skew": sampler.start_skew(), "gil_missing": gil_missing}
     return build_run(samples, ruleset, window, cpus, live, notes, exited)
+
+
+def _config(disc) -> dict[str, Any]:
+    lines = config_lines(disc)
+    return {"summary": "; ".join(lines), "lines": lines}
 
 
 def _write_speedscope(path: str, samples: list[RankSamples]) -> None:

@@ -25,7 +25,8 @@ from .discover import RankProcess
 from .errors import LiveError
 from .pyspy import PySpy, Recorder, ThreadSamples, classify_failure, read_raw, start_recorder
 
-REGISTRY: set[int] = set()  # live py-spy pids (tests check nothing is left behind)
+REGISTRY: set[int] = set()
+MAX_REATTACH_FAILURES = 3  # live py-spy pids (tests check nothing is left behind)
 
 
 def alive(pid: int) -> bool:
@@ -76,6 +77,7 @@ class RankChain:
         self.first_spawned: float | None = None
         self._n = 0
         self.stopping = False
+        self.failures = 0  # consecutive recordings that never started
 
     def _path(self, k: int, gil: bool) -> str:
         base = f"rank{self.rank.rank}.pid{self.rank.pid}.b{k:04d}"
@@ -142,9 +144,14 @@ class RankChain:
         if any(x.target_exited for x in c.recorders) or not alive(self.rank.pid):
             self.exited = True
         if not os.path.exists(c.main.out):
-            if c.sampling is None and not self.exited:
-                raise classify_failure(c.main.stderr(), self.rank.pid, self.spy)
+            if c.sampling is None and not (self.exited or self.stopping):
+                # A re-attach that failed while the rank runs (a loaded host): try again a
+                # few times before giving up on the rank.
+                self.failures += 1
+                if self.failures >= MAX_REATTACH_FAILURES or not self.blocks:
+                    raise classify_failure(c.main.stderr(), self.rank.pid, self.spy)
             return None
+        self.failures = 0
         threads = read_raw(c.main.out, self.spy.version)
         gthreads = None
         if c.gil is not None:

@@ -26,8 +26,7 @@ from typing import Callable
 from ..run import Run
 from .attribute import ALL, RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import Discovery, discover
-from .header import config_line
-from .profile import ATTACH_TIMEOUT_S, _probe, build_run
+from .profile import ATTACH_TIMEOUT_S, _config, _probe, build_run
 from .pyspy import check_version, find_pyspy
 from .rules import load_rules
 from .sampler import CpuMeter, Sampler
@@ -73,7 +72,7 @@ class TopSession:
         self.whole = {r.rank: CpuMeter(r.pid) for r in self.disc.ranks}
         for c in list(self.cpus.values()) + list(self.whole.values()):
             c.poll(first=True)
-        self.header = config_line(self.disc)
+        self.config = _config(self.disc)
         try:
             self.sampler.start(ATTACH_TIMEOUT_S)
         except BaseException:
@@ -123,7 +122,7 @@ class TopSession:
                 "found": [{"pid": p, "title": t} for p, t in self.disc.seen], "duration_s": round(watched, 3),
                 "rate_hz": self.rate, "block_s": BLOCK_S,
                 "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in self.sampler.chains},
-                "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": {"summary": self.header},
+                "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": self.config,
                 "exited": [], "interrupted": False}
         return build_run(samples, self.ruleset, watched, self.whole, live, [])
 
@@ -206,7 +205,8 @@ def render(sess: TopSession, st: ViewState, snap: Snapshot, width: int = 80, hei
     state = f"[paused {snap.taken}]" if st.paused else snap.taken
     title = f"mmdiag top - PID {sess.disc.target_pid} {sess.disc.target_title}"
     lines = [title[: width - len(state) - 3].ljust(width - len(state) - 2) + state,
-             f"path {snap.path} | {sess.header}",
+             f"path {snap.path}" + (f" | {sess.config['lines'][0]}" if len(sess.config["lines"]) == 1 else ""),
+             *([f"  {ln}" for ln in sess.config["lines"][:3]] if len(sess.config["lines"]) > 1 else []),
              f"window {snap.span_s:.0f} s of {sess.window_s:g} s, {sess.rate} Hz, py-spy {sess.spy.version}; "
              "+/- is the 95% interval", ""]
     if VIEWS[st.view] == "rank":

@@ -36,7 +36,7 @@ def _profile_head(run: Run, name: str) -> str:
         return (f"profile of PID {live.target_pid} ({live.target_title or ''}): "
                 f"{len(run.ranks or [])} rank(s), {live.duration_s:.1f} s at {live.rate_hz} Hz, "
                 f"py-spy {live.pyspy.get('version')}; multimodal path: {name}"
-                + (f"\nconfiguration: {live.config['summary']}" if live.config.get("summary") else ""))
+                + "".join(f"\nconfiguration: {ln}" for ln in live.config.get("lines", ())))
     return f"profile from {len(live.files)} py-spy raw file(s); multimodal path: {name}"
 
 
