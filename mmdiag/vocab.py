@@ -21,13 +21,30 @@ CONTRACT_PHASES = ("recv", "from_dict", "pickle", "broadcast", "unpickle")
 #   idle       waiting for the next arrival with nothing to do.
 PHASES = CONTRACT_PHASES + ("forward", "other", "idle")
 
+# Phases the shared-memory transport adds on every rank (SGLang 0.5.10+'s path; the
+# live profiler maps the real frames to them):
+#   shm_open   opening each feature's segment (ShmPointerMMData's handle -> fd)
+#   shm_sync   the barrier until every rank has opened, and the all_reduce(MAX) that
+#              makes every rank reject the same failed requests (_finalize_shm_features)
+#   shm_map    mapping the pages copy-on-write, and unlinking the segment (materialize)
+SHM_PHASES = ("shm_open", "shm_sync", "shm_map")
+PHASES = PHASES + SHM_PHASES
+
 # Time spent before the scheduler (the tokenizer manager): the precompute strategy
 # moves hashing there. Reported separately, never folded into a scheduler phase.
-TOKENIZER_PHASES = ("tokenizer_hash",)
+# The shared-memory transport's write of each feature into its segment (tokenizer_shm)
+# is tokenizer-side too.
+TOKENIZER_PHASES = ("tokenizer_hash", "tokenizer_shm")
+
+# How feature bytes reach the TP ranks:
+#   pickle  inside the recv broadcast (broadcast_pyobj pickles every request), SGLang <= 0.5.9
+#   shm     written once into a POSIX shared segment by the tokenizer; the recv broadcast
+#           carries a handle (name, shape, dtype), every rank maps the pages (0.5.10+)
+TRANSPORTS = ("pickle", "shm")
 
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
-STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async")
+STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async", "shm")
 
 # Which of them `mmdiag apply` can patch in is said by each strategy's module (its `patch`):
 # mmdiag.strategies.PATCHABLE.

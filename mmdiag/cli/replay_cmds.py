@@ -9,7 +9,7 @@ from .. import api
 from .. import render as out
 from ..errors import MmdiagError
 from ..strategies import catalog
-from ..vocab import STRATEGIES
+from ..vocab import STRATEGIES, TRANSPORTS
 from . import options as o
 from .app import mark_json, show
 from .. import progress
@@ -63,6 +63,9 @@ def replay_options(f):
                           "[default: this interpreter's]"),
         click.option("--enable-broadcast-flag", is_flag=True,
                      help="with --impl sglang on 0.5.5.post3+: replay as if --enable-broadcast-mm-inputs-process were on"),
+        click.option("--transport", type=click.Choice(TRANSPORTS), default=None,
+                     help="how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) or shm "
+                          "(shared-memory handles, 0.5.10+) [default: what the trace's or installed release implies]"),
         click.option("--quiet", "-q", is_flag=True, help="no progress on stderr"),
     ]
     for opt in reversed(opts):

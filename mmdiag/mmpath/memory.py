@@ -24,8 +24,6 @@ RANK_BASE_BYTES = 300 * MiB
 COPIES_PER_RANK = 4
 # Free memory under this fraction of the total during a run: a SIGKILL was likely the OOM killer.
 LOW_MEMORY_FRACTION = 0.10
-# The launcher tells each rank its heap ceiling (bytes) through this variable.
-RANK_MEMORY_ENV = "MMDIAG_RANK_MEMORY"
 
 
 @dataclass(frozen=True)

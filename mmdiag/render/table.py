@@ -61,8 +61,11 @@ def render_run(run: Run) -> str:
              "pickle/broadcast/unpickle = the strategy's own collective)", "", phase_table(run)]
     tok = [(n, s.tokenizer_ms) for n, s in run.strategies.items() if s.tokenizer_ms]
     for n, tk in tok:
-        parts.append(f"\n{n}: tokenizer-side hashing {_f(tk['per_mm_request'], 2)} ms per multimodal request "
-                     f"(one tokenizer process caps at {_f(tk['capacity_rps'])} req/s); included in its latency")
+        what = " + ".join(w for w, k in (("hashing", "tokenizer_hash"), ("shared-memory write", "tokenizer_shm"))
+                          if tk.get(k, 1.0))
+        parts.append(f"\n{n}: tokenizer-side {what} {_f(tk['per_mm_request'], 2)} ms per multimodal request "
+                     f"(the tokenizer stage caps at {_f(tk['capacity_rps'])} req/s with "
+                     f"{tk.get('workers', 1)} hashing worker(s); throughput is the lower of it and the loop's)")
     bad = [n for n, s in run.strategies.items() if s.ranks_agree is False]
     if bad:
         parts.append(f"\nWARNING: ranks disagree on hashes/pad values for: {', '.join(bad)}")

@@ -34,44 +34,58 @@ def latency_hist(values_ms: list[float], bins: int = 40) -> dict[str, list[float
     return {"edges_ms": edges, "counts": counts}
 
 
-def strategy_result(name: str, outcomes: list[RankOutcome], tok_s: dict[int, float],
-                    stats: TraceStats, tok_in_latency: bool = True) -> StrategyResult:
-    """`tok_s`: tokenizer-side hashing per request index. It delays the request before
-    the scheduler sees it, so it is added to latency, unless it already ran inside the
-    timed window (`--impl sglang`, where the entry rank runs the install's tokenizer step)."""
+def tokenizer_stage(tok: dict[str, dict[int, float]], n: int, workers: int) -> dict[str, float]:
+    """The tokenizer side as a pipeline stage: hashing spreads over `workers` threads
+    (sha256 releases the GIL), the shared-memory write runs on its loop. Its capacity
+    bounds the replay's throughput like the scheduler loop does."""
+    hash_s = sum(tok.get("tokenizer_hash", {}).values())
+    shm_s = sum(tok.get("tokenizer_shm", {}).values())
+    busy = hash_s / workers + shm_s
+    if not busy:
+        return {}
+    mm = len(set(tok.get("tokenizer_hash", {})) | set(tok.get("tokenizer_shm", {})))
+    return {"tokenizer_hash": hash_s * 1000.0, "tokenizer_shm": shm_s * 1000.0,
+            "per_mm_request": (hash_s + shm_s) / max(mm, 1) * 1000.0, "workers": workers,
+            "capacity_rps": n / busy}
+
+
+def strategy_result(name: str, outcomes: list[RankOutcome], tok: dict[str, dict[int, float]],
+                    stats: TraceStats, workers: int = 1, outside_window: tuple[str, ...] = ()) -> StrategyResult:
+    """`tok`: tokenizer-side seconds per phase and request index. Phases in `outside_window`
+    ran before the timed window (the model's hashing pre-pass): each delays its request
+    before the scheduler sees it, so it is added to latency. Throughput is the lower of
+    the scheduler loop's and the tokenizer stage's."""
     entry = next(o for o in outcomes if o.rank == 0)
     lat_ms, last = [], 0.0
     first = min((a for a, _ in entry.arrivals.values()), default=0.0)
     for rid, (arrival, idx) in entry.arrivals.items():
         held = max(o.holds.get(rid, math.inf) for o in outcomes)
         last = max(last, held)
-        # Tokenizer-side hashing (precompute) delays the request before the scheduler sees it.
-        lat_ms.append((held - arrival + (tok_s.get(idx, 0.0) if tok_in_latency else 0.0)) * 1000.0)
+        before = sum(tok.get(p, {}).get(idx, 0.0) for p in outside_window)
+        lat_ms.append((held - arrival + before) * 1000.0)
     duration = max(last - first, 1e-9)
     n = len(entry.arrivals)
     agree = (len({o.digest for o in outcomes}) == 1 and all(o.held == n for o in outcomes)
              and all(o.invalid == 0 for o in outcomes))
+    tokenizer = tokenizer_stage(tok, n, workers)
+    loop_rps = n / duration
+    if tokenizer:
+        tokenizer["loop_rps"] = loop_rps
+    rps = min(loop_rps, tokenizer.get("capacity_rps", math.inf))
     ranks = [RankResult(rank=o.rank, cpu_s=o.cpu_s, wall_s=o.wall_s, phases_ms=o.phases_ms,
                         replay=ReplayRank(iterations=o.iterations, loop_stall_ms=o.loop_stall_ms,
                                           collectives=o.collectives, bytes_sent=o.bytes_sent,
                                           recv_bytes=o.recv_bytes))
              for o in sorted(outcomes, key=lambda o: o.rank)]
-    tok_total = sum(tok_s.values())
-    tokenizer = {}
-    if tok_s:
-        per = tok_total / len(tok_s)
-        tokenizer = {"tokenizer_hash": tok_total * 1000.0, "per_mm_request": per * 1000.0,
-                     # One tokenizer process hashing serially caps the request rate here.
-                     "capacity_rps": n / tok_total if tok_total else math.inf}
     return StrategyResult(
-        name=name, requests=n, duration_s=duration, throughput_rps=n / duration,
+        name=name, requests=n, duration_s=duration, throughput_rps=rps,
         latency_ms=summarize_ms(lat_ms), ranks=ranks,
         bytes_per_request=(entry.recv_bytes + entry.bytes_sent) / max(n, 1),
         collectives_per_request=entry.collectives / max(n, 1),
         mm_requests=stats.mm_requests, items=stats.items,
         requests_per_iteration=(statistics.fmean(entry.batch_sizes) if entry.batch_sizes else 0.0),
         tokenizer_ms=tokenizer, ranks_agree=agree,
-        repeats_rps=[n / duration], repeats_p99_ms=[summarize_ms(lat_ms)["p99"]],
+        repeats_rps=[rps], repeats_p99_ms=[summarize_ms(lat_ms)["p99"]],
         latency_hist=latency_hist(lat_ms), recv_cap_hits=entry.cap_hits,
     )
 
@@ -90,20 +104,21 @@ def host_info() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def assemble_run(results: dict[str, list[StrategyResult]], world: int, args: Any,
+def assemble_run(results: dict[str, list[StrategyResult]], world: int, job: Any,
                  header: TraceHeader, stats: TraceStats) -> Run:
+    o = job.options
     return Run(
         schema=REPLAY_SCHEMA, tp=world,
         strategies={name: merge_repeats(runs) for name, runs in results.items()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         host=host_info(),
-        trace={"path": os.path.abspath(args.trace), "source": header.source, "arrival": header.arrival,
+        trace={"path": os.path.abspath(job.trace), "source": header.source, "arrival": header.arrival,
                "model": header.model.get("name"), "requests": stats.requests, "mm_requests": stats.mm_requests,
                "items": stats.items, "mm_bytes": stats.mm_bytes, "modalities": stats.modalities,
                "duration_s": stats.duration_s,  # arrival span: the offered rate of an open loop
                "mean_mm_request_bytes": stats.mm_bytes / max(stats.mm_requests, 1)},
-        config={"forward_ms": args.forward_ms, "max_concurrency": args.max_concurrency,
-                "max_recv_mb": args.max_recv_mb,
-                "repeat": args.repeat, "timeout_s": args.timeout, "impl": args.impl,
+        config={"forward_ms": o.forward_ms, "max_concurrency": o.max_concurrency,
+                "max_recv_mb": o.max_recv_mb,
+                "repeat": o.repeat, "timeout_s": o.timeout, "impl": o.impl,
                 "launcher": os.environ.get("MMDIAG_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env")},
     )

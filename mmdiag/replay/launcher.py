@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import MmdiagError, ReplayError, Terminated
@@ -28,7 +27,10 @@ from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
 from ..units import MB, fmt_gb
+from ..mmpath import shm
+from ..vocab import TRANSPORTS
 from . import heartbeat
+from .options import JOB_ENV, RankJob, ReplayOptions
 
 GRACE_S = 5.0
 
@@ -47,24 +49,6 @@ def check_port(port: int) -> None:
         except OSError:
             raise ReplayError(f"port {port} is already in use", where="--port",
                               fix="pick another port or leave --port out to use a free one") from None
-
-
-@dataclass
-class ReplayOptions:
-    tp: int
-    strategies: list[str]
-    timeout: float = 60.0
-    forward_ms: float = 0.0
-    max_concurrency: int | None = None
-    max_recv_mb: float = 256.0
-    repeat: int = 1
-    port: int | None = None
-    timeline: str | None = None
-    # "sglang": run the installed SGLang's own mm path (sglang_path, or this interpreter's).
-    impl: str = "mmdiag"
-    sglang_path: str | None = None
-    enable_broadcast_flag: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def _kill_all(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
@@ -101,6 +85,9 @@ def _last_line(path: str) -> str:
 def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None) -> Run:
     """Replay `trace` through opts.tp rank processes; return the Run (and write
     opts.timeline if asked). Raises ReplayError naming the rank that failed."""
+    if opts.transport is not None and opts.transport not in TRANSPORTS:
+        raise MmdiagError(f"unknown transport {opts.transport!r}", where="--transport",
+                          fix=f"choose from: {', '.join(TRANSPORTS)}")
     for flag, value, ok in [("--tp", opts.tp, opts.tp >= 1), ("--repeat", opts.repeat, opts.repeat >= 1),
                             ("--timeout", opts.timeout, opts.timeout > 0),
                             ("--max-recv-mb", opts.max_recv_mb, opts.max_recv_mb > 0),
@@ -122,22 +109,14 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         tl_dir = os.path.join(tmp, "timeline") if opts.timeline else None
         if tl_dir:
             os.makedirs(tl_dir)
-        cmd = [sys.executable, "-m", "mmdiag.replay.worker", os.path.abspath(trace), "--out", out,
-               "--timeout", str(opts.timeout), "--forward-ms", str(opts.forward_ms),
-               "--repeat", str(opts.repeat), "--max-recv-mb", str(opts.max_recv_mb),
-               "--progress-file", prog]
-        for s in opts.strategies:
-            cmd += ["--strategy", s]
-        if opts.max_concurrency is not None:
-            cmd += ["--max-concurrency", str(opts.max_concurrency)]
-        if tl_dir:
-            cmd += ["--timeline-dir", tl_dir]
+        prefix = f"mmdiag-{os.getpid()}-{port}-"
+        job = RankJob(trace=os.path.abspath(trace), out=out, options=opts, progress_file=prog,
+                      timeline_dir=tl_dir, heap_ceiling=est.heap_ceiling, shm_prefix=prefix)
+        job.save(os.path.join(tmp, "job.json"))
+        cmd = [sys.executable, "-m", "mmdiag.replay.worker"]
         if opts.impl == "sglang":
             from ..sglang.runtime import load_sglang_mm_path
             load_sglang_mm_path(opts.sglang_path)  # an unknown install fails here, in one line
-            cmd += ["--impl", "sglang"] + (["--sglang", opts.sglang_path] if opts.sglang_path else [])
-            if opts.enable_broadcast_flag:
-                cmd += ["--enable-broadcast-flag"]
         procs: list[subprocess.Popen] = []
         logs = [os.path.join(tmp, f"rank{r}.log") for r in range(opts.tp)]
         beats = os.path.join(tmp, "heartbeat")
@@ -147,7 +126,7 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
                 env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(opts.tp),
                            LOCAL_WORLD_SIZE=str(opts.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            MMDIAG_PARENT_PID=str(os.getpid()), MMDIAG_LAUNCHER="mmdiag",
-                           **{heartbeat.ENV: beats, memory.RANK_MEMORY_ENV: str(est.heap_ceiling)},
+                           **{heartbeat.ENV: beats, JOB_ENV: os.path.join(tmp, "job.json")},
                            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **opts.extra_env)
                 with open(logs[r], "w") as log:
                     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -156,6 +135,8 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         except BaseException:
             _kill_all(procs)
             raise
+        finally:
+            shm.sweep(prefix)  # what a killed rank left in /dev/shm
         run = Run.load(out)
         if tl_dir:
             from ..render.timeline import combine_timeline
@@ -172,8 +153,11 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
     if conc is None and header.arrival.get("mode") == "closed":
         conc = int(header.arrival["max_concurrency"])
     from ..replay.scheduler import MAX_PENDING
+    from ..strategies import REGISTRY
+    background = any(getattr(REGISTRY.get(n), "cost_class", None) == "background" for n in opts.strategies)
     est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * MB),
-                          conc, backlog_requests=MAX_PENDING if "async" in opts.strategies else 0)
+                          conc, backlog_requests=MAX_PENDING if background else 0,
+                          shared_copy=opts.transport == "shm" or "shm" in opts.strategies)
     avail = memory.available_bytes()
     if est.total > avail:
         raise MmdiagError(f"this replay needs {est.explain()}, more than the {fmt_gb(avail)} "

@@ -29,8 +29,9 @@ from ..run import summarize_ms
 from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
 from .comm import broadcast_pyobj
-from .mm import PAD_MODULUS, MultimodalDataItem, hash_feature
-from .sglang_impl import InstalledPath, tokenizer_side
+from ..mmpath.transport import PickleTransport, Transport
+from ..vocab import TOKENIZER_PHASES
+from .mm import PAD_MODULUS, hash_feature
 from .timers import PhaseTimers
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
@@ -56,20 +57,17 @@ def make_feature(shape: tuple[int, ...], dtype: str, idx: int) -> torch.Tensor:
     return torch.full(shape, (idx % FILL_VALUES) + 1, dtype=TORCH_DTYPES[dtype])
 
 
-def make_request(tr: TraceRequest, idx: int, arrival: float, image_token_id: int,
-                 hashes: list[int] | None = None, installed: Any = None) -> ReplayRequest:
+def make_request(tr: TraceRequest, idx: int, arrival: float, strategy: Strategy,
+                 hashes: list[int] | None = None) -> ReplayRequest:
+    """What the tokenizer hands the entry rank: the request with its features, in the
+    strategy's own item classes (mmdiag's model, or an installed SGLang's)."""
     n_tokens = tr.prompt_len + sum(it.shape[0] // 4 for it in tr.mm)  # merge 2x2 -> tokens
     mm = None
-    if tr.mm and installed is not None:
-        # --impl sglang: the install's own item classes, hashes set by its tokenizer step.
-        mm = installed.wrap([it.modality for it in tr.mm], [make_feature(it.shape, it.dtype, idx) for it in tr.mm])
-    elif tr.mm:
-        items = []
-        for k, it in enumerate(tr.mm):
-            h = it.hash if it.hash is not None else (hashes[k] if hashes else None)
-            items.append(MultimodalDataItem(it.modality, make_feature(it.shape, it.dtype, idx), hash=h))
-        mm = {"mm_items": items, "im_token_id": image_token_id}
-    return ReplayRequest(tr.rid, idx, [image_token_id] * n_tokens, mm, arrival)
+    if tr.mm:
+        hs = [it.hash if it.hash is not None else (hashes[k] if hashes else None) for k, it in enumerate(tr.mm)]
+        mm = strategy.raw_mm_inputs([it.modality for it in tr.mm],
+                                    [make_feature(it.shape, it.dtype, idx) for it in tr.mm], hs)
+    return ReplayRequest(tr.rid, idx, [strategy.image_token_id] * n_tokens, mm, arrival)
 
 
 def tokenizer_prepass(trace_path: str) -> tuple[dict[int, list[int]], dict[int, float]]:
@@ -171,12 +169,15 @@ class RankOutcome:
     batch_sizes: list[int] = field(default_factory=list)
     invalid: int = 0  # held requests whose items lack a hash, a matching pad value or an item
     cap_hits: int = 0
+    tokenizer: dict[str, dict[int, float]] = field(default_factory=dict)  # entry rank: phase -> idx -> s
+    transport: dict[str, Any] = field(default_factory=dict)
 
 
 class ReplayScheduler:
     def __init__(self, rank: int, world: int, strategy: Strategy, timers: PhaseTimers, *,
                  cpu_group: Any = None, timeout: timedelta = timedelta(seconds=60),
-                 forward_ms: float = 0.0, progress: Any = None, heap_ceiling: int = 0):
+                 forward_ms: float = 0.0, progress: Any = None, heap_ceiling: int = 0,
+                 transport: Transport | None = None):
         self.rank, self.world = rank, world
         self.is_entry_rank = rank == 0
         self.strategy = strategy
@@ -189,10 +190,11 @@ class ReplayScheduler:
         self.fingerprints: dict[str, tuple] = {}
         self.recv_bytes = 0
         self.arrivals: dict[str, tuple[float, int]] = {}
-        self.tokenizer_s: dict[int, float] = {}
-        # Entry rank only, set by the worker: the model's image token and, for
-        # precompute, the item hashes its tokenizer pre-pass computed.
-        self.image_token_id = 0
+        # Tokenizer-side seconds per request index, by phase (vocab.TOKENIZER_PHASES).
+        self.tokenizer: dict[str, dict[int, float]] = {p: {} for p in TOKENIZER_PHASES}
+        self.transport = transport or PickleTransport()
+        # Entry rank only, set by the worker: for precompute, the item hashes its
+        # tokenizer pre-pass computed.
         self.precomputed: dict[int, list[int]] = {}
         self.globally_held = 0
         self.held_at = time.time()
@@ -215,6 +217,7 @@ class ReplayScheduler:
                 reqs = self.recv_requests(intake)
                 if self.stop:
                     break
+                reqs = self.transport.deliver(self, reqs)
                 ready = self.process_input_requests(reqs)
                 ready += self.strategy.poll(self)
                 self.hold(ready)
@@ -233,6 +236,8 @@ class ReplayScheduler:
                     self.progress(self.globally_held, total)
         finally:
             self.strategy.teardown(self)
+            if self.is_entry_rank:
+                self.transport.close()
         t.maybe_flush(force=True)
         digest = hashlib.sha256(repr(sorted(self.fingerprints.items())).encode()).hexdigest()
         return RankOutcome(
@@ -241,7 +246,8 @@ class ReplayScheduler:
             loop_stall_ms=summarize_ms(list(stalls)), collectives=t.collectives,
             bytes_sent=t.sent_bytes, recv_bytes=self.recv_bytes, holds=self.holds, arrivals=self.arrivals,
             digest=digest, held=len(self.holds), batch_sizes=batch_sizes, invalid=self.invalid,
-            cap_hits=intake.cap_hits if intake is not None else 0)
+            cap_hits=intake.cap_hits if intake is not None else 0, tokenizer=self.tokenizer,
+            transport={"name": self.transport.name, **{k: getattr(self.transport, k, 0) for k in ("fallbacks", "rejected")}})
 
     def recv_requests(self, intake: Intake | None) -> list[ReplayRequest]:
         msg = None
@@ -254,14 +260,9 @@ class ReplayScheduler:
                 # its queue would otherwise hold features without bound.
                 backlog = self.strategy.pending() >= MAX_PENDING
                 admitted = [] if backlog else intake.admit(time.time(), self.globally_held, self.held_at)
-                installed = self.strategy if isinstance(self.strategy, InstalledPath) else None
-                reqs = [make_request(tr, idx, arr, self.image_token_id, self.precomputed.get(idx), installed)
+                reqs = [make_request(tr, idx, arr, self.strategy, self.precomputed.get(idx))
                         for idx, tr, arr in admitted]
-                if installed is not None and installed.hashes_in_tokenizer:
-                    for r in reqs:
-                        if r.mm_inputs is not None:
-                            # On the entry rank here, so it costs this loop time too (noted in the Run).
-                            self.tokenizer_s[r.idx] = tokenizer_side(installed.path, r.mm_inputs)
+                self._tokenizer_side(reqs)
                 for r in reqs:
                     self.arrivals[r.rid] = (r.arrival, r.idx)
                 done = intake.exhausted and self.globally_held >= intake.admitted and not reqs
@@ -279,6 +280,20 @@ class ReplayScheduler:
             self.timers.add("idle", moved)
         self.stop = kind == "stop"
         return reqs
+
+    def _tokenizer_side(self, reqs: list[ReplayRequest]) -> None:
+        """What the tokenizer does to each request before the scheduler sees it (an
+        installed release's own hashing step, the transport's segment write). It runs
+        here, on the entry rank, so it is moved out of `recv` and booked per phase as
+        tokenizer-side time: never hidden, never counted as scheduler work."""
+        for r in reqs:
+            if r.mm_inputs is None:
+                continue
+            for phase, dt in (("tokenizer_hash", self.strategy.tokenizer_step(r.mm_inputs)),
+                              ("tokenizer_shm", self.transport.encode(self, r.mm_inputs))):
+                if dt:
+                    self.tokenizer[phase][r.idx] = dt
+                    self.timers.add("recv", -dt)
 
     def _wait_for_arrivals(self, intake: Intake) -> float:
         """Nothing to do until the next arrival: sleep (the loop is idle, not stalled).

@@ -7,7 +7,6 @@ in turn, and sends its measurements to rank 0, which writes the Run.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -17,20 +16,22 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import strategies as strategy_registry
 from ..errors import MmdiagError
-from ..mmpath import memory
-from ..mmpath.memory import RANK_MEMORY_ENV
+from ..mmpath import memory, shm
+from ..mmpath import transport as transport_mod
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
 from .assemble import assemble_run, strategy_result
 from . import heartbeat
 from .comm import broadcast_pyobj, install_torch_timers
+from .options import job_for_this_rank
 from .scheduler import Intake, ReplayScheduler, tokenizer_prepass
 from .timers import PhaseTimers
 
@@ -56,28 +57,6 @@ def _set_title(rank: int) -> None:
         setproctitle.setproctitle(f"{REPLAY_RANK_TITLE}_TP{rank}")
     except ImportError:
         pass
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmdiag.replay.worker",
-                                description="One mmdiag replay rank (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from env, as torchrun sets them).")
-    p.add_argument("trace")
-    p.add_argument("--out", required=True, help="Run JSON written by rank 0")
-    p.add_argument("--strategy", action="append", default=[], help="strategy name (repeatable) or 'all'")
-    p.add_argument("--timeout", type=float, default=60.0, help="collective timeout, seconds")
-    p.add_argument("--forward-ms", type=float, default=0.0)
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--max-recv-mb", type=float, default=256.0,
-                   help="most feature MB the entry rank admits in one loop iteration (bounds memory)")
-    p.add_argument("--timeline-dir", default=None)
-    p.add_argument("--progress-file", default=None)
-    p.add_argument("--impl", choices=("mmdiag", "sglang"), default="mmdiag",
-                   help="mmdiag: the strategies' models; sglang: the installed SGLang's own code (--sglang)")
-    p.add_argument("--sglang", default=None, help="with --impl sglang: the install (default: this interpreter's)")
-    p.add_argument("--enable-broadcast-flag", action="store_true",
-                   help="with --impl sglang on flag releases: replay with --enable-broadcast-mm-inputs-process on")
-    return p.parse_args(argv)
 
 
 class _Progress:
@@ -107,106 +86,130 @@ def _warm_up(rank: int, group, nbytes: int) -> None:
     dist.broadcast_object_list(objs, src=0, group=group)
 
 
-def _make_strategy(name, rank, group, results, world, args, header, stats):
+def _make_strategy(name, rank, group, results, world, job, header, stats):
     """A strategy that configures itself from what this replay measured so far (cond's
     threshold: the crossover of the strategies before it) gets a provisional Run on rank 0
     and agrees with the other ranks itself; the others take no arguments."""
     cls = strategy_registry.get(name)
     if not hasattr(cls, "for_replay"):
         return cls()
-    measured = assemble_run(results, world, args, header, stats) if rank == 0 and results else None
+    measured = assemble_run(results, world, job, header, stats) if rank == 0 and results else None
     return cls.for_replay(rank, group, measured)
 
 
-def run_rank(args: argparse.Namespace) -> int:
+class _Plan:
+    """What this replay runs: the strategies and how each is made (mmdiag's models, or
+    the installed SGLang as a plug-in), the transport, the tokenizer's workers."""
+
+    def __init__(self, job, rank: int, header):
+        o = job.options
+        self.installed = None
+        if o.impl == "sglang":
+            from ..sglang.runtime import load_sglang_mm_path
+            from .sglang_impl import InstalledPath
+            self.installed = load_sglang_mm_path(o.sglang_path)
+            self.make = lambda name, *a: InstalledPath(self.installed, o.enable_broadcast_flag)
+            self.names = [self.make("").name]
+            version = self.installed.install.version
+        else:
+            self.make = _make_strategy
+            self.names = strategy_registry.resolve(o.strategies)
+            version = (header.source.get("sglang_version") if header is not None else None)
+        # The installed code runs its own path on pickled features unless told otherwise.
+        self.transport = o.transport or ("pickle" if self.installed else transport_mod.default_transport(version))
+        self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
+        port = os.environ.get("MASTER_PORT", "0")
+        self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
+
+    def transport_of(self, strategy) -> str:
+        return strategy.transport or self.transport
+
+
+def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> Any:
+    """One replay of one strategy; returns rank 0's StrategyResult (None elsewhere)."""
+    o = job.options
+    strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
+    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix)
+    timers.reset(name)
+    sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
+                            forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],
+                            transport=transport)
+    outside: dict[int, float] = {}
+    intake = None
+    if rank == 0:
+        ctx["progress"].label = name + (f" {rep + 1}/{o.repeat}" if o.repeat > 1 else "")
+        strategy.image_token_id = ctx["image_token_id"]
+        if strategy.hashes_in_tokenizer and plan.installed is None:
+            if ctx.get("prepass") is None:  # once per replay: the same trace for every repeat
+                ctx["prepass"] = tokenizer_prepass(job.trace)
+            sched.precomputed, outside = ctx["prepass"]
+    dist.barrier(group=group)
+    try:
+        if rank == 0:
+            intake = Intake(job.trace, time.time(), ctx["max_conc"], int(o.max_recv_mb * MB))
+        outcome = sched.event_loop(intake, ctx["stats"].requests if ctx["stats"] else None)
+    finally:
+        if intake is not None:
+            intake.close()
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(outcome, gathered, dst=0, group=group)
+    if rank != 0:
+        return None
+    # Transport facts of the entry rank (features kept inline, requests every rank rejected).
+    ctx["described"][name] = {**strategy.describe(), "transport": outcome.transport}
+    tok = dict(outcome.tokenizer)
+    if outside:  # hashed before the window: it delays each request, so latency gets it
+        tok["tokenizer_hash"] = outside
+    res = strategy_result(name, gathered, tok, ctx["stats"], workers=plan.workers,
+                          outside_window=("tokenizer_hash",) if outside else ())
+    ctx["progress"](ctx["stats"].requests, ctx["stats"].requests, force=True)
+    return res
+
+
+def run_rank(job) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _set_title(rank)
-    timeout = timedelta(seconds=args.timeout)
+    o = job.options
+    timeout = timedelta(seconds=o.timeout)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     group = dist.group.WORLD
-    installed = None
-    if args.impl == "sglang":
-        from ..sglang.runtime import load_sglang_mm_path
-        from .sglang_impl import InstalledPath
-        installed = load_sglang_mm_path(args.sglang)
-        names = [InstalledPath(installed, args.enable_broadcast_flag).name]
-    else:
-        names = strategy_registry.resolve(args.strategy)
-    tracer = None
-    if args.timeline_dir:
-        from viztracer import VizTracer
-        tracer = VizTracer(output_file=os.path.join(args.timeline_dir, f"rank{rank}.json"),
-                           max_stack_depth=0, verbose=0, pid_suffix=False, process_name=f"rank {rank}")
-        tracer.start()
     header = stats = None
     if rank == 0:
-        header, stats = scan(args.trace)
+        header, stats = scan(job.trace)
+    plan = _Plan(job, rank, header)
+    tracer = None
+    if job.timeline_dir:
+        from viztracer import VizTracer
+        tracer = VizTracer(output_file=os.path.join(job.timeline_dir, f"rank{rank}.json"),
+                           max_stack_depth=0, verbose=0, pid_suffix=False, process_name=f"rank {rank}")
+        tracer.start()
     _warm_up(rank, group, stats.max_request_bytes if stats else 0)
     timers = PhaseTimers(rank, tracer=tracer, stats_dir=os.environ.get("MMDIAG_STATS_DIR"))
     install_torch_timers(timers)
-    progress = _Progress(args.progress_file) if rank == 0 else None
-
+    ctx: dict[str, Any] = {"header": header, "stats": stats, "timeout": timeout, "described": {},
+                           "progress": _Progress(job.progress_file) if rank == 0 else None,
+                           # The launcher's heap ceiling for a rank; under torchrun, the byte cap's bound.
+                           "heap_ceiling": job.heap_ceiling or memory.RANK_BASE_BYTES + int(o.max_recv_mb * MB)}
     if rank == 0:
-        max_conc = args.max_concurrency
-        if max_conc is None and header.arrival.get("mode") == "closed":
-            max_conc = int(header.arrival["max_concurrency"])
-        image_token_id = int(header.model.get("image_token_id", 0))
-    # The launcher's heap ceiling for a rank; under torchrun, the byte cap's bound.
-    heap_ceiling = int(os.environ.get(RANK_MEMORY_ENV, 0)) or (
-        memory.RANK_BASE_BYTES + int(args.max_recv_mb * MB))
-    results = {}
-    described: dict[str, dict] = {}
-    prepass = None
-    for name in names:
-        runs = []
-        for rep in range(args.repeat):
-            strategy = (InstalledPath(installed, args.enable_broadcast_flag) if installed is not None
-                        else _make_strategy(name, rank, group, results, world, args, header, stats))
-            timers.reset(name)
-            sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=timeout,
-                                    forward_ms=args.forward_ms, progress=progress, heap_ceiling=heap_ceiling)
-            tok_s: dict[int, float] = {}
+        ctx["max_conc"] = o.max_concurrency
+        if ctx["max_conc"] is None and header.arrival.get("mode") == "closed":
+            ctx["max_conc"] = int(header.arrival["max_concurrency"])
+        ctx["image_token_id"] = int(header.model.get("image_token_id", 0))
+    results: dict[str, list] = {}
+    try:
+        for name in plan.names:
+            runs = [_measure(job, plan, name, rep, rank, world, group, timers, ctx, results) for rep in range(o.repeat)]
             if rank == 0:
-                progress.label = f"{name}" + (f" {rep + 1}/{args.repeat}" if args.repeat > 1 else "")
-                sched.image_token_id = image_token_id
-                if strategy.hashes_in_tokenizer and installed is None:
-                    if prepass is None:  # once per replay: the same trace for every repeat
-                        prepass = tokenizer_prepass(args.trace)
-                    sched.precomputed, tok_s = prepass
-            dist.barrier(group=group)
-            intake = (Intake(args.trace, time.time(), max_conc, int(args.max_recv_mb * MB))
-                      if rank == 0 else None)
-            try:
-                outcome = sched.event_loop(intake, stats.requests if stats else None)
-                if installed is not None:
-                    tok_s = sched.tokenizer_s
-            finally:
-                if intake is not None:
-                    intake.close()
-            if rank == 0:
-                described[name] = strategy.describe()
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(outcome, gathered, dst=0, group=group)
-            if rank == 0:
-                runs.append(strategy_result(name, gathered, tok_s, stats, tok_in_latency=installed is None))
-                progress(stats.requests, stats.requests, force=True)
-            del outcome, sched, strategy
+                results[name] = runs
+    finally:
         if rank == 0:
-            results[name] = runs
+            shm.sweep(plan.prefix)
     if tracer is not None:
         tracer.stop()
         tracer.save()
     dist.barrier(group=group)
     if rank == 0:
-        run = assemble_run(results, world, args, header, stats)
-        run.config["strategies"] = described
-        if installed is not None:
-            det = installed.detection
-            run.config["impl"] = "sglang"
-            run.config["sglang"] = {"path": str(installed.install.package_dir), "version": installed.install.version,
-                                    "variant": det.variant, "patched": det.patched,
-                                    "enable_broadcast_flag": args.enable_broadcast_flag}
-        run.save(args.out)
+        _write_run(job, plan, results, world, header, stats, ctx["described"])
     # Everyone waits until the Run is on disk, then leaves without tearing the gloo
     # group down: its teardown races with peers that already left and can abort the
     # process (std::terminate from a gloo thread), failing a run that had succeeded.
@@ -214,6 +217,20 @@ def run_rank(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _write_run(job, plan, results, world, header, stats, described) -> None:
+    run = assemble_run(results, world, job, header, stats)
+    run.config["strategies"] = described
+    run.config["transport"] = plan.transport
+    run.config["tokenizer_workers"] = plan.workers
+    if plan.installed is not None:
+        det = plan.installed.detection
+        run.config["impl"] = "sglang"
+        run.config["sglang"] = {"path": str(plan.installed.install.package_dir),
+                                "version": plan.installed.install.version, "variant": det.variant,
+                                "patched": det.patched, "enable_broadcast_flag": job.options.enable_broadcast_flag}
+    run.save(job.out)
 
 
 def _exit_now(code: int) -> None:
@@ -225,12 +242,12 @@ def _exit_now(code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
-    args = parse_args(argv)
+    job = job_for_this_rank(argv)
     rank = os.environ.get("RANK", "?")
     if rank != "?":
         heartbeat.start(int(rank))
     try:
-        return run_rank(args)
+        return run_rank(job)
     except KeyboardInterrupt:
         return 130
     except MmdiagError as e:

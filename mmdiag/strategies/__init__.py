@@ -16,8 +16,9 @@ from .dict_ import Dict
 from .dict_async import DictAsync
 from .precompute import Precompute
 from .revert import Revert
+from .shm import Shm
 
-REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async, Cond, DictAsync)}
+REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async, Cond, DictAsync, Shm)}
 assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
 # The one baseline: the path a recommendation or an acceptance report measures patches against.
 BASELINE: str = next(n for n, c in REGISTRY.items() if c.baseline)

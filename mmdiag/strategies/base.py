@@ -38,6 +38,22 @@ class Strategy:
     patch: ClassVar[str | None] = None
     # The current upstream path every patch is measured against (exactly one strategy).
     baseline: ClassVar[bool] = False
+    # A feature transport it brings whatever the replay's (vocab.TRANSPORTS); None: the replay's.
+    transport: ClassVar[str | None] = None
+    # The model's image token (set by the replay from the trace).
+    image_token_id: int = 0
+
+    def raw_mm_inputs(self, modalities: list[str], features: list[Any], hashes: list[int | None]) -> dict:
+        """One request's raw mm_inputs as the tokenizer hands them over, in this path's
+        item classes (mmdiag's model here; the installed-SGLang plug-in uses the install's)."""
+        from ..replay.mm import MultimodalDataItem
+        return {"mm_items": [MultimodalDataItem(m, f, hash=h) for m, f, h in zip(modalities, features, hashes)],
+                "im_token_id": self.image_token_id}
+
+    def tokenizer_step(self, raw_mm_inputs: dict) -> float:
+        """Tokenizer-side work this path runs inside the replay's window; seconds.
+        (mmdiag's model hashes before the window instead: see replay.scheduler.tokenizer_prepass.)"""
+        return 0.0
 
     def setup(self, s: "ReplayScheduler") -> None:
         pass

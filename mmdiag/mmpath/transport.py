@@ -1,0 +1,126 @@
+"""Transports: how feature bytes reach every TP rank (names: vocab.TRANSPORTS).
+
+`pickle` (SGLang <= 0.5.9): the bytes ride inside the recv broadcast; nothing to do.
+`shm` (0.5.10+): the tokenizer side writes each feature into a shared segment
+(`encode`, entry rank, booked as tokenizer_shm); after the recv broadcast every
+rank opens the segments, waits at a barrier until all have, maps them and the entry
+rank unlinks them, then an all_reduce(MAX) of per-request failures makes every rank
+reject the same requests (`deliver`, phases shm_open / shm_sync / shm_map).
+Whether `deliver` enters a collective is decided from the received requests, which
+are identical on every rank, so all ranks take the same collective sequence.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import MmdiagError
+from ..vocab import TRANSPORTS
+from . import shm
+
+
+class Transport:
+    name: ClassVar[str]
+
+    def encode(self, s: Any, mm_inputs: dict | None) -> float:
+        """Tokenizer side, on the entry rank: returns the seconds it took."""
+        return 0.0
+
+    def deliver(self, s: Any, reqs: list) -> list:
+        """Every rank, after the recv broadcast: returns the requests, rejected ones
+        with their mm_inputs dropped."""
+        return reqs
+
+    def close(self) -> None:
+        pass
+
+
+class PickleTransport(Transport):
+    name = "pickle"
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._seq = itertools.count()
+        self.fallbacks = 0  # features kept inline: shared memory unavailable or full
+        self.rejected = 0   # requests every rank rejected (a segment failed on some rank)
+
+    def encode(self, s, mm_inputs) -> float:
+        if mm_inputs is None:
+            return 0.0
+        t0 = time.perf_counter()
+        for item in mm_inputs["mm_items"]:
+            if isinstance(item.feature, torch.Tensor):
+                h = shm.write_segment(f"{self.prefix}{next(self._seq)}", item.feature)
+                if h is None:
+                    self.fallbacks += 1
+                else:
+                    item.feature = h
+        return time.perf_counter() - t0
+
+    def deliver(self, s, reqs) -> list:
+        items = [(i, it) for i, r in enumerate(reqs) if r.mm_inputs is not None
+                 for it in r.mm_inputs["mm_items"] if isinstance(it.feature, shm.ShmHandle)]
+        if not items:
+            return reqs
+        t = s.timers
+        failed = torch.zeros(len(reqs), dtype=torch.int32)
+        with t.phase("shm_open"):
+            fds = [shm.open_segment(it.feature) for _, it in items]
+        with t.phase("shm_sync"):
+            dist.barrier(group=s.cpu_group)  # every rank holds an fd: unlinking is safe now
+        with t.phase("shm_map"):
+            for (i, it), fd in zip(items, fds):
+                h = it.feature
+                it.feature = shm.map_segment(fd, h) if fd is not None else None
+                if it.feature is None:
+                    failed[i] = 1
+                if s.is_entry_rank:
+                    shm.unlink_segment(h)
+        with t.phase("shm_sync"):
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=s.cpu_group)
+        for i in failed.nonzero().flatten().tolist():
+            reqs[i].mm_inputs = None
+            self.rejected += 1
+        return reqs
+
+    def close(self) -> None:
+        shm.sweep(self.prefix)
+
+
+def make(name: str, prefix: str) -> Transport:
+    if name == "pickle":
+        return PickleTransport()
+    if name == "shm":
+        return ShmTransport(prefix)
+    raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
+
+
+# Release facts the defaults follow (SGLANG_NOTES): the recv broadcast carries
+# shared-memory handles from 0.5.10.post1, and the tokenizer hashes in a pool of 2 from 0.5.21.
+SHM_SINCE = "0.5.10"
+HASH_POOL_SINCE, HASH_POOL_WORKERS = "0.5.21", 2
+
+
+def _at_least(version: str | None, since: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+    try:
+        return version is not None and Version(version) >= Version(since)
+    except InvalidVersion:
+        return False
+
+
+def default_transport(version: str | None) -> str:
+    """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
+    return "shm" if _at_least(version, SHM_SINCE) else "pickle"
+
+
+def default_tokenizer_workers(version: str | None) -> int:
+    return HASH_POOL_WORKERS if _at_least(version, HASH_POOL_SINCE) else 1

@@ -1,0 +1,20 @@
+"""`shm`: the seeds' "solution 3" (shared memory: no pickle, no per-rank copy).
+
+Hashes are computed once before the scheduler (as `precompute`), and the features
+move by shared memory whatever the replay's transport: the tokenizer side writes
+each feature once into a segment, the recv broadcast carries handles, and every rank
+maps the pages copy-on-write, so no rank copies, pickles or hashes feature bytes.
+On SGLang 0.5.10+ this is the release's own transport plus SGLANG_MM_PRECOMPUTE_HASH=1.
+"""
+from __future__ import annotations
+
+from .precompute import Precompute
+
+
+class Shm(Precompute):
+    name = "shm"
+    summary = ("hashes computed once before the scheduler and features moved through POSIX shared memory "
+               "(handles in the recv broadcast, copy-on-write maps): no per-rank copy, pickle or hash")
+    collectives = "none"
+    transport = "shm"
+    patch = None  # the apply patch for 0.5.4.post1 .. 0.5.9 is the sglang layer's to add

@@ -1,0 +1,110 @@
+"""The shared-memory transport and the `shm` strategy in real gloo groups."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from mmdiag.mmpath import shm
+from mmdiag.replay import ReplayOptions, replay
+from mmdiag.vocab import SHM_PHASES, TRANSPORTS
+from conftest import make_trace, mmdiag_cli
+
+
+def _segments():
+    return glob.glob(os.path.join(shm.shm_dir(), "mmdiag-*"))
+
+
+@pytest.mark.slow
+def test_every_strategy_under_shm_at_tp2_agrees_and_leaves_no_segment(tmp_path):
+    trace = make_trace(tmp_path / "t.jsonl", n=12, rows=32)
+    before = set(_segments())
+    runs = {}
+    for tr in TRANSPORTS:
+        out = tmp_path / f"{tr}.json"
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--transport", tr, "-q", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[tr] = json.loads(out.read_text())
+    assert set(_segments()) <= before
+    p, s = runs["pickle"], runs["shm"]
+    assert s["config"]["transport"] == "shm" and p["config"]["transport"] == "pickle"
+    for name, st in s["strategies"].items():
+        assert st["ranks_agree"] is True, name
+        assert s["config"]["strategies"][name]["transport"]["name"] == "shm"
+        assert st["ranks"][1]["phases_ms"]["shm_map"] > 0, name
+        # handles, not bytes, ride the recv broadcast (shm brings its own transport either way)
+        ref = p["strategies"]["revert"]["ranks"][0]["recv_bytes"]
+        assert st["ranks"][0]["recv_bytes"] < ref / 4, name
+        # the segment write is tokenizer-side time, never hidden
+        assert st["tokenizer_ms"]["tokenizer_shm"] > 0 and st["throughput_rps"] <= st["tokenizer_ms"]["capacity_rps"]
+    # shm brings its own transport: under pickle too its features travel as handles
+    assert p["config"]["strategies"]["shm"]["transport"]["name"] == "shm"
+    assert p["strategies"]["shm"]["ranks"][1]["phases_ms"]["from_dict"] < p["strategies"]["revert"]["ranks"][1]["phases_ms"]["from_dict"]
+
+
+@pytest.mark.slow
+def test_shm_strategy_at_tp4(tmp_path):
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16, concurrency=4)
+    before = set(_segments())
+    run = replay(trace, ReplayOptions(tp=4, strategies=["commit", "shm"], transport="shm", timeout=120))
+    for st in run.strategies.values():
+        assert st.ranks_agree is True and all(r.phases_ms["shm_sync"] > 0 for r in st.ranks)
+    assert set(_segments()) <= before
+
+
+@pytest.mark.slow
+def test_a_full_shared_memory_filesystem_falls_back_to_inline_bytes(tmp_path):
+    small = tmp_path / "shm"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        trace = make_trace(tmp_path / "t.jsonl", n=8, rows=64)  # 300 KB features: none fits
+        out = tmp_path / "run.json"
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "shm", "-q", "-o", str(out),
+                       env={shm.SHM_DIR_ENV: str(small)})
+        assert r.returncode == 0, r.stderr
+        d = json.loads(out.read_text())
+        st = d["strategies"]["shm"]
+        assert st["ranks_agree"] is True and d["config"]["strategies"]["shm"]["transport"]["fallbacks"] > 0
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_segments_are_written_once_mapped_copy_on_write_and_swept():
+    import torch
+    prefix = f"mmdiag-test-{os.getpid()}-"
+    f = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
+    h = shm.write_segment(prefix + "0", f)
+    assert h is not None and h.shape == (10, 100) and h.nbytes == 4000
+    fd = shm.open_segment(h)
+    shm.unlink_segment(h)  # every rank holds an fd: the name can go
+    m = shm.map_segment(fd, h)
+    assert torch.equal(m, f)
+    m[0, 0] = -1.0  # copy-on-write: the writer's bytes are untouched
+    assert shm.write_segment(prefix + "1", f) is not None
+    assert shm.sweep(prefix) == 1 and not glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill a rank", "ctrl-c"])
+def test_no_segment_left_after_a_dead_rank_or_ctrl_c(tmp_path, how):
+    import signal
+    from test_replay_faults import _long_replay
+    from test_replay import _assert_gone
+    proc, ranks = _long_replay(tmp_path, "--timeout", "20", "--transport", "shm")
+    mine = os.path.join(shm.shm_dir(), f"mmdiag-{proc.pid}-*")
+    if how == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+    else:
+        next(p for p in ranks if "TP1" in " ".join(p.cmdline())).kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == (130 if how == "ctrl-c" else 3)
+    _assert_gone(ranks)
+    assert not glob.glob(mine)
