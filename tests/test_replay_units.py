@@ -1,4 +1,6 @@
 """The replay's bookkeeping on hand-made inputs: admission, latency, agreement."""
+import pytest
+
 from mmdiag.replay.assemble import strategy_result
 from mmdiag.replay.scheduler import Intake, RankOutcome
 from mmdiag.trace import TraceStats
@@ -63,5 +65,18 @@ def test_agreement_fails_on_different_digests_missing_holds_or_invalid_items():
 def test_tokenizer_hashing_adds_to_latency_only_when_outside_the_window():
     arrivals = {"a": (0.0, 0)}
     outs = [_outcome(0, {"a": 0.1}, arrivals=arrivals)]
-    assert round(strategy_result("p", outs, {0: 0.05}, TraceStats()).latency_ms["p50"], 3) == 150.0
-    assert round(strategy_result("p", outs, {0: 0.05}, TraceStats(), tok_in_latency=False).latency_ms["p50"], 3) == 100.0
+    tok = {"tokenizer_hash": {0: 0.05}}
+    before = strategy_result("p", outs, tok, TraceStats(), outside_window=("tokenizer_hash",))
+    assert round(before.latency_ms["p50"], 3) == 150.0
+    assert round(strategy_result("p", outs, tok, TraceStats()).latency_ms["p50"], 3) == 100.0
+
+
+def test_throughput_is_the_lower_of_the_loop_and_the_tokenizer_stage():
+    # one request held 0.1 s after it arrived: the loop alone would do 10 req/s
+    outs = [_outcome(0, {"a": 0.1}, arrivals={"a": (0.0, 0)})]
+    slow = {"tokenizer_hash": {0: 0.4}, "tokenizer_shm": {0: 0.1}}
+    one = strategy_result("s", outs, slow, TraceStats(), workers=1)
+    two = strategy_result("s", outs, slow, TraceStats(), workers=2)
+    assert one.throughput_rps == pytest.approx(2.0) and two.throughput_rps == pytest.approx(1 / 0.3)  # hashing spreads over workers
+    assert one.tokenizer_ms["loop_rps"] == 10.0
+    assert strategy_result("s", outs, {}, TraceStats()).throughput_rps == 10.0

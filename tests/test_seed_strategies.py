@@ -44,12 +44,24 @@ def _feature(rows: int, seed: int):
     return torch.full((rows, 1176), float(seed + 1))
 
 
+class _Tokenizer:
+    """mmdiag's model of the tokenizer hand-over (the base Strategy's items), image token 7."""
+    image_token_id = 7
+
+    def raw_mm_inputs(self, modalities, features, hashes):
+        from mmdiag.strategies.base import Strategy
+        return Strategy.raw_mm_inputs(self, modalities, features, hashes)
+
+
+_TOKENIZER = _Tokenizer()
+
+
 def _reqs(make_request_fn, rows_list, start):
     from mmdiag.trace import MMItem, TraceRequest
     out = []
     for k, rows in enumerate(rows_list):
         mm = (MMItem("image", (rows, 1176)),) if rows else ()
-        out.append(make_request_fn(TraceRequest(f"q{start + k}", 0.0, 8, mm), start + k, 0.0, 7))
+        out.append(make_request_fn(TraceRequest(f"q{start + k}", 0.0, 8, mm), start + k, 0.0, _TOKENIZER))
     return out
 
 
