@@ -37,8 +37,8 @@ def test_every_strategy_under_shm_at_tp2_agrees_and_leaves_no_segment(tmp_path):
         assert s["config"]["strategies"][name]["transport"]["name"] == "shm"
         assert st["ranks"][1]["phases_ms"]["shm_map"] > 0, name
         # handles, not bytes, ride the recv broadcast (shm brings its own transport either way)
-        ref = p["strategies"]["revert"]["ranks"][0]["recv_bytes"]
-        assert st["ranks"][0]["recv_bytes"] < ref / 4, name
+        ref = p["strategies"]["revert"]["ranks"][0]["replay"]["recv_bytes"]
+        assert st["ranks"][0]["replay"]["recv_bytes"] < ref / 4, name
         # the segment write is tokenizer-side time, never hidden
         assert st["tokenizer_ms"]["tokenizer_shm"] > 0 and st["throughput_rps"] <= st["tokenizer_ms"]["capacity_rps"]
     # shm brings its own transport: under pickle too its features travel as handles
