@@ -34,3 +34,18 @@ def test_strategy_option_is_refused_with_impl_sglang(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
     r = mmdiag_cli("replay", trace, "--impl", "sglang", "--sglang", str(pkg), "--strategy", "batch", timeout=60)
     assert r.returncode == 2 and "does not apply with --impl sglang" in r.stderr
+
+
+def test_the_installed_tokenizer_step_hashes_before_its_scheduler(tmp_path):
+    """The plug-in hands over the install's own items and runs its tokenizer step: with
+    precompute applied, non-entry ranks skip hashing and the hashing shows as tokenizer time."""
+    pkg = site_packages("0.5.4.post1", tmp_path / "site")  # per-rank: every rank hashes
+    r = mmdiag_cli("apply", "precompute", "--sglang", str(pkg), "--yes")
+    assert r.returncode == 0, r.stderr
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=64)
+    out = tmp_path / "run.json"
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    (s,) = json.loads(out.read_text())["strategies"].values()
+    assert s["name"] == "precompute" and s["ranks_agree"] is True
+    assert s["tokenizer_ms"]["tokenizer_hash"] > 0

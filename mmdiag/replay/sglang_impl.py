@@ -39,10 +39,15 @@ class InstalledPath(Strategy):
     def setup(self, s) -> None:
         self.sched = self.path.make_scheduler(s.cpu_group, enable_broadcast_mm_inputs_process=self.flag)
 
-    def wrap(self, item_specs, features) -> dict:
-        """The install's own raw mm_inputs dict for one request (what its tokenizer sends)."""
-        items = [self.path.make_item(f, modality.upper()) for modality, f in zip(item_specs, features)]
+    def raw_mm_inputs(self, modalities, features, hashes) -> dict:
+        """The install's own raw mm_inputs dict for one request (what its tokenizer sends);
+        hashes are its tokenizer step's to set (tokenizer_step), not the trace's."""
+        items = [self.path.make_item(f, modality.upper()) for modality, f in zip(modalities, features)]
         return self.path.make_mm_inputs(items)
+
+    def tokenizer_step(self, raw_mm_inputs: dict) -> float:
+        """The install's tokenizer-manager step, when its patch hashes there; seconds."""
+        return tokenizer_side(self.path, raw_mm_inputs) if self.hashes_in_tokenizer else 0.0
 
     def process(self, s, reqs) -> Ready:
         mm = self.mm_reqs(reqs)
