@@ -253,3 +253,28 @@ def test_recommend_picks_cond_with_the_threshold_it_was_replayed_with():
     rec = recommend([run])
     assert rec.recommended == "cond" and rec.command == "mmdiag apply cond --threshold 31500000"
     assert rec.to_dict()["command"] == rec.command
+
+
+@pytest.mark.slow
+def test_cond_and_dict_async_under_every_transport(tmp_path):
+    """Both seed strategies at tp 2 under each feature transport: a threshold between the trace's
+    image and video sizes splits cond's requests both ways, and every rank ends with the same
+    hashes; no shared-memory segment outlives the replay."""
+    from mmdiag.mmpath import shm
+    from mmdiag.vocab import TRANSPORTS
+
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=16, video_every=3, text_every=4)
+    limit = 40 * 1176 * 4   # images (16 or 32 rows) below, videos (64 rows) above
+    segments = set(os.listdir(shm.shm_dir()))
+    for tr in TRANSPORTS:
+        out = tmp_path / f"{tr}.json"
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "cond", "--strategy", "dict_async",
+                       "--threshold", str(limit), "--transport", tr, "-q", "-o", str(out))
+        assert r.returncode == 0, (tr, r.stderr)
+        d = json.loads(out.read_text())
+        assert d["config"]["transport"] == tr
+        cond = d["config"]["strategies"]["cond"]
+        assert cond["broadcast_requests"] > 0 and cond["local_requests"] > 0, (tr, cond)
+        for name in ("cond", "dict_async"):
+            assert d["strategies"][name]["ranks_agree"] is True, (tr, name)
+    assert {s for s in os.listdir(shm.shm_dir()) if s.startswith("mmdiag-")} <= segments
