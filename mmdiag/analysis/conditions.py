@@ -138,5 +138,5 @@ def remeasure(condition: str, before: "Side", after: "Side") -> str:
         return (f"{synth} && mmdiag apply --undo -y{where} && mmdiag apply {a} --verify -y{where} "
                 f"--trace {name}.jsonl --tp {run.tp} --repeat 3")
     strategies = " ".join(f"--strategy {s}" for s in dict.fromkeys((b, a)))
-    return (f"{synth} && mmdiag replay {name}.jsonl --tp {run.tp} {strategies} --repeat 3 --json {name}.json && "
+    return (f"{synth} && mmdiag replay {name}.jsonl --tp {run.tp} {strategies} --repeat 3 -o {name}.json && "
             f"mmdiag report {name}.json {name}.json --before-strategy {b} --after-strategy {a}")
