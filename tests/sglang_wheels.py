@@ -31,6 +31,7 @@ RELEASES = {
     "0.5.5": "broadcast-always",
     "0.5.5.post3": "broadcast-flag",
     "0.5.6": "broadcast-flag",
+    "0.5.9": "broadcast-flag",  # dp_tp group, MM_PAD_SHIFT pad values, SGLANG_MM_PRECOMPUTE_HASH
 }
 # One wheel per layout family (issue 10), oldest to newest.
 FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.9", "0.5.13", "0.5.17", "0.5.19",

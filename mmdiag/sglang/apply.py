@@ -287,6 +287,14 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     if confirm is not None and not confirm(diff):
         return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
 
+    mpath = _write_patch(install, strategy, det, p)
+    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings)
+
+
+
+def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Path:
+    """Under the lock: backups and manifest first, then each target atomically; a failure
+    midway puts back what was replaced. Returns the manifest path."""
     with install_lock(install):
         # Re-read under the lock: another apply may have finished meanwhile.
         if _manifest_path(install).exists():
@@ -355,7 +363,7 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         except OSError as e:
             raise SGLangError(f"the patch was written but its manifest could not be updated ({e.strerror or e})",
                               where=str(mpath), fix="`mmdiag apply --undo` still restores the original bytes") from None
-    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings)
+    return mpath
 
 
 def _check_state_writable(install: SGLangInstall) -> None:

@@ -42,8 +42,10 @@ import ast
 import copy
 import dataclasses
 import enum
+import functools
 import hashlib
 import logging
+import os
 import pickle
 import sys
 import time
@@ -110,6 +112,25 @@ class CudaIpcTensorTransportProxy:  # stand-in: CPU path only, never matches a f
 
 def gpu_tensor_hash(tensor):  # stand-in: mm_utils hashes CUDA tensors with a triton kernel
     raise RuntimeError("mmdiag runtime replays the CPU path; CUDA features are not supported")
+
+
+class _EnvVar:
+    def __init__(self, name):
+        self.name = name
+
+    def get(self):
+        v = os.environ.get(self.name)
+        if v is None:
+            return False  # the mm path's variables are EnvBool(False) in every release
+        return v.strip().lower() in ("1", "true", "yes", "on")
+
+    def is_set(self):
+        return self.name in os.environ
+
+
+class _Envs:  # stand-in for sglang.srt.environ.envs: this process's environment, read when asked
+    def __getattr__(self, name):
+        return _EnvVar(name)
 
 
 class _EmptyBatch:  # stand-in for Scheduler.running_batch: nothing running
@@ -207,6 +228,45 @@ def _extract(path: Path, names: list[str], *, cls: str | None = None, required=T
     return [found[n] for n in names if n in found]
 
 
+def _top_level(path: Path) -> dict[str, ast.stmt]:
+    """Module-level functions, classes and simple assignments of one file, by name."""
+    tree = astutil.parse(path.read_text(encoding="utf-8"), str(path))
+    out: dict[str, ast.stmt] = {}
+    for n in tree.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.setdefault(n.name, n)
+        elif isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None:
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
+                if isinstance(t, ast.Name):
+                    out.setdefault(t.id, n)
+    return out
+
+
+def _with_module_helpers(nodes: list[ast.stmt], files: list[Path], ns: dict) -> list[ast.stmt]:
+    """`nodes` plus the module-level helpers of `files` they use (constants such as
+    MM_PAD_SHIFT_VALUE, _compute_pad_value, ...), found by name, helpers first. Later
+    releases grew such helpers around the same classes; this follows them without a
+    list per release."""
+    import builtins
+    table: dict[str, ast.stmt] = {}
+    for f in files:
+        for k, v in _top_level(f).items():
+            table.setdefault(k, v)
+    have = {getattr(n, "name", None) for n in nodes} | set(ns) | set(dir(builtins))
+    extra: list[ast.stmt] = []
+    todo = [m.id for n in nodes for m in ast.walk(n) if isinstance(m, ast.Name)]
+    while todo:
+        name = todo.pop()
+        if name in have or name not in table:
+            continue
+        node = table[name]
+        have.add(name)
+        if node not in extra:
+            extra.append(node)
+            todo += [m.id for m in ast.walk(node) if isinstance(m, ast.Name)]
+    return list(reversed(extra)) + list(nodes)
+
+
 def _module_name(install: SGLangInstall) -> str:
     h = hashlib.sha256(str(install.package_dir).encode()).hexdigest()[:12]
     return f"_mmdiag_sglang_rt_{h}"
@@ -244,25 +304,36 @@ class SGLangMMPath:
         ns.update({
             "torch": _TorchProxy(self.stats), "np": np, "dist": _DistProxy(self.stats),
             "pickle": pickle, "hashlib": hashlib, "logger": logger, "dataclasses": dataclasses,
-            "Enum": enum.Enum, "auto": enum.auto,
-            **{n: getattr(typing, n) for n in ("Any", "List", "Optional", "Union", "Tuple", "Dict")},
+            "Enum": enum.Enum, "auto": enum.auto, "functools": functools, "lru_cache": functools.lru_cache,
+            "os": os, "sys": sys,
+            **{n: getattr(typing, n) for n in typing.__all__},
             "TokenizedGenerateReqInput": TokenizedGenerateReqInput,
             "TokenizedEmbeddingReqInput": TokenizedEmbeddingReqInput,
             "BatchTokenizedGenerateReqInput": BatchTokenizedGenerateReqInput,
             "BatchTokenizedEmbeddingReqInput": BatchTokenizedEmbeddingReqInput,
             "AbortReq": AbortReq, "RpcReqOutput": RpcReqOutput,
             "CudaIpcTensorTransportProxy": CudaIpcTensorTransportProxy,
-            "gpu_tensor_hash": gpu_tensor_hash,
+            "gpu_tensor_hash": gpu_tensor_hash, "envs": _Envs(),
         })
         sys.modules[self.module_name] = mod
         nodes: list[ast.stmt] = []
         nodes += _extract(install.path("utils_common"), ["flatten_nested_list", "broadcast_pyobj"])
         nodes += _extract(install.path("mm_utils"), ["data_hash", "tensor_hash", "hash_feature"])
-        nodes += _extract(install.path("schedule_batch"), ["Modality", "MultimodalDataItem", "MultimodalInputs"])
+        # 0.5.7+: schedule_batch imports mm_utils' GPU feature-buffer helpers inside methods
+        # (CUDA-only paths; present so the imports resolve, never reached on CPU features)
+        nodes += _extract(install.path("mm_utils"), ["get_new_expanded_mm_items", "init_feature_buffer",
+                                                     "is_feature_buffer_initialized", "reset_buffer_offset",
+                                                     "try_add_to_buffer"], required=False)
+        sb = install.path("schedule_batch")
+        nodes += _extract(sb, ["Modality"])
+        nodes += _extract(sb, ["MultimodalInputFormat"], required=False)  # 0.5.7+
+        nodes += _extract(sb, ["MultimodalDataItem", "MultimodalInputs"])
         nodes += _extract(install.path("scheduler"), ["is_health_check_generate_req"])
         tm = install.path("tokenizer_manager")
         if tm.exists():
             nodes += _extract(tm, ["_mmdiag_precompute_mm_hashes"], required=False)
+        nodes = _with_module_helpers(nodes, [install.path(k) for k in ("schedule_batch", "mm_utils", "utils_common")],
+                                     ns)
         self._exec(nodes, ns, str(install.path("schedule_batch")))
 
         spans = scheduler_methods(install.path("scheduler").read_text(encoding="utf-8"))
@@ -335,9 +406,13 @@ class SGLangMMPath:
         s.tp_size = torch.distributed.get_world_size(group=cpu_group) if initialized and cpu_group else 1
         s.is_entry_rank = rank_in_group == 0
         s.entry_rank = torch.distributed.get_global_rank(cpu_group, 0) if initialized and cpu_group else 0
+        # 0.5.8+: the broadcast reads the DP-TP group (the same ranks here)
+        s.dp_tp_cpu_group = cpu_group
+        s.dp_tp_group = types.SimpleNamespace(rank_in_group=rank_in_group, first_rank=s.entry_rank)
         s.server_args = types.SimpleNamespace(
             enable_broadcast_mm_inputs_process=enable_broadcast_mm_inputs_process)
         s.chunked_req = None
+        s.dllm_manager = types.SimpleNamespace(any_staging_reqs=lambda: False)  # 0.5.9: no dLLM staging
         s.running_batch = _EmptyBatch()
         s.offload_tags = set()
         s.return_health_check_ct = 0
@@ -381,6 +456,8 @@ class SGLangMMPath:
     def tokenizer_side(self, mm_inputs) -> bool:
         """The install's tokenizer-manager step after the processor; True if it hashed."""
         fn = self.ns.get("_mmdiag_precompute_mm_hashes")
+        if fn is None and self.detection.facts.precompute_env and _EnvVar("SGLANG_MM_PRECOMPUTE_HASH").get():
+            fn = _release_precompute  # 0.5.7+: what the release's tokenizer does under the variable
         if fn is None or mm_inputs is None:
             return False
         st = self.stats
@@ -406,6 +483,16 @@ class SGLangMMPath:
         sched.process_input_requests(recv_reqs)
         out, sched.mm_results = sched.mm_results, {}
         return out
+
+
+def _release_precompute(mm_inputs) -> None:
+    """SGLANG_MM_PRECOMPUTE_HASH=1 in the release's tokenizer manager: set_pad_value() on
+    each item of mm_items (the release's own method; 0.5.21+ runs the same calls in a
+    pool of 2 threads, which this single-threaded stand-in does not model)."""
+    items = mm_inputs.get("mm_items") if isinstance(mm_inputs, dict) else getattr(mm_inputs, "mm_items", None)
+    for item in items or ():
+        if hasattr(item, "set_pad_value"):
+            item.set_pad_value()
 
 
 def _standin_abort(self, recv_req):
