@@ -24,7 +24,6 @@ from typing import Any
 
 import psutil
 
-from ..live.header import _opt  # one command-line option reader (the live header's)
 from .errors import SGLangError
 
 _TRUE = ("1", "true", "yes", "on")
@@ -55,6 +54,17 @@ class ServerSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _opt(argv: list[str], *names: str) -> str | None:
+    """The value of the first of `names` on a command line (`--x V` or `--x=V`)."""
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
 
 
 def _int(argv, *names, default: int) -> int | None:
