@@ -168,3 +168,10 @@ def test_pristine_is_untouched_by_tests():
     # the shared unpacked copies are only ever copied from
     for v in FAMILY_WHEELS:
         assert not (pristine(v) / ".mmdiag").exists()
+
+
+def test_replay_of_a_shared_memory_release_is_refused_in_one_line(tmp_path):
+    from mmdiag.sglang.runtime import load_sglang_mm_path
+    pkg = site_packages("0.5.13", tmp_path)
+    with pytest.raises(UnknownLayout, match="shared memory"):
+        load_sglang_mm_path(str(pkg))

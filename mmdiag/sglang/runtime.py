@@ -293,6 +293,13 @@ class SGLangMMPath:
         if det.variant is None:
             raise UnknownLayout("unknown SGLang layout; " + "; ".join(det.notes),
                                 where=str(install.package_dir), fix="the replay cannot run this code")
+        if det.facts.transport == "shm":
+            raise UnknownLayout(
+                f"replay --impl sglang runs releases whose recv broadcast pickles features (0.5.4 .. 0.5.9); "
+                f"SGLang {install.version or '?'} ({det.facts.family}) moves them by shared memory, which mmdiag's "
+                "runtime does not run yet", where=str(install.package_dir),
+                fix="nothing was replayed or changed; replay mmdiag's own strategies (--impl mmdiag), or check the "
+                "patch with `mmdiag apply --dry-run`")
         self.variant = det.variant
         self.patched = det.patched
         self.stats = RuntimeStats()
