@@ -24,7 +24,7 @@ import mmdiag.sglang.apply as A
 from mmdiag.sglang.locate import locate
 
 JOIN_TIMEOUT_S = 240
-pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")]
 
 
 def _free_port() -> int:

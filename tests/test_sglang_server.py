@@ -21,6 +21,8 @@ from mmdiag.cli import main
 from mmdiag.sglang.locate import locate
 from mmdiag.sglang.server import header_lines, read_server
 
+pytestmark = pytest.mark.slow  # real processes: a server and its scheduler ranks
+
 SERVER = r"""
 import subprocess, sys, time
 rank = "import setproctitle, sys, time; setproctitle.setproctitle(sys.argv[1]); time.sleep(120)"
