@@ -12,7 +12,7 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 @click.command("recommend")
 @click.argument("runs", nargs=-1, metavar="[RUN.json ...]", type=click.Path(dir_okay=False))
 @json_switch("the recommendation (key `recommended`)")
-@output_option("the recommendation", "recommendation.json, recommendation.txt")
+@output_option("Recommendation", "recommendation", "write the recommendation")
 @click.option("--tp", type=o.RANKS, default=None, help="with no Runs: ranks for the replay [default: profiles/defaults.toml]")
 @click.option("--repeat", type=o.REPEATS, default=None,
               help="with no Runs: exactly this many repeats per strategy [default: a stopping rule: 2, then more "
@@ -56,7 +56,7 @@ def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
 @click.argument("after", metavar="AFTER.json", type=click.Path(dir_okay=False))
 @click.option("--criteria", type=click.Path(dir_okay=False), default=None,
               help="acceptance criteria TOML [default: profiles/criteria/default.toml]")
-@output_option("the report", "report.html with charts, report.md, report.json, report.txt")
+@output_option("Report", "report", "write the report (HTML with charts)")
 @json_switch("the report")
 @click.option("--before-strategy", default=None, metavar="NAME", help="strategy of BEFORE to compare")
 @click.option("--after-strategy", default=None, metavar="NAME", help="strategy of AFTER to compare")

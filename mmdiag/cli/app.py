@@ -84,9 +84,17 @@ def json_switch(what: str):
                         help=f"print {what} as JSON on stdout (errors too, as {{\"error\", \"fix\"}})")
 
 
-def output_option(what: str, formats: str):
+def formats_help(kind: str, stem: str) -> str:
+    """'run.txt, run.json, run.md': the files a result of type `kind` can be written as (from
+    mmdiag.render's table, so a new renderer shows up here by itself)."""
+    return ", ".join(f"{stem}{r.extensions[0]}" for r in render.RENDERERS.values() if r.supports(kind))
+
+
+def output_option(kind: str, stem: str, what: str | None = None):
+    """-o/--output FILE for a result of type `kind` (a class name mmdiag.render knows)."""
     return click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-                        help=f"write {what} to this file; the extension picks the format ({formats})")
+                        help=f"{what or 'write the result'} to this file; the extension picks the format "
+                             f"({formats_help(kind, stem)})")
 
 
 def show(obj: Any, as_json: bool, fmt: str = "text") -> None:

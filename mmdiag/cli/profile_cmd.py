@@ -8,7 +8,7 @@ from .. import render as out
 from ..live.errors import LiveError, TargetExitedError
 from ..live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
 from . import options as o
-from .app import show
+from .app import output_option, show
 from .replay_cmds import legacy_json
 
 
@@ -20,8 +20,7 @@ from .replay_cmds import legacy_json
               help=f"samples per second per rank [default: {DEFAULT_RATE_HZ}; with --from-raw: the rate the files "
                    f"were recorded at, default {PYSPY_DEFAULT_RATE_HZ} as py-spy's]")
 @legacy_json("the Run (schema mmdiag.profile/2)")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="write the Run; the extension picks the format (profile.json, profile.md, profile.txt)")
+@output_option("Run", "profile", "write the Run")
 @click.option("--speedscope", type=click.Path(dir_okay=False), default=None,
               help="write every rank's sampled stacks for https://www.speedscope.app")
 @click.option("--raw-dir", type=click.Path(file_okay=False), default=None,

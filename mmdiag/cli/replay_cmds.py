@@ -5,16 +5,13 @@ import textwrap
 
 import click
 
-from .. import api
+from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
 from ..strategies import catalog
 from ..vocab import STRATEGIES, TRANSPORTS
 from . import options as o
-from .app import mark_json, show
-from .. import progress
-
-OUTPUTS = "run.json, run.md, run.txt"
+from .app import mark_json, output_option, show
 
 
 def legacy_json(what: str):
@@ -40,8 +37,7 @@ def replay_options(f):
         click.option("--strategy", "strategies", multiple=True, metavar="NAME",
                      help=f"repeatable: {', '.join(STRATEGIES)} or all [default: all]"),
         legacy_json("the Run (schema mmdiag.replay/2)"),
-        click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-                     help=f"write the Run; the extension picks the format ({OUTPUTS})"),
+        output_option("Run", "run", "write the Run"),
         click.option("--timeline", type=click.Path(dir_okay=False), default=None,
                      help="write one Chrome-trace/Perfetto JSON of every rank's phases (open in ui.perfetto.dev)"),
         click.option("--timeout", type=o.SECONDS, default=60.0, show_default=True,

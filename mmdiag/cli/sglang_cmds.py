@@ -5,24 +5,23 @@ import sys
 
 import click
 
-from .. import api
+from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from . import options as o
 from .analysis_cmds import show_report
 from .app import json_switch, output_option, show
-from .. import progress
 
 SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (default: this interpreter's)"
 
 
 @click.command("doctor")
 @click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
-@click.option("--pid", type=click.IntRange(min=1), default=None,
+@click.option("--pid", type=o.PID, default=None,
               help="a running server's PID (or one of its scheduler processes): its effective settings")
 @json_switch("the detection")
-@output_option("the detection", "doctor.json, doctor.txt")
+@output_option("Detection", "doctor", "write the detection")
 def doctor_command(sglang_path, pid, as_json, output):
     """Find SGLang and report its multimodal path variant and any mmdiag patch.
     With --pid: the running server's release, TP/DP sizes, broadcast flag,
@@ -82,8 +81,7 @@ def _confirm(yes: bool):
 @click.option("--repeat", type=o.REPEATS, default=2, show_default=True, help="with --verify: " + o.REPEAT_HELP_VERDICT)
 @click.option("--criteria", type=click.Path(dir_okay=False), default=None,
               help="with --verify: acceptance criteria file [default: profiles/criteria/default.toml]")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="with --verify: write the report here (the extension picks the format: .html, .md, .json)")
+@output_option("Report", "report", "with --verify: write the acceptance report")
 @click.option("--threshold", default=None, metavar="BYTES|never|RUN.json", help="with cond: " + o.THRESHOLD_HELP.format(measured="the crossover in the Run `mmdiag recommend` kept last"))
 def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output, threshold):
     """Patch the installed SGLang with STRATEGY, or --undo.
