@@ -18,7 +18,9 @@ import mmap
 import os
 from dataclasses import dataclass
 
-import torch
+from ..lazy import lazy_module
+
+torch = lazy_module("torch")   # the launcher imports this module; `mmdiag --help` must not load torch
 
 SHM_DIR_ENV = "MMDIAG_SHM_DIR"  # tests point this at a small tmpfs to fill it
 
