@@ -254,7 +254,10 @@ def test_replay_ranks_of_every_strategy(rules, tmp_path):
     # precompute runs revert's scheduler path with the hashing done before the scheduler: its
     # materialization is too short to be sure of a sample; the stacks cannot tell it from revert.
     assert detected.pop("precompute", "revert") in ("revert", "unknown")
-    assert len(detected) >= len(STRATEGIES) - 2, f"recorded only {sorted(detected)}"
+    # shm is precompute's scheduler path on mapped features: no marker of its own yet (the
+    # shm_* phases name its transport, which any strategy can run on).
+    assert detected.pop("shm", "unknown") in ("revert", "unknown")
+    assert len(detected) >= len(STRATEGIES) - 3, f"recorded only {sorted(detected)}"
     assert detected == {n: n for n in detected}
     assert waits > 0
 
