@@ -3,6 +3,7 @@
     python benchmarks/release_matrix.py                    # 0.5.4 .. newest, prints the matrix
     python benchmarks/release_matrix.py --releases 0.5.7 0.5.23
     python benchmarks/release_matrix.py --frames           # the frames each family defines (TOML)
+    python benchmarks/release_matrix.py --layouts          # variants.toml [layouts] keys, from the wheels
 
 Releases come from `pip index versions sglang`; wheels are fetched with
 `pip download --no-deps` into MMDIAG_WHEEL_CACHE (default .cache/sglang-wheels) and only
@@ -28,7 +29,7 @@ from mmdiag.errors import MmdiagError  # noqa: E402
 from mmdiag.sglang import astutil  # noqa: E402
 from mmdiag.sglang.apply import apply  # noqa: E402
 from mmdiag.sglang.detect import detect  # noqa: E402
-from mmdiag.sglang.facts import families  # noqa: E402
+from mmdiag.sglang.facts import facts, families, file_rel, layouts  # noqa: E402
 from mmdiag.sglang.locate import locate  # noqa: E402
 from mmdiag.strategies import PATCHABLE  # noqa: E402
 
@@ -148,14 +149,33 @@ def frames(versions: list[str]) -> None:
               + "".join(f'  "{n}",\n' for n in names) + "]")
 
 
+def layout_keys(versions: list[str]) -> None:
+    """Per [layouts] target: each fingerprint the releases carry (TOML keys; a new one is marked)."""
+    for target in facts()["layouts"]:
+        seen: dict[str, list[str]] = {}
+        for v in versions:
+            pkg = unpacked(v)
+            texts = ((pkg / file_rel(k)).read_text(encoding="utf-8") for k in ("scheduler", "tokenizer_manager"))
+            node = next((n for n in (astutil.target_node(t, target) for t in texts) if n is not None), None)
+            if node is not None:
+                seen.setdefault(astutil.fingerprint(node), []).append(v)
+        print(f'[layouts."{target}"]')
+        for fp, vs in seen.items():
+            print(f'{fp} = "{layouts(target).get(fp, "NEW: describe this layout")}"  # {", ".join(vs)}')
+        print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--releases", nargs="*", help="these versions instead of the index's 0.5.4 .. newest")
     ap.add_argument("--frames", action="store_true", help="print the frames each family defines (TOML)")
+    ap.add_argument("--layouts", action="store_true", help="print the [layouts] fingerprints of the releases (TOML)")
     a = ap.parse_args()
     versions = a.releases or index_versions()
     if a.frames:
         return frames(versions)
+    if a.layouts:
+        return layout_keys(versions)
     head = ["release", "variant", "family", "handler", "flag", "group", "precompute", "transport",
             "--mm-feature-transport"] + [f"apply {s}" for s in PATCHABLE]
     t0 = time.perf_counter()

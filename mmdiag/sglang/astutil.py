@@ -1,4 +1,7 @@
-"""Small AST helpers shared by detection, patching and the runtime loader."""
+"""Small AST helpers shared by detection, patching and the runtime loader.
+
+Standard library only, and valid on Python 3.10 .. 3.13: the fingerprint test loads this
+file alone under each interpreter."""
 from __future__ import annotations
 
 import ast
@@ -61,9 +64,76 @@ def functions(tree: ast.Module, lines: list[str]) -> dict[str, MethodSpan]:
     return _defs(tree.body, lines)
 
 
+def assigned_await(func: ast.AST, var: str) -> ast.stmt | None:
+    """The first `var = await ...` (or `var: T = await ...`) statement inside func."""
+    for node in ast.walk(func):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Await):
+            tgt = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+            if isinstance(tgt, ast.Name) and tgt.id == var:
+                return node
+    return None
+
+
+def target_node(text: str, target: str, filename: str = "<sglang>") -> ast.AST | None:
+    """The node a variants.toml [layouts] target names in a source text: "Class.method", or
+    "Class.method:var" for the `var = await ...` statement in that method; None if absent."""
+    qual, _, var = target.partition(":")
+    cls_name, _, meth = qual.partition(".")
+    cls = find_class(parse(text, filename), cls_name)
+    span = methods(cls, text.splitlines(keepends=True)).get(meth) if cls is not None else None
+    if span is None:
+        return None
+    return assigned_await(span.node, var) if var else span.node
+
+
+# Fields that say nothing about what the code does, or exist only on some Pythons
+# (type_params from 3.12; ctx is implied by where a name stands; kind is the u"" prefix).
+_NOISE_FIELDS = frozenset({"ctx", "kind", "type_comment", "type_params"})
+
+
+def _canon(v, out: list[str]) -> None:
+    """A version-stable text of an AST: node names and the fields that carry meaning.
+    ast.dump is not stable across Pythons (3.12 adds type_params=[], 3.13 drops empty
+    fields, 3.12 splits f-string constants differently), so the fingerprint is built here."""
+    if isinstance(v, ast.JoinedStr):
+        v = ast.JoinedStr(values=_fstring_parts(v.values))
+    if isinstance(v, ast.AST):
+        out.append(type(v).__name__ + "(")
+        for f in v._fields:
+            x = getattr(v, f, None)
+            if f in _NOISE_FIELDS or x is None or (isinstance(x, list) and not x):
+                continue
+            out.append(f + "=")
+            _canon(x, out)
+            out.append(",")
+        out.append(")")
+    elif isinstance(v, list):
+        out.append("[")
+        for x in v:
+            _canon(x, out)
+            out.append(",")
+        out.append("]")
+    else:
+        out.append(repr(v))
+
+
+def _fstring_parts(values: list[ast.expr]) -> list[ast.expr]:
+    """f-string pieces with adjacent literal parts merged and empty ones dropped."""
+    parts: list[ast.expr] = []
+    for p in values:
+        if isinstance(p, ast.Constant) and isinstance(p.value, str):
+            if parts and isinstance(parts[-1], ast.Constant):
+                parts[-1] = ast.Constant(parts[-1].value + p.value)
+            elif p.value:
+                parts.append(ast.Constant(p.value))
+        else:
+            parts.append(p)
+    return parts
+
+
 def fingerprint(node: ast.AST) -> str:
-    """Hash of a function's structure: comments, formatting and docstring ignored."""
-    node = copy.deepcopy(node)
+    """Hash of a function's structure: comments, formatting and docstring ignored, and the
+    same on every Python that parses the source (3.10 .. 3.13)."""
     body = getattr(node, "body", None)
     if (
         body
@@ -71,9 +141,11 @@ def fingerprint(node: ast.AST) -> str:
         and isinstance(body[0].value, ast.Constant)
         and isinstance(body[0].value.value, str)
     ):
+        node = copy.copy(node)
         node.body = body[1:] or [ast.Pass()]
-    dump = ast.dump(node, annotate_fields=True, include_attributes=False)
-    return hashlib.sha256(dump.encode()).hexdigest()[:16]
+    out: list[str] = []
+    _canon(node, out)
+    return hashlib.sha256("".join(out).encode()).hexdigest()[:16]
 
 
 def source_of(lines: list[str], span: MethodSpan) -> str:

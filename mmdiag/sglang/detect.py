@@ -94,19 +94,7 @@ def layout_of(target: str, node: ast.AST | None) -> str | None:
 
 def tokenizer_mm_statement(text: str) -> ast.stmt | None:
     """The `mm_inputs = await ...` statement of TokenizerManager._tokenize_one_request."""
-    tree = astutil.parse(text, "tokenizer_manager.py")
-    cls = astutil.find_class(tree, "TokenizerManager")
-    if cls is None:
-        return None
-    m = astutil.methods(cls, text.splitlines(keepends=True)).get("_tokenize_one_request")
-    if m is None:
-        return None
-    for node in ast.walk(m.node):
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Await):
-            tgt = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
-            if isinstance(tgt, ast.Name) and tgt.id == "mm_inputs":
-                return node
-    return None
+    return astutil.target_node(text, "TokenizerManager._tokenize_one_request:mm_inputs", "tokenizer_manager.py")
 
 
 def flag_location(install: SGLangInstall, rf: ReleaseFacts, option: str) -> dict[str, Any] | None:
