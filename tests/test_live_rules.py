@@ -132,6 +132,43 @@ def test_missing_gil_recording_is_not_zero(rules):
     assert run.ranks[0].profile.gil_held_pct == 0.0
 
 
+def _blocks(n_blocks, with_gil):
+    """n_blocks of 100 main-thread samples (half forward, half idle); the first
+    `with_gil` have a --gil recording in which forward held the GIL."""
+    from mmdiag.live.pyspy import ThreadSamples
+    out = []
+    for k in range(n_blocks):
+        t = ThreadSamples(7, "MainThread")
+        t.stacks[S("event_loop", "run_forward_step")] += 50
+        t.stacks[S("event_loop", "recv_requests", "_wait_for_arrivals")] += 50
+        g = ThreadSamples(7, "MainThread")
+        g.stacks[S("event_loop", "run_forward_step")] += 50
+        out.append(({7: t}, {7: g} if k < with_gil else None))
+    return out
+
+
+def test_gil_figures_from_the_blocks_that_have_them(rules):
+    """A block whose --gil file py-spy never wrote leaves that block out of the GIL
+    figures (not the whole rank); too few such blocks: not measured, and the Run says why."""
+    from mmdiag.live.attribute import MIN_GIL_COVER, RankSamples
+    from mmdiag.live.profile import build_run
+    live = {"source": "raw", "rate_hz": 100}
+    whole = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, 4))], rules, None, None, live, [], gil=True)
+    assert whole.ranks[0].profile.gil_held_pct == 50.0 and whole.live.gil_missing == []
+    assert not any("--gil" in n for n in whole.live.notes)
+    part = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, 3))], rules, None, None, live, [], gil=True)
+    p = part.ranks[0].profile
+    assert p.samples == 400 and p.gil_held_pct == 50.0 and p.phase_gil_pct["forward"] == 100.0
+    assert part.live.gil_missing == [] and any("wrote 3 of 4 blocks (300 of 400" in n for n in part.live.notes)
+    few = int(4 * MIN_GIL_COVER) - 1
+    low = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, few))], rules, None, None, live, [], gil=True)
+    assert low.ranks[0].profile.gil_held_pct is None and low.ranks[0].profile.gil_wait_pct is None
+    assert low.live.gil_missing == [0]
+    d = low.to_dict()["live"]
+    assert any(f"wrote {few} of 4 blocks" in n and "too few" in n for n in d["notes"]), d["notes"]
+    assert any("not measured (shown as -), not 0%" in n for n in d["notes"])
+
+
 def test_cli_json_write_failure_is_one_line(tmp_path, monkeypatch):
     import errno as _errno
 

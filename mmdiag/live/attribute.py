@@ -43,10 +43,11 @@ class RankSamples:
 
     @classmethod
     def from_blocks(cls, rank: int, pid: int | None, title: str | None, blocks: list) -> "RankSamples":
-        """Merge (threads, gil_threads) blocks; GIL figures only if every block has them."""
-        has_gil = bool(blocks) and all(g is not None for _, g in blocks)
+        """Merge (threads, gil_threads) blocks; gil_threads over the blocks that have them
+        (None if none has: see attribute for how much of the window they must cover)."""
+        gils = [g for _, g in blocks if g is not None]
         return cls(rank, pid, title, merge_threads([t for t, _ in blocks]),
-                   merge_threads([g for _, g in blocks]) if has_gil else None, list(blocks))
+                   merge_threads(gils) if gils else None, list(blocks))
 
     def block_list(self):
         return self.blocks or [(self.threads, self.gil_threads)]
@@ -81,6 +82,7 @@ class RankProfile:
     # Per phase, the share of wall time spent waiting in it (rules.toml [[wait]]) and its half-width.
     wait_pct: dict[str, float] = field(default_factory=dict)
     wait_ci: dict[str, float | None] = field(default_factory=dict)
+    gil_note: str | None = None  # why GIL figures cover part of the window, or are None
 
 
 def _pct(n: float, d: float) -> float:
@@ -142,22 +144,44 @@ def _main_of(threads: dict[int, ThreadSamples], main: ThreadSamples | None) -> T
     return t
 
 
-def _gil_figures(rs: RankSamples, main: ThreadSamples, counts: Counter, total: int, idle_pct: float,
-                 rules: RuleSet) -> tuple[float, float | None, float, dict[str, float | None]]:
-    """GIL held % (and its half-width over the blocks), GIL wait estimate, per-phase GIL %."""
-    held_n, sizes = [], []
-    for threads, gthreads in rs.block_list():
-        g, m = _main_of(gthreads or {}, main), _main_of(threads, main)
-        held_n.append(g.samples if g else 0)
-        sizes.append(m.samples if m else 0)
+MIN_GIL_COVER = 0.5  # GIL figures need --gil files over at least half the main thread's samples
+
+
+def _gil_blocks(rs: RankSamples, main: ThreadSamples, per_block: list[Counter]) -> list[tuple]:
+    """(main samples, main samples holding the GIL, phase counts) of each block with a --gil file."""
+    out = []
+    for (threads, gthreads), counts in zip(rs.block_list(), per_block):
+        if gthreads is not None:
+            g, m = _main_of(gthreads, main), _main_of(threads, main)
+            out.append((m.samples if m else 0, g.samples if g else 0, counts))
+    return out
+
+
+def _gil_figures(rs: RankSamples, main: ThreadSamples, per_block: list[Counter], idle_pct: float,
+                 rules: RuleSet) -> tuple[float | None, float | None, float | None, dict[str, float | None], str | None]:
+    """GIL held % (and its half-width over the blocks), GIL wait estimate, per-phase GIL %,
+    over the blocks that have a --gil file; and a note when some have none (too few: None)."""
+    blocks = _gil_blocks(rs, main, per_block)
+    total, n_all = sum(sum(c.values()) for c in per_block), len(per_block)
+    sizes, held_n = [b[0] for b in blocks], [b[1] for b in blocks]
+    covered = sum(sizes)
+    note = None
+    if len(blocks) < n_all:
+        note = (f"py-spy --gil wrote {len(blocks)} of {n_all} blocks ({covered} of {total} main-thread samples)")
+        if covered < MIN_GIL_COVER * total or covered == 0:
+            return None, None, None, {k: None for k in PHASES}, note + ": too few to measure its GIL figures"
+        note += ": GIL figures from those blocks only"
     p, hw = block_share(held_n, sizes)
+    counts: Counter = Counter()
+    for b in blocks:
+        counts.update(b[2])
     gmain = _main_of(rs.gil_threads, main)
     gcounts = _phase_counts(gmain, rules)
-    gil_held = min(100.0, _pct(sum(gcounts.values()), total))
+    gil_held = min(100.0, _pct(sum(gcounts.values()), covered))
     phase_gil = {k: (round(min(100.0, _pct(gcounts[k], counts[k])), 1) if counts[k] else None) for k in PHASES}
     other_gil = sum(t.samples for tid, t in rs.gil_threads.items() if gmain is None or tid != gmain.tid)
-    gil_wait = max(0.0, min(min(100.0, _pct(other_gil, total)), 100.0 - gil_held - idle_pct))
-    return round(gil_held, 2), (None if hw != hw else round(100.0 * hw, 2)), round(gil_wait, 2), phase_gil
+    gil_wait = max(0.0, min(min(100.0, _pct(other_gil, covered)), 100.0 - gil_held - idle_pct))
+    return round(gil_held, 2), (None if hw != hw else round(100.0 * hw, 2)), round(gil_wait, 2), phase_gil, note
 
 
 def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
@@ -180,10 +204,10 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
             if stack and rules.classify(stack)[0] == "other":
                 other_leaf[stack[-1].name] += n
 
-    gil_held = gil_wait = gil_ci = None
+    gil_held = gil_wait = gil_ci = gil_note = None
     phase_gil: dict[str, float | None] = {p: None for p in PHASES}
     if rs.gil_threads is not None and main is not None:
-        gil_held, gil_ci, gil_wait, phase_gil = _gil_figures(rs, main, counts, total, phases_pct["idle"], rules)
+        gil_held, gil_ci, gil_wait, phase_gil, gil_note = _gil_figures(rs, main, per_block, phases_pct["idle"], rules)
     others: list[dict] = []
     for tid, t in sorted(rs.threads.items()):
         if main is not None and tid == main.tid:
@@ -195,7 +219,7 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                        "phases_pct": {p: round(_pct(n, t.samples), 2)
                                       for p, n in _phase_counts(t, rules).items() if n}})
     return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, phases_ci, gil_held, gil_wait,
-                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci)
+                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci, gil_note)
 
 
 def _group(title: str | None) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from ..run import LiveInfo, ProfileRank, RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
 from .discover import discover
-from .errors import LiveError, RawParseError
+from .errors import LiveError, PySpyError, RawParseError
 from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
@@ -52,6 +52,7 @@ DEFAULT_BLOCK_S = 2.0
 MIN_BLOCKS, MIN_BLOCK_S = 5, 1.0
 TARGET_CI_PTS = 2.0
 PYSPY_DEFAULT_RATE_HZ = 100  # py-spy record's own default (for --from-raw files)
+PROBE_TRIES = 3  # py-spy dump attempts per rank before the window
 ATTACH_TIMEOUT_S = 60.0  # a loaded host can take long to let py-spy in
 CPU_POLL_S = 0.5
 _REGISTRY = REGISTRY  # live recorders' pids (for tests: nothing left behind)
@@ -96,10 +97,18 @@ def _probe(spy, ranks) -> None:
     errs: dict[int, BaseException] = {}
 
     def one(p: int) -> None:
-        try:
-            dump(spy, p)
-        except LiveError as e:
-            errs[p] = e
+        for attempt in range(PROBE_TRIES):
+            try:
+                dump(spy, p)
+                errs.pop(p, None)
+                return
+            except LiveError as e:
+                errs[p] = e
+                # A non-blocking read of a running process can fail now and then (py-spy:
+                # "Failed to get stack traces"): try again; a stated reason (ptrace) is final.
+                if type(e) is not PySpyError:
+                    return
+                time.sleep(0.2 * (attempt + 1))
     probes = [threading.Thread(target=one, args=(r.pid,)) for r in ranks]
     for t in probes:
         t.start()
@@ -201,15 +210,14 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
                         fix="check the server is running and rerun")
     if speedscope:
         _write_speedscope(speedscope, samples)
-    gil_missing = [ch.rank.rank for ch in sampler.chains if ch.gil_missing]
-    notes = _window_notes(disc, duration, window, interrupted, gil_missing, sampler.start_skew()["max_s"], rate)
+    notes = _window_notes(disc, duration, window, interrupted, sampler.start_skew()["max_s"], rate)
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
             "config": _config(disc), "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
             "block_s": block_s, "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
-            "recorder_start_skew": sampler.start_skew(), "gil_missing": gil_missing}
-    return build_run(samples, ruleset, window, cpus, live, notes, exited)
+            "recorder_start_skew": sampler.start_skew()}
+    return build_run(samples, ruleset, window, cpus, live, notes, exited, gil=gil)
 
 
 def _config(disc) -> dict[str, Any]:
@@ -226,17 +234,26 @@ def _write_speedscope(path: str, samples: list[RankSamples]) -> None:
                         fix="free space or choose another path") from None
 
 
-def _window_notes(disc, duration, window, interrupted, gil_missing, skew, rate) -> list[str]:
+def _window_notes(disc, duration, window, interrupted, skew, rate) -> list[str]:
     notes = _ipc_note([r.pid for r in disc.ranks])
     if interrupted:
         notes.append(f"interrupted after {window:.1f} s of the {duration:g} s asked for")
-    if gil_missing:
-        notes.append(f"no GIL recording for rank(s) {', '.join(map(str, gil_missing))} (py-spy --gil wrote no "
-                     "file): their GIL held/wait figures are not measured (shown as -), not 0%")
     if skew is not None and window > 0 and skew > max(2.0 / rate, 0.02 * window):
         notes.append(f"py-spy recorders started up to {skew:.2f} s apart ({100.0 * skew / window:.1f}% of the "
                      f"{window:.1f} s window): ranks' samples cover slightly different spans")
     return notes
+
+
+def gil_notes(profiles: list[RankProfile], gil: bool) -> tuple[list[int], list[str]]:
+    """The ranks whose GIL figures were asked for and not measured, and why (notes)."""
+    none = [p.rank for p in profiles if p.gil_note is None and p.gil_held_pct is None]
+    notes = [f"rank {p.rank}: {p.gil_note}" for p in profiles if p.gil_note]
+    if gil and none:
+        notes.append(f"no GIL recording for rank(s) {', '.join(map(str, none))} (py-spy --gil wrote no file)")
+    missing = [p.rank for p in profiles if p.gil_held_pct is None] if gil else []
+    if missing:
+        notes.append(f"GIL held/wait of rank(s) {', '.join(map(str, missing))} are not measured (shown as -), not 0%")
+    return missing, notes
 
 
 def precision_notes(profiles: list[RankProfile], window: float | None) -> list[str]:
@@ -254,9 +271,12 @@ def precision_notes(profiles: list[RankProfile], window: float | None) -> list[s
 
 def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None,
               cpus: dict[int, CpuMeter] | None, live: dict[str, Any], notes: list[str],
-              exited: list[dict] | None = None) -> Run:
+              exited: list[dict] | None = None, gil: bool = False) -> Run:
+    """gil: GIL figures were recorded (or given): say which ranks lack them, and why."""
     profiles: list[RankProfile] = [attribute(s, ruleset) for s in sorted(samples, key=lambda s: s.rank)]
-    notes = list(notes) + move_entry_idle(profiles) + precision_notes(profiles, window)
+    gil_missing, gnotes = gil_notes(profiles, gil)
+    live = dict(live, gil_missing=gil_missing)
+    notes = list(notes) + gnotes + move_entry_idle(profiles) + precision_notes(profiles, window)
     strategy = detect_strategy(profiles, ruleset)
     cpu_pct = {p.rank: (cpus[p.rank].cpu_pct() if cpus else None) for p in profiles}
     ranks: list[RankResult] = []
@@ -325,4 +345,4 @@ def from_raw(files: list[str], rate: int = PYSPY_DEFAULT_RATE_HZ, rules: str | N
         title = os.path.basename(fs[0]) if len(fs) == 1 else f"{os.path.basename(fs[0])} (+{len(fs) - 1} blocks)"
         samples.append(RankSamples.from_blocks(rank, int(pm.group(1)) if pm else None, title, blocks))
     live = {"source": "raw", "files": list(files), "rate_hz": rate, "target_pid": None}
-    return build_run(samples, ruleset, None, None, live, [])
+    return build_run(samples, ruleset, None, None, live, [], gil=bool(gil_files))

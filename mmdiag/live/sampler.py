@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
 import psutil
 
 from .discover import RankProcess
-from .errors import LiveError
+from .errors import LiveError, PySpyError
 from .pyspy import PySpy, Recorder, ThreadSamples, classify_failure, read_raw, start_recorder
 
-REGISTRY: set[int] = set()
-MAX_REATTACH_FAILURES = 3  # live py-spy pids (tests check nothing is left behind)
+REGISTRY: set[int] = set()  # live py-spy pids (tests check nothing is left behind)
+MAX_REATTACH_FAILURES = 3
 
 
 def alive(pid: int) -> bool:
@@ -72,7 +73,6 @@ class RankChain:
         self.chunk: _Chunk | None = None
         self.blocks: list[Block] = []
         self.exited = False
-        self.gil_missing = False
         self.first_sampling: float | None = None
         self.first_spawned: float | None = None
         self._n = 0
@@ -109,16 +109,6 @@ class RankChain:
                 self.first_sampling = c.sampling
         return c.sampling is not None
 
-    def failed(self) -> LiveError | None:
-        """A recording that ended without ever sampling: why (ptrace, not Python, ...)."""
-        c = self.chunk
-        if c is None:
-            return None
-        for x in c.recorders:
-            if x.proc.poll() is not None and not x.started:
-                return classify_failure(x.stderr(), self.rank.pid, self.spy)
-        return None
-
     def poll(self) -> list[Block]:
         """Collect the current block when it is over (time up, or the target
         exited) and start the next one. Returns the new block(s)."""
@@ -130,6 +120,9 @@ class RankChain:
         if c.sampling is not None and now - c.sampling >= self.block_s:
             for x in c.recorders:
                 x.stop()
+        elif c.sampling is None and any(x.proc.poll() is not None for x in c.recorders):
+            for x in c.recorders:  # one recorder gave up before sampling: the pair is no block
+                x.kill()
         if not c.done():
             return []
         block = self._collect(c)
@@ -138,37 +131,57 @@ class RankChain:
             self.start()
         return [block] if block is not None else []
 
+    def _attach_failed(self, c: _Chunk) -> None:
+        """A recording pair that never sampled while the rank runs. On a loaded host
+        py-spy can exit silently (no output) while attaching: start the pair again, up
+        to MAX_REATTACH_FAILURES in a row. A reason py-spy states (ptrace refused, not
+        Python) or a rank that exited before its first sample ends the profile at once."""
+        x = next((x for x in c.recorders if x.proc.returncode not in (None, -9) and not x.started), c.main)
+        err = classify_failure(x.stderr(), self.rank.pid, self.spy)
+        if self.exited:
+            if not self.blocks:
+                raise err  # gone before its first sample
+            return
+        self.failures += 1
+        if self.failures >= MAX_REATTACH_FAILURES or type(err) is not PySpyError:
+            raise err
+
     def _collect(self, c: _Chunk) -> Block | None:
         for x in c.recorders:
             REGISTRY.discard(x.proc.pid)
         if any(x.target_exited for x in c.recorders) or not alive(self.rank.pid):
             self.exited = True
-        if not os.path.exists(c.main.out):
-            if c.sampling is None and not (self.exited or self.stopping):
-                # A re-attach that failed while the rank runs (a loaded host): try again a
-                # few times before giving up on the rank.
-                self.failures += 1
-                if self.failures >= MAX_REATTACH_FAILURES or not self.blocks:
-                    raise classify_failure(c.main.stderr(), self.rank.pid, self.spy)
+        missing = [x for x in c.recorders if not os.path.exists(x.out)]
+        cut = any(x.proc.returncode == -signal.SIGINT for x in missing)
+        if c.sampling is None or (self.stopping and cut):
+            # Never sampled, or stopped right after it began: py-spy prints "Sampling" before
+            # it sets its Ctrl-C handler, so the window's SIGINT can kill it unwritten. A
+            # block is both recordings of the same span or nothing (a main file without its
+            # GIL file would leave the rank without GIL figures).
+            if not self.stopping:
+                self._attach_failed(c)
+            return None
+        if c.main in missing:
+            if not self.exited:
+                self._attach_failed(c)
             return None
         self.failures = 0
         threads = read_raw(c.main.out, self.spy.version)
         gthreads = None
         if c.gil is not None:
-            if os.path.exists(c.gil.out):
+            if c.gil not in missing:  # else py-spy --gil died mid-block: no GIL figures for it
                 gthreads = read_raw(c.gil.out, self.spy.version)
-            else:
-                self.gil_missing = True
-        t0 = c.sampling if c.sampling is not None else c.spawned
-        b = Block(c.index, t0, time.monotonic(), threads, gthreads)
+        b = Block(c.index, c.sampling, time.monotonic(), threads, gthreads)
         self.blocks.append(b)
         return b
 
     def stop(self) -> None:
         self.stopping = True
         if self.chunk is not None:
+            self.sampling()
             for x in self.chunk.recorders:
-                x.stop()
+                # A pair not yet sampling is no block: end it without waiting for py-spy.
+                x.stop() if self.chunk.sampling is not None else x.kill()
 
     def kill(self) -> None:
         if self.chunk is not None:
@@ -193,9 +206,8 @@ class Sampler:
         deadline = time.monotonic() + attach_timeout
         while not all(c.sampling() for c in self.chains):
             for c in self.chains:
-                err = c.failed()
-                if err is not None:
-                    raise err
+                if not c.sampling():
+                    c.poll()  # a pair that gave up is started again, or raises why not
             if time.monotonic() > deadline:
                 raise LiveError(f"py-spy {self.spy.version} did not start sampling within {attach_timeout:.0f} s",
                                 fix="check the target is responsive; rerun")

@@ -124,7 +124,7 @@ class TopSession:
                 "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in self.sampler.chains},
                 "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": self.config,
                 "exited": [], "interrupted": False}
-        return build_run(samples, self.ruleset, watched, self.whole, live, [])
+        return build_run(samples, self.ruleset, watched, self.whole, live, [], gil=self.gil)
 
     def close(self) -> None:
         if getattr(self, "sampler", None) is not None:
