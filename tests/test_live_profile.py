@@ -337,13 +337,7 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
         rec = real(spy, pid, out + ".elsewhere", rate, max_s, gil, log_dir)
         return dataclasses.replace(rec, out=out)  # where profile() looks: never written
 
-    monkeypatch.setattr(P, "start_recorder", gil_elsewhere)
-    fake = _fake_rank_found(20)
-    try:
-        run = profile(fake.pid, duration=2, rate=50)
-    finally:
-        fake.kill()
-        fake.wait()
+    run, fake = _profile_fake(monkeypatch, gil_elsewhere)
     (r,) = run.ranks
     assert r.profile.samples > 50 and r.profile.gil_held_pct is None and r.profile.gil_wait_pct is None
     assert any("no GIL recording for rank(s) 0" in f for f in findings(run)), findings(run)
@@ -353,6 +347,18 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
     assert all(x["sampling_s"] is not None and x["sampling_s"] >= x["spawned_s"] >= 0 for x in skew["recorders"])
     assert skew["max_s"] is not None and skew["max_s"] >= 0
     assert not _pyspy_left([fake.pid])
+
+
+def _profile_fake(monkeypatch, start_recorder):
+    """A 2 s profile of a stand-in rank with the sampler's start_recorder replaced."""
+    import mmdiag.live.sampler as P
+    monkeypatch.setattr(P, "start_recorder", start_recorder)
+    fake = _fake_rank_found(20)
+    try:
+        return profile(fake.pid, duration=2, rate=50), fake
+    finally:
+        fake.kill()
+        fake.wait()
 
 
 def _fake_rank_found(seconds: float) -> subprocess.Popen:
@@ -382,13 +388,7 @@ def test_silent_pyspy_exit_is_started_again(monkeypatch):
             rec.proc.wait()
         return rec
 
-    monkeypatch.setattr(P, "start_recorder", first_dies)
-    fake = _fake_rank_found(20)
-    try:
-        run = profile(fake.pid, duration=2, rate=50)
-    finally:
-        fake.kill()
-        fake.wait()
+    run, fake = _profile_fake(monkeypatch, first_dies)
     (r,) = run.ranks
     assert len(calls) >= 4 and r.profile.samples > 50
     assert r.profile.gil_held_pct is not None and run.live.gil_missing == []
