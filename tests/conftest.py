@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,3 +42,14 @@ def mmdiag_cli(*args, timeout=300, env=None, **kw):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "mmdiag", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def stop_group(p, timeout=20):
+    """End a launcher started with start_new_session and everything under it: SIGTERM, then SIGKILL."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -22,6 +22,7 @@ from mmdiag.live.discover import discover, parse_title
 from mmdiag.live.truth import compare, snapshot, window_shares
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import CONTRACT_PHASES, PROFILE_SCHEMA
+from conftest import stop_group
 
 PY = sys.executable
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
@@ -105,12 +106,7 @@ def replay(tmp_path_factory):
         pytest.fail("replay ranks did not start")
     time.sleep(1.0)
     yield {"launcher": launcher.pid, "ranks": sorted(r.pid for r in ranks), "stats": str(stats), "dir": d}
-    os.killpg(launcher.pid, signal.SIGTERM)
-    try:
-        launcher.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
+    stop_group(launcher, timeout=15)
 
 
 # --- discovery ------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from mmdiag.live.truth import snapshot
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import STRATEGIES
 from sglang_wheels import site_packages, wheel
+from conftest import stop_group
 
 PY = sys.executable
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
@@ -180,14 +180,7 @@ def _ranks(launcher, tp=2, timeout=90):
     raise AssertionError("replay ranks did not appear")
 
 
-def _stop(p):
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+_stop = stop_group
 
 
 def _record(ranks, seconds, tmp, tag) -> list[RankSamples]:

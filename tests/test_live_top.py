@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from mmdiag.live.discover import discover
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import PROFILE_SCHEMA
+from conftest import stop_group
 
 PY = sys.executable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,12 +63,7 @@ def replay(tmp_path):
             time.sleep(0.2)
     assert len(ranks) == 2, "replay ranks did not start"
     yield p, [r.pid for r in ranks]
-    os.killpg(p.pid, signal.SIGTERM)
-    try:
-        p.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    stop_group(p)
 
 
 def test_top_in_a_terminal(replay, tmp_path):
