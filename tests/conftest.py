@@ -32,6 +32,17 @@ def make_trace(path, n=24, rows=64, rate=None, concurrency=8, video_every=0, tex
     return str(path)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_state(tmp_path_factory):
+    """mmdiag's apply state goes to a test folder, never the user's ~/.local/state, for the whole
+    session and every test (module-scoped fixtures apply patches too; rank processes and CLI
+    subprocesses inherit the environment)."""
+    d = tmp_path_factory.mktemp("mmdiag-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMDIAG_STATE_DIR", str(d))
+        yield d
+
+
 @pytest.fixture
 def small_trace(tmp_path):
     return make_trace(tmp_path / "trace.jsonl")

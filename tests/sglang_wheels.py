@@ -111,14 +111,3 @@ def state_of(pkg: Path) -> Path:
     """mmdiag's state folder for the install at pkg (outside the package)."""
     from mmdiag.sglang.locate import locate
     return locate(str(pkg)).state_dir
-
-
-@pytest.fixture(autouse=True, scope="session")
-def isolated_state(tmp_path_factory):
-    """mmdiag's apply state goes to a test folder, not the user's ~/.local/state, for the
-    whole session (module-scoped fixtures apply patches too; rank processes inherit it).
-    Autouse in every module that imports it."""
-    d = tmp_path_factory.mktemp("mmdiag-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMDIAG_STATE_DIR", str(d))
-        yield d

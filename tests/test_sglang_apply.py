@@ -10,7 +10,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import checkout, isolated_state, pristine, site_packages, state_of, tree_bytes  # noqa: F401
+from sglang_wheels import checkout, pristine, site_packages, state_of, tree_bytes  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.cli import main

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import FAMILY_WHEELS, checkout, isolated_state, pristine, site_packages  # noqa: F401
+from sglang_wheels import FAMILY_WHEELS, checkout, pristine, site_packages  # noqa: F401
 
 from mmdiag.cli import main
 from mmdiag.sglang.detect import detect

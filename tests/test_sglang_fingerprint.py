@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_wheels import isolated_state, pristine  # noqa: F401
+from sglang_wheels import pristine  # noqa: F401
 
 from mmdiag.sglang import astutil
 from mmdiag.sglang.facts import facts, file_rel, layouts

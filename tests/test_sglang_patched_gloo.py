@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_wheels import RELEASES, isolated_state, site_packages  # noqa: F401
+from sglang_wheels import RELEASES, site_packages  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.sglang.locate import locate

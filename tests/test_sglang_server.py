@@ -14,7 +14,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import isolated_state, site_packages  # noqa: F401
+from sglang_wheels import site_packages  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.cli import main
