@@ -242,6 +242,29 @@ def test_repeats_of_one_strategy_in_two_runs_pool():
     assert next(o for o in rec.runners_up if o.name == "commit").repeats == 3
 
 
+def test_cond_replayed_with_another_threshold_is_not_pooled():
+    """Two Runs of one workload whose `cond` ran with different thresholds: the second's cond is
+    left out with both thresholds named, the merged Run keeps the first's threshold and repeats,
+    and the rest of the second Run still pools."""
+    from dataclasses import replace
+    from mmdiag.analysis.merge import merge_replays
+    runs = []
+    for th, reps in ((100_000, [1.2, 1.21]), (2_000_000, [1.7, 1.71, 1.72])):
+        run = video_run()
+        cond = replace(run.strategies["revert"], name="cond", repeats_rps=reps, throughput_rps=reps[0])
+        run.strategies["cond"] = cond
+        run.config["strategies"] = {"cond": {"name": "cond", "threshold": {"bytes": th, "source": "option", "text": ""}}}
+        runs.append(replace(run, path=f"th{th}.json"))
+    m = merge_replays(runs)
+    assert m.used == ["th100000.json", "th2000000.json"]
+    assert m.left_out == [("th2000000.json `cond`", "replayed with another threshold (2000000, not 100000 as in th100000.json)")]
+    assert m.run.strategies["cond"].repeats_rps == [1.2, 1.21] and len(m.run.strategies["commit"].repeats_rps) == 6
+    assert m.run.config["strategies"]["cond"]["threshold"]["bytes"] == 100_000
+    # the same threshold pools
+    runs[1].config["strategies"]["cond"]["threshold"]["bytes"] = 100_000
+    assert len(merge_replays(runs).run.strategies["cond"].repeats_rps) == 5
+
+
 def test_a_null_throughput_is_left_out_not_a_traceback(tmp_path):
     d = video_run().to_dict()
     d["strategies"]["precompute"]["throughput_rps"] = None

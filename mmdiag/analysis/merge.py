@@ -3,7 +3,9 @@
 Runs of one trace, at one rank count, on one host, with the same replay settings
 measure the same workload; their strategies (and the repeats of a strategy replayed
 in several Runs) pool into one Run. Any other Run is left out, with the reason.
-The first replay Run given is the reference.
+The first replay Run given is the reference. A strategy's own settings (`cond`'s
+threshold) must match too: a strategy replayed with others is left out of the pool,
+with the reason, and the merged Run describes each strategy as it was measured.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from ..run import Run, StrategyResult
 
 # Replay settings that change what a strategy measures.
-SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb")
+SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers")
+# A strategy's own settings, in config.strategies.<name>: what its measurement depends on.
+STRATEGY_SETTINGS = {"cond": ("threshold", "bytes")}
 # What makes two traces the same workload (the file may have moved).
 TRACE_KEYS = ("requests", "mm_requests", "items", "mm_bytes", "arrival", "source")
 
@@ -49,6 +53,16 @@ def _differs(ref: Run, run: Run) -> str | None:
     return None
 
 
+def _setting(run: Run, name: str):
+    key = STRATEGY_SETTINGS.get(name)
+    if key is None:
+        return None
+    d = (run.config.get("strategies") or {}).get(name) or {}
+    for k in key:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
 def pool(results: list[StrategyResult]) -> StrategyResult:
     """One strategy replayed in several Runs: every repeat counts; the Run whose own
     (median) throughput is the median stands for the per-rank figures."""
@@ -72,6 +86,7 @@ def merge_replays(runs: list[Run]) -> Merged:
     ref = replays[0][1]
     m = Merged(None)
     by_name: dict[str, list[StrategyResult]] = {}
+    first: dict[str, tuple[str, Run]] = {}   # the first Run that measured each strategy: its settings rule
     for i, run in replays:
         why = _differs(ref, run)
         if why:
@@ -82,6 +97,14 @@ def merge_replays(runs: list[Run]) -> Merged:
             if not isinstance(s.throughput_rps, (int, float)) or s.throughput_rps != s.throughput_rps:
                 m.left_out.append((f"{label(run, i)} `{name}`", "no throughput measured"))
                 continue
+            ref_label, ref_s = first.setdefault(name, (label(run, i), run))
+            mine, theirs = _setting(run, name), _setting(ref_s, name)
+            if mine != theirs:
+                m.left_out.append((f"{label(run, i)} `{name}`", f"replayed with another {STRATEGY_SETTINGS[name][0]} "
+                                   f"({mine!r}, not {theirs!r} as in {ref_label})"))
+                continue
             by_name.setdefault(name, []).append(s)
-    m.run = replace(ref, strategies={n: pool(ss) for n, ss in by_name.items()})
+    described = {n: (first[n][1].config.get("strategies") or {}).get(n) for n in by_name}
+    config = {**ref.config, "strategies": {n: d for n, d in described.items() if d is not None}}
+    m.run = replace(ref, config=config, strategies={n: pool(ss) for n, ss in by_name.items()})
     return m
