@@ -68,10 +68,11 @@ def synth_trace(output: str, profile: str | None = None, n: int | None = None, *
 
 
 def trace_from_dump(paths: list[str], output: str, *, model: str | None = None,
-                    default_size: tuple[int, int] | None = None):
-    """Convert SGLang request dumps into a trace (a Conversion: requests, files, skipped, ...)."""
+                    default_size: tuple[int, int] | None = None, max_gap: float | None = None):
+    """Convert SGLang request dumps into a trace (a Conversion: requests, files, skipped, ...);
+    max_gap: shorten every idle gap between arrivals to at most this many seconds."""
     from .ingest.dump import convert
-    return convert(list(paths), output, model=model, default_size=default_size)
+    return convert(list(paths), output, model=model, default_size=default_size, max_gap=max_gap)
 
 
 def trace_info(path: str) -> dict[str, Any]:

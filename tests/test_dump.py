@@ -221,3 +221,24 @@ def test_cli_converts_and_reports_what_it_left_out(tmp_path):
     r = _cli(dump, "-o", str(out), "--default-size", "12")
     assert r.exit_code == 2 and "WxH" in r.stderr
     assert os.path.getsize(out) > 0
+
+
+def test_a_gap_a_replay_would_wait_out_is_refused_or_shortened(tmp_path):
+    """One request created a day after the others (a clock reset, a dump of another day): refused
+    with the request, the file and the option, nothing written; --max-gap cuts the gap and says so."""
+    img = [data_uri("PNG", 56, 56)]
+    dump = make_dump("0.5.4.post1", tmp_path / "d.pkl", [
+        {"rid": "a", "created": 1000.0, "text": "a", "images": img},
+        {"rid": "b", "created": 1000.5, "text": "b", "images": img},
+        {"rid": "late", "created": 1000.5 + 86400, "text": "c", "images": img}])
+    out = tmp_path / "t.jsonl"
+    r = _cli(dump, "-o", str(out))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in ("'late'", "86400 s", dump, "--max-gap")), r.stderr
+    assert not out.exists()
+    r = _cli(dump, "-o", str(out), "--max-gap", "2")
+    assert r.exit_code == 0 and "1 idle gap(s) over 2 s shortened" in r.stdout, r.stderr
+    header, reqs = _read(out)
+    assert [(q.rid, q.t) for q in reqs] == [("a", 0.0), ("b", 0.5), ("late", 2.5)]
+    assert header.source["gaps_shortened"] == 1
+    assert _cli(dump, "-o", str(out), "--max-gap", "0").exit_code == 2

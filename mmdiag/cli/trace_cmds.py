@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .. import api
+from ..ingest.dump import MAX_GAP_S
 from . import options as o
 from .app import json_switch, show
 
@@ -73,7 +74,10 @@ def _size(ctx, param, value):
               help="model geometry from profiles/models [default: matched from the dump's server_args.model_path]")
 @click.option("--default-size", callback=_size, default=None, metavar="WxH",
               help="size for images given as URLs (never fetched); without it such requests are left out")
-def trace_from_dump(paths, output, model, default_size):
+@click.option("--max-gap", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="shorten every idle gap between arrivals to at most S seconds [default: refuse a gap "
+                   f"over {MAX_GAP_S:g} s, which a replay would wait out]")
+def trace_from_dump(paths, output, model, default_size, max_gap):
     """Convert SGLang request dumps into a trace of the traffic the server really had.
 
     \b
@@ -87,11 +91,13 @@ def trace_from_dump(paths, output, model, default_size):
     """
     from ..ingest.dump import skipped_text
 
-    conv = api.trace_from_dump(list(paths), output, model=model, default_size=default_size)
+    conv = api.trace_from_dump(list(paths), output, model=model, default_size=default_size, max_gap=max_gap)
     click.echo(f"wrote {conv.requests} requests from {conv.files} dump file(s) to {output} "
                f"(model {conv.model_path or '?'}, geometry {conv.model})")
     if conv.defaulted:
         click.echo(f"  {conv.defaulted} image(s) given as URLs took --default-size")
+    if conv.gaps_shortened:
+        click.echo(f"  {conv.gaps_shortened} idle gap(s) over {max_gap:g} s shortened to {max_gap:g} s (--max-gap)")
     if conv.skipped:
         click.echo(f"  left out: {skipped_text(conv)}")
 

@@ -36,6 +36,10 @@ ALLOWED_MODULES = (
     "sglang.srt.sampling.sampling_params",
 )
 REQUEST_CLASSES = ("GenerateReqInput", "EmbeddingReqInput")
+# A longer silence between two recorded arrivals is refused unless --max-gap shortens it: a
+# replay waits every gap out, and a stray created_time (a clock reset, a dump of another day)
+# would hold it for hours while measuring nothing.
+MAX_GAP_S = 600.0
 
 
 class DumpError(MmdiagError):
@@ -170,6 +174,7 @@ class Conversion:
     skipped: Counter = field(default_factory=Counter)       # requests left out, by reason
     defaulted: int = 0                                       # images given --default-size
     prompt_len_from: Counter = field(default_factory=Counter)
+    gaps_shortened: int = 0                                  # idle gaps cut to --max-gap
 
 
 def _field(obj: Any, key: str, default: Any = None) -> Any:
@@ -316,8 +321,26 @@ def _seconds(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _arrivals(records: list, max_gap: float | None, conv: Conversion) -> Iterator[TraceRequest]:
+    """Sorted (created, request, file) records as trace requests timed from the first; a gap
+    over max_gap is cut to it; with none given, a gap over MAX_GAP_S is refused."""
+    t, prev = 0.0, records[0][0]
+    for created, tr, path in records:
+        gap = created - prev
+        if max_gap is not None and gap > max_gap:
+            gap, conv.gaps_shortened = max_gap, conv.gaps_shortened + 1
+        elif max_gap is None and gap > MAX_GAP_S:
+            span = records[-1][0] - records[0][0]
+            raise DumpError(f"request {tr.rid!r} was created {gap:.0f} s after the one before it (the dumps span "
+                            f"{span / 3600:.1f} h of created_time): a replay would wait that long", where=path,
+                            fix="pass --max-gap S to shorten every idle gap to S seconds, or convert the dumps "
+                                "of one busy period")
+        t, prev = t + gap, created
+        yield replace(tr, t=t)
+
+
 def convert(paths: list[str], out: str, *, model: str | None = None,
-            default_size: tuple[int, int] | None = None) -> Conversion:
+            default_size: tuple[int, int] | None = None, max_gap: float | None = None) -> Conversion:
     """Read dump files one at a time (a folder is never held whole), keep a compact
     record per request, then write the trace sorted by created_time."""
     from ..workloads import header_model, load_model
@@ -339,19 +362,20 @@ def convert(paths: list[str], out: str, *, model: str | None = None,
             for one in _batch(req):
                 r = converter.request(one, output, created, len(records), seen)
                 if r is not None:
-                    records.append(r)
+                    records.append((*r, path))
         del d
     if not records:
         raise DumpError("no request could be converted" + (f" (left out: {skipped_text(conv)})" if conv.skipped else ""),
                         where=", ".join(paths))
     records.sort(key=lambda r: r[0])
-    t0 = records[0][0]
+    arrivals = list(_arrivals(records, max_gap, conv))   # refuses before a byte is written
     header = TraceHeader(
         source={"tool": "mmdiag trace from-dump", "files": conv.files, "model_path": conv.model_path,
                 "skipped": dict(conv.skipped), "default_size": list(default_size) if default_size else None,
-                "defaulted_images": conv.defaulted, "prompt_len_from": dict(conv.prompt_len_from)},
+                "defaulted_images": conv.defaulted, "prompt_len_from": dict(conv.prompt_len_from),
+                **({"max_gap_s": max_gap, "gaps_shortened": conv.gaps_shortened} if max_gap is not None else {})},
         model=header_model(converter.model), arrival={"mode": "recorded"})
-    conv.requests = write_trace(out, header, (replace(tr, t=c - t0) for c, tr in records))
+    conv.requests = write_trace(out, header, iter(arrivals))
     return conv
 
 
