@@ -7,7 +7,7 @@
 Per trace (synthesized with `trace synth --repeat-share S`: a share S of multimodal requests repeats a
 recent request's images byte for byte), every request's features go through a pickle round trip as the
 recv broadcast delivers them to each scheduler rank (fresh objects, as in SGLang), and then, timed:
-  none      SGLang's hash_feature on every item (mmdiag.replay.mm: its copies, then sha256)
+  none      SGLang's hash_feature on every item (mmdiag.mmpath.items: its copies, then sha256)
   id-cache  the seed's cache keyed by id(feature): hits, and hits that return another image's hash
             (ids of freed features are reused by new ones)
   content   a cache keyed by the bytes themselves (blake2b-128 over the buffer, no copy), hashing on a miss:
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from mmdiag.replay.mm import data_hash, hash_feature
+from mmdiag.mmpath.items import data_hash, hash_feature
 from mmdiag.trace import TraceReader
 from mmdiag.workloads import synth_to_file
 

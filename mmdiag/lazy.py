@@ -20,7 +20,7 @@ class _LazyModule(types.ModuleType):
         return getattr(self._real(), attr)
 
     def __setattr__(self, attr: str, value: Any) -> None:
-        # A patch (comm.py times torch's pickling this way) must land on the real module.
+        # A patch (mmpath/collectives.py times torch's pickling this way) must land on the real module.
         setattr(self._real(), attr, value)
 
 

@@ -93,10 +93,10 @@ def c10d_defs() -> dict[str, Def]:
 
 @lru_cache(maxsize=1)
 def local_defs() -> dict[str, Def]:
-    """mmdiag's own code (replay, strategies, SGLang patches and runtime), torch's
+    """mmdiag's own code (replay, the mm path's primitives, strategies, SGLang patches and runtime), torch's
     distributed and pickling modules, pyzmq's socket layer, the standard library's
     threading, queue and futures."""
-    roots = [(REPO / "mmdiag", ["replay/*.py", "strategies/*.py", "sglang/patches/*.py", "sglang/runtime.py"])]
+    roots = [(REPO / "mmdiag", ["replay/*.py", "mmpath/*.py", "strategies/*.py", "sglang/patches/*.py", "sglang/runtime.py"])]
     troot = Path(torch.__file__).parent
     roots.append((troot, ["distributed/distributed_c10d.py", "_tensor.py", "_utils.py", "storage.py",
                           "multiprocessing/reductions.py"]))

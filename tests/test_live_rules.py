@@ -56,7 +56,7 @@ def test_materialization_only_sglang_and_replay_functions(rules):
     assert rules.phase_of((F("handle_generate_request", "scheduler.py"), F("from_dict", sb))) == "from_dict"
     assert rules.phase_of((F("from_dict", sb), F("set_pad_value", sb), F("hash_feature", mu),
                            F("data_hash", mu))) == "from_dict"
-    assert rules.phase_of((F("run", "w.py"), F("from_dict", "/work/main/mmdiag/replay/mm.py"))) == "from_dict"
+    assert rules.phase_of((F("run", "w.py"), F("from_dict", "/work/main/mmdiag/mmpath/items.py"))) == "from_dict"
     assert rules.phase_of((F("run", "w.py"), F("MultimodalInputs.from_dict", "elsewhere.py"))) == "from_dict"
     # Someone else's from_dict / data_hash (a config loader, a cache key) is not materialization.
     assert rules.phase_of((F("load", "app.py"), F("from_dict", "transformers/configuration_utils.py"))) == "other"

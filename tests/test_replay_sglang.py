@@ -23,6 +23,10 @@ def test_replay_runs_the_installed_code_before_and_after_apply(tmp_path):
     # The release's own path: one collective per multimodal request; the patch: one per loop iteration.
     assert b["strategies"]["commit"]["ranks"][0]["replay"]["collectives"] == mm
     assert 1 <= a["strategies"]["batch"]["ranks"][0]["replay"]["collectives"] < mm
+    # Timed by mmdiag's own primitives: the entry rank materializes and pickles, the other unpickles.
+    r0, r1 = b["strategies"]["commit"]["ranks"][:2]
+    assert min(r0["phases_ms"]["from_dict"], r0["phases_ms"]["pickle"], r1["phases_ms"]["unpickle"]) > 0
+    assert r1["phases_ms"]["broadcast"] > 0
     for run in (b, a):
         (s,) = run["strategies"].values()
         assert s["ranks_agree"] is True

@@ -68,9 +68,9 @@ def _reqs(make_request_fn, rows_list, start):
 def _worker(rank, world, port, q):
     try:
         import torch.distributed as dist
-        from mmdiag.replay.comm import broadcast_pyobj, install_torch_timers
+        from mmdiag.mmpath.collectives import broadcast_pyobj, install_torch_timers
         from mmdiag.replay.scheduler import ReplayScheduler, make_request
-        from mmdiag.replay.timers import PhaseTimers
+        from mmdiag.mmpath.timers import PhaseTimers
         from mmdiag.strategies.dict_async import DictAsync
         timeout = datetime.timedelta(seconds=30)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -142,7 +142,7 @@ def test_cond_and_dict_async_on_two_gloo_ranks():
 
 
 def test_feature_nbytes_reads_items():
-    from mmdiag.replay.mm import MultimodalDataItem
+    from mmdiag.mmpath.items import MultimodalDataItem
     raw = {"mm_items": [MultimodalDataItem("image", _feature(3, 0)), MultimodalDataItem("image", None)]}
     assert feature_nbytes(raw) == 3 * 1176 * 4
 

@@ -24,15 +24,15 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..mmpath.collectives import broadcast_pyobj
+from ..mmpath.items import PAD_MODULUS, hash_feature
 from ..mmpath.memory import RANK_BASE_BYTES, HeapTrimmer, MiB
+from ..mmpath.timers import PhaseTimers
+from ..mmpath.transport import PickleTransport, Transport
 from ..run import summarize_ms
 from ..strategies.base import Strategy
 from ..trace import DTYPES, TraceReader, TraceRequest
-from .comm import broadcast_pyobj
-from ..mmpath.transport import PickleTransport, Transport
 from ..vocab import TOKENIZER_PHASES
-from .mm import PAD_MODULUS, hash_feature
-from .timers import PhaseTimers
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 assert set(TORCH_DTYPES) == set(DTYPES)

@@ -6,9 +6,12 @@ compares under the one vocabulary.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
+from ..mmpath.collectives import broadcast_object_list_timed
+from ..mmpath.timers import PhaseTimers
 from ..strategies.base import Ready, Strategy
 
 # An unpatched install's own path, in the strategy vocabulary.
@@ -24,8 +27,10 @@ def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
 
 
 class InstalledPath(Strategy):
-    """Runs `process_input_requests` of the install; times its phases from the
-    runtime's counters (from_dict, collectives) and torch's pickling wrappers."""
+    """Runs `process_input_requests` of the install, timed by the same primitives as
+    mmdiag's own model (mmdiag.mmpath): its from_dict in the `from_dict` phase, its
+    broadcast_object_list through broadcast_object_list_timed (pickle / broadcast /
+    unpickle, one collective counted)."""
 
     collectives = "as installed"
 
@@ -38,6 +43,7 @@ class InstalledPath(Strategy):
 
     def setup(self, s) -> None:
         self.sched = self.path.make_scheduler(s.cpu_group, enable_broadcast_mm_inputs_process=self.flag)
+        time_with(self.path, s.timers)
 
     def raw_mm_inputs(self, modalities, features, hashes) -> dict:
         """The install's own raw mm_inputs dict for one request (what its tokenizer sends);
@@ -53,14 +59,18 @@ class InstalledPath(Strategy):
         mm = self.mm_reqs(reqs)
         if not mm:
             return []
-        st, t = self.path.stats, s.timers
-        fd0, c0, cs0 = st.from_dict_s, st.collectives, st.collective_s
-        p0, u0 = t.get("pickle"), t.get("unpickle")
         out = self.path.process_input_requests(self.sched, [self.path.generate_req(r.rid, r.mm_inputs) for r in mm])
-        t.add("from_dict", st.from_dict_s - fd0)
-        t.add("broadcast", (st.collective_s - cs0) - (t.get("pickle") - p0) - (t.get("unpickle") - u0))
-        t.collectives += st.collectives - c0
         return [(r, _Fingerprinted(out[r.rid])) for r in mm]
+
+
+def time_with(path: Any, timers: PhaseTimers) -> None:
+    """Make the install's extracted code report to `timers` as mmdiag's model does."""
+    cls = path.MultimodalInputs
+    untimed = getattr(cls, "_mmdiag_untimed_from_dict", None)
+    if untimed is None:
+        untimed = cls._mmdiag_untimed_from_dict = cls.__dict__["from_dict"].__func__
+    cls.from_dict = staticmethod(timers.timed("from_dict", untimed))
+    path.dist.issue = functools.partial(broadcast_object_list_timed, timers)
 
 
 class _Fingerprinted:

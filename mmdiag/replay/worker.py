@@ -25,15 +25,15 @@ from .. import strategies as strategy_registry
 from ..errors import MmdiagError
 from ..mmpath import memory, shm
 from ..mmpath import transport as transport_mod
+from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
+from ..mmpath.timers import PhaseTimers
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
-from .assemble import assemble_run, strategy_result
 from . import heartbeat
-from .comm import broadcast_pyobj, install_torch_timers
+from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
 from .scheduler import Intake, ReplayScheduler, tokenizer_prepass
-from .timers import PhaseTimers
 
 PR_SET_PDEATHSIG = 1
 

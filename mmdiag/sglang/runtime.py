@@ -33,6 +33,8 @@ API (what the replay calls, inside real gloo process groups):
     reqs = path.broadcast_pyobj(reqs, group)         # SGLang's own recv_requests transport
     out = path.process_input_requests(sched, reqs)   # {rid: MultimodalInputs | None}
     path.stats                                       # RuntimeStats of this process
+    path.dist.issue = fn                             # fn(obj_list, src=, group=) issues the
+                                                     # extracted code's broadcast_object_list
     sched._mmdiag_mm_cache                           # batch only: {} after every call
 """
 from __future__ import annotations
@@ -170,10 +172,12 @@ class RuntimeStats:
 
 
 class _DistProxy:
-    """torch.distributed for the extracted code: counts and times broadcast_object_list."""
+    """torch.distributed for the extracted code: counts and times broadcast_object_list,
+    issued by `issue` when set (the replay's timed collective, mmdiag.mmpath.collectives)."""
 
     def __init__(self, stats):
         self._stats = stats
+        self.issue = None
 
     def __getattr__(self, name):
         return getattr(torch.distributed, name)
@@ -181,15 +185,15 @@ class _DistProxy:
     def broadcast_object_list(self, *a, **k):
         t0 = time.perf_counter()
         try:
-            return torch.distributed.broadcast_object_list(*a, **k)
+            return (self.issue or torch.distributed.broadcast_object_list)(*a, **k)
         finally:
             self._stats.collectives += 1
             self._stats.collective_s += time.perf_counter() - t0
 
 
 class _TorchProxy:
-    def __init__(self, stats):
-        self.distributed = _DistProxy(stats)
+    def __init__(self, dist_proxy):
+        self.distributed = dist_proxy
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -303,13 +307,14 @@ class SGLangMMPath:
         self.variant = det.variant
         self.patched = det.patched
         self.stats = RuntimeStats()
+        self.dist = _DistProxy(self.stats)  # one for `torch.distributed` and `dist` alike
         self.module_name = _module_name(install)
         # Rebuild on every load (the files may have been patched meanwhile).
         mod = types.ModuleType(self.module_name)
         mod.__file__ = str(install.path("scheduler"))
         ns = mod.__dict__
         ns.update({
-            "torch": _TorchProxy(self.stats), "np": np, "dist": _DistProxy(self.stats),
+            "torch": _TorchProxy(self.dist), "np": np, "dist": self.dist,
             "pickle": pickle, "hashlib": hashlib, "logger": logger, "dataclasses": dataclasses,
             "Enum": enum.Enum, "auto": enum.auto, "functools": functools, "lru_cache": functools.lru_cache,
             "os": os, "sys": sys,

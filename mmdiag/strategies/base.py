@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..mmpath.items import MultimodalDataItem, MultimodalInputs
+
 if TYPE_CHECKING:
     from ..replay.scheduler import ReplayRequest, ReplayScheduler
-    from ..replay.mm import MultimodalInputs
 
 Ready = list[tuple["ReplayRequest", "MultimodalInputs"]]
 
@@ -46,7 +47,6 @@ class Strategy:
     def raw_mm_inputs(self, modalities: list[str], features: list[Any], hashes: list[int | None]) -> dict:
         """One request's raw mm_inputs as the tokenizer hands them over, in this path's
         item classes (mmdiag's model here; the installed-SGLang plug-in uses the install's)."""
-        from ..replay.mm import MultimodalDataItem
         return {"mm_items": [MultimodalDataItem(m, f, hash=h) for m, f, h in zip(modalities, features, hashes)],
                 "im_token_id": self.image_token_id}
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from ..replay.comm import broadcast_object_list_timed
-from ..replay.mm import MultimodalInputs
+from ..mmpath.collectives import broadcast_object_list_timed
+from ..mmpath.items import MultimodalInputs
 from .base import Ready, Strategy
 
 

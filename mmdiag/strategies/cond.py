@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from ..analysis import threshold as T
+from ..mmpath.collectives import broadcast_pyobj
 from .base import Ready, Strategy
 from .commit import _process_and_broadcast_mm_inputs
 from .revert import Revert
@@ -55,7 +56,6 @@ class Cond(Strategy):
         strategies this replay measured so far) and every rank adopts rank 0's: nodes
         whose environments differ still agree."""
         from ..analysis.costmodel import fit
-        from ..replay.comm import broadcast_pyobj
         from ..errors import MmdiagError
         th = None
         if rank == 0:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..replay.mm import MultimodalInputs
+from ..mmpath.items import MultimodalInputs
 from .base import Ready, Strategy
 
 

@@ -58,15 +58,16 @@ def install_torch_timers(timers: PhaseTimers) -> None:
     c10d._tensor_to_object = _tensor_to_object_timed
 
 
-def broadcast_object_list_timed(timers: PhaseTimers, objs: list[Any], src: int, group: Any) -> None:
-    """torch.distributed.broadcast_object_list; the time outside (un)pickling is `broadcast`."""
+def broadcast_object_list_timed(timers: PhaseTimers, objs: list[Any], src: int, group: Any, **kwargs: Any) -> None:
+    """torch.distributed.broadcast_object_list; the time outside (un)pickling is `broadcast`.
+    mmdiag's strategies call it, and an installed SGLang's code calls it in place of torch's."""
     p0, u0 = timers.get("pickle"), timers.get("unpickle")
     t0 = time.perf_counter()
     if timers.tracer is not None:
         with timers.tracer.log_event("broadcast_object_list"):
-            dist.broadcast_object_list(objs, src=src, group=group)
+            dist.broadcast_object_list(objs, src=src, group=group, **kwargs)
     else:
-        dist.broadcast_object_list(objs, src=src, group=group)
+        dist.broadcast_object_list(objs, src=src, group=group, **kwargs)
     total = time.perf_counter() - t0
     timers.add("broadcast", total - (timers.get("pickle") - p0) - (timers.get("unpickle") - u0))
     timers.collectives += 1

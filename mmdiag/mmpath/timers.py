@@ -9,11 +9,12 @@ second so an attached profiler can compare against the same window.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..vocab import PHASES
 
@@ -52,6 +53,15 @@ class PhaseTimers:
                 yield
             finally:
                 acc[name] += time.perf_counter() - t0
+
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`, every call timed in phase `name`: for code the rank runs but mmdiag does
+        not own (an installed SGLang's from_dict), timed as mmdiag's own model is."""
+        @functools.wraps(fn)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return timed_call
 
     def add(self, name: str, seconds: float) -> None:
         self._mine()[name] += seconds
