@@ -24,17 +24,22 @@ from mmdiag.strategies import PATCHABLE as PATCHABLE_STRATEGIES
 # the user sets instead of code (the release ships it), None refused as not applicable.
 _S, _T = ["scheduler"], ["tokenizer_manager"]
 EXPECT = {
-    "0.5.4.post1": {"revert": [], "dict": None, "batch": None, "precompute": _T, "cond": None},
-    "0.5.5.post2": {"revert": _S, "dict": _S, "batch": _S, "precompute": _T + _S, "cond": _S},
-    "0.5.6.post2": {"revert": "flag", "dict": _S, "batch": _S, "precompute": _T, "cond": _S},
-    "0.5.7": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S},
-    "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S},
+    "0.5.4.post1": {"revert": [], "dict": None, "batch": None, "precompute": _T, "cond": None,
+                   "shm": _T + _S},
+    "0.5.5.post2": {"revert": _S, "dict": _S, "batch": _S, "precompute": _T + _S, "cond": _S,
+                   "shm": _T + _S},
+    "0.5.6.post2": {"revert": "flag", "dict": _S, "batch": _S, "precompute": _T, "cond": _S,
+                   "shm": _T + _S},
+    "0.5.7": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S,
+             "shm": _T + _S},
+    "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S,
+             "shm": _T + _S},
     # shared-memory transport: features already reach every rank, dict would pickle them again
-    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
-    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
-    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
-    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
-    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None},
+    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
 }
 FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
 
@@ -57,8 +62,14 @@ def _settings_only(strategy, pkg, before, what):
     assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
     res = A.apply(locate(str(pkg)), strategy)
     assert res.status == "settings"
-    # the broadcast flag stays off either way; precompute sets the release's own variable
-    assert res.settings["flags"] == {"--enable-broadcast-mm-inputs-process": False}
+    # the broadcast flag stays off either way; precompute and shm set the release's own variable
+    assert res.settings["flags"]["--enable-broadcast-mm-inputs-process"] is False
+    if strategy == "shm":  # the release's own shared-memory transport, on its CPU default
+        assert "moves features by shared memory itself" in r.output
+        assert set(res.settings["flags"]) <= {"--enable-broadcast-mm-inputs-process", "--mm-feature-transport"}
+        assert res.settings["flags"].get("--mm-feature-transport", "cpu") == "cpu"
+    else:
+        assert res.settings["flags"] == {"--enable-broadcast-mm-inputs-process": False}
     if what == "env":
         assert res.settings["env"] == {"SGLANG_MM_PRECOMPUTE_HASH": "1"}
         assert "SGLANG_MM_PRECOMPUTE_HASH=1 python -m sglang.launch_server" in r.output

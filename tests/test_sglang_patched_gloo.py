@@ -21,6 +21,7 @@ import pytest
 from sglang_wheels import RELEASES, site_packages  # noqa: F401
 
 import mmdiag.sglang.apply as A
+from mmdiag.mmpath.shm import SHM_DIR_ENV
 from mmdiag.sglang.locate import locate
 
 JOIN_TIMEOUT_S = 240
@@ -56,6 +57,13 @@ CALLS = [
 MM_RIDS = {"r1": [1, 2], "r2": [3], "r3": [4], "e1": [5], "r5": [6], "r6": [7]}
 
 
+def _shm_handles(reqs):
+    """Items whose feature is an applied `shm` patch's handle (a tuple), in received requests."""
+    subs = [s for r in reqs for s in (r.batch if hasattr(r, "batch") else [r])]
+    raws = [getattr(s, "mm_inputs", None) or getattr(s, "image_inputs", None) for s in subs]
+    return [it for raw in raws if raw for it in raw["mm_items"] if isinstance(it.feature, tuple)]
+
+
 def _build(path, call):
     reqs = []
     for spec in call:
@@ -84,10 +92,12 @@ def _worker(rank, world, port, configs, out_dir, q):
             path = load_sglang_mm_path(sglang_dir)
             sched = path.make_scheduler(group, enable_broadcast_mm_inputs_process=flag)
             path.stats.reset()
-            out, caches = {}, []
+            out, caches, handles = {}, [], 0
             for call in CALLS:
                 reqs = _build(path, call) if rank == 0 else None
                 reqs = path.broadcast_pyobj(reqs, group)  # SGLang's recv_requests transport
+                handles += len(_shm_handles(reqs))
+                reqs = path.finish_recv(sched, reqs)  # the rest of recv_requests (shm maps its segments)
                 got = path.process_input_requests(sched, reqs)
                 for rid, mm in got.items():
                     out[rid] = None if mm is None else [[it.hash, it.pad_value] for it in mm.mm_items]
@@ -96,7 +106,7 @@ def _worker(rank, world, port, configs, out_dir, q):
                              "abort_snapshot": getattr(sched, "abort_snapshot", None),
                              "collectives": path.stats.collectives, "hash_calls": path.stats.hash_calls,
                              "tokenizer_hash_calls": path.stats.tokenizer_hash_calls,
-                             "variant": path.variant, "patched": path.patched}
+                             "variant": path.variant, "patched": path.patched, "handles": handles}
             dist.barrier(group)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -136,7 +146,7 @@ def _expected_collectives(variant, patched, flag):
         return n_mm_requests
     if variant == "broadcast-flag":  # precompute leaves the flag in force (it must stay off)
         return n_mm_requests if flag else 0
-    if patched in ("revert", "precompute") or variant == "per-rank":
+    if patched in ("revert", "precompute", "shm") or variant == "per-rank":
         return 0
     if variant == "broadcast-always":
         return n_mm_requests
@@ -153,7 +163,7 @@ def installs(tmp_path_factory):
         configs.append((f"{version}/unpatched", str(base), False))
         if variant == "broadcast-flag":
             configs.append((f"{version}/flag-on", str(base), True))
-        for strategy in ("revert", "dict", "batch", "precompute"):
+        for strategy in ("revert", "dict", "batch", "precompute", "shm"):
             pkg = site_packages(version, root / version / strategy)
             try:
                 res = A.apply(locate(str(pkg)), strategy)
@@ -168,6 +178,7 @@ def installs(tmp_path_factory):
 
 def _check(results, configs):
     world = len(results)
+    n_items = sum(len(s) for s in MM_RIDS.values())
     for name, _dir, flag in configs:
         per_rank = [r[name] for r in results]
         r0 = per_rank[0]
@@ -187,24 +198,80 @@ def _check(results, configs):
             assert r["aborted"] == ["r5"]
             exp = _expected_collectives(r["variant"], r["patched"], flag) if world > 1 else 0
             assert r["collectives"] == exp, (name, r["collectives"], exp)
-        if r0["patched"] == "precompute":
+        # shm: the recv broadcast carried a handle per item, not its bytes
+        assert all(r["handles"] == (n_items if r0["patched"] == "shm" else 0) for r in per_rank), name
+        if r0["patched"] in ("precompute", "shm"):  # hashed once, before the scheduler
             assert all(r["hash_calls"] == 0 for r in per_rank), f"{name}: scheduler ranks hashed"
-            assert r0["tokenizer_hash_calls"] == sum(len(s) for s in MM_RIDS.values())
+            assert r0["tokenizer_hash_calls"] == n_items
         elif r0["collectives"] == 0:
-            n_items = sum(len(s) for s in MM_RIDS.values())
             assert all(r["hash_calls"] == n_items for r in per_rank), name  # every rank hashes every item
         if r0["patched"] == "batch" and world > 1:
             # the abort came before r5's request in the same call: r5 was dropped, r6 still waits
             assert all(r["abort_snapshot"] == ["r6"] for r in per_rank), name
 
 
-def test_all_paths_two_ranks(installs, tmp_path):
+def test_all_paths_two_ranks(installs, tmp_path, monkeypatch):
     names = {n for n, _, _ in installs}
-    assert {"0.5.5/batch", "0.5.6/batch+flag", "0.5.4.post2/dict", "0.5.6/precompute"} <= names
+    assert {"0.5.5/batch", "0.5.6/batch+flag", "0.5.4.post2/dict", "0.5.6/precompute",
+            "0.5.4.post1/shm", "0.5.5/shm", "0.5.9/shm+flag"} <= names
+    segments = tmp_path / "shm"
+    segments.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(segments))  # where the `shm` patch writes (inherited by the ranks)
     _check(_spawn(2, installs, tmp_path), installs)
+    assert list(segments.iterdir()) == []  # every segment unlinked once every rank had mapped it
 
 
 def test_broadcasting_paths_three_ranks(installs, tmp_path):
     sub = [c for c in installs if c[0].startswith(("0.5.5/", "0.5.6/"))
            and c[0].split("/")[1] in ("unpatched", "flag-on", "dict", "batch")]
     _check(_spawn(3, sub, tmp_path), sub)
+
+
+def _killed_worker(rank, world, port, sglang_dir, q):
+    """Rank 1 dies (SIGKILL) holding handles it never mapped; rank 0 reports what it met."""
+    try:
+        import os
+        import signal
+        import torch.distributed as dist
+        from mmdiag.sglang.runtime import load_sglang_mm_path
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        path = load_sglang_mm_path(sglang_dir)
+        sched = path.make_scheduler(dist.group.WORLD)
+        reqs = _build(path, CALLS[0]) if rank == 0 else None
+        reqs = path.broadcast_pyobj(reqs, dist.group.WORLD)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        held = len(os.listdir(os.environ[SHM_DIR_ENV]))  # segments written for this call
+        try:
+            path.finish_recv(sched, reqs)
+            q.put((rank, "finished although its peer died"))
+        except RuntimeError as e:
+            q.put((rank, f"held {held}; {e}"))
+    except BaseException:
+        q.put((rank, traceback.format_exc()))
+
+
+def test_shm_patch_leaves_no_segment_when_a_rank_dies(tmp_path, monkeypatch):
+    pkg = site_packages("0.5.9", tmp_path / "inst")
+    assert A.apply(locate(str(pkg)), "shm").status == "applied"
+    segments = tmp_path / "shm"
+    segments.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(segments))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_killed_worker, args=(r, 2, port, str(pkg), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        rank, what = q.get(timeout=JOIN_TIMEOUT_S)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    # the survivor held the call's 5 segments, and its barrier failed instead of hanging
+    assert rank == 0 and what.startswith("held 5; "), what
+    assert procs[1].exitcode == -9
+    assert list(segments.iterdir()) == []  # the survivor unlinked the call's segments

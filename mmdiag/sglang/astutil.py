@@ -64,25 +64,51 @@ def functions(tree: ast.Module, lines: list[str]) -> dict[str, MethodSpan]:
     return _defs(tree.body, lines)
 
 
-def assigned_await(func: ast.AST, var: str) -> ast.stmt | None:
-    """The first `var = await ...` (or `var: T = await ...`) statement inside func."""
+def _assigned_awaits(func: ast.AST, var: str) -> list[ast.stmt]:
+    out = []
     for node in ast.walk(func):
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Await):
             tgt = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
             if isinstance(tgt, ast.Name) and tgt.id == var:
-                return node
-    return None
+                out.append(node)
+    return out
+
+
+def assigned_await(func: ast.AST, var: str) -> ast.stmt | None:
+    """The first `var = await ...` (or `var: T = await ...`) statement inside func."""
+    found = _assigned_awaits(func, var)
+    return found[0] if found else None
+
+
+def enclosing_awaits(func: ast.AST, var: str) -> ast.stmt | None:
+    """The smallest statement inside func holding every `var = await ...` (the statement
+    itself when there is one): after it, `var` has its final value (0.5.7 grew a second,
+    alternative await of mm_inputs)."""
+    found = {id(n) for n in _assigned_awaits(func, var)}
+    if not found:
+        return None
+    best = None
+    for node in ast.walk(func):
+        if node is func or not isinstance(node, ast.stmt):
+            continue
+        if found <= {id(n) for n in ast.walk(node)}:
+            if best is None or node.end_lineno - node.lineno < best.end_lineno - best.lineno:
+                best = node
+    return best
 
 
 def target_node(text: str, target: str, filename: str = "<sglang>") -> ast.AST | None:
-    """The node a variants.toml [layouts] target names in a source text: "Class.method", or
-    "Class.method:var" for the `var = await ...` statement in that method; None if absent."""
+    """The node a variants.toml [layouts] target names in a source text: "Class.method",
+    "Class.method:var" for the `var = await ...` statement in that method, or
+    "Class.method:var*" for the statement holding all of them; None if absent."""
     qual, _, var = target.partition(":")
     cls_name, _, meth = qual.partition(".")
     cls = find_class(parse(text, filename), cls_name)
     span = methods(cls, text.splitlines(keepends=True)).get(meth) if cls is not None else None
     if span is None:
         return None
+    if var.endswith("*"):
+        return enclosing_awaits(span.node, var[:-1])
     return assigned_await(span.node, var) if var else span.node
 
 

@@ -12,7 +12,7 @@ under a name derived from the install path, so objects pickle across ranks):
   from schedule_batch.py Modality, MultimodalDataItem, MultimodalInputs (SGLang's own)
   from mm_utils.py       data_hash, tensor_hash, hash_feature
   from utils/common.py   flatten_nested_list, broadcast_pyobj
-  from tokenizer_manager.py  _mmdiag_precompute_mm_hashes (when `precompute` is applied)
+  from tokenizer_manager.py  the _mmdiag_* helpers of an applied `precompute` or `shm`
 
 `from sglang... import` statements inside extracted functions are removed (the
 names they bind are module globals here). Stand-ins, each minimal and documented
@@ -31,6 +31,7 @@ API (what the replay calls, inside real gloo process groups):
                                                      # (hashing when `precompute` is applied)
     reqs = [path.generate_req(rid, raw), path.generate_req(rid2), path.abort_req(rid3), ...]
     reqs = path.broadcast_pyobj(reqs, group)         # SGLang's own recv_requests transport
+    reqs = path.finish_recv(sched, reqs)             # the rest of recv_requests (shm maps its segments)
     out = path.process_input_requests(sched, reqs)   # {rid: MultimodalInputs | None}
     path.stats                                       # RuntimeStats of this process
     path.dist.issue = fn                             # fn(obj_list, src=, group=) issues the
@@ -342,8 +343,8 @@ class SGLangMMPath:
         nodes += _extract(sb, ["MultimodalDataItem", "MultimodalInputs"])
         nodes += _extract(install.path("scheduler"), ["is_health_check_generate_req"])
         tm = install.path("tokenizer_manager")
-        if tm.exists():
-            nodes += _extract(tm, ["_mmdiag_precompute_mm_hashes"], required=False)
+        if tm.exists():  # what an applied patch runs on the tokenizer side (precompute, shm)
+            nodes += [n for name, n in _top_level(tm).items() if name.startswith(("_mmdiag_", "_MMDIAG_"))]
         nodes = _with_module_helpers(nodes, [install.path(k) for k in ("schedule_batch", "mm_utils", "utils_common")],
                                      ns)
         self._exec(nodes, ns, str(install.path("schedule_batch")))
@@ -352,7 +353,8 @@ class SGLangMMPath:
         wanted = [n for n in spans if n in (
             "_process_and_broadcast_mm_inputs", "_get_multimodal_inputs", "process_input_requests",
             "handle_batch_generate_request", "handle_batch_embedding_request",
-            "_mmdiag_orig_process_input_requests") or n.startswith("_mmdiag_")]
+            "_mmdiag_orig_process_input_requests") or n.startswith("_mmdiag_")
+            and n != "_mmdiag_orig_recv_requests"]  # shm's wrapped receive: the caller's broadcast_pyobj stands in
         if "_mmdiag_orig_abort_request" in spans:
             wanted.append("abort_request")  # the batch wrapper; the original part is a stand-in
         methods = [spans[n].node for n in wanted if n != "_mmdiag_orig_abort_request"]
@@ -467,7 +469,7 @@ class SGLangMMPath:
 
     def tokenizer_side(self, mm_inputs) -> bool:
         """The install's tokenizer-manager step after the processor; True if it hashed."""
-        fn = self.ns.get("_mmdiag_precompute_mm_hashes")
+        fn = self.ns.get("_mmdiag_precompute_mm_hashes") or self.ns.get("_mmdiag_shm_export")
         if fn is None and self.detection.facts.precompute_env and _EnvVar("SGLANG_MM_PRECOMPUTE_HASH").get():
             fn = _release_precompute  # 0.5.7+: what the release's tokenizer does under the variable
         if fn is None or mm_inputs is None:
@@ -488,6 +490,12 @@ class SGLangMMPath:
             return data
         src = torch.distributed.get_global_rank(group, src_rank_in_group)
         return self.ns["broadcast_pyobj"](data, torch.distributed.get_rank(), group, src=src)
+
+    def finish_recv(self, sched, recv_reqs):
+        """The rest of the install's recv_requests after its broadcast_pyobj: `shm` maps
+        its segments here (collectives on every rank); otherwise nothing."""
+        fin = getattr(sched, "_mmdiag_shm_finalize", None)
+        return recv_reqs if fin is None else fin(recv_reqs)
 
     def process_input_requests(self, sched, recv_reqs) -> dict:
         """Run the install's process_input_requests; {rid: MultimodalInputs | None}."""

@@ -17,4 +17,4 @@ class Shm(Precompute):
                "(handles in the recv broadcast, copy-on-write maps): no per-rank copy, pickle or hash")
     collectives = "none"
     transport = "shm"
-    patch = None  # the apply patch for 0.5.4.post1 .. 0.5.9 is the sglang layer's to add
+    patch = "shm"  # 0.5.4.post1 .. 0.5.9: mmdiag/sglang/patches/shm.py; 0.5.10+: settings only
