@@ -59,7 +59,11 @@ class InstalledPath(Strategy):
         mm = self.mm_reqs(reqs)
         if not mm:
             return []
-        out = self.path.process_input_requests(self.sched, [self.path.generate_req(r.rid, r.mm_inputs) for r in mm])
+        reqs = [self.path.generate_req(r.rid, r.mm_inputs) for r in mm]
+        if self.path.patched == "shm":  # the rest of its recv_requests: every rank maps the segments
+            with s.timers.phase("shm_map"):
+                reqs = self.path.finish_recv(self.sched, reqs)
+        out = self.path.process_input_requests(self.sched, reqs)
         return [(r, _Fingerprinted(out[r.rid])) for r in mm]
 
 
