@@ -80,3 +80,25 @@ def test_throughput_is_the_lower_of_the_loop_and_the_tokenizer_stage():
     assert one.throughput_rps == pytest.approx(2.0) and two.throughput_rps == pytest.approx(1 / 0.3)  # hashing spreads over workers
     assert one.tokenizer_ms["loop_rps"] == 10.0
     assert strategy_result("s", outs, {}, TraceStats()).throughput_rps == 10.0
+
+
+def test_a_replay_option_given_to_the_cli_or_to_torchrun_reaches_the_ranks_alike():
+    """Options are declared once (ReplayOptions): `mmdiag replay`'s flags and a torchrun rank's
+    command line are derived from its fields, so the same flags give the ranks the same job."""
+    from dataclasses import asdict
+
+    from mmdiag.cli.options import REPLAY_CLI
+    from mmdiag.cli.replay_cmds import replay_cmd
+    from mmdiag.replay.options import ReplayOptions, job_from_argv
+
+    argv = ["--timeout", "5", "--forward-ms", "2.5", "--max-concurrency", "3", "--max-recv-mb", "8", "--repeat", "3",
+            "--strategy", "batch", "--strategy", "cond", "--impl", "sglang", "--sglang", "/x/sglang",
+            "--enable-broadcast-flag", "--transport", "shm"]
+    params = replay_cmd.make_context("replay", ["t.jsonl", *argv]).params
+    from_cli = ReplayOptions(**{n: list(params[n]) if n == "strategies" else params[n] for n in REPLAY_CLI})
+    from_torchrun = job_from_argv(["t.jsonl", "--out", "run.json", *argv]).options
+    given = {"timeout", "forward_ms", "max_concurrency", "max_recv_mb", "repeat", "strategies", "impl",
+             "sglang_path", "enable_broadcast_flag", "transport"}
+    cli, ranks = asdict(from_cli), asdict(from_torchrun)
+    assert {k: cli[k] for k in given} == {k: ranks[k] for k in given}
+    assert cli["max_recv_mb"] == 8.0 and cli["strategies"] == ["batch", "cond"] and cli["enable_broadcast_flag"]

@@ -13,10 +13,10 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 @click.argument("runs", nargs=-1, metavar="[RUN.json ...]", type=click.Path(dir_okay=False))
 @json_switch("the recommendation (key `recommended`)")
 @output_option("Recommendation", "recommendation", "write the recommendation")
-@click.option("--tp", type=o.RANKS, default=None, help="with no Runs: ranks for the replay [default: profiles/defaults.toml]")
-@click.option("--repeat", type=o.REPEATS, default=None,
-              help="with no Runs: exactly this many repeats per strategy [default: a stopping rule: 2, then more "
-                   "of the undecided strategies until decided or the budget in profiles/defaults.toml [quick]]")
+@o.replay_option("tp", help="with no Runs: ranks for the replay [default: profiles/defaults.toml]")
+@o.replay_option("repeat", default=None,
+                 help="with no Runs: exactly this many repeats per strategy [default: a stopping rule: 2, then more "
+                      "of the undecided strategies until decided or the budget in profiles/defaults.toml [quick]]")
 @click.option("-n", "n", type=o.COUNT, default=None,
               help="with no Runs: requests to synthesize [default: [quick] requests in profiles/defaults.toml]")
 @click.option("--profile", default=None, metavar="NAME", help="with no Runs: workload profile [default: profiles/defaults.toml]")

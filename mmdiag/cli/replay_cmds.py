@@ -9,7 +9,6 @@ from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
 from ..strategies import catalog
-from ..vocab import STRATEGIES, TRANSPORTS
 from . import options as o
 from .app import mark_json, output_option, show
 
@@ -31,39 +30,14 @@ def legacy_json(what: str):
 
 
 def replay_options(f):
-    opts = [
-        click.option("--tp", type=o.RANKS, default=None,
-                     help="tensor-parallel ranks (processes) [default: 4, from profiles/defaults.toml]"),
-        click.option("--strategy", "strategies", multiple=True, metavar="NAME",
-                     help=f"repeatable: {', '.join(STRATEGIES)} or all [default: all]"),
-        legacy_json("the Run (schema mmdiag.replay/2)"),
-        output_option("Run", "run", "write the Run"),
-        click.option("--timeline", type=click.Path(dir_okay=False), default=None,
-                     help="write one Chrome-trace/Perfetto JSON of every rank's phases (open in ui.perfetto.dev)"),
-        click.option("--timeout", type=o.SECONDS, default=60.0, show_default=True,
-                     help="seconds a rank waits in a collective before giving up (a dead rank stops the rest)"),
-        click.option("--forward-ms", type=o.MILLISECONDS, default=0.0, show_default=True,
-                     help="model step per busy loop iteration (GPU time stand-in; the GIL is free meanwhile)"),
-        click.option("--max-concurrency", type=o.CONCURRENCY, default=None,
-                     help="override the trace's closed-loop concurrency"),
-        click.option("--max-recv-mb", type=o.MEGABYTES, default=256.0, show_default=True,
-                     help="most feature MB (10^6 bytes) the entry rank takes in one iteration (bounds replay memory)"),
-        click.option("--repeat", type=o.REPEATS, default=1, show_default=True, help=o.REPEAT_HELP_TABLE),
-        click.option("--threshold", default=None, metavar="BYTES|never|RUN.json",
-                     help=o.THRESHOLD_HELP.format(measured="the crossover of the strategies replayed before cond")),
-        click.option("--port", type=o.PORT, default=None, help="rendezvous port on 127.0.0.1 [default: a free one]"),
-        click.option("--impl", type=click.Choice(["mmdiag", "sglang"]), default="mmdiag", show_default=True,
-                     help="mmdiag: every strategy's model; sglang: the installed SGLang's own code, as patched"),
-        click.option("--sglang", "sglang_path", metavar="PATH", default=None,
-                     help="with --impl sglang: site-packages sglang folder or checkout's python/ "
-                          "[default: this interpreter's]"),
-        click.option("--enable-broadcast-flag", is_flag=True,
-                     help="with --impl sglang on 0.5.5.post3+: replay as if --enable-broadcast-mm-inputs-process were on"),
-        click.option("--transport", type=click.Choice(TRANSPORTS), default=None,
-                     help="how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) or shm "
-                          "(shared-memory handles, 0.5.10+) [default: what the trace's or installed release implies]"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress on stderr"),
-    ]
+    """Every ReplayOptions field `mmdiag replay` offers, and the command's own options
+    (output, cond's threshold, quiet) after the field they follow in --help."""
+    after = {"strategies": [legacy_json("the Run (schema mmdiag.replay/2)"), output_option("Run", "run", "write the Run")],
+             "repeat": [o.threshold_option("the crossover of the strategies replayed before cond")]}
+    opts = []
+    for name in o.REPLAY_CLI:
+        opts += [o.replay_option(name), *after.get(name, [])]
+    opts.append(click.option("--quiet", "-q", is_flag=True, help="no progress on stderr"))
     for opt in reversed(opts):
         f = opt(f)
     return f

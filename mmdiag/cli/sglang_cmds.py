@@ -77,12 +77,12 @@ def _confirm(yes: bool):
               help="replay the installed code, apply, replay again, and write the acceptance report")
 @click.option("--trace", "trace", type=click.Path(dir_okay=False), default=None,
               help="with --verify: the trace to replay [default: the bundled default workload]")
-@click.option("--tp", type=o.RANKS, default=None, help="with --verify: ranks to replay with [default: 4]")
-@click.option("--repeat", type=o.REPEATS, default=2, show_default=True, help="with --verify: " + o.REPEAT_HELP_VERDICT)
+@o.replay_option("tp", help="with --verify: ranks to replay with [default: 4]")
+@o.replay_option("repeat", default=2, help="with --verify: " + o.REPEAT_HELP_VERDICT)
 @click.option("--criteria", type=click.Path(dir_okay=False), default=None,
               help="with --verify: acceptance criteria file [default: profiles/criteria/default.toml]")
 @output_option("Report", "report", "with --verify: write the acceptance report")
-@click.option("--threshold", default=None, metavar="BYTES|never|RUN.json", help="with cond: " + o.THRESHOLD_HELP.format(measured="the crossover in the Run `mmdiag recommend` kept last"))
+@o.threshold_option("the crossover in the Run `mmdiag recommend` kept last", prefix="with cond: ")
 def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output, threshold):
     """Patch the installed SGLang with STRATEGY, or --undo.
 

@@ -5,48 +5,88 @@ keywords); `RankJob` is what every rank needs: the trace, where rank 0 writes th
 Run, and the options. The launcher hands a RankJob to its ranks as a JSON file
 (named by MMDIAG_REPLAY_JOB); a rank started by torchrun reads the same fields from
 its command line, whose flags are derived from the fields below (their metadata),
-never declared a second time.
+never declared a second time; so are `mmdiag replay`'s options (mmdiag.cli.options):
+a new option is one field here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
-from ..vocab import TRANSPORTS
+import click
+
+from ..vocab import STRATEGIES, TRANSPORTS
 
 JOB_ENV = "MMDIAG_REPLAY_JOB"
 
+# Value ranges: a bad value is a one-line usage error (exit 2), never an OverflowError deep
+# inside. Commands that take one of these for another purpose use the same (cli.options).
+RANKS = click.IntRange(1, 1024)
+REPEATS = click.IntRange(1, 1000)
+CONCURRENCY = click.IntRange(1, 1_000_000)
+PORT = click.IntRange(1, 65535)
+SECONDS = click.FloatRange(0, 86_400, min_open=True)
+MILLISECONDS = click.FloatRange(0, 3_600_000)
+MEGABYTES = click.FloatRange(0, 1_000_000, min_open=True)
 
-def _opt(default: Any, help: str, flag: str | None = None, worker: bool = True, **kw: Any) -> Any:
-    meta = {"help": help, "flag": flag, "worker": worker}
+
+def _opt(default: Any, help: str, *, flag: str | None = None, type: Any = None, metavar: str | None = None,
+         worker: bool = True, cli: bool = True) -> Any:
+    """A replay option: its default, its --help text, its command-line flag (default: --field-name)
+    and value type (a click type; the CLI's and the ranks'), whether ranks need it (the torchrun
+    command line) and whether `mmdiag replay` offers it."""
+    meta = {"help": help, "flag": flag, "type": type, "metavar": metavar, "worker": worker, "cli": cli}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+        return field(default_factory=default.copy, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ReplayOptions:
-    tp: int = _opt(None, "tensor-parallel ranks (processes)", worker=False)
-    strategies: list[str] = _opt([], "strategy name (repeatable) or 'all'", flag="--strategy")
-    timeout: float = _opt(60.0, "collective timeout, seconds")
-    forward_ms: float = _opt(0.0, "model step per busy loop iteration, ms")
-    max_concurrency: int | None = _opt(None, "closed-loop concurrency (default: the trace's)")
-    max_recv_mb: float = _opt(256.0, "most feature MB the entry rank admits in one loop iteration (bounds memory)")
-    repeat: int = _opt(1, "replay each strategy this many times")
-    port: int | None = _opt(None, "rendezvous port", worker=False)
-    timeline: str | None = _opt(None, "Chrome-trace JSON of every rank's phases", worker=False)
+    """What a replay is asked to do. The fields' order is `mmdiag replay --help`'s."""
+
+    tp: int = _opt(None, "tensor-parallel ranks (processes) [default: 4, from profiles/defaults.toml]",
+                   type=RANKS, worker=False)
+    strategies: list[str] = _opt([], f"repeatable: {', '.join(STRATEGIES)} or all [default: all]",
+                                 flag="--strategy", metavar="NAME")
+    timeline: str | None = _opt(None, "write one Chrome-trace/Perfetto JSON of every rank's phases "
+                                      "(open in ui.perfetto.dev)", type=click.Path(dir_okay=False), worker=False)
+    timeout: float = _opt(60.0, "seconds a rank waits in a collective before giving up (a dead rank stops the rest)",
+                          type=SECONDS)
+    forward_ms: float = _opt(0.0, "model step per busy loop iteration (GPU time stand-in; the GIL is free meanwhile)",
+                             type=MILLISECONDS)
+    max_concurrency: int | None = _opt(None, "override the trace's closed-loop concurrency", type=CONCURRENCY)
+    max_recv_mb: float = _opt(256.0, "most feature MB (10^6 bytes) the entry rank takes in one iteration "
+                                     "(bounds replay memory)", type=MEGABYTES)
+    repeat: int = _opt(1, "run each strategy N times; 1 is enough for the table, the report judges differences "
+                          "only with 2 or more", type=REPEATS)
+    port: int | None = _opt(None, "rendezvous port on 127.0.0.1 [default: a free one]", type=PORT, worker=False)
     # "sglang": run the installed SGLang's own mm path (sglang_path, or this interpreter's).
-    impl: str = _opt("mmdiag", "mmdiag: the strategies' models; sglang: the installed SGLang's own code")
-    sglang_path: str | None = _opt(None, "with --impl sglang: the install", flag="--sglang")
-    enable_broadcast_flag: bool = _opt(False, "with --impl sglang on flag releases: the broadcast flag on")
+    impl: str = _opt("mmdiag", "mmdiag: every strategy's model; sglang: the installed SGLang's own code, as patched",
+                     type=click.Choice(["mmdiag", "sglang"]))
+    sglang_path: str | None = _opt(None, "with --impl sglang: site-packages sglang folder or checkout's python/ "
+                                         "[default: this interpreter's]", flag="--sglang", metavar="PATH")
+    enable_broadcast_flag: bool = _opt(False, "with --impl sglang on 0.5.5.post3+: replay as if "
+                                              "--enable-broadcast-mm-inputs-process were on")
     # How features reach the ranks (vocab.TRANSPORTS); None: as the trace or the installed release implies.
-    transport: str | None = _opt(None, f"feature transport: {', '.join(TRANSPORTS)}")
+    transport: str | None = _opt(None, "how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) "
+                                       "or shm (shared-memory handles, 0.5.10+) [default: what the trace's or "
+                                       "installed release implies]", type=click.Choice(TRANSPORTS))
     # Tokenizer workers that hash (SGLang 0.5.21+ hashes in a pool of 2); None: the release's.
-    tokenizer_workers: int | None = _opt(None, "tokenizer-side hashing workers (default: the release's)")
-    extra_env: dict[str, str] = _opt({}, "environment for the ranks", worker=False)
+    tokenizer_workers: int | None = _opt(None, "tokenizer-side hashing workers (default: the release's)",
+                                         cli=False)
+    extra_env: dict[str, str] = _opt({}, "environment for the ranks", worker=False, cli=False)
+
+
+def option_default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def option_flag(f: Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
 @dataclass
@@ -70,10 +110,6 @@ class RankJob:
         return cls(**{**d, "options": ReplayOptions(**d["options"])})
 
 
-def _worker_fields():
-    return [f for f in fields(ReplayOptions) if f.metadata["worker"]]
-
-
 def worker_parser() -> argparse.ArgumentParser:
     """The torchrun command line, derived from ReplayOptions' fields."""
     p = argparse.ArgumentParser(prog="python -m mmdiag.replay.worker",
@@ -81,16 +117,17 @@ def worker_parser() -> argparse.ArgumentParser:
                                             "from env, as torchrun sets them).")
     p.add_argument("trace")
     p.add_argument("--out", required=True, help="Run JSON written by rank 0")
-    for f in _worker_fields():
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is MISSING else f.default
+    for f in fields(ReplayOptions):
+        if not f.metadata["worker"]:
+            continue
+        flag, default, help = option_flag(f), option_default(f), f.metadata["help"].replace("%", "%%")
         if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, dest=f.name, action="store_true", help=help)
         elif isinstance(default, list):
-            p.add_argument(flag, dest=f.name, action="append", default=[], help=f.metadata["help"])
+            p.add_argument(flag, dest=f.name, action="append", default=[], help=help, metavar=f.metadata["metavar"])
         else:
             kind = {"float": float, "int": int}.get(str(f.type).split(" ")[0], str)
-            p.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata["help"])
+            p.add_argument(flag, dest=f.name, type=kind, default=default, help=help, metavar=f.metadata["metavar"])
     return p
 
 
