@@ -219,7 +219,7 @@ def main() -> int:
           "a ratio inside about 15% is within run-to-run noise at one repeat")
     print("not measured here: 000 方案3 共享内存 (shared memory), a transport rather than a strategy")
     for label, run in runs:
-        th = ((run.config.get("strategies") or {}).get("cond") or {}).get("threshold")
+        th = run.described("cond").get("threshold")
         if th:
             print(f"cond's threshold in {label}: {th.get('text')}")
     for q in check_quotes(claims, args.seeds_dir):

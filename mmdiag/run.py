@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import RunFileError
@@ -151,6 +151,60 @@ class LiveInfo:
     notes: list[str] = field(default_factory=list)
 
 
+_OMIT_NONE = {"omit_none": True}   # a key written only when set (older files lack it)
+
+
+@dataclass
+class SGLangConfig:
+    """The install a replay of installed code ran (--impl sglang): `config.sglang`."""
+    path: str = ""
+    version: str | None = None
+    variant: str | None = None
+    patched: str | None = None
+    enable_broadcast_flag: bool = False
+
+
+@dataclass
+class ReplayConfig:
+    """How a replay ran (the typed replay part of a Run: `config` of mmdiag.replay/2). A key an
+    older file lacks reads as None."""
+    forward_ms: float | None = None
+    max_concurrency: int | None = None
+    max_recv_mb: float | None = None
+    repeat: int | None = None
+    timeout_s: float | None = None
+    impl: str | None = None                  # "mmdiag": the strategies' models; "sglang": installed code
+    launcher: str | None = None              # env (mmdiag's launcher) or torchrun
+    # What each strategy replayed says of itself (Strategy.describe(), its transport's facts, cond's threshold).
+    strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transport: str | None = None
+    tokenizer_workers: int | None = None
+    sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReplayConfig":
+        c = _known(cls, d)
+        c.sglang = _known(SGLangConfig, c.sglang) if isinstance(c.sglang, dict) else c.sglang
+        return c
+
+
+@dataclass
+class ProfileConfig:
+    """What a live profile was measured with beyond its collection (`Run.live`): `config` of
+    mmdiag.profile/2."""
+    # The bench_serving runs it was taken during ({"runs": [...]}: mmdiag.ingest.bench_serving).
+    bench_serving: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProfileConfig":
+        return _known(cls, d)
+
+
+def _config_dict(config: ReplayConfig | ProfileConfig) -> dict[str, Any]:
+    d = asdict(config)
+    return {f.name: d[f.name] for f in fields(config) if not (f.metadata.get("omit_none") and d[f.name] is None)}
+
+
 @dataclass
 class Run:
     schema: str
@@ -159,12 +213,17 @@ class Run:
     created: str = ""
     host: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
-    # Replay settings (forward_ms, max_concurrency, repeat, impl, ...).
-    config: dict[str, Any] = field(default_factory=dict)
+    # How it was measured: a ReplayConfig or a ProfileConfig, by schema (a dict is read as one).
+    config: ReplayConfig | ProfileConfig | dict[str, Any] | None = None
     # A live profile's collection (None in a replay).
     live: LiveInfo | None = None
     # Where it was loaded from (not saved): how recommend and report name it.
     path: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, (ReplayConfig, ProfileConfig)):
+            kind = ProfileConfig if self.schema == PROFILE_SCHEMA else ReplayConfig
+            self.config = kind.from_dict(self.config or {})
 
     @property
     def is_replay(self) -> bool:
@@ -173,6 +232,11 @@ class Run:
     @property
     def is_profile(self) -> bool:
         return self.schema == PROFILE_SCHEMA
+
+    def described(self, strategy: str) -> dict[str, Any]:
+        """What a replayed strategy said of itself (config.strategies: its transport, cond's
+        threshold); {} for a live profile or a strategy not replayed."""
+        return (self.config.strategies.get(strategy) or {}) if isinstance(self.config, ReplayConfig) else {}
 
     @property
     def ranks(self) -> list[RankResult] | None:
@@ -184,6 +248,7 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["path"]
+        d["config"] = _config_dict(self.config)
         if d["live"] is None:
             del d["live"]
         for s in d["strategies"].values():

@@ -253,15 +253,15 @@ def test_cond_replayed_with_another_threshold_is_not_pooled():
         run = video_run()
         cond = replace(run.strategies["revert"], name="cond", repeats_rps=reps, throughput_rps=reps[0])
         run.strategies["cond"] = cond
-        run.config["strategies"] = {"cond": {"name": "cond", "threshold": {"bytes": th, "source": "option", "text": ""}}}
+        run.config.strategies = {"cond": {"name": "cond", "threshold": {"bytes": th, "source": "option", "text": ""}}}
         runs.append(replace(run, path=f"th{th}.json"))
     m = merge_replays(runs)
     assert m.used == ["th100000.json", "th2000000.json"]
     assert m.left_out == [("th2000000.json `cond`", "replayed with another threshold (2000000, not 100000 as in th100000.json)")]
     assert m.run.strategies["cond"].repeats_rps == [1.2, 1.21] and len(m.run.strategies["commit"].repeats_rps) == 6
-    assert m.run.config["strategies"]["cond"]["threshold"]["bytes"] == 100_000
+    assert m.run.config.strategies["cond"]["threshold"]["bytes"] == 100_000
     # the same threshold pools
-    runs[1].config["strategies"]["cond"]["threshold"]["bytes"] = 100_000
+    runs[1].config.strategies["cond"]["threshold"]["bytes"] = 100_000
     assert len(merge_replays(runs).run.strategies["cond"].repeats_rps) == 5
 
 

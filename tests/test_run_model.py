@@ -9,7 +9,7 @@ from runs_synth import profile_run, video_run
 from mmdiag.analysis import breakdown as B
 from mmdiag.analysis.findings import findings
 from mmdiag.analysis.recommend import recommend
-from mmdiag.run import Run
+from mmdiag.run import ProfileConfig, Run
 from mmdiag.vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 
 PH = {p: 0.0 for p in PHASES}
@@ -50,7 +50,7 @@ def test_a_v1_profile_keeps_its_ranks_once_and_live_typed(tmp_path):
     p = tmp_path / "old.json"
     p.write_text(json.dumps(d))     # a /1 profile holds a bare NaN
     run = Run.load(str(p))
-    assert run.is_profile and run.schema == PROFILE_SCHEMA and run.config == {}
+    assert run.is_profile and run.schema == PROFILE_SCHEMA and run.config == ProfileConfig()
     assert run.live.target_pid == 42 and run.live.strategy_detected == "revert"
     (r,) = run.ranks
     assert r.profile.pid == 42 and r.profile.phase_gil_pct == {"from_dict": 90.0} and r.profile.gil_held_ci == 1.5
@@ -82,3 +82,21 @@ def test_one_engine_reads_a_replay_and_a_profile_of_the_same_shares_alike():
     assert a.points_to == b.points_to and abs(a.mm_share_pct - b.mm_share_pct) < 1e-6
     assert recommend([live]).recommended == a.points_to
     assert any(f"point to `{a.points_to}`" in n for n in recommend([replay]).notes)
+
+
+def test_the_typed_config_reads_and_writes_the_same_keys():
+    """Run.config is typed (ReplayConfig / ProfileConfig); the JSON keys are the /2 files' own:
+    a replay of installed code, a replay of the models (no `sglang` key) and a profile with and
+    without its bench_serving runs come back key for key."""
+    replay = {"forward_ms": 0.0, "max_concurrency": None, "max_recv_mb": 256.0, "repeat": 2, "timeout_s": 60.0,
+              "impl": "sglang", "launcher": "env", "strategies": {"commit": {"name": "commit", "transport": {}}},
+              "transport": "pickle", "tokenizer_workers": 1,
+              "sglang": {"path": "/x", "version": "0.5.5", "variant": "broadcast-always", "patched": None,
+                         "enable_broadcast_flag": False}}
+    models = {k: v for k, v in replay.items() if k != "sglang"}
+    for schema, config in ((REPLAY_SCHEMA, replay), (REPLAY_SCHEMA, dict(models, impl="mmdiag")),
+                           (PROFILE_SCHEMA, {"bench_serving": {"runs": [{"_where": "b.jsonl"}]}}), (PROFILE_SCHEMA, {})):
+        run = Run.from_dict({"schema": schema, "tp": 2, "strategies": {}, "config": config})
+        assert json.dumps(run.to_dict()["config"]) == json.dumps(config)
+    assert run.config.bench_serving is None and Run.from_dict(
+        {"schema": REPLAY_SCHEMA, "tp": 2, "strategies": {}, "config": replay}).config.sglang.variant == "broadcast-always"

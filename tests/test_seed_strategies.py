@@ -249,7 +249,7 @@ def test_recommend_picks_cond_with_the_threshold_it_was_replayed_with():
     run.strategies["cond"] = strategy("cond", [2.30, 2.32, 2.28], [rank(r, cpu_pct=60, recv=3000) for r in range(4)],
                                       requests=100, coll=1.0)
     th = {"bytes": 31_500_000.0, "source": "measured", "text": "the measured crossover"}
-    run.config["strategies"] = {"cond": {"name": "cond", "threshold": th}}
+    run.config.strategies = {"cond": {"name": "cond", "threshold": th}}
     rec = recommend([run])
     assert rec.recommended == "cond" and rec.command == "mmdiag apply cond --threshold 31500000"
     assert rec.to_dict()["command"] == rec.command

@@ -127,7 +127,7 @@ def recommend_default(*, tp: int | None = None, n: int | None = None, profile: s
                          progress=progress)
             # cond's threshold comes from the strategies replayed before it: a later round replays
             # fewer, so it keeps the first round's (repeats that pool must measure one threshold).
-            th = ((run.config.get("strategies") or {}).get("cond") or {}).get("threshold")
+            th = run.described("cond").get("threshold")
             if isinstance(th, dict) and not kept:
                 kept[threshold.OPTION_ENV] = json.dumps(th)
             return run

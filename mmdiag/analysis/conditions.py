@@ -116,7 +116,7 @@ def _rate(before: "Side") -> float:
 def remeasure(condition: str, before: "Side", after: "Side") -> str:
     """The commands that would measure the two sides under `condition`."""
     run = before.run
-    if run.config.get("bench_serving"):   # a live server measured with bench_serving: re-run that
+    if run.is_profile and run.config.bench_serving:   # a live server measured with bench_serving: re-run that
         from ..ingest.bench_serving import bench_command
         flag = "--max-concurrency N (or --request-rate inf)" if condition == SATURATION else \
             f"--request-rate {_rate(before)}"
@@ -132,8 +132,8 @@ def remeasure(condition: str, before: "Side", after: "Side") -> str:
     synth = (f"mmdiag trace synth --profile {profile} -n {n} {arrival} -o {name}.jsonl" if profile else
              f"(your trace of {n} requests, re-timed: mmdiag trace synth {arrival} -o {name}.jsonl)")
     b, a = before.strategy or BASELINE, after.strategy or BASELINE
-    if run.config.get("impl") == "sglang":   # apply --verify: the install is the strategy
-        sg = (run.config.get("sglang") or {}).get("path")
+    if run.is_replay and run.config.impl == "sglang":   # apply --verify: the install is the strategy
+        sg = run.config.sglang.path if run.config.sglang else None
         where = f" --sglang {sg}" if sg else ""
         return (f"{synth} && mmdiag apply --undo -y{where} && mmdiag apply {a} --verify -y{where} "
                 f"--trace {name}.jsonl --tp {run.tp} --repeat 3")

@@ -48,8 +48,9 @@ def _differs(ref: Run, run: Run) -> str | None:
     if run.host.get("hostname") != ref.host.get("hostname"):
         return f"measured on host {run.host.get('hostname')!r}, not {ref.host.get('hostname')!r}"
     for k in SETTINGS:
-        if run.config.get(k) != ref.config.get(k):
-            return f"replayed with another {k} ({run.config.get(k)!r}, not {ref.config.get(k)!r})"
+        mine, theirs = getattr(run.config, k), getattr(ref.config, k)
+        if mine != theirs:
+            return f"replayed with another {k} ({mine!r}, not {theirs!r})"
     return None
 
 
@@ -57,7 +58,7 @@ def _setting(run: Run, name: str):
     key = STRATEGY_SETTINGS.get(name)
     if key is None:
         return None
-    d = (run.config.get("strategies") or {}).get(name) or {}
+    d = run.described(name)
     for k in key:
         d = d.get(k) if isinstance(d, dict) else None
     return d
@@ -104,7 +105,7 @@ def merge_replays(runs: list[Run]) -> Merged:
                                    f"({mine!r}, not {theirs!r} as in {ref_label})"))
                 continue
             by_name.setdefault(name, []).append(s)
-    described = {n: (first[n][1].config.get("strategies") or {}).get(n) for n in by_name}
-    config = {**ref.config, "strategies": {n: d for n, d in described.items() if d is not None}}
+    described = {n: first[n][1].described(n) for n in by_name}
+    config = replace(ref.config, strategies={n: d for n, d in described.items() if d})
     m.run = replace(ref, config=config, strategies={n: pool(ss) for n, ss in by_name.items()})
     return m

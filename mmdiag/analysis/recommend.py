@@ -318,7 +318,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
 
 def _apply_command(pick: str, run: Run, rec: Recommendation) -> str:
     """`mmdiag apply PICK`; cond with the threshold it was replayed with (what was measured to win)."""
-    cfg = ((run.config.get("strategies") or {}).get(pick) or {}).get("threshold") if pick == "cond" else None
+    cfg = run.described(pick).get("threshold") if pick == "cond" else None
     if not isinstance(cfg, dict):
         return f"mmdiag apply {pick}"
     th = threshold.Threshold.from_dict(cfg)

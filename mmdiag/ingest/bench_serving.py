@@ -206,8 +206,7 @@ def with_bench(profile: Any, paths: list[str], where: str) -> Any:
     run.trace = {"path": None, "requests": completed, "arrival": arrival_of(first),
                  "source": {"tool": "sglang.bench_serving", "files": list(paths),
                             **{k: _json_safe(first.get(k)) for k in SAME_BENCHMARK}}}
-    run.config["bench_serving"] = {"runs": [{k: _json_safe(r.get(k)) for k in ("_where", *RESULT_KEYS)}
-                                            for r in runs]}
+    run.config.bench_serving = {"runs": [{k: _json_safe(r.get(k)) for k in ("_where", *RESULT_KEYS)} for r in runs]}
     return run
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..run import RankResult, ReplayRank, Run, StrategyResult, summarize_ms
+from ..run import RankResult, ReplayConfig, ReplayRank, Run, StrategyResult, summarize_ms
 from ..trace import TraceHeader, TraceStats
 from ..vocab import REPLAY_SCHEMA
 from .scheduler import RankOutcome
@@ -117,8 +117,8 @@ def assemble_run(results: dict[str, list[StrategyResult]], world: int, job: Any,
                "items": stats.items, "mm_bytes": stats.mm_bytes, "modalities": stats.modalities,
                "duration_s": stats.duration_s,  # arrival span: the offered rate of an open loop
                "mean_mm_request_bytes": stats.mm_bytes / max(stats.mm_requests, 1)},
-        config={"forward_ms": o.forward_ms, "max_concurrency": o.max_concurrency,
-                "max_recv_mb": o.max_recv_mb,
-                "repeat": o.repeat, "timeout_s": o.timeout, "impl": o.impl,
-                "launcher": os.environ.get("MMDIAG_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env")},
+        config=ReplayConfig(
+            forward_ms=o.forward_ms, max_concurrency=o.max_concurrency, max_recv_mb=o.max_recv_mb, repeat=o.repeat,
+            timeout_s=o.timeout, impl=o.impl,
+            launcher=os.environ.get("MMDIAG_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env")),
     )

@@ -27,6 +27,7 @@ from ..mmpath import memory, shm
 from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
+from ..run import SGLangConfig
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
@@ -221,15 +222,14 @@ def run_rank(job) -> int:
 
 def _write_run(job, plan, results, world, header, stats, described) -> None:
     run = assemble_run(results, world, job, header, stats)
-    run.config["strategies"] = described
-    run.config["transport"] = plan.transport
-    run.config["tokenizer_workers"] = plan.workers
+    cfg = run.config
+    cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
     if plan.installed is not None:
         det = plan.installed.detection
-        run.config["impl"] = "sglang"
-        run.config["sglang"] = {"path": str(plan.installed.install.package_dir),
-                                "version": plan.installed.install.version, "variant": det.variant,
-                                "patched": det.patched, "enable_broadcast_flag": job.options.enable_broadcast_flag}
+        cfg.impl = "sglang"
+        cfg.sglang = SGLangConfig(path=str(plan.installed.install.package_dir), version=plan.installed.install.version,
+                                  variant=det.variant, patched=det.patched,
+                                  enable_broadcast_flag=job.options.enable_broadcast_flag)
     run.save(job.out)
 
 
