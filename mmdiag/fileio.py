@@ -36,8 +36,14 @@ def check_writable(path: str, what: str | None = None) -> None:
         raise MmdiagError("is a directory", where=where, fix="give a file name")
     if not os.path.isdir(d):
         raise MmdiagError("directory does not exist", where=where)
-    if not os.access(d, os.W_OK):
-        raise MmdiagError("directory is not writable", where=where)
+    # Create a file as the write will (os.access says yes to root, also where the file system refuses).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mmdiag-", dir=d)
+    except OSError as e:
+        raise MmdiagError(f"directory is not writable ({e.strerror})", where=where,
+                          fix="choose a writable path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

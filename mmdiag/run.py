@@ -15,11 +15,13 @@ from typing import Any
 
 from .errors import RunFileError
 from .fileio import jsonable, write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
-from .vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
+from .vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA, TRACE_SCHEMA
 
 # Schemas read and converted on load to the current one.
 OLD_SCHEMAS = {"mmdiag.replay/1": REPLAY_SCHEMA, "mmdiag.profile/1": PROFILE_SCHEMA}
 KNOWN_SCHEMAS = (REPLAY_SCHEMA, PROFILE_SCHEMA, *OLD_SCHEMAS)
+# What to give where a Run is expected.
+RUN_FIX = "give a Run: mmdiag replay TRACE -o run.json, or mmdiag profile --pid PID -o profile.json"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -295,18 +297,33 @@ class Run:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
-            raise RunFileError("no such file", where=path) from None
+            raise RunFileError("no such file", where=path, fix=RUN_FIX) from None
         except json.JSONDecodeError as e:
+            _not_a_trace(path)
             raise RunFileError(
-                f"not JSON or truncated (line {e.lineno}, column {e.colno}: {e.msg})", where=path
+                f"not JSON or truncated (line {e.lineno}, column {e.colno}: {e.msg})", where=path, fix=RUN_FIX
             ) from None
         except OSError as e:
             raise RunFileError(f"cannot read ({e.strerror})", where=path) from None
         if not isinstance(d, dict):
-            raise RunFileError("not a Run object", where=path)
+            raise RunFileError("not a Run object", where=path, fix=RUN_FIX)
+        _not_a_trace(path, d)
         run = cls.from_dict(d, source=path)
         run.path = path
         return run
+
+
+def _not_a_trace(path: str, head: Any = None) -> None:
+    """A trace given where a Run belongs (its header is one JSON line) is named as such."""
+    if head is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                head = json.loads(f.readline())
+        except (OSError, ValueError):
+            return
+    if isinstance(head, dict) and head.get("schema") == TRACE_SCHEMA:
+        raise RunFileError("is a trace, not a Run", where=path,
+                           fix=f"replay it first (mmdiag replay {path} -o run.json) and give the Run")
 
 
 def _known(cls, d: dict[str, Any]):

@@ -159,6 +159,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         (("replay", str(tmp_path / "missing.jsonl")), 2, "no such trace file"),
         (("trace", "synth", "--profile", "nope", "-o", str(tmp_path / "x.jsonl")), 2, "unknown workload profile"),
         (("replay", trace, "-o", str(tmp_path / "no" / "dir.json")), 2, "directory does not exist"),
+        # refused before the replay, for root too (os.access says yes to root; /proc takes no file)
+        (("replay", trace, "-o", "/proc/run.json"), 2, "directory is not writable"),
+        (("recommend", trace), 2, "is a trace, not a Run; replay it first"),
     ]:
         r = mmdiag_cli(*args, timeout=60)
         assert r.returncode == code, (args, r.stderr)
