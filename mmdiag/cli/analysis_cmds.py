@@ -31,8 +31,12 @@ def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
     It fits a cost model (materialization per MB, pickle+broadcast+unpickle per MB and
     per collective at the rank count, requests per loop iteration), places the
     workload against the feature size where broadcasting pays, and judges the
-    strategies' throughput against the repeat noise. commit (the regression) and async
-    (no patch ships it) are shown but never recommended.
+    strategies' throughput against the repeat noise. Strategies no patch ships (commit,
+    the regression, among them: `mmdiag strategies`) are shown but never recommended.
+
+    \b
+      mmdiag replay trace.jsonl --tp 4 --repeat 2 -o run.json && mmdiag recommend run.json
+      mmdiag recommend before.json after.json --json    # Runs of one workload are merged
     """
     if output:
         out.check_output(output, "Recommendation", "-o")
@@ -82,6 +86,10 @@ def report_command(before, after, criteria, output, as_json, before_strategy, af
     inside the noise is "not significant", never a win. A criterion the Run cannot
     measure (GIL in a replay) is n/a: neither pass nor fail.
     Exit status: 0 accepted, 1 a criterion failed, 2 bad input.
+
+    \b
+      mmdiag report before.json after.json -o report.html
+      mmdiag report before.json after.json --before-strategy commit --after-strategy batch
     """
     rep = api.report(before, after, criteria, output=output, before_strategy=before_strategy,
                      after_strategy=after_strategy, before_bench=before_bench, after_bench=after_bench)

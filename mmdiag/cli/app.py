@@ -81,7 +81,7 @@ def json_switch(what: str):
     in every outcome (an error prints {"error", "fix", "exit_code"} and exits non-zero)."""
     return click.option("--json", "as_json", is_flag=True,
                         callback=lambda ctx, p, v: (mark_json(ctx, v), v)[1],
-                        help=f"print {what} as JSON on stdout (errors too, as {{\"error\", \"fix\"}})")
+                        help=f"print {what} as JSON on stdout (errors too, as {{\"error\", \"fix\", \"exit_code\"}})")
 
 
 def formats_help(kind: str, stem: str) -> str:
@@ -127,5 +127,5 @@ def main():
     -o FILE writes it to a file whose extension picks the format (.json, .md, .html, .txt).
     Exit codes: 0 ok, 1 acceptance failed (report, apply --verify), 2 bad input,
     3 a replay fault or a busy lock, 4 a profiled rank exited, 5 ptrace refused,
-    6 py-spy failed, 130 Ctrl-C.
+    6 py-spy failed, 130 Ctrl-C, 143 SIGTERM (nothing left running or half-written).
     """

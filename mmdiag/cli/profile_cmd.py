@@ -7,6 +7,7 @@ from .. import api
 from .. import render as out
 from ..live.errors import LiveError, TargetExitedError
 from ..live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
+from ..vocab import PROFILE_SCHEMA
 from . import options as o
 from .app import output_option, show
 from .replay_cmds import legacy_json
@@ -100,7 +101,7 @@ def _exited(run, written: list[str]) -> None:
               help="seconds of samples behind each figure (a sliding window of 1 s blocks)")
 @click.option("--rate", type=o.RATE_HZ, default=100, show_default=True, help="samples per second per rank")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="on exit, write a Run (schema mmdiag.profile/1) covering the whole watch")
+              help=f"on exit, write a Run (schema {PROFILE_SCHEMA}) covering the whole watch")
 @click.option("--duration", type=o.SECONDS, default=None, help="quit by itself after this many seconds")
 @click.option("--no-gil", is_flag=True, help="skip the --gil recorder (no GIL figures)")
 @click.option("--pyspy", default=None, metavar="PATH", help="py-spy binary [default: $MMDIAG_PYSPY, PATH, beside python]")

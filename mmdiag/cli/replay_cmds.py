@@ -1,6 +1,7 @@
 """`mmdiag replay` and `mmdiag demo`."""
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import click
@@ -9,11 +10,12 @@ from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
 from ..strategies import catalog
+from ..vocab import REPLAY_SCHEMA
 from . import options as o
 from .app import mark_json, output_option, show
 
 
-def legacy_json(what: str):
+def legacy_json(what: str, arg: str | None = None):
     """--json: the switch (JSON on stdout). `--json FILE`, the old form, still writes FILE
     (as -o FILE does) with a deprecation line; '-' is the switch, as before."""
     def callback(ctx, param, value):
@@ -25,14 +27,15 @@ def legacy_json(what: str):
         return value
     return click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
                         callback=callback,
-                        help=f"print {what} as JSON on stdout instead of the table (errors too); "
-                             "put it after TRACE. `--json FILE` is the deprecated spelling of -o FILE")
+                        help=f"print {what} as JSON on stdout instead of the table (errors too)"
+                             + (f"; put it after {arg}" if arg else "")
+                             + ". `--json FILE` is the deprecated spelling of -o FILE")
 
 
-def replay_options(f):
+def replay_options(f, arg: str | None = None):
     """Every ReplayOptions field `mmdiag replay` offers, and the command's own options
     (output, cond's threshold, quiet) after the field they follow in --help."""
-    after = {"strategies": [legacy_json("the Run (schema mmdiag.replay/2)"), output_option("Run", "run", "write the Run")],
+    after = {"strategies": [legacy_json(f"the Run (schema {REPLAY_SCHEMA})", arg), output_option("Run", "run", "write the Run")],
              "repeat": [o.threshold_option("the crossover of the strategies replayed before cond")]}
     opts = []
     for name in o.REPLAY_CLI:
@@ -77,7 +80,7 @@ def strategies_help() -> str:
 
 @click.command("replay", epilog=strategies_help())
 @click.argument("trace_file", metavar="TRACE")
-@replay_options
+@functools.partial(replay_options, arg="TRACE")   # --json FILE would take TRACE before it
 def replay_cmd(trace_file, **kw):
     """Replay TRACE through --tp real rank processes, strategy by strategy.
 
@@ -90,6 +93,17 @@ def replay_cmd(trace_file, **kw):
     \b
     Materialization costs SGLang's: sha256 over each feature's bytes. Every rank must
     end with the same hashes and pad values; that is checked.
+
+    \b
+      mmdiag trace synth --profile small-image-c96 -n 200 -o trace.jsonl
+      mmdiag replay trace.jsonl --tp 4 --repeat 2 -o run.json
+      mmdiag recommend run.json                      # which fix, from this Run
+    \b
+    The table, one row per strategy: req/s (throughput), vs commit (against the 17a57fd
+    baseline), p50/p99 ms (from arrival until every rank holds the request's inputs),
+    MB/req and coll/req (feature bytes sent and own collectives per request), req/iter
+    (requests per loop iteration), CPU s of all ranks, ranks agree (same hashes everywhere);
+    then each rank's time per request by phase. Ctrl-C stops every rank; nothing is written.
     """
     run_replay(trace_file, **kw)
 

@@ -88,6 +88,11 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
 
     With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
     the result against the acceptance criteria (exit 1 when it fails).
+
+    \b
+      mmdiag apply batch --dry-run          # the diff, nothing written
+      mmdiag apply batch --verify -o report.html
+      mmdiag apply --undo                   # byte-exact restore
     """
     if undo == (strategy is not None):
         raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHABLE_STRATEGIES)}")
