@@ -242,3 +242,5 @@ def test_a_gap_a_replay_would_wait_out_is_refused_or_shortened(tmp_path):
     assert [(q.rid, q.t) for q in reqs] == [("a", 0.0), ("b", 0.5), ("late", 2.5)]
     assert header.source["gaps_shortened"] == 1
     assert _cli(dump, "-o", str(out), "--max-gap", "0").exit_code == 2
+    r = _cli(dump, "-o", str(tmp_path / "no" / "t.jsonl"))   # the output is checked before the dumps are read
+    assert r.exit_code == 2 and "directory does not exist" in r.stderr and "'late'" not in r.stderr, r.stderr

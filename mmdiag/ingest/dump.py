@@ -343,8 +343,10 @@ def convert(paths: list[str], out: str, *, model: str | None = None,
             default_size: tuple[int, int] | None = None, max_gap: float | None = None) -> Conversion:
     """Read dump files one at a time (a folder is never held whole), keep a compact
     record per request, then write the trace sorted by created_time."""
+    from ..fileio import check_writable
     from ..workloads import header_model, load_model
 
+    check_writable(out, "-o")   # before reading a folder of dumps, not after
     conv, records, seen = Conversion(), [], set()
     converter: Converter | None = None
     for path in dump_files(paths):
