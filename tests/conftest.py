@@ -33,13 +33,15 @@ def make_trace(path, n=24, rows=64, rate=None, concurrency=8, video_every=0, tex
 
 
 @pytest.fixture(autouse=True, scope="session")
-def isolated_state(tmp_path_factory):
-    """mmdiag's apply state goes to a test folder, never the user's ~/.local/state, for the whole
-    session and every test (module-scoped fixtures apply patches too; rank processes and CLI
-    subprocesses inherit the environment)."""
+def isolated_user_dirs(tmp_path_factory):
+    """Nothing a test runs writes under the user's home: mmdiag's apply state (~/.local/state) and
+    matplotlib's font cache (the HTML report's charts) go to test folders, for the whole session
+    and every test (module-scoped fixtures apply patches too; rank processes and CLI subprocesses
+    inherit the environment)."""
     d = tmp_path_factory.mktemp("mmdiag-state")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMDIAG_STATE_DIR", str(d))
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
         yield d
 
 
