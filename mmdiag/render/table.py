@@ -7,6 +7,7 @@ from tabulate import tabulate
 
 from .. import units
 from ..run import Run, StrategyResult
+from ..strategies import BASELINE
 from ..vocab import CONTRACT_PHASES
 
 
@@ -15,7 +16,7 @@ def _f(x: float, nd: int = 1) -> str:
 
 
 def summary_table(run: Run, fmt: str = "simple") -> str:
-    base = run.strategies.get("commit")
+    base = run.strategies.get(BASELINE)
     rows = []
     for name, s in run.strategies.items():
         vs = f"{s.throughput_rps / base.throughput_rps:.2f}x" if base and base.throughput_rps else "-"
@@ -27,7 +28,7 @@ def summary_table(run: Run, fmt: str = "simple") -> str:
                      _f(units.mb(s.bytes_per_request)), _f(s.collectives_per_request, 2),
                      _f(s.requests_per_iteration), _f(cpu, 2),
                      {True: "yes", False: "NO", None: "-"}[s.ranks_agree]])
-    return tabulate(rows, headers=["strategy", "req/s", "vs commit", "p50 ms", "p99 ms", "MB/req",
+    return tabulate(rows, headers=["strategy", "req/s", f"vs {BASELINE}", "p50 ms", "p99 ms", "MB/req",
                                    "coll/req", "req/iter", "CPU s (all ranks)", "ranks agree"],
                     tablefmt=fmt, disable_numparse=True)
 

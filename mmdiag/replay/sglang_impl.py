@@ -10,20 +10,21 @@ import functools
 import time
 from typing import Any
 
+from .. import strategies as strategy_registry
 from ..mmpath.collectives import broadcast_object_list_timed
 from ..mmpath.timers import PhaseTimers
+from ..sglang.facts import variant
 from ..strategies.base import Ready, Strategy
-
-# An unpatched install's own path, in the strategy vocabulary.
-VARIANT_STRATEGY = {"per-rank": "revert", "broadcast-always": "commit"}
 
 
 def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
+    """The strategy the install implements: its mmdiag patch, else its variant's own path
+    (variants.toml: strategy, strategy_flag_on)."""
     if path.patched:
         return path.patched
-    if path.variant == "broadcast-flag":
-        return "commit" if enable_broadcast_flag else "revert"
-    return VARIANT_STRATEGY[path.variant]
+    v = variant(path.variant)
+    name = v.get("strategy_flag_on", v["strategy"]) if enable_broadcast_flag else v["strategy"]
+    return strategy_registry.get(name).name
 
 
 class InstalledPath(Strategy):
