@@ -108,3 +108,18 @@ def test_no_segment_left_after_a_dead_rank_or_ctrl_c(tmp_path, how):
     assert proc.returncode == (130 if how == "ctrl-c" else 3)
     _assert_gone(ranks)
     assert not glob.glob(mine)
+
+
+def test_release_defaults_follow_what_each_release_does():
+    """The replay's default transport and tokenizer workers (variants.toml [defaults]) agree
+    with what detect reads from each family's real wheel."""
+    import re
+    from sglang_wheels import FAMILY_WHEELS, pristine
+    from mmdiag.mmpath.transport import default_tokenizer_workers, default_transport
+    from mmdiag.sglang.detect import detect
+    from mmdiag.sglang.locate import locate
+    for v in FAMILY_WHEELS:
+        f = detect(locate(str(pristine(v)))).facts
+        assert default_transport(v) == f.transport, v
+        pool = re.search(r"thread pool \((\d+) workers", f.precompute_hashing or "")
+        assert default_tokenizer_workers(v) == (int(pool.group(1)) if pool else 1), (v, f.precompute_hashing)

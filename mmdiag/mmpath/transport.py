@@ -103,24 +103,26 @@ def make(name: str, prefix: str) -> Transport:
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
 
-# Release facts the defaults follow (SGLANG_NOTES): the recv broadcast carries
-# shared-memory handles from 0.5.10.post1, and the tokenizer hashes in a pool of 2 from 0.5.21.
-SHM_SINCE = "0.5.10"
-HASH_POOL_SINCE, HASH_POOL_WORKERS = "0.5.21", 2
+def since(family_key: str) -> str:
+    """First release of the family variants.toml [defaults] names under `family_key`."""
+    from ..sglang.facts import facts, family
+    return family(facts()["defaults"][family_key])["releases"].split("..")[0].strip()
 
 
-def _at_least(version: str | None, since: str) -> bool:
+def _at_least(version: str | None, first: str) -> bool:
     from packaging.version import InvalidVersion, Version
     try:
-        return version is not None and Version(version) >= Version(since)
+        return version is not None and Version(version) >= Version(first)
     except InvalidVersion:
         return False
 
 
 def default_transport(version: str | None) -> str:
     """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
-    return "shm" if _at_least(version, SHM_SINCE) else "pickle"
+    return "shm" if _at_least(version, since("shm_family")) else "pickle"
 
 
 def default_tokenizer_workers(version: str | None) -> int:
-    return HASH_POOL_WORKERS if _at_least(version, HASH_POOL_SINCE) else 1
+    from ..sglang.facts import facts
+    d = facts()["defaults"]
+    return d["hash_pool_workers"] if _at_least(version, since("hash_pool_family")) else 1
