@@ -115,6 +115,11 @@ def test_strategy_of_servers_patched_by_mmdiag(rules):
     revert = [_patched_rank(r, f"sglang::scheduler_TP{r}", sched + (pb, "MultimodalInputs.from_dict"))
               for r in (0, 1)]
     assert _detect(rules, *revert) == "revert"
+    # shm patch: every rank maps its segments in the wrapped receive, then materializes unhashed.
+    shm = [_patched_rank(r, f"sglang::scheduler_TP{r}",
+                         ("event_loop_normal", "recv_requests", "_mmdiag_shm_finalize", "_mmdiag_shm_map"),
+                         sched + (pb, "MultimodalInputs.from_dict")) for r in (0, 1)]
+    assert _detect(rules, *shm) == "shm"
     # With DP, each DP group's TP0 is an entry rank: its from_dict does not make it `dict`.
     dp = [_patched_rank(2, "sglang::scheduler_DP1_TP0", sched + (pb, "MultimodalInputs.from_dict"),
                         sched + (pb, bol)),
@@ -252,3 +257,27 @@ def test_markers_are_the_strategy_modules_own():
             assert read[name] == tuple(cls.live_markers), name
     order = load_rules().strategy_order
     assert set(order) <= set(REGISTRY) and all(read[n] for n in order)
+
+
+def test_shared_memory_frames(rules):
+    """SGLang's shared-memory frames, the `shm` patch's and the replay transport's get the shm phases."""
+    recv = ("event_loop_normal", "recv_requests")
+    for fin in ("_finalize_shm_features", "_mmdiag_shm_finalize"):
+        assert rules.classify(S(*recv, fin, "barrier")) == ("shm_sync", False)  # "x.py": not torch's wait
+    assert rules.phase_of(S(*recv, "_finalize_shm_features", "unwrap_shm_features",
+                            "ShmPointerMMData.materialize")) == "shm_map"
+    assert rules.phase_of(S(*recv, "_mmdiag_shm_finalize", "_mmdiag_shm_open")) == "shm_open"
+    assert rules.phase_of(S(*recv, "broadcast_pyobj", "ShmPointerMMData.__setstate__")) == "shm_open"
+    assert rules.phase_of(S(*recv, "broadcast_pyobj")) == "recv"
+    # tokenizer side: the patch hashes, then writes; 0.5.10+ writes in ShmPointerMMData.__init__
+    export = ("_tokenize_one_request", "_mmdiag_shm_export")
+    assert rules.phase_of(S(*export, "set_pad_value", "hash_feature", "data_hash")) == "tokenizer_hash"
+    assert rules.phase_of(S(*export, "_mmdiag_shm_write", "copy_")) == "tokenizer_shm"
+    assert rules.phase_of(S("wrap_shm_features", "ShmPointerMMData.__init__")) == "tokenizer_shm"
+    # the replay's transport, in mmdiag's own files
+    mm = lambda name, f: Frame(name, f"/x/mmdiag/mmpath/{f}", 1)  # noqa: E731
+    deliver = (Frame("run", "x.py", 1), mm("ShmTransport.deliver", "transport.py"))
+    assert rules.phase_of(deliver + (mm("open_segment", "shm.py"),)) == "shm_open"
+    assert rules.phase_of(deliver + (mm("map_segment", "shm.py"),)) == "shm_map"
+    assert rules.phase_of(deliver) == "shm_sync"
+    assert rules.phase_of((mm("ShmTransport.encode", "transport.py"), mm("write_segment", "shm.py"))) == "tokenizer_shm"

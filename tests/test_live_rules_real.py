@@ -93,14 +93,14 @@ FAMILY_FRAMES = [
      "recv", True),
     ("0.5.6", LOOP + ("Scheduler.handle_generate_request", "Scheduler._get_multimodal_inputs",
                       "MultimodalInputs.from_dict", "MultimodalDataItem.set_pad_value", "tensor_hash"), "from_dict", False),
-    ("0.5.9", ("Scheduler.event_loop_normal", "Scheduler.recv_requests", "unwrap_shm_features"), "recv", False),
+    ("0.5.9", ("Scheduler.event_loop_normal", "Scheduler.recv_requests", "unwrap_shm_features"), "shm_map", False),
     ("0.5.9", ("Scheduler.event_loop_normal", "Scheduler.recv_requests", "broadcast_pyobj",
-               "ShmPointerMMData.__setstate__"), "recv", False),
+               "ShmPointerMMData.__setstate__"), "shm_open", False),
     ("0.5.13", RECV13 + ("SchedulerRequestReceiver._broadcast_reqs_across_ranks", "broadcast_pyobj", "c10d:broadcast"),
      "recv", True),
-    ("0.5.13", RECV13 + ("SchedulerRequestReceiver._finalize_shm_features", "c10d:barrier"), "recv", True),
+    ("0.5.13", RECV13 + ("SchedulerRequestReceiver._finalize_shm_features", "c10d:barrier"), "shm_sync", True),
     ("0.5.13", RECV13 + ("SchedulerRequestReceiver._finalize_shm_features", "unwrap_shm_features",
-                         "ShmPointerMMData.materialize"), "recv", False),
+                         "ShmPointerMMData.materialize"), "shm_map", False),
     ("0.5.13", LOOP + ("Scheduler.handle_generate_request", "Scheduler._get_multimodal_inputs",
                        "MultimodalInputs.from_processor_output"), "from_dict", False),
     ("0.5.17", LOOP + ("Scheduler.handle_generate_request", "Scheduler._get_multimodal_inputs",
@@ -118,7 +118,7 @@ FAMILY_FRAMES = [
     ("0.5.23", LOOP + ("Scheduler.handle_generate_request", "Scheduler._handle_generate_request",
                        "Scheduler._get_multimodal_inputs", "MultimodalInputs.from_processor_output"),
      "from_dict", False),
-    ("0.5.23", RECV13 + ("SchedulerRequestReceiver._finalize_shm_features", "c10d:all_reduce"), "recv", True),
+    ("0.5.23", RECV13 + ("SchedulerRequestReceiver._finalize_shm_features", "c10d:all_reduce"), "shm_sync", True),
     # Polling the tokenizer's socket for requests on an idle server is waiting for work.
     ("0.5.23", RECV13 + ("sock_recv",), "idle", True),
     # The shared-memory message queue's sched_yield spin is waiting, not work.
@@ -247,8 +247,8 @@ def test_replay_ranks_of_every_strategy(rules, tmp_path):
     # precompute runs revert's scheduler path with the hashing done before the scheduler: its
     # materialization is too short to be sure of a sample; the stacks cannot tell it from revert.
     assert detected.pop("precompute", "revert") in ("revert", "unknown")
-    # shm is precompute's scheduler path on mapped features: no marker of its own yet (the
-    # shm_* phases name its transport, which any strategy can run on).
+    # the replay's shm is precompute's scheduler path on mapped features: its marker is the
+    # applied patch's receive (the shm_* phases name the transport, which any strategy runs on).
     assert detected.pop("shm", "unknown") in ("revert", "unknown")
     assert len(detected) >= len(STRATEGIES) - 3, f"recorded only {sorted(detected)}"
     assert detected == {n: n for n in detected}

@@ -17,4 +17,5 @@ class Shm(Precompute):
                "(handles in the recv broadcast, copy-on-write maps): no per-rank copy, pickle or hash")
     collectives = "none"
     transport = "shm"
+    live_markers = ("_mmdiag_shm_finalize",)  # the applied patch's receive (0.5.10+ shows no frame of its own)
     patch = "shm"  # 0.5.4.post1 .. 0.5.9: mmdiag/sglang/patches/shm.py; 0.5.10+: settings only

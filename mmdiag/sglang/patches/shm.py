@@ -190,6 +190,25 @@ def _mmdiag_shm_map(fd, handle):
     finally:
         os.close(fd)
 
+@staticmethod
+def _mmdiag_shm_open(handles):
+    """An fd per handle, None where the segment cannot be opened."""
+    fds = []
+    for h in handles:
+        try:
+            fds.append(os.open(h[1], os.O_RDONLY))
+        except OSError:
+            fds.append(None)
+    return fds
+
+@staticmethod
+def _mmdiag_shm_unlink(handles):
+    for h in handles:
+        try:
+            os.unlink(h[1])
+        except OSError:
+            pass
+
 def _mmdiag_shm_finalize(self, recv_reqs):
     """Replace every shm handle in recv_reqs by a copy-on-write map of its segment."""
     found = self._mmdiag_shm_found(recv_reqs)
@@ -197,25 +216,16 @@ def _mmdiag_shm_finalize(self, recv_reqs):
         return recv_reqs  # the same on every rank: collectives are entered only below
     group, world, entry = self._mmdiag_shm_group()
     handles = [item.feature for _, _, item in found]
-    fds = []
-    done = False
+    fds, done = [], False
     try:
-        for h in handles:
-            try:
-                fds.append(os.open(h[1], os.O_RDONLY))
-            except OSError:
-                fds.append(None)
+        fds = self._mmdiag_shm_open(handles)
         if world > 1:
             torch.distributed.barrier(group=group)  # every rank holds its fds: unlinking is safe
         if entry:
-            for h in handles:
-                try:
-                    os.unlink(h[1])
-                except OSError:
-                    pass
+            self._mmdiag_shm_unlink(handles)
         failed = torch.zeros(len(found), dtype=torch.int32)
         for k, ((_, _, item), fd) in enumerate(zip(found, fds)):
-            fds[k] = None
+            fds[k] = None  # _mmdiag_shm_map closes it
             mapped = None if fd is None else self._mmdiag_shm_map(fd, item.feature)
             if mapped is None:
                 failed[k] = 1
@@ -224,18 +234,14 @@ def _mmdiag_shm_finalize(self, recv_reqs):
         if world > 1:
             torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=group)
         if bool(failed.any()):
-            self._mmdiag_shm_resend(found, failed, group, world, entry)
+            self._mmdiag_shm_resend(found, failed, group, world)
         done = True
     finally:
         for fd in fds:
             if fd is not None:
                 os.close(fd)
         if not done:  # a collective failed (a rank died): leave no segment behind
-            for h in handles:
-                try:
-                    os.unlink(h[1])
-                except OSError:
-                    pass
+            self._mmdiag_shm_unlink(handles)
     return recv_reqs
 
 def _mmdiag_shm_group(self):
@@ -248,7 +254,7 @@ def _mmdiag_shm_group(self):
         return group, 1, True
     return group, torch.distributed.get_world_size(group=group), torch.distributed.get_rank(group=group) == 0
 
-def _mmdiag_shm_resend(self, found, failed, group, world, entry):
+def _mmdiag_shm_resend(self, found, failed, group, world):
     """Items some rank could not map: the entry rank sends its copy inline (every rank
     enters: `failed` is the same everywhere after the all_reduce); a request whose
     feature the entry rank lacks too is dropped on every rank."""
