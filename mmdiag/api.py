@@ -227,10 +227,11 @@ def load_runs(runs: Iterable[Run | str]) -> list[Run]:
     return [r if isinstance(r, Run) else Run.load(r) for r in runs]
 
 
-def recommend(runs: Iterable[Run | str]):
-    """The patch to apply for the measured workload (a Recommendation)."""
+def recommend(runs: Iterable[Run | str], release: str | None = None):
+    """The patch to apply for the measured workload (a Recommendation); for `release`
+    (default: the trace's SGLang version) also which release step pays."""
     from .analysis.recommend import recommend as _recommend
-    return _recommend(load_runs(runs))
+    return _recommend(load_runs(runs), release=release)
 
 
 def report(before: Run | str, after: Run | str, criteria: str | None = None, *, output: str | None = None,

@@ -30,6 +30,15 @@ of one Run already give two sizes per collective. Broadcasting pays when
 (infinite when materializing on every rank is no dearer than sending: never pays).
 With one message size per collective, c cannot be told from k: the crossover is
 then unknown (None; 0 MB is only a trivial lower bound) and broadcast_pays() is None.
+
+The transport dimension (TransportCosts): per MB of feature, what the entry rank's
+receive path costs when the recv broadcast pickles the bytes (`pickle`: its `recv`
+phase) against handles in the broadcast plus open, barrier and copy-on-write map
+(`shm`: `recv` + shm_open + shm_sync + shm_map), and what writing once into shared
+memory costs the tokenizer (`tokenizer_shm`, off the loop, but a stage whose capacity
+caps throughput). Measured from Runs replayed under each transport; a transport no Run
+carried is None, except `pickle`, which the model gives as k (the same pickle + copy +
+unpickle per byte that a collective pays).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from typing import Any
 
 from ..run import Run, StrategyResult
 from ..units import MB
+from ..vocab import TRANSPORTS
 
 # cost class -> (who materializes: every rank / the entry rank / the tokenizer, and how often
 # the strategy's own collective sits on the loop's critical path: per request / per iteration).
@@ -64,6 +74,54 @@ def _names(materializes: str | None = None, sends: bool | None = None) -> tuple[
                  if (materializes is None or m == materializes) and (sends is None or (c is not None) == sends))
 
 
+SHM_RECV_PHASES = ("recv", "shm_open", "shm_sync", "shm_map")
+
+
+@dataclass
+class TransportCosts:
+    recv_ms_per_mb: dict[str, float | None]      # transport -> entry rank's receive path, ms per MB
+    source: dict[str, str]                        # transport -> "measured" | "model (k)" | "not measured"
+    tokenizer_shm_ms_per_mb: float | None = None  # the tokenizer's write into shared memory
+
+    @property
+    def shm_saving_ms_per_mb(self) -> float | None:
+        """What moving features by shared memory saves the scheduler loop per MB."""
+        p, m = self.recv_ms_per_mb.get("pickle"), self.recv_ms_per_mb.get("shm")
+        return None if p is None or m is None else p - m
+
+
+def _transport_of(run: Run, name: str) -> str | None:
+    """The transport a strategy ran on in a Run (its own, else the Run's)."""
+    cfg = ((run.config.get("strategies") or {}).get(name) or {}).get("transport")
+    return (cfg or {}).get("name") if isinstance(cfg, dict) else run.config.get("transport")
+
+
+def fit_transport(replays: list[Run], k_ms_per_mb: float | None) -> TransportCosts:
+    """TransportCosts from the replays (one rank count), `k` as `pickle`'s model."""
+    recv: dict[str, list[float]] = {}
+    tok: list[float] = []
+    for run in replays:
+        mb = _mm_mb(run)
+        for name, s in run.strategies.items():
+            tr = _transport_of(run, name)
+            entry = next((r for r in s.ranks if r.rank == 0), None)
+            if mb <= 0 or entry is None or tr not in TRANSPORTS:
+                continue
+            recv.setdefault(tr, []).append(sum(entry.phases_ms.get(p, 0.0) for p in SHM_RECV_PHASES) / mb)
+            if (s.tokenizer_ms or {}).get("tokenizer_shm"):
+                tok.append(s.tokenizer_ms["tokenizer_shm"] / mb)
+    costs: dict[str, float | None] = {}
+    source: dict[str, str] = {}
+    for tr in TRANSPORTS:
+        if recv.get(tr):
+            costs[tr], source[tr] = sum(recv[tr]) / len(recv[tr]), "measured"
+        elif tr == "pickle" and k_ms_per_mb is not None:
+            costs[tr], source[tr] = k_ms_per_mb, "model (k)"
+        else:
+            costs[tr], source[tr] = None, "not measured"
+    return TransportCosts(costs, source, sum(tok) / len(tok) if tok else None)
+
+
 @dataclass
 class CostModel:
     tp: int
@@ -76,6 +134,7 @@ class CostModel:
     workload_mb: float | None = None           # mean features per multimodal request
     requests_per_iteration: float | None = None
     notes: list[str] = field(default_factory=list)
+    transport: TransportCosts | None = None
 
     @property
     def complete(self) -> bool:
@@ -138,6 +197,8 @@ class CostModel:
         d["crossover_mb_batch"] = _finite(self.crossover_mb(1.0 / r))
         d["broadcast_pays"] = self.broadcast_pays()
         d["predicted_ms_per_mm_request"] = {s: self.predicted_ms(s) for s in _classes()}
+        if self.transport is not None:
+            d["transport"]["shm_saving_ms_per_mb"] = self.transport.shm_saving_ms_per_mb
         return d
 
 
@@ -248,4 +309,4 @@ def fit(runs: list[Run], target: Run | None = None) -> CostModel:
         r_iter = sum(rs) / len(rs) if rs else None
     return CostModel(tp=tp, m_all_ms_per_mb=m_all, m_one_ms_per_mb=m_one, c_ms_per_collective=c,
                      k_ms_per_mb=k, separable=separable, points=points, workload_mb=workload_mb,
-                     requests_per_iteration=r_iter, notes=notes)
+                     requests_per_iteration=r_iter, notes=notes, transport=fit_transport(replays, k))

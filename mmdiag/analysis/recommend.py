@@ -37,6 +37,8 @@ from ..workloads import PROFILES_DIR
 from . import threshold
 from .costmodel import CostModel, fit
 from .merge import label, merge_replays
+from . import release_steps as RS
+from .release_steps import Step
 
 RULES_FILE = PROFILES_DIR / "recommend.toml"
 NONE = "none"
@@ -98,6 +100,8 @@ class Recommendation:
     runs_used: list[str] = field(default_factory=list)
     runs_left_out: list[dict[str, str]] = field(default_factory=list)
     command: str | None = None        # how to apply the recommended patch
+    release: str | None = None        # the SGLang release the steps below are for
+    release_steps: list[Step] = field(default_factory=list)  # mmdiag.analysis.release_steps
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -111,6 +115,7 @@ class Recommendation:
             "runners_up": [json_safe(asdict(o)) for o in self.runners_up],
             "measure_next": self.measure_next, "notes": self.notes,
             "cost_model": json_safe(self.cost_model.to_dict()) if self.cost_model else None,
+            "release": self.release, "release_steps": [json_safe(asdict(x)) for x in self.release_steps],
         }
         return d
 
@@ -147,10 +152,11 @@ def _samples(s: StrategyResult, expected: float) -> list[float]:
     return xs
 
 
-def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommendation:
+def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str | None = None) -> Recommendation:
     """Recommend from the replay Runs of one workload (every Run of the first one's trace, rank
     count, host and settings is merged; the rest say why they were left out, and feed only the
-    cost model); with only live profiles, from the first profile's phase shares."""
+    cost model); with only live profiles, from the first profile's phase shares. For `release`
+    (default: the trace's SGLang version) it also says which release step pays."""
     if not runs:
         raise MmdiagError("no Runs to recommend from")
     rules = rules or load_rules()
@@ -164,8 +170,27 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None) -> Recommend
         for prof in (r for r in runs if r.is_profile and r.ranks):
             dx = diagnose(prof.ranks, rules)
             rec.notes.append(f"the live profile points to {dx.points_to!r}: " + "; ".join(dx.reasons[:2]))
+        _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run)
         return rec
     return _from_profile(runs[0], rules)
+
+
+def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run) -> None:
+    """Which step pays on the release: upgrading, the hash variable, or `shm` (with figures)."""
+    if not version:
+        rec.notes.append("name the SGLang release (--release X) to see whether upgrading, setting "
+                         "SGLANG_MM_PRECOMPUTE_HASH=1 or applying shm pays on it")
+        return
+    rec.release, rec.release_steps = version, RS.advise(version, runs, target, rec.cost_model)
+    top = RS.best(rec.release_steps)
+    if top is not None:
+        rec.reasons.append(f"on SGLang {version} the step that pays most is `{top.step}` ({top.how}): "
+                           f"{top.expected_rps:.1f} req/s expected, {top.vs_current:.2f}x the release as it is "
+                           f"({top.source})")
+    for st in rec.release_steps:
+        if st.expected_rps is None:
+            rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "
+                                    f"--transport {st.transport}")
 
 
 # --- replay --------------------------------------------------------------------

@@ -22,8 +22,11 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 @click.option("--profile", default=None, metavar="NAME", help="with no Runs: workload profile [default: profiles/defaults.toml]")
 @click.option("--save", type=click.Path(dir_okay=False), default=None,
               help="with no Runs: where to keep the replayed Run [default: ./mmdiag-runs/recommend-<time>.json]")
-def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
-    """Recommend the patch for the measured workload: revert, dict, batch, precompute, cond, or none.
+@click.option("--release", default=None, metavar="VERSION",
+              help="the SGLang release to advise: whether upgrading, SGLANG_MM_PRECOMPUTE_HASH=1 or `mmdiag apply "
+                   "shm` pays on it [default: the trace's source.sglang_version]")
+def recommend_command(runs, as_json, output, tp, repeat, n, profile, save, release):
+    """Recommend the patch for the measured workload: revert, dict, batch, precompute, cond, shm, or none.
 
     \b
     Reads replay Runs (mmdiag replay -o run.json) and/or live profiles. With none, it
@@ -47,7 +50,7 @@ def recommend_command(runs, as_json, output, tp, repeat, n, profile, save):
             out.check_output(save, "Run", "--save")
         log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
         loaded = [api.replay_default(tp=tp, repeat=repeat, n=n, profile=profile, save=save, log=log)]
-    rec = api.recommend(loaded)
+    rec = api.recommend(loaded, release=release)
     if not runs and loaded[0].path:
         rec.notes.append(f"the replayed Run is kept in {loaded[0].path}")
     if output:

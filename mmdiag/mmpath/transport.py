@@ -103,26 +103,5 @@ def make(name: str, prefix: str) -> Transport:
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
 
-def since(family_key: str) -> str:
-    """First release of the family variants.toml [defaults] names under `family_key`."""
-    from ..sglang.facts import facts, family
-    return family(facts()["defaults"][family_key])["releases"].split("..")[0].strip()
-
-
-def _at_least(version: str | None, first: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-    try:
-        return version is not None and Version(version) >= Version(first)
-    except InvalidVersion:
-        return False
-
-
-def default_transport(version: str | None) -> str:
-    """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
-    return "shm" if _at_least(version, since("shm_family")) else "pickle"
-
-
-def default_tokenizer_workers(version: str | None) -> int:
-    from ..sglang.facts import facts
-    d = facts()["defaults"]
-    return d["hash_pool_workers"] if _at_least(version, since("hash_pool_family")) else 1
+# What a release implies (variants.toml [defaults]); torch-free, so `recommend` reads them too.
+from ..sglang.facts import default_tokenizer_workers, default_transport  # noqa: E402,F401

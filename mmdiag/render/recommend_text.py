@@ -36,6 +36,12 @@ def render_recommendation(rec: Recommendation) -> str:
                                             "p99 ms", "noise %", "repeats",
                                             "vs recommended" if rec.chosen else f"significance vs {rec.baseline}", "note"],
                              tablefmt="simple", disable_numparse=True)]
+    if rec.release_steps:
+        rows = [[st.step, st.how, f"{st.strategy} on {st.transport}", _f(st.expected_rps),
+                 f"{st.vs_current:.2f}x" if st.vs_current else "-", st.source] for st in rec.release_steps]
+        out += ["", f"on SGLang {rec.release}:",
+                tabulate(rows, headers=["step", "how", "replayed as", "expected req/s", "vs as it is", "from"],
+                         tablefmt="simple", disable_numparse=True)]
     if rec.measure_next:
         out += ["", "to decide better, measure next:"] + [f"  - {m}" for m in rec.measure_next]
     if rec.notes:

@@ -46,3 +46,28 @@ def families() -> list[dict[str, Any]]:
 
 def family(name: str | None) -> dict[str, Any] | None:
     return next((f for f in families() if f["name"] == name), None)
+
+
+# ---- release thresholds, by family ([defaults]): what the replay and recommend assume of a release
+
+def since(family_key: str) -> str:
+    """First release of the family variants.toml [defaults] names under `family_key`."""
+    return family(facts()["defaults"][family_key])["releases"].split("..")[0].strip()
+
+
+def at_least(version: str | None, first: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+    try:
+        return version is not None and Version(version) >= Version(first)
+    except InvalidVersion:
+        return False
+
+
+def default_transport(version: str | None) -> str:
+    """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
+    return "shm" if at_least(version, since("shm_family")) else "pickle"
+
+
+def default_tokenizer_workers(version: str | None) -> int:
+    d = facts()["defaults"]
+    return d["hash_pool_workers"] if at_least(version, since("hash_pool_family")) else 1

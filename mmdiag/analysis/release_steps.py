@@ -1,0 +1,106 @@
+"""Which step pays on a given SGLang release: upgrading, setting the hash variable,
+or applying `shm`, each with its expected throughput.
+
+Every step is a configuration the replay measures, a strategy on a transport: the
+release as it is (per-rank, or 17a57fd's broadcast on 0.5.4.post2 .. 0.5.5.post2,
+on the release's transport), SGLANG_MM_PRECOMPUTE_HASH=1 (`precompute`, where the
+release ships it), `mmdiag apply shm` (where the recv broadcast still pickles
+features), and upgrading to a shared-memory release, alone or with the variable.
+Which release does what is data (mmdiag/sglang/variants.toml [defaults] and the
+families). A configuration no Run measured is predicted from its measurement on the
+other transport and the cost model's per-MB transport costs, and says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..sglang.facts import at_least, default_transport, since
+from ..run import Run
+from .costmodel import CostModel, _transport_of
+from .merge import TRACE_KEYS
+
+
+@dataclass
+class Step:
+    step: str                   # what the user does
+    how: str                    # the command or setting
+    strategy: str               # what the replay measures for it, on `transport`
+    transport: str
+    expected_rps: float | None = None
+    source: str = "not measured"
+    vs_current: float | None = None
+
+
+def current_path(version: str) -> str:
+    """The release's own multimodal path as a replay strategy (its defaults)."""
+    if at_least(version, since("broadcast_always_family")) and not at_least(version, since("broadcast_flag_family")):
+        return "commit"
+    return "revert"  # per-rank before 17a57fd; the broadcast flag is off by default after it
+
+
+def plan(version: str) -> list[Step]:
+    tr, env = default_transport(version), "SGLANG_MM_PRECOMPUTE_HASH=1"
+    launch = f"{env} python -m sglang.launch_server ..."
+    steps = [Step("as it is", f"SGLang {version}", current_path(version), tr)]
+    if at_least(version, since("hash_env_family")):
+        steps.append(Step(f"set {env}", launch, "precompute", tr))
+    if tr == "pickle":
+        up = since("shm_family")
+        steps += [Step("apply shm", "mmdiag apply shm", "shm", "shm"),
+                  Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", "revert", "shm"),
+                  Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", "shm", "shm")]
+    return steps
+
+
+# On the shm transport, `precompute` and `shm` are the same configuration.
+_SAME = {("precompute", "shm"): ("shm", "shm"), ("shm", "shm"): ("precompute", "shm")}
+
+
+def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str], float]:
+    """(strategy, transport) -> mean of the Runs' median throughputs, same trace and rank count."""
+    got: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        if not run.is_replay or run.tp != target.tp or any(run.trace.get(k) != target.trace.get(k) for k in TRACE_KEYS):
+            continue
+        for name, s in run.strategies.items():
+            tr = _transport_of(run, name)
+            if s.throughput_rps and tr:
+                got.setdefault((name, tr), []).append(s.throughput_rps)
+    return {k: sum(v) / len(v) for k, v in got.items()}
+
+
+def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> tuple[float, str] | None:
+    """From the same strategy on the other transport and the per-MB transport saving."""
+    tc = model.transport if model else None
+    saving = tc.shm_saving_ms_per_mb if tc else None
+    other = "pickle" if step.transport == "shm" else "shm"
+    rps = table.get((step.strategy, other)) or table.get(_SAME.get((step.strategy, other), ()), None)
+    if rps is None or saving is None or not model.workload_mb:
+        return None
+    mm_share = (target.trace.get("mm_requests") or 0) / max(target.trace.get("requests") or 1, 1)
+    delta = saving * model.workload_mb * mm_share * (1 if step.transport == "shm" else -1)
+    loop_ms = max(1000.0 / rps - delta, 1e-3)
+    return 1000.0 / loop_ms, (f"model: {rps:.1f} req/s measured on {other}, {saving:+.2f} ms per MB on the "
+                              f"receive path ({tc.source['pickle']} pickle, {tc.source['shm']} shm)")
+
+
+def advise(version: str, runs: list[Run], target: Run, model: CostModel | None) -> list[Step]:
+    table = _measured(runs, target)
+    steps = plan(version)
+    for st in steps:
+        key = (st.strategy, st.transport)
+        rps = table.get(key) or table.get(_SAME.get(key, ()), None)
+        if rps is not None:
+            st.expected_rps, st.source = rps, "measured"
+        elif (p := _predict(st, table, model, target)) is not None:
+            st.expected_rps, st.source = p
+    cur = steps[0].expected_rps
+    for st in steps:
+        st.vs_current = st.expected_rps / cur if cur and st.expected_rps else None
+    return steps
+
+
+def best(steps: list[Step]) -> Step | None:
+    """The step that pays most over the release as it is (None: none known to)."""
+    cands = [s for s in steps[1:] if s.vs_current is not None and s.vs_current > 1.0]
+    return max(cands, key=lambda s: s.expected_rps) if cands else None

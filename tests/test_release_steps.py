@@ -1,0 +1,93 @@
+"""recommend's transport dimension: per-MB receive costs under each transport, and which
+release step (upgrade, SGLANG_MM_PRECOMPUTE_HASH=1, `mmdiag apply shm`) pays on a release."""
+from __future__ import annotations
+
+import pytest
+
+from runs_synth import rank, replay_run, strategy
+
+from mmdiag.analysis import release_steps as RS
+from mmdiag.analysis.costmodel import SHM_RECV_PHASES, fit
+from mmdiag.analysis.recommend import recommend
+from mmdiag.render.recommend_text import render_recommendation
+from mmdiag.units import MB
+
+N, MBS, TP = 100, 18.8, 4
+TOTAL = N * MBS
+
+
+def _run(transport, strategies):
+    run = replay_run(strategies, tp=TP, mean_mb=MBS, requests=N)
+    run.config["transport"] = transport
+    run.trace["source"]["sglang_version"] = "0.5.9"
+    return run
+
+
+def _pickle_run():
+    ranks = lambda: [rank(r, recv=8 * TOTAL, from_dict=20 * TOTAL, forward=500) for r in range(TP)]  # noqa: E731
+    return _run("pickle", [strategy("revert", [10.0, 10.2, 9.8], ranks()),
+                           strategy("precompute", [14.0, 14.2, 13.8], [rank(r, recv=8 * TOTAL) for r in range(TP)])])
+
+
+def _shm_run(with_revert=True):
+    shm_ranks = lambda: [rank(r, recv=0.1 * TOTAL, shm_open=0.2 * TOTAL, shm_sync=0.5 * TOTAL,  # noqa: E731
+                              shm_map=0.2 * TOTAL) for r in range(TP)]
+    out = [strategy("shm", [30.0, 30.5, 29.5], shm_ranks(),
+                    tokenizer={"tokenizer_hash": 21.7 * N, "tokenizer_shm": 10.1 * N, "capacity_rps": 31.0})]
+    if with_revert:
+        out.insert(0, strategy("revert", [12.0, 12.1, 11.9], shm_ranks()))
+    return _run("shm", out)
+
+
+def _entry_ms_per_mb(run):
+    vals = [sum(s.rank(0).phases_ms.get(p, 0.0) for p in SHM_RECV_PHASES) / (run.trace["mm_bytes"] / MB)
+            for s in run.strategies.values()]
+    return sum(vals) / len(vals)
+
+
+def _step(steps, strategy, transport):
+    return next(s for s in steps if (s.strategy, s.transport) == (strategy, transport))
+
+
+def test_per_mb_receive_cost_of_each_transport_is_measured():
+    p, s = _pickle_run(), _shm_run()
+    tc = fit([p, s]).transport
+    assert tc.source == {"pickle": "measured", "shm": "measured"}
+    assert tc.recv_ms_per_mb["pickle"] == pytest.approx(_entry_ms_per_mb(p))
+    assert tc.recv_ms_per_mb["shm"] == pytest.approx(_entry_ms_per_mb(s))
+    assert tc.shm_saving_ms_per_mb > 0 and tc.tokenizer_shm_ms_per_mb == pytest.approx(10.1 / MBS)
+    alone = fit([p]).transport  # no shm Run: unknown, not zero
+    assert alone.recv_ms_per_mb["shm"] is None and alone.shm_saving_ms_per_mb is None
+
+
+def test_the_step_that_pays_on_a_pickling_release():
+    p, s = _pickle_run(), _shm_run()
+    rec = recommend([p, s])  # the release comes from the trace (0.5.9)
+    assert rec.release == "0.5.9"
+    assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9")]
+    shm = _step(rec.release_steps, "shm", "shm")
+    assert shm.expected_rps == s.strategies["shm"].throughput_rps and shm.source == "measured"
+    assert _step(rec.release_steps, "precompute", "pickle").expected_rps == p.strategies["precompute"].throughput_rps
+    assert rec.release_steps[0].vs_current == 1.0
+    top = RS.best(rec.release_steps)
+    assert top.expected_rps == max(x.expected_rps for x in rec.release_steps)
+    assert any(f"`{top.step}`" in r for r in rec.reasons)
+    assert "on SGLang 0.5.9:" in render_recommendation(rec)
+
+
+def test_an_unmeasured_step_is_predicted_from_the_other_transport_or_asked_for():
+    p, s = _pickle_run(), _shm_run(with_revert=False)
+    rec = recommend([p, s], release="0.5.9")
+    up = _step(rec.release_steps, "revert", "shm")  # upgrading alone: revert on shm, not replayed
+    assert up.source.startswith("model") and up.expected_rps > p.strategies["revert"].throughput_rps
+    # a release whose own path (17a57fd's broadcast) was not replayed: the command to measure it
+    rec = recommend([p, s], release="0.5.5")
+    assert rec.release_steps[0].expected_rps is None
+    assert any("--strategy commit --transport pickle" in m for m in rec.measure_next)
+
+
+def test_a_shared_memory_release_has_no_patch_step():
+    s = _shm_run()
+    rec = recommend([_pickle_run(), s], release="0.5.23")
+    assert {(x.strategy, x.transport) for x in rec.release_steps} <= {("revert", "shm"), ("precompute", "shm")}
+    assert _step(rec.release_steps, "precompute", "shm").expected_rps == s.strategies["shm"].throughput_rps  # as `shm`
