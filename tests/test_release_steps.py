@@ -18,7 +18,7 @@ TOTAL = N * MBS
 
 def _run(transport, strategies):
     run = replay_run(strategies, tp=TP, mean_mb=MBS, requests=N)
-    run.config["transport"] = transport
+    run.config.transport = transport
     run.trace["source"]["sglang_version"] = "0.5.9"
     return run
 

@@ -92,8 +92,8 @@ class TransportCosts:
 
 def _transport_of(run: Run, name: str) -> str | None:
     """The transport a strategy ran on in a Run (its own, else the Run's)."""
-    cfg = ((run.config.get("strategies") or {}).get(name) or {}).get("transport")
-    return (cfg or {}).get("name") if isinstance(cfg, dict) else run.config.get("transport")
+    cfg = ((getattr(run.config, "strategies", None) or {}).get(name) or {}).get("transport")
+    return cfg.get("name") if isinstance(cfg, dict) else getattr(run.config, "transport", None)
 
 
 def fit_transport(replays: list[Run], k_ms_per_mb: float | None) -> TransportCosts:
