@@ -85,10 +85,10 @@ def _safe_cmdline(p):
         return []
 
 
-def _start_long_replay(tmp_path, tp=2):
+def _start_long_replay(tmp_path, *extra, tp=2):
     trace = make_trace(tmp_path / "t.jsonl", n=2000, rows=16, rate=40.0, text_every=0)
     proc = subprocess.Popen([sys.executable, "-m", "mmdiag", "replay", trace, "--tp", str(tp),
-                             "--strategy", "commit", "--timeout", "20", "-q"],
+                             "--strategy", "commit", "--timeout", "20", "-q", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ranks = _ranks_of(psutil.Process(proc.pid), tp)
     time.sleep(3)  # into the loop: past torch import and rendezvous
@@ -112,11 +112,14 @@ def test_dead_rank_stops_the_others_and_names_it(tmp_path):
 
 
 def test_ctrl_c_leaves_no_process_behind(tmp_path):
-    proc, ranks = _start_long_replay(tmp_path)
+    """Nothing left running or written; under --json the outcome is JSON on stdout too."""
+    proc, ranks = _start_long_replay(tmp_path, "--json", "-o", str(tmp_path / "run.json"))
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
+    assert json.loads(out) == {"error": err.strip().removeprefix("mmdiag: "), "fix": None, "exit_code": 130}
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]
     _assert_gone(ranks)
 
 
@@ -163,7 +166,11 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         (("replay", trace, "-o", "/proc/run.json"), 2, "directory is not writable"),
         (("recommend", trace), 2, "is a trace, not a Run; replay it first"),
     ]:
-        r = mmdiag_cli(*args, timeout=60)
+        as_json = args[0] != "trace"   # trace synth writes a file, it has no --json
+        r = mmdiag_cli(*args, *(["--json"] if as_json else []), timeout=60)
         assert r.returncode == code, (args, r.stderr)
+        if as_json:   # the same words on stdout, as JSON
+            err = json.loads(r.stdout)
+            assert r.stderr.strip() == f"mmdiag: error: {err['error']}" + (f"; {err['fix']}" if err["fix"] else "")
         assert text in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -64,13 +64,16 @@ class MmdiagGroup(click.Group):
             # Bad options are user mistakes like any other: one line, exit 2.
             sub = e.ctx.command_path if e.ctx else ctx.command_path
             what, fix = e.format_message().rstrip("."), f"see `{sub} --help`"
-            click.echo(f"mmdiag: error: {what[:1].lower() + what[1:]}; {fix}", err=True)
-            if wants_json(ctx):
+            what = what[:1].lower() + what[1:]
+            click.echo(f"mmdiag: error: {what}; {fix}", err=True)
+            if wants_json(ctx):   # the same words on both channels
                 click.echo(dumps_json({"error": what, "fix": fix, "exit_code": e.exit_code}))
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo(f"mmdiag: interrupted; {INTERRUPTED.get(ctx.invoked_subcommand, DEFAULT_INTERRUPTED)}",
-                       err=True)
+            what = f"interrupted; {INTERRUPTED.get(ctx.invoked_subcommand, DEFAULT_INTERRUPTED)}"
+            click.echo(f"mmdiag: {what}", err=True)
+            if wants_json(ctx):   # a JSON reader learns the outcome too, as with SIGTERM
+                click.echo(dumps_json({"error": what, "fix": None, "exit_code": EXIT_INTERRUPTED}))
             ctx.exit(EXIT_INTERRUPTED)
         finally:
             warnings.showwarning = old
