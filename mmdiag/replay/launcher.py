@@ -5,7 +5,9 @@ The ranks get the same environment torchrun gives (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), so one worker serves both launchers. Each rank runs in
 its own session (Ctrl-C reaches only this launcher, which then stops them in
 order) and dies with the launcher even if the launcher is SIGKILLed
-(PR_SET_PDEATHSIG, set in the worker).
+(PR_SET_PDEATHSIG, set in the worker). Nothing then cleans up after them, so each
+replay first removes what a SIGKILLed launcher left: its job folder and its
+shared-memory segments (sweep_orphans).
 """
 from __future__ import annotations
 
@@ -33,6 +35,50 @@ from . import heartbeat
 from .options import JOB_ENV, RankJob, ReplayOptions
 
 GRACE_S = 5.0
+JOB_DIR_PREFIX = "mmdiag-replay-"
+# A job folder whose launcher is gone and whose ranks have not beaten for this long is an orphan
+# (the beat guards a launcher this PID namespace cannot see, on a shared /tmp).
+ORPHAN_S = 60.0
+
+
+def _launcher_pid(prefix: str) -> int | None:
+    """The launcher PID in a segment prefix this module made (mmdiag-PID-PORT-)."""
+    parts = prefix.split("-")
+    return int(parts[1]) if len(parts) == 4 and parts[0] == "mmdiag" and parts[1].isdigit() else None
+
+
+def sweep_orphans() -> int:
+    """Remove the job folders (and their segments) of launchers that no longer run: a SIGKILLed
+    launcher's ranks die with it (PDEATHSIG) before they can. A live launcher's are left alone.
+    Returns how many folders were removed."""
+    import glob
+    import shutil
+    n = 0
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), JOB_DIR_PREFIX + "*")):
+        try:
+            with open(os.path.join(d, "job.json")) as f:
+                job = json.load(f)
+            prefix, tp = job["shm_prefix"], int(job["options"]["tp"])
+            beats = heartbeat.read(os.path.join(d, "heartbeat"), tp)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue   # another user's, or a launcher still writing it
+        pid = _launcher_pid(prefix)
+        if pid is None or pid == os.getpid() or _alive(pid) or any(time.monotonic() - b < ORPHAN_S for b in beats if b):
+            continue
+        shm.sweep(prefix)
+        shutil.rmtree(d, ignore_errors=True)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def free_port() -> int:
@@ -103,7 +149,8 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
     if opts.port is not None:
         check_port(opts.port)
     port = opts.port or free_port()
-    with _sigterm_as_error(), tempfile.TemporaryDirectory(prefix="mmdiag-replay-") as tmp:
+    sweep_orphans()
+    with _sigterm_as_error(), tempfile.TemporaryDirectory(prefix=JOB_DIR_PREFIX) as tmp:
         out = os.path.join(tmp, "run.json")
         prog = os.path.join(tmp, "progress.json")
         tl_dir = os.path.join(tmp, "timeline") if opts.timeline else None
