@@ -1,9 +1,17 @@
 """Every strategy under each transport, at each --tp, for two workloads: the default
 workload, and one request per loop iteration of 1120x700 images (closed loop at
 concurrency 1). Prints the median request throughput of the repeats and its ratio to
-`revert` on `pickle`, and what bounds it (the scheduler loop, or the tokenizer stage).
+`revert` on `pickle`, and what bounds it (the scheduler loop, or the tokenizer stage);
+then the release steps `mmdiag recommend --release` weighs for --release (upgrading,
+SGLANG_MM_PRECOMPUTE_HASH=1, `mmdiag apply shm`) and the one it picks.
 
-    python benchmarks/bench_transport.py --tp 4 8 --repeat 3 -n 40      # a 32-core host
+With --sglang-wheel W (a pure-Python SGLang wheel whose recv broadcast pickles features,
+0.5.4.post1 .. 0.5.9) the release's own code also runs in the ranks (replay --impl
+sglang): as it is, with SGLANG_MM_PRECOMPUTE_HASH=1 (0.5.7+), and with `mmdiag apply shm`
+written into a copy of it: the patched configurations, measured.
+
+    python benchmarks/bench_transport.py --tp 4 8 --repeat 3 -n 40 \
+        --sglang-wheel .cache/sglang-wheels/sglang-0.5.9-py3-none-any.whl      # a 32-core host
     python benchmarks/bench_transport.py --tp 2 --repeat 1 -n 4 --tiny   # a smoke test
 """
 from __future__ import annotations
@@ -14,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mmdiag import api  # noqa: E402
+from mmdiag.analysis import release_steps as RS  # noqa: E402
 from mmdiag.vocab import STRATEGIES, TRANSPORTS  # noqa: E402
 
 BASE = ("revert", "pickle")
@@ -36,15 +46,51 @@ def synth(args: list[str], path: str) -> None:
                    cwd=ROOT, check=True, capture_output=True)
 
 
-def measure(trace: str, tp: int, repeat: int, strategies: list[str]) -> dict[tuple[str, str], tuple[float, str]]:
+def measure(trace: str, tp: int, repeat: int, strategies: list[str], runs: list) -> dict[tuple[str, str], tuple[float, str]]:
     out = {}
     for tr in TRANSPORTS:
         run = api.replay(trace, tp=tp, strategies=strategies, transport=tr, repeat=repeat)
+        runs.append(run)
         for name, s in run.strategies.items():
             tok = s.tokenizer_ms or {}
             bound = "tokenizer" if tok and tok.get("capacity_rps", 1e18) <= tok.get("loop_rps", 0) else "loop"
             out[(name, tr)] = (s.throughput_rps, bound)  # the median repeat (merge_repeats)
     return out
+
+
+def unpack(wheel: str, dest: str) -> str:
+    """The wheel's Python files (the bytes SGLang ships) under dest; returns its sglang folder."""
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith("sglang/") and name.endswith(".py"):
+                z.extract(name, dest)
+    return os.path.join(dest, "sglang")
+
+
+def installed(trace: str, tp: int, repeat: int, wheel: str, tmp: str) -> dict[str, float]:
+    """The release's own code in the ranks: as it is, with the hash variable, with `apply shm`."""
+    from mmdiag.sglang.apply import apply
+    from mmdiag.sglang.locate import locate
+    out = {}
+    for label, env, patch in (("as it is", {}, None),
+                              ("SGLANG_MM_PRECOMPUTE_HASH=1", {"SGLANG_MM_PRECOMPUTE_HASH": "1"}, None),
+                              ("mmdiag apply shm", {}, "shm")):
+        pkg = unpack(wheel, tempfile.mkdtemp(dir=tmp))
+        if patch and apply(locate(pkg), patch).status != "applied":
+            continue
+        env = {**env, "MMDIAG_STATE_DIR": os.path.join(tmp, "state")}
+        run = api.replay(trace, tp=tp, impl="sglang", sglang_path=pkg, repeat=repeat, extra_env=env)
+        out[label] = next(iter(run.strategies.values())).throughput_rps
+    return out
+
+
+def release_steps(runs: list, release: str) -> None:
+    rec = api.recommend(runs, release=release)
+    for st in rec.release_steps:
+        rps = f"{st.expected_rps:.1f}" if st.expected_rps else "-"
+        print(f"  {st.step:<58}{rps:>10} req/s  {st.vs_current or 0:>5.2f}x  ({st.source})")
+    best = RS.best(rec.release_steps)
+    print(f"  pays most: {best.step if best else 'none measured'}")
 
 
 def main() -> None:
@@ -54,6 +100,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=40, help="requests per workload")
     ap.add_argument("--strategy", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--tiny", action="store_true", help="56x56 images: a smoke test of the script")
+    ap.add_argument("--sglang-wheel", help="also run this SGLang wheel's own code: as it is, with the hash "
+                    "variable, and with `mmdiag apply shm`")
+    ap.add_argument("--release", default="0.5.9", help="the release whose steps recommend weighs [%(default)s]")
     a = ap.parse_args()
     strategies = sorted(set(a.strategy) | {"revert"}, key=STRATEGIES.index)
     t0 = time.time()
@@ -62,7 +111,8 @@ def main() -> None:
             trace = os.path.join(tmp, "trace.jsonl")
             synth(synth_args, trace)
             for tp in a.tp:
-                res = measure(trace, tp, a.repeat, strategies)
+                runs: list = []
+                res = measure(trace, tp, a.repeat, strategies, runs)
                 base = res[BASE][0]
                 print(f"\n{label}, tp {tp}, {a.n} requests, median of {a.repeat} "
                       f"(ratio to {BASE[0]} on {BASE[1]}: {base:.1f} req/s)")
@@ -71,6 +121,12 @@ def main() -> None:
                     cells = "".join(f"{res[(name, t)][0]:>14.1f}{res[(name, t)][0] / base:>7.2f}{res[(name, t)][1]:>11}"
                                     for t in TRANSPORTS)
                     print(f"  {name:<11}{cells}", flush=True)
+                if a.sglang_wheel:
+                    print(f"  installed {os.path.basename(a.sglang_wheel)} (replay --impl sglang):")
+                    for label, rps in installed(trace, tp, a.repeat, a.sglang_wheel, tmp).items():
+                        print(f"    {label:<30}{rps:>10.1f} req/s {rps / base:>6.2f}x", flush=True)
+                print(f"  release steps on SGLang {a.release} (mmdiag recommend --release {a.release}):")
+                release_steps(runs, a.release)
     print(f"\n{time.time() - t0:.0f} s wall on {os.cpu_count()} cores")
 
 
