@@ -3,13 +3,18 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mmdiag-installed
+# PyPI's torch for Linux is the CUDA build (GBs of nvidia-* packages): the +cpu build comes from
+# PyTorch's own index (a local wheel or mirror that pip already knows about serves as well).
+TORCH       ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch first, and only if missing: pinned to the CPU build (an unpinned torch pulls GBs of CUDA).
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	# torch first, and only if missing: the CPU build (see TORCH above).
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/pip install --disable-pip-version-check -q --extra-index-url $(TORCH_INDEX) '$(TORCH)'
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $(STAMP)
 
