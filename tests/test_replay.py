@@ -37,6 +37,7 @@ def test_every_strategy_at_tp2_cli_json_and_timeline(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in STRATEGIES:
         assert name in r.stdout
+    assert f"next: mmdiag recommend {out}" in r.stdout   # the table says what to do with the Run
     d = json.loads(out.read_text())
     _check_contract(d, 2, STRATEGIES)
     s = d["strategies"]

@@ -64,6 +64,8 @@ def run_replay(trace_file: str | None, json_out, output, quiet, demo: dict | Non
             click.echo(f"\nRun written to {path}")
     if kw.get("timeline") and not as_json:
         click.echo(f"timeline written to {kw['timeline']} (open in https://ui.perfetto.dev)")
+    if files and not as_json:
+        click.echo(f"next: mmdiag recommend {files[0][0]}   # which fix, from this Run")
     if any(s.ranks_agree is False for s in run.strategies.values()):
         raise MmdiagError("ranks ended with different hashes or pad values; the measurements are not valid")
     return run
