@@ -5,21 +5,29 @@ profiler, recommend, apply and the report.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import MmdiagError
 from ..vocab import STRATEGIES
-from .async_ import Async
 from .base import Strategy
-from .batch import Batch
-from .commit import Commit
-from .cond import Cond
-from .dict_ import Dict
-from .dict_async import DictAsync
-from .precompute import Precompute
-from .revert import Revert
-from .shm import Shm
 
-REGISTRY: dict[str, type[Strategy]] = {c.name: c for c in (Revert, Commit, Dict, Batch, Precompute, Async, Cond, DictAsync, Shm)}
-assert tuple(REGISTRY) == STRATEGIES, "registry and vocabulary disagree"
+
+def _modules() -> list[str]:
+    """Every module of this package but base: each defines one strategy (a new strategy is
+    a new module here and its name in the vocabulary, nothing else)."""
+    return [m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"]
+
+
+def _defined_in(module: str) -> list[type[Strategy]]:
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return [c for c in vars(mod).values()
+            if isinstance(c, type) and issubclass(c, Strategy) and c.__module__ == mod.__name__ and "name" in c.__dict__]
+
+
+_FOUND = {c.name: c for m in _modules() for c in _defined_in(m)}
+assert set(_FOUND) == set(STRATEGIES), f"strategy modules and vocabulary disagree: {sorted(set(_FOUND) ^ set(STRATEGIES))}"
+REGISTRY: dict[str, type[Strategy]] = {n: _FOUND[n] for n in STRATEGIES}
 # The one baseline: the path a recommendation or an acceptance report measures patches against.
 BASELINE: str = next(n for n, c in REGISTRY.items() if c.baseline)
 # The strategies `mmdiag apply` can patch in: those whose module names a patch.
