@@ -145,11 +145,13 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         if w.get("phase") is not None and w["phase"] not in PHASES:
             raise _fail(source, f"wait {k}: phase {w['phase']!r} is not one of {', '.join(PHASES)}")
         waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase")))
-    order = tuple(d.get("strategy", {}).get("order", ()))
+    listed = tuple(d.get("strategy", {}).get("order", ()))
     markers = strategy_markers()
-    unknown = [n for n in order if n not in markers]
+    unknown = [n for n in listed if n not in markers]
     if unknown:
         raise _fail(source, f"[strategy] order names {unknown[0]!r}, not a strategy of mmdiag.strategies")
+    # A strategy with markers the order does not name (a new one) is tried first: its markers are its own.
+    order = tuple(n for n, m in markers.items() if m and n not in listed) + listed
     return RuleSet(tuple(rules), order, markers, source, tuple(waits))
 
 
