@@ -22,12 +22,11 @@ from mmdiag.live.rules import Frame, load_rules
 from mmdiag.live.truth import snapshot
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import STRATEGIES
-from sglang_wheels import site_packages, wheel
+from sglang_wheels import FAMILY_WHEELS, site_packages, wheel
 from conftest import stop_group
 
 PY = sys.executable
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
-FAMILIES = ("0.5.4.post1", "0.5.5.post2", "0.5.6", "0.5.9", "0.5.13", "0.5.17", "0.5.19", "0.5.21", "0.5.23")
 pytestmark = pytest.mark.slow
 
 
@@ -52,7 +51,7 @@ def _names(rules) -> set[str]:
 
 def test_every_rule_name_is_defined_in_real_code(rules):
     defs = dict(local_defs())
-    for v in FAMILIES:
+    for v in FAMILY_WHEELS:
         for k, d in wheel_defs(str(wheel(v))).items():
             defs.setdefault(k, d)
     # A dataclass's __init__ is generated: its class must be defined.
