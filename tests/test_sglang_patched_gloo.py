@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import multiprocessing as mp
 import socket
 import traceback
@@ -40,10 +41,13 @@ def _feature(seed: int):
     return torch.randn(16 + seed % 7, 24, generator=g)  # small (patches, dim) stand-in for pixel_values
 
 
-def expected_hash(seed: int) -> int:
+def expected_hash_of(t) -> int:
     # SGLang: hash_feature(t) -> tensor_hash([t]) -> sha256(bytes)[:8], big endian
-    b = _feature(seed).contiguous().numpy().tobytes()
-    return int.from_bytes(hashlib.sha256(b).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(t.contiguous().numpy().tobytes()).digest()[:8], "big")
+
+
+def expected_hash(seed: int) -> int:
+    return expected_hash_of(_feature(seed))
 
 
 # The calls each rank's scheduler gets: (rid, kind, [feature seeds]).
@@ -275,3 +279,47 @@ def test_shm_patch_leaves_no_segment_when_a_rank_dies(tmp_path, monkeypatch):
     assert rank == 0 and what.startswith("held 5; "), what
     assert procs[1].exitcode == -9
     assert list(segments.iterdir()) == []  # the survivor unlinked the call's segments
+
+
+def test_shm_patch_fallback_discard_and_a_lost_segment(installs, tmp_path, monkeypatch):
+    """The patched tokenizer side and receive in one process (a group of one): a segment is
+    mapped and unlinked, a cancelled request's segments are discarded, the exit reclaim
+    removes what no scheduler took, a full /dev/shm keeps the bytes inline (hashed all the
+    same), and a segment gone before any rank mapped it drops its request instead of crashing."""
+    import subprocess
+    import torch
+    from mmdiag.sglang.runtime import load_sglang_mm_path
+    seg = tmp_path / "shm"
+    seg.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(seg))
+    path = load_sglang_mm_path(next(d for n, d, _ in installs if n == "0.5.4.post1/shm"))
+    sched = path.make_scheduler(None)
+
+    def written(seed, rows=None):
+        f = _feature(seed) if rows is None else torch.randn(rows, 256)
+        raw = path.make_mm_inputs([path.make_item(f)])
+        path.tokenizer_side(raw)
+        return raw, f
+
+    raw, f = written(1)
+    assert isinstance(raw["mm_items"][0].feature, tuple) and len(list(seg.iterdir())) == 1
+    reqs = path.finish_recv(sched, [path.generate_req("a", raw)])
+    assert torch.equal(raw["mm_items"][0].feature, f) and list(seg.iterdir()) == []
+    assert [it.hash for it in path.process_input_requests(sched, reqs)["a"].mm_items] == [expected_hash(1)]
+    raw, _ = written(2)
+    path.ns["_mmdiag_shm_discard"](raw)  # the tokenizer's await was cancelled
+    assert list(seg.iterdir()) == []
+    written(3)
+    path.ns["_mmdiag_shm_reclaim"](float("inf"))  # what atexit runs
+    assert list(seg.iterdir()) == []
+    raw, _ = written(4)
+    (seg / os.path.basename(raw["mm_items"][0].feature[1])).unlink()  # lost before the scheduler mapped it
+    assert path.finish_recv(sched, [path.generate_req("b", raw)]) == []
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(seg)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        raw, f = written(5, rows=512)  # 512 KB: /dev/shm is full
+        item = raw["mm_items"][0]
+        assert item.feature is f and item.hash == expected_hash_of(f) and list(seg.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(seg)])
