@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ProfileError
+from .ingest.bench_serving import defaults as bench_defaults
+from .ingest.bench_serving import parse_image_resolution, parse_request_rate
+from .tables import PROFILES_DIR, load_table
 from .trace import MMItem, TraceHeader, TraceRequest, write_trace
 
-PROFILES_DIR = Path(os.environ.get("MMDIAG_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
-
-
-def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ProfileError("no such file", where=str(path)) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"invalid TOML ({e})", where=str(path)) from None
 
 
 def _names(sub: str) -> list[str]:
@@ -43,7 +33,7 @@ def workload_names() -> list[str]:
 
 
 def defaults() -> dict[str, Any]:
-    return _load_toml(PROFILES_DIR / "defaults.toml")
+    return load_table(PROFILES_DIR / "defaults.toml")
 
 
 def model_names() -> list[str]:
@@ -58,7 +48,7 @@ def header_model(model: dict[str, Any]) -> dict[str, Any]:
 def load_model(name: str) -> dict[str, Any]:
     if name not in _names("models"):
         raise ProfileError(f"unknown model geometry {name!r}", fix=f"known: {', '.join(_names('models'))}")
-    return _load_toml(PROFILES_DIR / "models" / f"{name}.toml")
+    return load_table(PROFILES_DIR / "models" / f"{name}.toml")
 
 
 @dataclass
@@ -76,9 +66,9 @@ def load_workload(name_or_path: str) -> Workload:
     """A profile by name (profiles/workloads/NAME.toml) or by path to a .toml file."""
     p = Path(name_or_path)
     if p.suffix == ".toml" and p.exists():
-        data, name = _load_toml(p), p.stem
+        data, name = load_table(p), p.stem
     elif name_or_path in workload_names():
-        data, name = _load_toml(PROFILES_DIR / "workloads" / f"{name_or_path}.toml"), name_or_path
+        data, name = load_table(PROFILES_DIR / "workloads" / f"{name_or_path}.toml"), name_or_path
     else:
         raise ProfileError(f"unknown workload profile {name_or_path!r}",
                            fix=f"choose one of: {', '.join(workload_names())} (or a path to a .toml profile)")
@@ -183,7 +173,6 @@ def arrival_for(default: dict[str, Any], n: int, request_rate: float | str | Non
     """The trace's arrival, as bench_serving's pair means it: requests sent as a Poisson
     process at --request-rate (inf: all at time 0), at most --max-concurrency in flight
     (both together: a closed loop that admits no request before its Poisson time)."""
-    from .ingest.bench_serving import parse_request_rate
 
     rate = parse_request_rate(request_rate)
     if max_concurrency is not None and max_concurrency < 1:
@@ -254,7 +243,6 @@ class ImageDataset:
 
     @classmethod
     def from_options(cls, **given: Any) -> "ImageDataset":
-        from .ingest.bench_serving import defaults as bench_defaults
         d = bench_defaults()
         d.pop("num_prompts", None)
         d.update({k: v for k, v in given.items() if v is not None})
@@ -267,7 +255,6 @@ def synthesize_images(model_name: str, n: int, ds: ImageDataset, *, request_rate
     """bench_serving's image dataset as a trace: `image_count` images per request (1 to
     image_count with random_image_count) of `image_resolution`, text lengths drawn as its
     random dataset draws them, arrivals as its --request-rate / --max-concurrency."""
-    from .ingest.bench_serving import parse_image_resolution, parse_request_rate
 
     _check_n(n)
     if ds.image_count < 1:
@@ -332,7 +319,6 @@ def synth_to_file(profile: str, n: int | None, out: str, repeat_share: float | N
 
 def synth_images_to_file(model_name: str, n: int | None, out: str, ds: ImageDataset,
                          repeat_share: float | None = None, **kw: Any) -> int:
-    from .ingest.bench_serving import defaults as bench_defaults
     header, reqs = synthesize_images(model_name, n if n is not None else int(bench_defaults()["num_prompts"]),
                                      ds, **kw)
     return _write(out, header, reqs, repeat_share, kw.get("seed", 0))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProfileError
-from ..workloads import PROFILES_DIR
+from ..tables import PROFILES_DIR
 from .conditions import ANY, EQUAL_LOAD, PER_REQUEST, SATURATION
 
 DEFAULT_FILE = PROFILES_DIR / "criteria" / "default.toml"

@@ -33,7 +33,7 @@ from ..vocab import STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
-from ..workloads import PROFILES_DIR
+from ..tables import PROFILES_DIR
 from . import threshold
 from .costmodel import CostModel, fit
 from .merge import label, merge_replays

@@ -12,12 +12,12 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import ProfileError
+from ..tables import PROFILES_DIR, load_table
 
 
 @lru_cache(maxsize=1)
 def facts() -> dict[str, Any]:
-    from ..workloads import PROFILES_DIR, _load_toml
-    return _load_toml(PROFILES_DIR / "bench_serving.toml")
+    return load_table(PROFILES_DIR / "bench_serving.toml")
 
 
 def presets() -> dict[str, tuple[int, int]]:
