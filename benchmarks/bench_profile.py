@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from mmdiag.live import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, profile
 from mmdiag.live.profile import DEFAULT_BLOCK_S
 from mmdiag.live.stats import pm
 from mmdiag.live.discover import discover
+from mmdiag.proc import stop_group
 from mmdiag.live.truth import compare, snapshot, window_shares
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 from mmdiag.vocab import PHASES
@@ -115,16 +115,6 @@ def wait_ranks(launcher, tp, timeout=120):
     raise RuntimeError("replay ranks did not appear")
 
 
-def stop(launcher):
-    if launcher.poll() is None:
-        os.killpg(launcher.pid, signal.SIGTERM)
-        try:
-            launcher.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
-
-
 def accuracy(tmp, tp, args, tag, window, rate, prate):
     trace = os.path.join(tmp, f"acc-{tag}.jsonl")
     make_trace(trace, int(rate * (window + 90)), rate=rate)
@@ -140,7 +130,7 @@ def accuracy(tmp, tp, args, tag, window, rate, prate):
         snaps = {}
         run = profile(launcher.pid, duration=window, rate=prate, on_window=lambda w: snaps.__setitem__(w, snapshot(stats)))
     finally:
-        stop(launcher)
+        stop_group(launcher)
     truth = window_shares(snaps["start"], snaps["end"])
     rows = compare({r.rank: r.profile.phases_pct for r in run.ranks}, truth, min_pct=MIN_PCT)
     ci = {r.rank: r.profile.phases_ci for r in run.ranks}
@@ -188,7 +178,7 @@ def one_throughput(tmp, trace, tp, args, with_profiler, tag, prate):
             th.start()
         launcher.wait(timeout=900)
     finally:
-        stop(launcher)
+        stop_group(launcher)
         if th:
             th.join()
     if "error" in prof:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+
+from mmdiag.proc import stop_group  # noqa: F401 - the tests' one way to stop a launcher's group
 
 from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
 
@@ -55,14 +56,3 @@ def mmdiag_cli(*args, timeout=300, env=None, **kw):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "mmdiag", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=kw.pop("cwd", ROOT), **kw)
-
-
-def stop_group(p, timeout=20):
-    """End a launcher started with start_new_session and everything under it: SIGTERM, then SIGKILL."""
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()

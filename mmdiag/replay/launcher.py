@@ -19,12 +19,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
-from ..errors import MmdiagError, ReplayError, Terminated
+from ..errors import MmdiagError, ReplayError
+from ..proc import on_sigterm
 from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
@@ -213,21 +213,9 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
     return est
 
 
-@contextlib.contextmanager
-def _sigterm_as_error() -> Iterator[None]:
+def _sigterm_as_error():
     """SIGTERM stops a replay the way Ctrl-C does: ranks stopped, temporary files removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise Terminated("terminated by SIGTERM; every rank was stopped, no Run was written")
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    return on_sigterm("terminated by SIGTERM; every rank was stopped, no Run was written")
 
 
 def _blame(procs, codes, logs, beats, low_memory: bool) -> ReplayError:
