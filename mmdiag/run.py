@@ -62,7 +62,8 @@ class ProfileRank:
     pid: int | None = None
     title: str | None = None
     samples: int = 0
-    # Share of wall time per phase (samples), and the 95% half-width of each share in points.
+    # Share of wall time per phase (samples); 95% half-widths in points of each share's sampling
+    # error over this window (phases_ci) and of its variation between blocks (phases_spread).
     phases_pct: dict[str, float] = field(default_factory=dict)
     phases_ci: dict[str, float | None] = field(default_factory=dict)
     gil_held_pct: float | None = None
@@ -76,6 +77,7 @@ class ProfileRank:
     wait_ci: dict[str, float | None] = field(default_factory=dict)
     threads: list[dict[str, Any]] = field(default_factory=list)
     unmatched_top: list[Any] = field(default_factory=list)
+    phases_spread: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def phase_counts(self) -> dict[str, float]:

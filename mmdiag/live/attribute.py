@@ -3,8 +3,9 @@
 Definitions (what the numbers in a profile mean):
 - phases_pct: share of the main thread's samples (= of its wall time over the
   window, py-spy samples every thread at a fixed rate with --idle) whose stack
-  the rules put in each phase. Sums to 100. phases_ci: its 95% half-width in
-  points, from the spread over the recording's blocks (stats.py). `forward` is kept as its own phase
+  the rules put in each phase. Sums to 100. phases_ci: its 95% sampling
+  half-width in points (this window's share); phases_spread: the 95% half-width of
+  its variation between the recording's blocks (the load's), stats.py. `forward` is kept as its own phase
   (the replay times it apart too); `idle` is waiting for work.
 - gil_held_pct: main-thread samples holding the GIL (the `--gil` recorder) over
   all main-thread samples (the `--idle` recorder), same rate, same window.
@@ -83,6 +84,7 @@ class RankProfile:
     wait_pct: dict[str, float] = field(default_factory=dict)
     wait_ci: dict[str, float | None] = field(default_factory=dict)
     gil_note: str | None = None  # why GIL figures cover part of the window, or are None
+    phases_spread: dict[str, float | None] = field(default_factory=dict)
 
 
 def _pct(n: float, d: float) -> float:
@@ -171,7 +173,7 @@ def _gil_figures(rs: RankSamples, main: ThreadSamples, per_block: list[Counter],
         if covered < MIN_GIL_COVER * total or covered == 0:
             return None, None, None, {k: None for k in PHASES}, note + ": too few to measure its GIL figures"
         note += ": GIL figures from those blocks only"
-    p, hw = block_share(held_n, sizes)
+    p, hw, _ = block_share(held_n, sizes)
     counts: Counter = Counter()
     for b in blocks:
         counts.update(b[2])
@@ -194,8 +196,8 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
         per_block.append(_phase_counts(_main_of(threads, main), rules, w))
         wait_block.append(w)
     sizes = [sum(b.values()) for b in per_block]
-    phases_pct, phases_ci = shares_pct(per_block, PHASES, sizes)
-    wait_pct, wait_ci = shares_pct(wait_block, PHASES + (ALL,), sizes)
+    phases_pct, phases_ci, spread = shares_pct(per_block, PHASES, sizes)
+    wait_pct, wait_ci, _ = shares_pct(wait_block, PHASES + (ALL,), sizes)
     functions = _strategy_tokens(rs, rules)
     # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
     other_leaf: Counter = Counter()
@@ -219,7 +221,8 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                        "phases_pct": {p: round(_pct(n, t.samples), 2)
                                       for p, n in _phase_counts(t, rules).items() if n}})
     return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, phases_ci, gil_held, gil_wait,
-                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci, gil_note)
+                       phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci, gil_note,
+                       spread)
 
 
 def _group(title: str | None) -> tuple[int, int]:
@@ -250,7 +253,7 @@ def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
                 d["recv"] = round(d["recv"] - moved, 2)
                 d["idle"] = round(d["idle"] + moved, 2)
             # The moved share carries the entry rank's uncertainty about its idle time.
-            for d, e_ci in ((p.phases_ci, e.phases_ci), (p.wait_ci, e.phases_ci)):
+            for d, e_ci in ((p.phases_ci, e.phases_ci), (p.wait_ci, e.phases_ci), (p.phases_spread, e.phases_spread)):
                 if d.get("idle") is not None and e_ci.get("idle") is not None:
                     d["idle"] = max(d["idle"], e_ci["idle"])
             moved_any.append(f"rank {p.rank} {moved:.1f}")

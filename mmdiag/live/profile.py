@@ -292,7 +292,7 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
                                 phases_ci=p.phases_ci, gil_held_pct=p.gil_held_pct, gil_held_ci=p.gil_held_ci,
                                 gil_wait_pct=p.gil_wait_pct, cpu_pct=cpu_pct[p.rank],
                                 phase_gil_pct=p.phase_gil_pct, wait_pct=p.wait_pct, wait_ci=p.wait_ci,
-                                threads=threads, unmatched_top=p.top_other)))
+                                threads=threads, unmatched_top=p.top_other, phases_spread=p.phases_spread)))
     dur = window if window is not None else max((r.wall_s for r in ranks), default=0.0)
     strat = StrategyResult(name=strategy, requests=0, duration_s=round(dur, 3), throughput_rps=None,
                            latency_ms={}, ranks=ranks)

@@ -1,21 +1,26 @@
-"""How precise a sampled share is: 95% intervals from blocks of consecutive samples.
+"""How precise a sampled share is: two different uncertainties, kept apart.
 
 A profile samples each rank at a fixed rate and counts, per phase, the samples
-whose stack falls in it. Consecutive samples are not independent draws: a hash
-of one 18.8 MB image lasts about 40 ms (4 samples at 100 Hz), a wait in a
-broadcast lasts as long as the entry rank's work, and arrivals come in bursts
-lasting seconds. With positive autocorrelation the variance of a share is the
-binomial p(1-p)/n times 1 + 2*sum(rho_k), so the binomial formula understates it.
+whose stack falls in it. The share it prints answers "what part of THIS window did
+the rank spend in X", the question the path's own timers answer over the same window.
 
-mmdiag records each rank in consecutive blocks (each block one py-spy recording
-of a few seconds, far longer than a loop iteration, so block shares are nearly
-independent) and estimates the variance of a share from the spread of the
-block shares: batch means, in the ratio-estimator form that allows blocks of
-unequal size, with Student's t on B-1 degrees of freedom. The spread includes
-the target's own fluctuation over the window, which is what "how much of its
-time does this rank spend in X" is uncertain about. The half-width reported is
-never below the binomial one (the floor for independent samples), so a window
-with too few blocks does not look precise by luck.
+- Sampling error (`phases_ci`, the printed +/-): how far the sampled share can be
+  from the share of the window's time. py-spy samples once per period (10 ms at
+  100 Hz), at a point in the period set by its timer's drift and the target's own
+  irregular timing: stratified sampling with one sample per stratum, whose variance
+  is never above the binomial p(1-p)/n of independent uniform instants (law of total
+  variance: p(1-p) = mean p_s(1-p_s) + var p_s over strata). Long phases sampled many
+  times in a row make it smaller still (only their edges are uncertain), so the
+  binomial half-width 1.96 sqrt(p(1-p)/n) is an upper bound, and it depends only on
+  n = rate x window: 100 Hz for 30 s keeps every share within +/-1.8 points. It would
+  not hold for a loop periodic at the sampling rate itself (aliasing): the benchmark
+  checks coverage against the timers (benchmarks/bench_profile.py).
+- Spread (`phases_spread`): how much the share varies between windows of this length,
+  from the block-to-block variation (each block one py-spy recording of a few seconds):
+  batch means in the ratio-estimator form that allows blocks of unequal size, Student
+  t on B-1 degrees of freedom. It holds the load's own fluctuation (Poisson arrivals,
+  bursts), which sampling faster does not shrink: the uncertainty about the workload's
+  long-run share, not about this window's.
 """
 from __future__ import annotations
 
@@ -38,38 +43,42 @@ def binomial_hw(p: float, n: int) -> float:
     return Z95 * math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else math.nan
 
 
-def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float]:
-    """Share (fraction) of samples in a category over all blocks and its 95%
-    half-width: batch means on the ratio estimator, floored at the binomial.
+def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float, float]:
+    """Share (fraction) of samples in a category over all blocks, its 95% sampling
+    half-width (binomial bound, see above) and its 95% spread half-width (batch means).
 
     counts[b]: samples of block b in the category; sizes[b]: samples in block b.
-    With fewer than two non-empty blocks only the binomial half-width is known."""
+    With fewer than two non-empty blocks the spread is unknown (nan)."""
     pairs = [(c, n) for c, n in zip(counts, sizes) if n > 0]
     n_all = sum(n for _, n in pairs)
     if n_all == 0:
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     p = sum(c for c, _ in pairs) / n_all
-    floor = binomial_hw(p, n_all)
     b = len(pairs)
     if b < 2:
-        return p, floor
+        return p, binomial_hw(p, n_all), math.nan
     resid = sum((c - p * n) ** 2 for c, n in pairs)
     var = b / (b - 1) * resid / (n_all * n_all)
     # A share lies in [0, 1]: a half-width reaching past both ends says nothing more.
-    return p, min(max(t95(b - 1) * math.sqrt(var), floor), max(p, 1.0 - p))
+    return p, binomial_hw(p, n_all), min(t95(b - 1) * math.sqrt(var), max(p, 1.0 - p))
+
+
+def _pts(h: float) -> float | None:
+    return None if math.isnan(h) else round(100.0 * h, 2)
 
 
 def shares_pct(block_counts: list[dict[str, int]], keys, sizes: list[int] | None = None
-               ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Per key: share in percent of all samples, and its 95% half-width in points.
-    sizes: samples per block (default: the sum of the block's counts)."""
+               ) -> tuple[dict[str, float], dict[str, float | None], dict[str, float | None]]:
+    """Per key: share in percent of all samples, its 95% sampling half-width and its
+    95% spread half-width, in points. sizes: samples per block (default: the sum of the
+    block's counts)."""
     sizes = sizes if sizes is not None else [sum(c.values()) for c in block_counts]
-    pct, hw = {}, {}
+    pct, hw, spread = {}, {}, {}
     for k in keys:
-        p, h = block_share([c.get(k, 0) for c in block_counts], sizes)
+        p, h, s = block_share([c.get(k, 0) for c in block_counts], sizes)
         pct[k] = 0.0 if math.isnan(p) else round(100.0 * p, 2)
-        hw[k] = None if math.isnan(h) else round(100.0 * h, 2)
-    return pct, hw
+        hw[k], spread[k] = _pts(h), _pts(s)
+    return pct, hw, spread
 
 
 def duration_for(hw_pts: float, window_s: float, target_pts: float) -> float:
