@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import shutil
@@ -40,7 +40,8 @@ import psutil
 
 from mmdiag.live import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, profile
 from mmdiag.live.profile import DEFAULT_BLOCK_S, TARGET_CI_PTS
-from mmdiag.live.stats import pm
+from mmdiag.live.sampler import GIL_EVERY
+from mmdiag.live.stats import pm, t95
 from mmdiag.live.discover import discover
 from mmdiag.proc import stop_group
 from mmdiag.live.truth import compare, snapshot, window_shares
@@ -179,55 +180,83 @@ def print_accuracy(run, rows, strategy, tp, rate) -> bool:
     return passed
 
 
+def _wait_cpu(p: subprocess.Popen, timeout: float) -> float:
+    """Wait for p and return the CPU seconds it and the children it reaped (py-spy) used."""
+    deadline = time.time() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            return ru.ru_utime + ru.ru_stime
+        if time.time() > deadline:
+            p.kill()
+            deadline = float("inf")
+        time.sleep(0.05)
+
+
 def one_throughput(tmp, trace, tp, args, with_profiler, tag, prate):
-    out = os.path.join(tmp, f"tput-{tag}.json")
+    """Throughput of one closed-loop replay; with the profiler: `mmdiag profile` at its
+    defaults (as a user runs it) attached for the whole run, and the CPU it used."""
+    out, prof_out = os.path.join(tmp, f"tput-{tag}.json"), os.path.join(tmp, f"prof-{tag}.json")
     launcher = start_replay(trace, tp, args, out=out)
-    prof, th = {}, None
+    prof, cpu = None, None
     try:
         if with_profiler:
             wait_ranks(launcher, tp)
-
-            def _run():
-                try:
-                    prof["run"] = profile(launcher.pid, duration=3600, rate=prate)
-                except Exception as e:  # noqa: BLE001 - reported below
-                    prof["error"] = e
-            th = threading.Thread(target=_run)
-            th.start()
+            prof = subprocess.Popen([PY, "-m", "mmdiag", "profile", "--pid", str(launcher.pid), "--duration", "3600",
+                                     "--rate", str(prate), "-q", "-o", prof_out], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+            t0 = time.time()
         launcher.wait(timeout=900)
+        if prof is not None:
+            cpu = _wait_cpu(prof, 120)  # it ends by itself once the ranks have exited (exit 4)
+            cpu = (cpu, time.time() - t0)
     finally:
         stop_group(launcher)
-        if th:
-            th.join()
-    if "error" in prof:
-        raise prof["error"]
+        if prof is not None and prof.returncode is None:
+            stop_group(prof)
     with open(out) as f:
-        d = json.load(f)
-    (res,) = d["strategies"].values()
-    return res["throughput_rps"], prof.get("run")
+        (res,) = json.load(f)["strategies"].values()
+    samples = None
+    if prof is not None:
+        if not os.path.exists(prof_out):
+            raise RuntimeError(f"mmdiag profile wrote no Run (exit {prof.returncode}): {prof.stderr.read()[-500:]}")
+        with open(prof_out) as f:
+            samples = min(r["profile"]["samples"] for r in next(iter(json.load(f)["strategies"].values()))["ranks"])
+    return res["throughput_rps"], samples, cpu
 
 
 def overhead(tmp, tp, args, pairs, requests, prate) -> bool:
     trace = os.path.join(tmp, f"closed-{tp}.jsonl")
     make_trace(trace, requests, closed=16)
-    ratios = []
-    print(f"\noverhead, tp {tp}, commit, closed loop (16 in flight), {requests} requests, profiler at {prate} Hz "
-          f"in {DEFAULT_BLOCK_S:g} s blocks (+ --gil); pairs alternate order")
+    ratios, cores = [], []
+    print(f"\noverhead, tp {tp}, commit, closed loop (16 in flight), {requests} requests, `mmdiag profile` at "
+          f"{prate} Hz in {DEFAULT_BLOCK_S:g} s blocks (--gil on every {GIL_EVERY} blocks); pairs alternate order")
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         res = {}
         for w in order:
-            rps, run = one_throughput(tmp, trace, tp, args, w, f"{tp}-{i}-{int(w)}", prate)
-            res[w] = rps
-            if run is not None:
-                res["samples"] = min(r.profile.samples for r in run.ranks)
+            res[w], samples, cpu = one_throughput(tmp, trace, tp, args, w, f"{tp}-{i}-{int(w)}", prate)
+            if cpu is not None:
+                res["samples"], res["cpu"] = samples, cpu
         ratios.append(res[True] / res[False])
+        cores.append(res["cpu"][0] / res["cpu"][1])
         print(f"  pair {i + 1} ({'A B' if not order[0] else 'B A'}): without {res[False]:.2f} req/s, "
-              f"with {res[True]:.2f} req/s ({res.get('samples', 0)} samples/rank), ratio {ratios[-1]:.3f}")
+              f"with {res[True]:.2f} req/s ({res['samples']} samples/rank; profiler and py-spy used "
+              f"{cores[-1]:.2f} cores), ratio {ratios[-1]:.3f}")
     med = statistics.median(ratios)
+    logs = [math.log(r) for r in ratios]
+    half = (t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))) if len(logs) > 1 else float("nan")
+    lo, hi = 100 * (1 - math.exp(statistics.mean(logs) + half)), 100 * (1 - math.exp(statistics.mean(logs) - half))
     passed = 1.0 - med <= MAX_OVERHEAD
     print(f"  median ratio {med:.3f} -> overhead {100 * (1 - med):.1f}% (ratios {', '.join(f'{r:.3f}' for r in ratios)}; "
           f"limit {100 * MAX_OVERHEAD:.0f}%): {'PASS' if passed else 'FAIL'}")
+    print(f"  95% interval of the overhead (geometric mean of the ratios): {lo:.1f}% .. {hi:.1f}%"
+          + ("" if hi <= 100 * MAX_OVERHEAD or lo > 100 * MAX_OVERHEAD else
+             " (spans the limit: run-to-run noise, more --pairs would decide)"))
+    print(f"  profiler CPU (mmdiag + its py-spy): {statistics.mean(cores):.2f} cores on average "
+          f"= {100 * statistics.mean(cores) / os.cpu_count():.1f}% of this {os.cpu_count()}-CPU host, "
+          f"{100 * statistics.mean(cores) / tp:.1f}% of a core per rank")
     return passed
 
 
@@ -237,7 +266,7 @@ def main():
     ap.add_argument("--wheel", help="an SGLang wheel: replay its own path (--impl sglang)")
     ap.add_argument("--sglang", help="an unpacked sglang package folder instead of --wheel")
     ap.add_argument("--window", type=float, default=DEFAULT_DURATION_S, help="profile window (default: mmdiag's)")
-    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--rate", type=float, default=8.0, help="Poisson req/s of the accuracy trace")
     ap.add_argument("--requests", type=int, default=400, help="requests of the closed-loop overhead trace")
     ap.add_argument("--profile-rate", type=int, default=DEFAULT_RATE_HZ, help="sampling rate (default: mmdiag's)")

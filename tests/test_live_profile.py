@@ -2,6 +2,7 @@
 stand-in rank processes), no mocks. Runs in about a minute on 2 cores."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -234,6 +235,42 @@ def test_ctrl_c_keeps_what_was_sampled(replay, tmp_path):
     assert not _pyspy_left(replay["ranks"])
 
 
+def _sampling(tmpdir) -> bool:
+    """A py-spy recorder of the mmdiag run whose TMPDIR this is has begun sampling."""
+    return any("Sampling process" in open(f, errors="replace").read()
+               for f in glob.glob(os.path.join(tmpdir, "mmdiag-*", "*.log")))
+
+
+def test_sigterm_and_ctrl_c_leave_no_folder_and_no_pyspy(replay, tmp_path):
+    """`mmdiag profile` and `mmdiag top` stopped by SIGTERM (exit 143, one line) or top by
+    Ctrl-C (exit 0) while py-spy samples: no mmdiag-profile-* / mmdiag-top-* folder and no
+    py-spy process is left behind."""
+    cases = [("profile", signal.SIGTERM, 143), ("top", signal.SIGTERM, 143), ("top", signal.SIGINT, 0)]
+    procs = []
+    for k, (cmd, sig, code) in enumerate(cases):
+        tmpdir = tmp_path / f"tmp{k}"
+        tmpdir.mkdir()
+        args = [PY, "-m", "mmdiag", cmd, "--pid", str(replay["launcher"])] + (["--duration", "60"] if cmd == "profile" else [])
+        procs.append((subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=dict(os.environ, TMPDIR=str(tmpdir))), str(tmpdir)))
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(_sampling(d) for _, d in procs):
+        time.sleep(0.1)
+    assert all(_sampling(d) for _, d in procs), "py-spy never started sampling"
+    time.sleep(1.5)
+    for (p, _), (_, sig, _) in zip(procs, cases):
+        p.send_signal(sig)
+    for (p, d), (cmd, sig, code) in zip(procs, cases):
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == code, f"{cmd} on {sig.name}: exit {p.returncode}\n{err}"
+        assert "Traceback" not in err, err
+        if code == 143:
+            assert [ln for ln in err.splitlines() if ln.startswith("mmdiag: error:")] == \
+                ["mmdiag: error: terminated by SIGTERM; py-spy was stopped and nothing was written"], err
+        assert os.listdir(d) == [], f"{cmd} on {sig.name} left {os.listdir(d)}"
+    assert not _pyspy_left(replay["ranks"])
+
+
 # --- faults ---------------------------------------------------------------------------------
 
 def test_pid_that_is_not_a_server(replay):
@@ -327,10 +364,10 @@ def test_missing_gil_recording_and_start_skew(monkeypatch):
 
     real = P.start_recorder
 
-    def gil_elsewhere(spy, pid, out, rate, max_s, gil, log_dir=None):
+    def gil_elsewhere(spy, pid, out, rate, max_s, gil, log_dir=None, **kw):
         if not gil:
-            return real(spy, pid, out, rate, max_s, gil, log_dir)
-        rec = real(spy, pid, out + ".elsewhere", rate, max_s, gil, log_dir)
+            return real(spy, pid, out, rate, max_s, gil, log_dir, **kw)
+        rec = real(spy, pid, out + ".elsewhere", rate, max_s, gil, log_dir, **kw)
         return dataclasses.replace(rec, out=out)  # where profile() looks: never written
 
     run, fake = _profile_fake(monkeypatch, gil_elsewhere)
@@ -376,8 +413,8 @@ def test_silent_pyspy_exit_is_started_again(monkeypatch):
 
     real, calls = P.start_recorder, []
 
-    def first_dies(spy, pid, out, rate, max_s, gil, log_dir=None):
-        rec = real(spy, pid, out, rate, max_s, gil, log_dir)
+    def first_dies(spy, pid, out, rate, max_s, gil, log_dir=None, **kw):
+        rec = real(spy, pid, out, rate, max_s, gil, log_dir, **kw)
         calls.append(gil)
         if len(calls) == 2:  # the first --gil recorder: gone before it samples, no output
             rec.proc.kill()
@@ -410,7 +447,7 @@ def test_window_end_during_attach_keeps_blocks_whole():
             s.poll()
             s.stop()
             (ch,) = s.chains
-            assert all(b.gil_threads is not None for b in ch.blocks)
+            assert all(b.gil_threads is not None for b in ch.blocks if b.gil_planned)
             shutil.rmtree(d)
     finally:
         fake.kill()

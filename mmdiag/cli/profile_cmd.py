@@ -28,7 +28,7 @@ from .replay_cmds import legacy_json
               help="keep py-spy's raw files here (rank<N>.pid<P>.raw / .gil.raw), for --from-raw")
 @click.option("--from-raw", "from_raw_flag", is_flag=True,
               help="analyse py-spy raw files (FILES) recorded elsewhere instead of attaching")
-@click.option("--no-gil", is_flag=True, help="skip the --gil recorder (about a fifth of py-spy's CPU; no GIL figures)")
+@click.option("--no-gil", is_flag=True, help="skip the --gil recorder (run on every other block: about a seventh of py-spy's CPU; no GIL figures)")
 @click.option("--pyspy", default=None, metavar="PATH", help="py-spy binary [default: $MMDIAG_PYSPY, PATH, beside python]")
 @click.option("--rules", default=None, type=click.Path(dir_okay=False), help="stack->phase rules TOML [default: bundled]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines on stderr")

@@ -15,7 +15,6 @@ Findings are computed from the Run when shown (mmdiag.analysis.findings).
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import psutil
 
+from ..proc import on_sigterm
 from ..run import LiveInfo, ProfileRank, RankResult, Run, StrategyResult
 from ..vocab import PHASES, PROFILE_SCHEMA
 from .attribute import RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
@@ -37,7 +37,7 @@ from .errors import LiveError, PySpyError, RawParseError
 from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
-from .sampler import REGISTRY, CpuMeter, Sampler
+from .sampler import REGISTRY, CpuMeter, Sampler, rank_samples
 from .stats import duration_for
 
 # Defaults chosen so every phase share's 95% interval is within +/-2 points (README,
@@ -56,6 +56,7 @@ PROBE_TRIES = 3  # py-spy dump attempts per rank before the window
 ATTACH_TIMEOUT_S = 60.0  # a loaded host can take long to let py-spy in
 CPU_POLL_S = 0.5
 _REGISTRY = REGISTRY  # live recorders' pids (for tests: nothing left behind)
+TERMINATED = "terminated by SIGTERM; py-spy was stopped and nothing was written"
 
 
 def _now_iso() -> str:
@@ -109,7 +110,8 @@ def _probe(spy, ranks) -> None:
                 if type(e) is not PySpyError:
                     return
                 time.sleep(0.2 * (attempt + 1))
-    probes = [threading.Thread(target=one, args=(r.pid,)) for r in ranks]
+    # Daemons: a SIGTERM while they run must not keep mmdiag alive until their dumps end.
+    probes = [threading.Thread(target=one, args=(r.pid,), daemon=True) for r in ranks]
     for t in probes:
         t.start()
     for t in probes:
@@ -168,8 +170,14 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
 
     raw_dir: keep py-spy's raw files there (rank{r}.pid{p}.b{k}.raw, .gil.raw), for --from-raw.
     on_window: called with "start" / "end" as the common window opens and closes.
-    Ctrl-C ends the window early and keeps what was sampled.
+    Ctrl-C ends the window early and keeps what was sampled; SIGTERM (in the main
+    thread) stops py-spy, removes the temporary files and raises Terminated (exit 143).
     """
+    with on_sigterm(TERMINATED):
+        return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s)
+
+
+def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s) -> Run:
     _check_args(duration, rate)
     log = log or (lambda s: None)
     spy = find_pyspy(pyspy)
@@ -183,7 +191,7 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
     block_s = block_length(duration, block_s)
     tmp = tempfile.mkdtemp(prefix="mmdiag-profile-")
     try:
-        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil)
+        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=bool(speedscope))
         cpus = {r.rank: CpuMeter(r.pid) for r in disc.ranks}
         try:
             sampler.start(ATTACH_TIMEOUT_S)
@@ -197,8 +205,7 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
         samples, exited = [], []
         for ch in sampler.chains:
             r = ch.rank
-            samples.append(RankSamples.from_blocks(r.rank, r.pid, r.title,
-                                                   [(b.threads, b.gil_threads) for b in ch.blocks]))
+            samples.append(rank_samples(r, ch.blocks))
             if ch.exited or not cpus[r.rank].alive:
                 n = max((t.samples for t in samples[-1].threads.values()), default=0)
                 exited.append({"rank": r.rank, "pid": r.pid, "samples": n, "sampled_s": n / rate})

@@ -1,8 +1,8 @@
 """Running py-spy (the PyPI package's binary) and reading what it writes.
 
-Per rank two non-blocking `py-spy record --format raw --threads --idle` processes
-run over the same window: one with every sample of every thread (phases), one
-with `--gil` (only samples of the thread holding the GIL). All ranks' recorders
+Per rank non-blocking `py-spy record --format raw --threads --idle` processes
+run over the same window: one with every sample of every thread (phases), and
+on part of the blocks one with `--gil` (only samples of the thread holding the GIL). All ranks' recorders
 start together; the window opens when every one of them reports sampling and
 closes when mmdiag sends them SIGINT together (py-spy then writes what it has).
 Recorders run in their own session (a Ctrl-C reaches mmdiag, which stops them)
@@ -236,11 +236,15 @@ class Recorder:
 
 
 def start_recorder(spy: PySpy, pid: int, out: str, rate: int, max_s: float, gil: bool,
-                   log_dir: str | None = None) -> Recorder:
+                   log_dir: str | None = None, lines: bool = True) -> Recorder:
+    """lines=False: --nolineno, which spares py-spy reading each frame's line table
+    (about a tenth of its CPU); the rules match functions and files, not lines."""
     cmd = [spy.path, "record", "-p", str(pid), "-f", "raw", "-o", out, "-r", str(rate),
            "-d", str(int(math.ceil(max_s))), "--threads", "--idle", "--nonblocking"]
     if gil:
         cmd.append("--gil")
+    if not lines:
+        cmd.append("--nolineno")
     err_path = os.path.join(log_dir, os.path.basename(out) + ".log") if log_dir else out + ".log"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,

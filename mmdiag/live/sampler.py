@@ -2,7 +2,9 @@
 
 Each rank gets a chain of non-blocking `py-spy record --format raw --threads
 --idle` recordings of `block_s` seconds (plus, with GIL figures, a `--gil`
-recording over the same block). A finished block's raw files are read at once,
+recording over the same block, on every GIL_EVERY-th block: the --gil recorder
+costs about a third of the main one's CPU, and the GIL share needs fewer samples
+than the phase shares). A finished block's raw files are read at once,
 so a caller sees each rank's samples block by block while the chain goes on:
 `profile` keeps every block of its window (the blocks give the intervals, see
 stats.py), `top` a sliding window of the latest. Between two blocks py-spy
@@ -24,10 +26,12 @@ import psutil
 
 from .discover import RankProcess
 from .errors import LiveError, PySpyError
+from .attribute import RankSamples
 from .pyspy import PySpy, Recorder, ThreadSamples, classify_failure, read_raw, start_recorder
 
 REGISTRY: set[int] = set()  # live py-spy pids (tests check nothing is left behind)
 MAX_REATTACH_FAILURES = 3
+GIL_EVERY = 2  # a --gil recorder on every 2nd block: half its cost, GIL figures from half the window
 
 
 def alive(pid: int) -> bool:
@@ -45,6 +49,13 @@ class Block:
     t1: float                      # monotonic: recording ended
     threads: dict[int, ThreadSamples]
     gil_threads: dict[int, ThreadSamples] | None
+    gil_planned: bool = True       # a --gil recorder ran (gil_threads None then: it wrote nothing)
+
+
+def rank_samples(rank: RankProcess, blocks: list[Block]) -> RankSamples:
+    """A rank's blocks as attribute() reads them."""
+    return RankSamples.from_blocks(rank.rank, rank.pid, rank.title, [(b.threads, b.gil_threads) for b in blocks],
+                                   gil_planned=sum(b.gil_planned for b in blocks))
 
 
 @dataclass
@@ -67,9 +78,9 @@ class RankChain:
     """One rank's back-to-back recordings."""
 
     def __init__(self, spy: PySpy, rank: RankProcess, rate: int, block_s: float, out_dir: str,
-                 log_dir: str, gil: bool = True):
+                 log_dir: str, gil: bool = True, lines: bool = False):
         self.spy, self.rank, self.rate, self.block_s = spy, rank, rate, block_s
-        self.out_dir, self.log_dir, self.gil = out_dir, log_dir, gil
+        self.out_dir, self.log_dir, self.gil, self.lines = out_dir, log_dir, gil, lines
         self.chunk: _Chunk | None = None
         self.blocks: list[Block] = []
         self.exited = False
@@ -88,11 +99,13 @@ class RankChain:
         # -d bounds a recording if mmdiag dies between blocks; SIGINT ends it on time.
         max_s = self.block_s + 30
         spawned = time.monotonic()
-        a = start_recorder(self.spy, self.rank.pid, self._path(k, False), self.rate, max_s, False, self.log_dir)
+        a = start_recorder(self.spy, self.rank.pid, self._path(k, False), self.rate, max_s, False, self.log_dir,
+                           lines=self.lines)
         REGISTRY.add(a.proc.pid)
         g = None
-        if self.gil:
-            g = start_recorder(self.spy, self.rank.pid, self._path(k, True), self.rate, max_s, True, self.log_dir)
+        if self.gil and len(self.blocks) % GIL_EVERY == 0:  # a pair started again keeps its plan
+            g = start_recorder(self.spy, self.rank.pid, self._path(k, True), self.rate, max_s, True, self.log_dir,
+                               lines=self.lines)
             REGISTRY.add(g.proc.pid)
         self.chunk = _Chunk(k, spawned, a, g)
         if self.first_spawned is None:
@@ -171,7 +184,7 @@ class RankChain:
         if c.gil is not None:
             if c.gil not in missing:  # else py-spy --gil died mid-block: no GIL figures for it
                 gthreads = read_raw(c.gil.out, self.spy.version)
-        b = Block(c.index, c.sampling, time.monotonic(), threads, gthreads)
+        b = Block(c.index, c.sampling, time.monotonic(), threads, gthreads, c.gil is not None)
         self.blocks.append(b)
         return b
 
@@ -195,8 +208,9 @@ class Sampler:
     """Chains on every rank, started together."""
 
     def __init__(self, spy: PySpy, ranks: list[RankProcess], rate: int, block_s: float, out_dir: str,
-                 log_dir: str, gil: bool = True):
-        self.chains = [RankChain(spy, r, rate, block_s, out_dir, log_dir, gil) for r in ranks]
+                 log_dir: str, gil: bool = True, lines: bool = False):
+        """lines: record line numbers (only a speedscope file shows them; reading them costs py-spy CPU)."""
+        self.chains = [RankChain(spy, r, rate, block_s, out_dir, log_dir, gil, lines) for r in ranks]
         self.spy = spy
 
     def start(self, attach_timeout: float) -> None:

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from ..proc import on_sigterm
 from ..run import Run
-from .attribute import ALL, RankProfile, RankSamples, attribute, detect_strategy, move_entry_idle
+from .attribute import ALL, RankProfile, attribute, detect_strategy, move_entry_idle
 from .discover import Discovery, discover
-from .profile import ATTACH_TIMEOUT_S, _config, _probe, build_run
+from .profile import ATTACH_TIMEOUT_S, TERMINATED, _config, _probe, build_run
 from .pyspy import check_version, find_pyspy
 from .rules import load_rules
-from .sampler import CpuMeter, Sampler
+from .sampler import CpuMeter, Sampler, rank_samples
 from .stats import pm
 from ..render.text import PROFILE_SHOWN as SHOWN
 
@@ -101,9 +102,8 @@ class TopSession:
     def profiles(self) -> dict[int, RankProfile]:
         out = {}
         for r in self.disc.ranks:
-            blocks = [(b.threads, b.gil_threads) for b in self.windows[r.rank]]
-            if blocks:
-                out[r.rank] = attribute(RankSamples.from_blocks(r.rank, r.pid, r.title, blocks), self.ruleset)
+            if self.windows[r.rank]:
+                out[r.rank] = attribute(rank_samples(r, list(self.windows[r.rank])), self.ruleset)
         move_entry_idle(list(out.values()))  # as the profile does: waiting behind an idle entry rank is idle
         return out
 
@@ -115,9 +115,7 @@ class TopSession:
         watched = time.monotonic() - self.started
         for c in self.whole.values():
             c.poll()
-        samples = [RankSamples.from_blocks(ch.rank.rank, ch.rank.pid, ch.rank.title,
-                                           [(b.threads, b.gil_threads) for b in ch.blocks])
-                   for ch in self.sampler.chains]
+        samples = [rank_samples(ch.rank, ch.blocks) for ch in self.sampler.chains]
         live = {"source": "top", "target_pid": self.disc.target_pid, "target_title": self.disc.target_title,
                 "found": [{"pid": p, "title": t} for p, t in self.disc.seen], "duration_s": round(watched, 3),
                 "rate_hz": self.rate, "block_s": BLOCK_S,
@@ -295,9 +293,14 @@ def top(pid: int, *, rate: int = DEFAULT_RATE_HZ, window_s: float = DEFAULT_WIND
         log: Callable[[str], None] = lambda s: None) -> Run | None:
     """Run the live view until q / Ctrl-C (or `duration` seconds); the Run of the
     whole watch when `output` is given (written by the caller)."""
-    sess = TopSession(pid, rate, window_s, pyspy, rules, gil, keep_all=output is not None)
-    sess.start(log)
+    with on_sigterm(TERMINATED):
+        return _top(TopSession(pid, rate, window_s, pyspy, rules, gil, keep_all=output is not None), duration,
+                    output, log)
+
+
+def _top(sess: TopSession, duration: float | None, output: str | None, log: Callable[[str], None]) -> Run | None:
     try:
+        sess.start(log)
         if sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
             import curses
             try:
