@@ -69,8 +69,11 @@ def test_strategy_detection(rules):
     assert rules.strategy_of({"event_loop", "_process_and_broadcast_mm_inputs", "from_dict", bol}) == "commit"
     # The name alone (a reverted / precompute-patched server keeps it) is not the 17a57fd broadcast.
     assert rules.strategy_of({"event_loop", "_process_and_broadcast_mm_inputs", "from_dict",
-                              "phase:from_dict"}) == "revert"
-    assert rules.strategy_of({"event_loop", "from_dict", "phase:from_dict"}) == "revert"
+                              "phase:from_dict", "hash_feature"}) == "revert"
+    assert rules.strategy_of({"event_loop", "from_dict", "phase:from_dict", "data_hash"}) == "revert"
+    # Materialization that never hashes (the tokenizer set every hash), or the tokenizer's hashing.
+    assert rules.strategy_of({"event_loop", "from_dict", "phase:from_dict"}) == "precompute"
+    assert rules.strategy_of({"event_loop", "phase:tokenizer_hash", "phase:from_dict", "hash_feature"}) == "precompute"
     assert rules.strategy_of({"event_loop", "from_dict"}) == "unknown"  # not SGLang's from_dict
     assert rules.strategy_of({"_async_broadcast_worker", "_process_and_broadcast_mm_inputs"}) == "async"
     assert rules.strategy_of({"_broadcast_raw_mm_inputs", bol}) == "dict"
@@ -111,15 +114,28 @@ def test_strategy_of_servers_patched_by_mmdiag(rules):
                            ("event_loop_normal", "process_input_requests", "_mmdiag_batch_prepare", bol),
                            sched + (pb, "MultimodalInputs.from_dict")) for r in (0, 1)]
     assert _detect(rules, *batch) == "batch"
-    # revert / precompute patches: the method keeps its name but enters no collective.
-    revert = [_patched_rank(r, f"sglang::scheduler_TP{r}", sched + (pb, "MultimodalInputs.from_dict"))
+    # revert / precompute patches: the method keeps its name but enters no collective; with
+    # precompute no rank hashes under it.
+    revert = [_patched_rank(r, f"sglang::scheduler_TP{r}", sched + (pb, "MultimodalInputs.from_dict",
+                                                                    "MultimodalDataItem.set_pad_value", "hash_feature"))
               for r in (0, 1)]
     assert _detect(rules, *revert) == "revert"
+    precompute = [_patched_rank(r, f"sglang::scheduler_TP{r}", sched + (pb, "MultimodalInputs.from_dict",
+                                                                        "MultimodalDataItem.set_pad_value"))
+                  for r in (0, 1)]
+    assert _detect(rules, *precompute) == "precompute"
     # shm patch: every rank maps its segments in the wrapped receive, then materializes unhashed.
     shm = [_patched_rank(r, f"sglang::scheduler_TP{r}",
                          ("event_loop_normal", "recv_requests", "_mmdiag_shm_finalize", "_mmdiag_shm_map"),
                          sched + (pb, "MultimodalInputs.from_dict")) for r in (0, 1)]
     assert _detect(rules, *shm) == "shm"
+    # cond patch: below the threshold every rank materializes in the patch's own method (as dict
+    # would under 17a57fd's), above it the entry rank broadcasts.
+    cond = [_patched_rank(0, "sglang::scheduler_TP0", sched + (pb, bol),
+                          sched + (pb, "_mmdiag_cond_below_threshold", "MultimodalInputs.from_dict")),
+            _patched_rank(1, "sglang::scheduler_TP1", sched + (pb, bol, "broadcast"),
+                          sched + (pb, "_mmdiag_cond_below_threshold", "MultimodalInputs.from_dict"))]
+    assert _detect(rules, *cond) == "cond"
     # With DP, each DP group's TP0 is an entry rank: its from_dict does not make it `dict`.
     dp = [_patched_rank(2, "sglang::scheduler_DP1_TP0", sched + (pb, "MultimodalInputs.from_dict"),
                         sched + (pb, bol)),
@@ -164,13 +180,17 @@ def test_gil_figures_from_the_blocks_that_have_them(rules):
     part = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, 3))], rules, None, None, live, [], gil=True)
     p = part.ranks[0].profile
     assert p.samples == 400 and p.gil_held_pct == 50.0 and p.phase_gil_pct["forward"] == 100.0
-    assert part.live.gil_missing == [] and any("wrote 3 of 4 blocks (300 of 400" in n for n in part.live.notes)
+    assert part.live.gil_missing == [] and any("wrote 3 of its 4 blocks (300 of 400" in n for n in part.live.notes)
     few = int(4 * MIN_GIL_COVER) - 1
     low = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, few))], rules, None, None, live, [], gil=True)
     assert low.ranks[0].profile.gil_held_pct is None and low.ranks[0].profile.gil_wait_pct is None
     assert low.live.gil_missing == [0]
     d = low.to_dict()["live"]
-    assert any(f"wrote {few} of 4 blocks" in n and "too few" in n for n in d["notes"]), d["notes"]
+    assert any(f"wrote {few} of its 4 blocks" in n and "too few" in n for n in d["notes"]), d["notes"]
+    # --gil on every other block by design (sampler.GIL_EVERY): measured from those, no note.
+    half = build_run([RankSamples.from_blocks(0, 7, "r0", _blocks(4, 2), gil_planned=2)], rules, None, None, live, [],
+                     gil=True)
+    assert half.ranks[0].profile.gil_held_pct == 50.0 and not any("--gil" in n for n in half.live.notes)
     assert any("not measured (shown as -), not 0%" in n for n in d["notes"])
 
 

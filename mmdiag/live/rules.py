@@ -106,7 +106,8 @@ class RuleSet:
         the `outer>inner` and `phase:NAME` tokens attribute() adds (see rules.toml)."""
         for name in self.strategy_order:
             for marker in self.strategy_markers.get(name, ()):
-                if all(part in functions for part in marker.split("+")):
+                if all((part[1:] not in functions) if part.startswith("!") else (part in functions)
+                       for part in marker.split("+")):
                     return name
         return "unknown"
 

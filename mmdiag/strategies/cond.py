@@ -40,10 +40,10 @@ class Cond(Strategy):
     collectives = "per request"  # per request above the threshold
     cost_class = "conditional"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "cond"
-    # The replay's method; the SGLang patch keeps 17a57fd's method name and shows its own
-    # frame only while the ranks agree on the threshold (first call): on a patched server,
-    # the patch manifest on disk (the profile's configuration header) names it.
-    live_markers = ("Cond.process", "_mmdiag_cond_agree_limit")
+    # The replay's method; the SGLang patch keeps 17a57fd's method name, and materializes a
+    # request below the threshold in a method of its own (every rank, as dict does, so the
+    # dict marker alone cannot tell them apart); it agrees on the threshold on the first call.
+    live_markers = ("Cond.process", "_mmdiag_cond_below_threshold", "_mmdiag_cond_agree_limit")
 
     def __init__(self, threshold: T.Threshold | None = None):
         self.threshold = threshold or T.resolve(env=os.environ)

@@ -14,3 +14,7 @@ class Precompute(Revert):
     cost_class = "tokenizer"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "precompute"
     hashes_in_tokenizer = True
+    # The tokenizer's hashing when it is sampled (a replay runs it on the entry rank); on the
+    # scheduler ranks alone, materialization with no hashing frame under it on any rank.
+    live_markers = ("phase:tokenizer_hash",
+                    "phase:from_dict+!hash_feature+!tensor_hash+!data_hash+!resolve_multimodal_item_hash")
