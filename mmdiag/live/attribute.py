@@ -42,15 +42,16 @@ class RankSamples:
     # merged `threads` / `gil_threads` are their sum. Empty: one block.
     blocks: list[tuple[dict[int, ThreadSamples], dict[int, ThreadSamples] | None]] = field(default_factory=list)
     gil_planned: int | None = None  # blocks recorded with --gil (None: every block)
+    expected: float | None = None   # samples the blocks' span would hold at the rate (None: unknown)
 
     @classmethod
     def from_blocks(cls, rank: int, pid: int | None, title: str | None, blocks: list,
-                    gil_planned: int | None = None) -> "RankSamples":
+                    gil_planned: int | None = None, expected: float | None = None) -> "RankSamples":
         """Merge (threads, gil_threads) blocks; gil_threads over the blocks that have them
         (None if none has: see attribute for how much of the planned blocks they must cover)."""
         gils = [g for _, g in blocks if g is not None]
         return cls(rank, pid, title, merge_threads([t for t, _ in blocks]),
-                   merge_threads(gils) if gils else None, list(blocks), gil_planned)
+                   merge_threads(gils) if gils else None, list(blocks), gil_planned, expected)
 
     def block_list(self):
         return self.blocks or [(self.threads, self.gil_threads)]
@@ -199,8 +200,8 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
         per_block.append(_phase_counts(_main_of(threads, main), rules, w))
         wait_block.append(w)
     sizes = [sum(b.values()) for b in per_block]
-    phases_pct, phases_ci, spread = shares_pct(per_block, PHASES, sizes)
-    wait_pct, wait_ci, _ = shares_pct(wait_block, PHASES + (ALL,), sizes)
+    phases_pct, phases_ci, spread = shares_pct(per_block, PHASES, sizes, rs.expected)
+    wait_pct, wait_ci, _ = shares_pct(wait_block, PHASES + (ALL,), sizes, rs.expected)
     functions = _strategy_tokens(rs, rules)
     # The functions most seen in `other` (leaf-most Python frame), to show what the rules miss.
     other_leaf: Counter = Counter()

@@ -205,7 +205,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
         samples, exited = [], []
         for ch in sampler.chains:
             r = ch.rank
-            samples.append(rank_samples(r, ch.blocks))
+            samples.append(rank_samples(r, ch.blocks, rate))
             if ch.exited or not cpus[r.rank].alive:
                 n = max((t.samples for t in samples[-1].threads.values()), default=0)
                 exited.append({"rank": r.rank, "pid": r.pid, "samples": n, "sampled_s": n / rate})

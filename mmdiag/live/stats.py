@@ -12,7 +12,10 @@ the rank spend in X", the question the path's own timers answer over the same wi
   variance: p(1-p) = mean p_s(1-p_s) + var p_s over strata). Long phases sampled many
   times in a row make it smaller still (only their edges are uncertain), so the
   binomial half-width 1.96 sqrt(p(1-p)/n) is an upper bound, and it depends only on
-  n = rate x window: 100 Hz for 30 s keeps every share within +/-1.8 points. It would
+  n = rate x window: 100 Hz for 30 s keeps every share within +/-1.8 points. The
+  re-attach between blocks leaves short stretches unsampled (about 50 ms per block, more
+  on a loaded host): their content is missed, which adds f^2 p(1-p)/gaps to the variance
+  for an unsampled fraction f of the span (sampling_hw). It would
   not hold for a loop periodic at the sampling rate itself (aliasing): the benchmark
   checks coverage against the timers (benchmarks/bench_profile.py).
 - Spread (`phases_spread`): how much the share varies between windows of this length,
@@ -38,14 +41,21 @@ def t95(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
-def binomial_hw(p: float, n: int) -> float:
-    """95% half-width (fraction) of a share p from n independent samples."""
-    return Z95 * math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else math.nan
+def sampling_hw(p: float, n: int, expected: float | None = None, gaps: int = 1) -> float:
+    """95% half-width (fraction) of a share p from n samples of a span that would hold
+    `expected` at the rate: the binomial bound, plus the span's unsampled part (py-spy's
+    re-attach between blocks, samples it skipped) in `gaps` stretches, whose content the
+    share misses: error f * (p_sampled - p_gaps), variance <= f^2 p(1-p) / gaps."""
+    if not n:
+        return math.nan
+    f = max(0.0, 1.0 - n / expected) if expected else 0.0
+    return Z95 * math.sqrt(max(p * (1.0 - p), 0.0) * (1.0 / n + f * f / max(1, gaps)))
 
 
-def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float, float]:
+def block_share(counts: list[int], sizes: list[int], expected: float | None = None) -> tuple[float, float, float]:
     """Share (fraction) of samples in a category over all blocks, its 95% sampling
-    half-width (binomial bound, see above) and its 95% spread half-width (batch means).
+    half-width (sampling_hw: the blocks' re-attach gaps included when `expected`, the
+    samples the span would hold, is known) and its 95% spread half-width (batch means).
 
     counts[b]: samples of block b in the category; sizes[b]: samples in block b.
     With fewer than two non-empty blocks the spread is unknown (nan)."""
@@ -55,27 +65,28 @@ def block_share(counts: list[int], sizes: list[int]) -> tuple[float, float, floa
         return math.nan, math.nan, math.nan
     p = sum(c for c, _ in pairs) / n_all
     b = len(pairs)
+    hw = sampling_hw(p, n_all, expected, b - 1)
     if b < 2:
-        return p, binomial_hw(p, n_all), math.nan
+        return p, hw, math.nan
     resid = sum((c - p * n) ** 2 for c, n in pairs)
     var = b / (b - 1) * resid / (n_all * n_all)
     # A share lies in [0, 1]: a half-width reaching past both ends says nothing more.
-    return p, binomial_hw(p, n_all), min(t95(b - 1) * math.sqrt(var), max(p, 1.0 - p))
+    return p, hw, min(t95(b - 1) * math.sqrt(var), max(p, 1.0 - p))
 
 
 def _pts(h: float) -> float | None:
     return None if math.isnan(h) else round(100.0 * h, 2)
 
 
-def shares_pct(block_counts: list[dict[str, int]], keys, sizes: list[int] | None = None
-               ) -> tuple[dict[str, float], dict[str, float | None], dict[str, float | None]]:
+def shares_pct(block_counts: list[dict[str, int]], keys, sizes: list[int] | None = None,
+               expected: float | None = None) -> tuple[dict[str, float], dict[str, float | None], dict[str, float | None]]:
     """Per key: share in percent of all samples, its 95% sampling half-width and its
     95% spread half-width, in points. sizes: samples per block (default: the sum of the
-    block's counts)."""
+    block's counts); expected: samples the span would hold at the rate (see sampling_hw)."""
     sizes = sizes if sizes is not None else [sum(c.values()) for c in block_counts]
     pct, hw, spread = {}, {}, {}
     for k in keys:
-        p, h, s = block_share([c.get(k, 0) for c in block_counts], sizes)
+        p, h, s = block_share([c.get(k, 0) for c in block_counts], sizes, expected)
         pct[k] = 0.0 if math.isnan(p) else round(100.0 * p, 2)
         hw[k], spread[k] = _pts(h), _pts(s)
     return pct, hw, spread

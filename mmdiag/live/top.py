@@ -103,7 +103,7 @@ class TopSession:
         out = {}
         for r in self.disc.ranks:
             if self.windows[r.rank]:
-                out[r.rank] = attribute(rank_samples(r, list(self.windows[r.rank])), self.ruleset)
+                out[r.rank] = attribute(rank_samples(r, list(self.windows[r.rank]), self.rate), self.ruleset)
         move_entry_idle(list(out.values()))  # as the profile does: waiting behind an idle entry rank is idle
         return out
 
@@ -115,7 +115,7 @@ class TopSession:
         watched = time.monotonic() - self.started
         for c in self.whole.values():
             c.poll()
-        samples = [rank_samples(ch.rank, ch.blocks) for ch in self.sampler.chains]
+        samples = [rank_samples(ch.rank, ch.blocks, self.rate) for ch in self.sampler.chains]
         live = {"source": "top", "target_pid": self.disc.target_pid, "target_title": self.disc.target_title,
                 "found": [{"pid": p, "title": t} for p, t in self.disc.seen], "duration_s": round(watched, 3),
                 "rate_hz": self.rate, "block_s": BLOCK_S,
