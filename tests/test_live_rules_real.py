@@ -132,12 +132,15 @@ def test_release_family_frames(rules, version, names, phase, waiting):
 
 
 @pytest.mark.parametrize("version,flag,path", [("0.5.5.post2", False, "commit"), ("0.5.23", False, "revert"),
-                                               ("0.5.23", True, "commit")])
+                                               ("0.5.23", True, "commit"), ("0.5.23", False, "precompute")])
 def test_release_family_path(rules, version, flag, path):
     """The path told from a release's frames: 17a57fd's broadcast as released, and on
-    0.5.23 per-rank materialization unless the broadcast flag is on."""
+    0.5.23 per-rank materialization unless the broadcast flag is on; with the hashes set in
+    the tokenizer (SGLANG_MM_PRECOMPUTE_HASH) the ranks materialize without hashing."""
+    materialize = ("MultimodalInputs.from_processor_output", "MultimodalDataItem.set_pad_value")
     tail = (("Scheduler._process_and_broadcast_mm_inputs", "c10d:broadcast_object_list", "c10d:broadcast")
-            if flag or version == "0.5.5.post2" else ("MultimodalInputs.from_processor_output",))
+            if flag or version == "0.5.5.post2" else
+            materialize + (("resolve_multimodal_item_hash",) if path == "revert" else ()))
     head = LOOP + ("Scheduler.handle_generate_request",) + (("Scheduler._get_multimodal_inputs",)
                                                              if version != "0.5.5.post2" else ())
     from mmdiag.live.pyspy import ThreadSamples
