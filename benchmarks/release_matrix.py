@@ -2,6 +2,7 @@
 
     python benchmarks/release_matrix.py                    # 0.5.4 .. newest, prints the matrix
     python benchmarks/release_matrix.py --releases 0.5.7 0.5.23
+    python benchmarks/release_matrix.py --replay           # + `replay --impl sglang` (tp 2) of each
     python benchmarks/release_matrix.py --frames           # the frames each family defines (TOML)
     python benchmarks/release_matrix.py --layouts          # variants.toml [layouts] keys, from the wheels
 
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import zipfile
@@ -34,8 +38,10 @@ from mmdiag.sglang.locate import locate  # noqa: E402
 from mmdiag.strategies import PATCHABLE  # noqa: E402
 
 CACHE = Path(os.environ.get("MMDIAG_WHEEL_CACHE", REPO / ".cache" / "sglang-wheels"))
-KEEP = re.compile(r"^sglang/(version\.py|_version\.py|__init__\.py|srt/(managers/.*|utils/common\.py|environ\.py|"
-                  r"server_args\.py|arg_groups/fields/.*|multimodal/processors/hash_executor\.py|multimodal/cache/identity\.py))$")
+KEEP = re.compile(r"^sglang/(version\.py|_version\.py|__init__\.py|srt/(managers/.*|utils/common\.py|environ\.py|constants\.py|"
+                  r"server_args\.py|arg_groups/fields/.*|multimodal/processors/hash_executor\.py|multimodal/modality\.py|"
+                  r"multimodal/cache/(__init__|identity)\.py|observability/scheduler_stage_metrics\.py))$")
+KEEP_TAG = hashlib.sha256(KEEP.pattern.encode()).hexdigest()[:8]  # a new KEEP unpacks afresh
 FIRST = (0, 5, 4)
 # Frames the live profiler maps (file, qualified name); --frames says which each family defines.
 FRAME_CANDIDATES = {
@@ -74,7 +80,7 @@ def index_versions() -> list[str]:
 
 
 def unpacked(version: str) -> Path:
-    dest = CACHE / "matrix-src" / version / "sglang"
+    dest = CACHE / "matrix-src" / KEEP_TAG / version / "sglang"
     if (dest / "srt/managers/scheduler.py").is_file():
         return dest
     whl = sorted(CACHE.glob(f"sglang-{version}-*.whl"))
@@ -100,6 +106,30 @@ def apply_cell(inst, strategy: str) -> str:
         return "none"
     return "patch:" + "+".join(Path(f).stem.replace("tokenizer_manager", "tm").replace("scheduler", "sch")
                                for f in r.files)
+
+
+def replay_cell(version: str, cells: list[str], trace: str) -> str:
+    """`mmdiag replay --impl sglang --tp 2` of a tiny trace on the release as installed and
+    on each setting or patch `apply` gives it (a patch on a scratch copy): which ran with
+    every rank agreeing ("-" where it did not run, with the first error on stderr)."""
+    from mmdiag import api
+    ran = []
+    jobs = [("installed", None, {})] + [(s, s, {}) for s, c in zip(PATCHABLE, cells) if c.startswith("patch:")] \
+        + [("env", None, {"SGLANG_MM_PRECOMPUTE_HASH": "1"})] * any(c == "env" for c in cells)
+    for label, strategy, env in jobs:
+        with tempfile.TemporaryDirectory(prefix="mmdiag-matrix-") as tmp:
+            pkg = Path(tmp) / "sglang"
+            shutil.copytree(unpacked(version), pkg)
+            try:
+                if strategy:
+                    apply(locate(str(pkg)), strategy)
+                run = api.replay(trace, tp=2, impl="sglang", sglang_path=str(pkg), extra_env=env, timeout=30.0)
+                ok = all(st.ranks_agree for st in run.strategies.values())
+            except MmdiagError as e:
+                print(f"release_matrix: {version} {label}: {e.one_line()}", file=sys.stderr)
+                ok = False
+        ran.append(label if ok else f"-{label}")
+    return ",".join(ran)
 
 
 def row(version: str) -> list[str]:
@@ -170,6 +200,7 @@ def main() -> None:
     ap.add_argument("--releases", nargs="*", help="these versions instead of the index's 0.5.4 .. newest")
     ap.add_argument("--frames", action="store_true", help="print the frames each family defines (TOML)")
     ap.add_argument("--layouts", action="store_true", help="print the [layouts] fingerprints of the releases (TOML)")
+    ap.add_argument("--replay", action="store_true", help="also run `replay --impl sglang` (tp 2) on each")
     a = ap.parse_args()
     versions = a.releases or index_versions()
     if a.frames:
@@ -180,12 +211,22 @@ def main() -> None:
             "--mm-feature-transport"] + [f"apply {s}" for s in PATCHABLE]
     t0 = time.perf_counter()
     rows = [row(v) for v in versions]
+    if a.replay:
+        head.append("replay --impl sglang")
+        with tempfile.TemporaryDirectory(prefix="mmdiag-matrix-") as tmp:
+            from mmdiag import api
+            trace = str(Path(tmp) / "t.jsonl")
+            api.synth_trace(trace, n=6)
+            for r in rows:
+                r.append(replay_cell(r[0], r[-len(PATCHABLE):], trace))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"\n{len(rows)} releases, {time.perf_counter() - t0:.0f} s; apply cells: patch:<files written>, "
           "env = set SGLANG_MM_PRECOMPUTE_HASH=1 (+ flag off), flag-off = keep the broadcast flag off (its default), "
-          "none = nothing to change, refused = does not apply to that release")
+          "none = nothing to change, refused = does not apply to that release"
+          + ("; replay: what ran with every rank agreeing (installed, each patch, env = the release's "
+             "SGLANG_MM_PRECOMPUTE_HASH=1; -x = failed)" if a.replay else ""))
 
 
 if __name__ == "__main__":

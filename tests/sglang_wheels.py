@@ -37,9 +37,10 @@ RELEASES = {
 FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.9", "0.5.13", "0.5.17", "0.5.19",
                  "0.5.21", "0.5.23"]
 KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/_version.py", "sglang/srt/managers/",
-        "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py",
+        "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py", "sglang/srt/constants.py",
         "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py",
-        "sglang/srt/multimodal/cache/identity.py")
+        "sglang/srt/multimodal/cache/identity.py", "sglang/srt/multimodal/cache/__init__.py",
+        "sglang/srt/multimodal/modality.py", "sglang/srt/observability/scheduler_stage_metrics.py")
 
 
 def wheel(version: str) -> Path:

@@ -53,3 +53,21 @@ def test_the_installed_tokenizer_step_hashes_before_its_scheduler(tmp_path):
     (s,) = json.loads(out.read_text())["strategies"].values()
     assert s["name"] == "precompute" and s["ranks_agree"] is True
     assert s["tokenizer_ms"]["tokenizer_hash"] > 0
+
+
+def test_verify_of_a_setting_runs_the_release_code_with_it_in_the_ranks(tmp_path):
+    """0.5.23 ships precompute behind SGLANG_MM_PRECOMPUTE_HASH: `apply --verify precompute`
+    writes nothing and replays the release's own code (its item classes, its hashing pool,
+    its scheduler methods) with the variable off, then on, in the rank processes."""
+    from sglang_wheels import tree_bytes
+    from mmdiag.analysis.verify import verify
+    pkg = site_packages("0.5.23", tmp_path / "site")
+    files = tree_bytes(pkg)
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=32)
+    res = verify(str(pkg), "precompute", trace, 2, repeat=1, keep_runs=str(tmp_path))
+    assert tree_bytes(pkg) == files and res.applied.status == "settings"
+    (b,), (a,) = res.before.to_dict()["strategies"].values(), res.after.to_dict()["strategies"].values()
+    assert (b["name"], a["name"]) == ("revert", "precompute")
+    for s in (a, b):
+        assert s["ranks_agree"] is True and s["ranks"][0]["replay"]["collectives"] == 0  # the flag stays off
+    assert a["tokenizer_ms"]["tokenizer_hash"] > 0 and not b["tokenizer_ms"].get("tokenizer_hash")

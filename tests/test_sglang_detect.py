@@ -170,8 +170,25 @@ def test_pristine_is_untouched_by_tests():
         assert not (pristine(v) / ".mmdiag").exists()
 
 
-def test_replay_of_a_shared_memory_release_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("precompute_env", ["0", "1"])
+def test_runtime_runs_every_family_own_mm_path(precompute_env, monkeypatch):
+    """replay --impl sglang's loader on one wheel per family: the release's own item classes
+    (msgspec structs from 0.5.19, Modality from multimodal/modality.py in 0.5.23), hashing
+    (multimodal/cache/identity.py) and scheduler methods give SGLang's sha256 of the feature;
+    with SGLANG_MM_PRECOMPUTE_HASH=1 in the environment, releases that read it (0.5.7+) hash
+    in their tokenizer step (a thread pool from 0.5.21) and the scheduler hashes nothing."""
+    import hashlib
+    import torch
     from mmdiag.sglang.runtime import load_sglang_mm_path
-    pkg = site_packages("0.5.13", tmp_path)
-    with pytest.raises(UnknownLayout, match="shared memory"):
-        load_sglang_mm_path(str(pkg))
+    monkeypatch.setenv("SGLANG_MM_PRECOMPUTE_HASH", precompute_env)
+    f = torch.arange(96, dtype=torch.float32).reshape(8, 12)
+    want = int.from_bytes(hashlib.sha256(f.numpy().tobytes()).digest()[:8], "big")
+    for v in FAMILY_WHEELS:
+        path = load_sglang_mm_path(str(pristine(v)))
+        raw = path.make_mm_inputs([path.make_item(f.clone())])
+        in_tokenizer = path.tokenizer_side(raw)
+        out = path.process_input_requests(path.make_scheduler(None), [path.generate_req("r", raw),
+                                                                      path.generate_req("t")])
+        assert [it.hash for it in out["r"].mm_items] == [want] and out["t"] is None, v
+        assert in_tokenizer == (precompute_env == "1" and path.detection.facts.precompute_env is not None), v
+        assert path.stats.hash_calls == (0 if in_tokenizer else 1), v

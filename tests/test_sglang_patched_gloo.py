@@ -75,6 +75,8 @@ def _build(path, call):
             reqs.append(path.batch_req(_build(path, spec[1])))
         elif spec[0] == "abort":
             reqs.append(path.abort_req(spec[1]))
+        elif spec[0] == "bad":  # a feature SGLang cannot hash: materializing it raises
+            reqs.append(path.generate_req(spec[1], path.make_mm_inputs([path.make_item("not a tensor")])))
         else:
             rid, kind, seeds = spec
             raw = path.make_mm_inputs([path.make_item(_feature(s)) for s in seeds]) if seeds else None
@@ -83,7 +85,7 @@ def _build(path, call):
     return reqs
 
 
-def _worker(rank, world, port, configs, out_dir, q):
+def _worker(rank, world, port, configs, out_dir, q, calls):
     try:
         import torch.distributed as dist
         from mmdiag.sglang.runtime import load_sglang_mm_path
@@ -97,7 +99,7 @@ def _worker(rank, world, port, configs, out_dir, q):
             sched = path.make_scheduler(group, enable_broadcast_mm_inputs_process=flag)
             path.stats.reset()
             out, caches, handles = {}, [], 0
-            for call in CALLS:
+            for call in calls:
                 reqs = _build(path, call) if rank == 0 else None
                 reqs = path.broadcast_pyobj(reqs, group)  # SGLang's recv_requests transport
                 handles += len(_shm_handles(reqs))
@@ -106,7 +108,7 @@ def _worker(rank, world, port, configs, out_dir, q):
                 for rid, mm in got.items():
                     out[rid] = None if mm is None else [[it.hash, it.pad_value] for it in mm.mm_items]
                 caches.append(len(getattr(sched, "_mmdiag_mm_cache", {}) or {}))
-            results[name] = {"out": out, "caches": caches, "aborted": sched.aborted,
+            results[name] = {"out": out, "caches": caches, "aborted": sched.aborted, "rejected": sched.rejected,
                              "abort_snapshot": getattr(sched, "abort_snapshot", None),
                              "collectives": path.stats.collectives, "hash_calls": path.stats.hash_calls,
                              "tokenizer_hash_calls": path.stats.tokenizer_hash_calls,
@@ -119,11 +121,11 @@ def _worker(rank, world, port, configs, out_dir, q):
         q.put((rank, traceback.format_exc()))
 
 
-def _spawn(world, configs, out_dir):
+def _spawn(world, configs, out_dir, calls=CALLS):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, configs, str(out_dir), q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, configs, str(out_dir), q, calls)) for r in range(world)]
     for p in procs:
         p.start()
     errors = []
@@ -323,3 +325,40 @@ def test_shm_patch_fallback_discard_and_a_lost_segment(installs, tmp_path, monke
         assert item.feature is f and item.hash == expected_hash_of(f) and list(seg.iterdir()) == []
     finally:
         subprocess.run(["umount", str(seg)])
+
+
+# 0.5.19+: the release's error-broadcast protocol. A mixed call (multimodal, text-only, and a
+# request whose features cannot be materialized), then a text-only call.
+ERROR_CALLS = [
+    [("r1", "gen", [1]), ("t1", "gen", []), ("bad", "x1"), ("r2", "gen", [2, 3])],
+    [("t2", "gen", [])],
+]
+
+
+def test_error_protocol_releases_two_ranks(tmp_path_factory, tmp_path):
+    """0.5.19 and 0.5.23 (the release's own broadcast, flag on, and `batch` applied): every
+    rank agrees on hashes and pad values, the mixed call does not hang, and the request
+    whose materialization fails on the entry rank is rejected on every rank with the same
+    error, after the same collectives."""
+    root = tmp_path_factory.mktemp("gloo-error-protocol")
+    configs = []
+    for version in ("0.5.19", "0.5.23"):
+        base = site_packages(version, root / version / "unpatched")
+        configs.append((f"{version}/flag-on", str(base), True))
+        pkg = site_packages(version, root / version / "batch")
+        assert A.apply(locate(str(pkg)), "batch").status == "applied"
+        configs.append((f"{version}/batch", str(pkg), False))
+    results = _spawn(2, configs, tmp_path, ERROR_CALLS)
+    for name, _dir, _flag in configs:
+        r0, r1 = results[0][name], results[1][name]
+        assert r0["out"] == r1["out"] and r0["rejected"] == r1["rejected"], f"{name}: ranks disagree"
+        assert list(r0["rejected"]) == ["x1"], (name, r0["rejected"])
+        # the release's message, or the batch patch's, both naming the entry rank's error
+        assert "TypeError" in r0["rejected"]["x1"] and "entry rank" in r0["rejected"]["x1"], r0["rejected"]
+        for rid, seeds in (("r1", [1]), ("r2", [2, 3])):
+            assert [h for h, _ in r0["out"][rid]] == [expected_hash(s) for s in seeds], (name, rid)
+        assert r0["out"]["t1"] is None and r0["out"]["t2"] is None
+        assert r0["out"] == results[0][f"{name.split('/')[0]}/flag-on"]["out"]  # the release's own pad values
+        # flag on: one broadcast per multimodal request (the failed one included); batch: one per call with any
+        assert r0["collectives"] == r1["collectives"] == (3 if name.endswith("flag-on") else 1), name
+        assert r0["caches"] == [0, 0]

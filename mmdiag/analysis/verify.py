@@ -10,6 +10,11 @@ carries an mmdiag patch is refused (the "before" replay would measure patched co
 labelled installed), and so is a strategy with nothing to change on this release (a dry
 run of the patch plan, e.g. `revert` where the broadcast is behind a flag).
 
+Where the release ships the strategy behind an environment variable (`precompute` is
+SGLANG_MM_PRECOMPUTE_HASH=1 from 0.5.7), nothing is written: the before replay runs the
+release's code with the variable off in the rank processes, the after replay with it
+set as `apply` says (the broadcast flag off), and the release's own code reads it.
+
 If the after replay fails (the patched code crashes or hangs a rank), the patch is
 undone before the error is raised: a verify never leaves a broken install behind; if
 that undo fails too, the error says the patch is still applied. A patch that runs but
@@ -40,11 +45,12 @@ class VerifyResult:
     after_json: str | None = None
 
 
-def check_applicable(inst: Any, strategy: str) -> None:
+def check_applicable(inst: Any, strategy: str) -> Any:
     """Refuse, before any replay, a verify that cannot mean anything: the install already
     carries an mmdiag patch (the "before" replay would measure patched code labelled
     installed), or `strategy` has nothing to change on it. Uses the patcher's own detection
-    and plan (a dry run: nothing is written); its errors (unknown layout, ...) propagate."""
+    and plan (a dry run: nothing is written); its errors (unknown layout, ...) propagate.
+    Returns the dry run (status "dry-run", or "settings" with the environment to set)."""
     from ..sglang.apply import apply as apply_patch
     from ..sglang.detect import detect
 
@@ -62,15 +68,10 @@ def check_applicable(inst: Any, strategy: str) -> None:
         raise MmdiagError(f"`{strategy}` has nothing to change on this install ({why}): there is no after to "
                           "compare", where=str(inst.package_dir),
                           fix="nothing was replayed or changed; pick another strategy (mmdiag recommend)")
-    if dry.status == "settings":
-        env = " ".join(f"{k}={v}" for k, v in dry.settings["env"].items())
-        raise MmdiagError(f"`{strategy}` is a setting on this release ({env}), not a patch: --verify replays "
-                          "patches only", where=str(inst.package_dir),
-                          fix=f"nothing was replayed or changed; set {env} on the server and compare "
-                          "`mmdiag profile` before and after")
-    if dry.status != "dry-run":
+    if dry.status not in ("dry-run", "settings"):
         raise MmdiagError(f"`mmdiag apply {strategy}` cannot be applied here ({dry.status})",
                           where=str(inst.package_dir))
+    return dry
 
 
 def verify(install_path: str | None, strategy: str, trace: str, tp: int,
@@ -94,21 +95,27 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
         render.check_output(out, "Report")
     inst = locate(install_path)
     path = str(inst.package_dir)
-    check_applicable(inst, strategy)        # before the minutes-long replays, not after the first
+    dry = check_applicable(inst, strategy)  # before the minutes-long replays, not after the first
+    env = dry.settings.get("env", {}) if dry.status == "settings" else {}
 
-    def run_installed() -> Run:
+    def run_installed(extra_env: dict[str, str], flag: bool) -> Run:
         opts = ReplayOptions(tp=tp, strategies=[], repeat=repeat, timeout=timeout, impl="sglang",
-                             sglang_path=path, enable_broadcast_flag=enable_broadcast_flag)
+                             sglang_path=path, enable_broadcast_flag=flag, extra_env=extra_env)
         return replay(trace, opts, progress=progress)
 
-    before = run_installed()
+    # The setting's variables off in the before ranks, whatever this shell has.
+    before = run_installed({k: "0" for k in env}, enable_broadcast_flag)
+    if env:  # the release ships it: the same code, the setting in the ranks' environment
+        after = run_installed(env, False)
+        return _finish(before, after, crit, path, f"{' '.join(f'{k}={v}' for k, v in env.items())}, "
+                       "broadcast flag off", out, dry, keep_runs)
     applied = apply_patch(inst, strategy, confirm=confirm or (lambda diff: True))
     if applied.status != "applied":
         why = "; ".join(applied.notes)
         raise MmdiagError(f"`mmdiag apply {strategy}` did not apply ({applied.status}{': ' + why if why else ''})",
                           where=path)
     try:
-        after = run_installed()
+        after = run_installed({}, enable_broadcast_flag)
     except BaseException as e:
         try:
             undo_patch(inst, confirm=lambda diff: True)
@@ -121,8 +128,14 @@ def verify(install_path: str | None, strategy: str, trace: str, tp: int,
                 f"({second}): `{strategy}` is STILL APPLIED to this install", where=path,
                 fix=f"run `mmdiag apply --undo --sglang {path}` (or reinstall SGLang)") from e
         raise
+    return _finish(before, after, crit, path, f"after mmdiag apply {strategy}", out, applied, keep_runs)
+
+
+def _finish(before: Run, after: Run, crit, path: str, after_label: str, out: str | None, applied: Any,
+            keep_runs: str | None) -> VerifyResult:
+    """The report of a before/after pair, written to `out`; the Runs kept in `keep_runs`."""
     report = build_report(before, after, crit, before_path=f"{path} (installed)",
-                          after_path=f"{path} (after mmdiag apply {strategy})")
+                          after_path=f"{path} ({after_label})")
     res = VerifyResult(report, before, after, out, applied)
     if keep_runs:
         res.before_json = os.path.join(keep_runs, "before.json")

@@ -22,6 +22,8 @@ def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
     (variants.toml: strategy, strategy_flag_on)."""
     if path.patched:
         return path.patched
+    if path.variant == "broadcast-flag" and not enable_broadcast_flag and path.release_precompute_on():
+        return "precompute"  # 0.5.7+: SGLANG_MM_PRECOMPUTE_HASH=1 in the ranks' environment, the release's own
     v = variant(path.variant)
     name = v.get("strategy_flag_on", v["strategy"]) if enable_broadcast_flag else v["strategy"]
     return strategy_registry.get(name).name
@@ -40,7 +42,7 @@ class InstalledPath(Strategy):
         self.flag = enable_broadcast_flag
         self.name = strategy_name(path, enable_broadcast_flag)
         self.summary = f"installed SGLang {path.install.version or ''} ({path.variant}, patch: {path.patched or 'none'})"
-        self.hashes_in_tokenizer = path.patched == "precompute"
+        self.hashes_in_tokenizer = path.patched == "precompute" or path.release_precompute_on()
 
     def setup(self, s) -> None:
         self.sched = self.path.make_scheduler(s.cpu_group, enable_broadcast_mm_inputs_process=self.flag)

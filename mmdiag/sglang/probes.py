@@ -175,15 +175,23 @@ def probe_precompute(rf: ReleaseFacts, pkg: Path) -> None:
         return
     rf.precompute_env, rf.precompute_default = f"{_p('environ')}:{node.lineno}", default
     _, tm = parsed(pkg, _p("tokenizer_manager"))
-    for n in ast.walk(tm) if tm is not None else ():
+    n = precompute_statement(tm)
+    if n is not None:
+        body = "\n".join(ast.unparse(b) for b in n.body)
+        rf.precompute_at = f"{_p('tokenizer_manager')}:{n.lineno}"
+        if "hash_executor" in body:
+            rf.precompute_hashing = f"thread pool ({_pool_workers(pkg)} workers, hash_executor.set_pad_values)"
+        else:
+            rf.precompute_hashing = "tokenizer loop (set_pad_value per item, synchronously)"
+
+
+def precompute_statement(tm_tree) -> ast.If | None:
+    """The tokenizer manager's `if envs.SGLANG_MM_PRECOMPUTE_HASH.get() ...:` (0.5.7+)."""
+    env = _p("precompute_env")
+    for n in ast.walk(tm_tree) if tm_tree is not None else ():
         if isinstance(n, ast.If) and env in ast.unparse(n.test):
-            body = "\n".join(ast.unparse(b) for b in n.body)
-            rf.precompute_at = f"{_p('tokenizer_manager')}:{n.lineno}"
-            if "hash_executor" in body:
-                rf.precompute_hashing = f"thread pool ({_pool_workers(pkg)} workers, hash_executor.set_pad_values)"
-            else:
-                rf.precompute_hashing = "tokenizer loop (set_pad_value per item, synchronously)"
-            return
+            return n
+    return None
 
 
 def _pool_workers(pkg: Path) -> str:

@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import __future__
 import ast
+import asyncio
+import contextlib
 import copy
 import dataclasses
 import enum
 import functools
 import hashlib
+import importlib
 import logging
 import os
 import pickle
@@ -56,6 +59,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +67,9 @@ import torch
 from . import astutil
 from .detect import detect, mm_call_of, scheduler_methods
 from .errors import UnknownLayout
+from .facts import facts
 from .locate import SGLangInstall, locate
+from .probes import precompute_statement
 
 logger = logging.getLogger("mmdiag.sglang.runtime")
 
@@ -72,15 +78,17 @@ logger = logging.getLogger("mmdiag.sglang.runtime")
 @dataclass
 class TokenizedGenerateReqInput:
     rid: str
-    mm_inputs: dict | None = None
+    mm_inputs: Any = None
     input_ids: list = field(default_factory=list)
+    positional_embed_overrides: Any = None
 
 
 @dataclass
 class TokenizedEmbeddingReqInput:
     rid: str
-    image_inputs: dict | None = None
+    image_inputs: Any = None
     input_ids: list = field(default_factory=list)
+    positional_embed_overrides: Any = None
 
 
 @dataclass
@@ -110,6 +118,10 @@ class RpcReqOutput:  # stand-in: never produced here (no RPC requests are replay
 
 
 class CudaIpcTensorTransportProxy:  # stand-in: CPU path only, never matches a feature
+    pass
+
+
+class ShmPointerMMData:  # stand-in: features travel inline (pickled), never as shm handles
     pass
 
 
@@ -235,6 +247,12 @@ def _extract(path: Path, names: list[str], *, cls: str | None = None, required=T
 
 def _top_level(path: Path) -> dict[str, ast.stmt]:
     """Module-level functions, classes and simple assignments of one file, by name."""
+    st = path.stat()
+    return _top_level_cached(path, st.st_mtime_ns, st.st_size)  # a patched file is read again
+
+
+@functools.lru_cache(maxsize=64)
+def _top_level_cached(path: Path, _mtime: int, _size: int) -> dict[str, ast.stmt]:
     tree = astutil.parse(path.read_text(encoding="utf-8"), str(path))
     out: dict[str, ast.stmt] = {}
     for n in tree.body:
@@ -247,29 +265,122 @@ def _top_level(path: Path) -> dict[str, ast.stmt]:
     return out
 
 
-def _with_module_helpers(nodes: list[ast.stmt], files: list[Path], ns: dict) -> list[ast.stmt]:
-    """`nodes` plus the module-level helpers of `files` they use (constants such as
-    MM_PAD_SHIFT_VALUE, _compute_pad_value, ...), found by name, helpers first. Later
-    releases grew such helpers around the same classes; this follows them without a
-    list per release."""
-    import builtins
-    table: dict[str, ast.stmt] = {}
-    for f in files:
-        for k, v in _top_level(f).items():
-            table.setdefault(k, v)
-    have = {getattr(n, "name", None) for n in nodes} | set(ns) | set(dir(builtins))
-    extra: list[ast.stmt] = []
-    todo = [m.id for n in nodes for m in ast.walk(n) if isinstance(m, ast.Name)]
-    while todo:
-        name = todo.pop()
-        if name in have or name not in table:
-            continue
-        node = table[name]
-        have.add(name)
-        if node not in extra:
-            extra.append(node)
-            todo += [m.id for m in ast.walk(node) if isinstance(m, ast.Name)]
-    return list(reversed(extra)) + list(nodes)
+# Modules a release's code may import for real in the rank processes: the standard
+# library and the pure dependencies of the mm path (never sglang, never anything CUDA-only).
+_REAL_IMPORTS = frozenset({"numpy", "torch", "msgspec"}) | frozenset(sys.stdlib_module_names)
+
+
+def _imports_of(path: Path) -> dict[str, list[tuple[ast.stmt, ast.alias]]]:
+    """Every name an import statement of the file binds (anywhere in it), with the statement."""
+    st = path.stat()
+    return _imports_cached(path, st.st_mtime_ns, st.st_size)  # a patched file is read again
+
+
+@functools.lru_cache(maxsize=64)
+def _imports_cached(path: Path, _mtime: int, _size: int) -> dict[str, list[tuple[ast.stmt, ast.alias]]]:
+    tree = astutil.parse(path.read_text(encoding="utf-8"), str(path))
+    out: dict[str, list] = {}
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            for a in n.names:
+                bound = a.asname or (a.name.split(".")[0] if isinstance(n, ast.Import) else a.name)
+                out.setdefault(bound, []).append((n, a))
+    return out
+
+
+class _Resolver:
+    """Where a name the extracted code uses is defined: a module-level def, class or
+    assignment of the files given, else what their imports bind. `from sglang.X import
+    y` is followed into X's file in this install (re-exports of a package's __init__
+    included), so a release that moved a class (Modality to multimodal/modality.py in
+    0.5.19) or added a module on the path (multimodal/cache/identity.py) is followed
+    without a list per release; the standard library, numpy, torch and msgspec are
+    imported for real. Anything else stays unresolved (and fails loudly in _exec)."""
+
+    def __init__(self, pkg: Path, files: list[Path], ns: dict):
+        self.pkg, self.ns = pkg, ns
+        self.files: list[Path] = []
+        self.table: dict[str, ast.stmt] = {}
+        for f in files:
+            if f.is_file():
+                self.add_file(f)
+
+    def _module_file(self, module: str, level: int, origin: Path) -> Path | None:
+        if level:
+            base = origin.parent
+            for _ in range(level - 1):
+                base = base.parent
+            parts = module.split(".") if module else []
+        else:
+            if module.split(".")[0] != "sglang":
+                return None
+            base, parts = self.pkg, module.split(".")[1:]
+        target = base.joinpath(*parts)
+        for cand in (target.with_suffix(".py"), target / "__init__.py"):
+            if cand.is_file():
+                return cand
+        return None
+
+    def add_file(self, path: Path) -> None:
+        if path not in self.files:
+            self.files.append(path)
+            for k, v in _top_level(path).items():
+                self.table.setdefault(k, v)
+
+    def _from_file(self, name: str, path: Path, depth: int) -> ast.stmt | None:
+        node = _top_level(path).get(name)
+        if node is not None:
+            self.add_file(path)  # what the definition uses is found beside it
+            return node
+        return self._via_imports(name, path, depth + 1) if depth < 4 else None
+
+    def _via_imports(self, name: str, origin: Path, depth: int = 0) -> ast.stmt | None:
+        for n, a in _imports_of(origin).get(name, ()):
+            if isinstance(n, ast.Import):
+                if a.name.split(".")[0] in _REAL_IMPORTS:
+                    self.ns[name] = importlib.import_module(a.name if a.asname else a.name.split(".")[0])
+                return None
+            f = self._module_file(n.module or "", n.level, origin)
+            if f is not None:
+                node = self._from_file(a.name, f, depth)
+                if node is not None:
+                    return node
+            elif not n.level and (n.module or "").split(".")[0] in _REAL_IMPORTS:
+                mod = importlib.import_module(n.module)
+                if hasattr(mod, a.name):
+                    self.ns[name] = getattr(mod, a.name)
+                    return None
+        return None
+
+    def lookup(self, name: str) -> ast.stmt | None:
+        if name in self.table:
+            return self.table[name]
+        for f in self.files:
+            node = self._via_imports(name, f)
+            if node is not None or name in self.ns:
+                return node
+        return None
+
+    def closure(self, nodes: list[ast.stmt]) -> list[ast.stmt]:
+        """`nodes` plus the definitions they use (constants such as MM_PAD_SHIFT_VALUE,
+        _compute_pad_value, resolve_multimodal_item_hash, ...), each after what it uses."""
+        import builtins
+        have = {getattr(n, "name", None) for n in nodes} | set(dir(builtins))
+        out: list[ast.stmt] = []
+
+        def visit(node: ast.stmt) -> None:
+            for m in ast.walk(node):
+                if isinstance(m, ast.Name) and m.id not in have and m.id not in self.ns:
+                    have.add(m.id)
+                    dep = self.lookup(m.id)
+                    if dep is not None and dep not in out:
+                        visit(dep)
+            if node not in out:
+                out.append(node)
+
+        for n in nodes:
+            visit(n)
+        return out
 
 
 def _module_name(install: SGLangInstall) -> str:
@@ -277,16 +388,64 @@ def _module_name(install: SGLangInstall) -> str:
     return f"_mmdiag_sglang_rt_{h}"
 
 
-def _mm_handler_source(name: str, attr: str, callee: str | None) -> str:
-    """Stand-in handler: the install's multimodal call on recv_req.<attr>, nothing else."""
+def _mm_handler_source(name: str, attr: str, callee: str | None, error_cls: str | None) -> str:
+    """Stand-in handler: the install's multimodal call on recv_req.<attr>, nothing else;
+    from 0.5.19 a _MultimodalInputProcessingError rejects the request (its handler aborts
+    it), recorded in self.rejected."""
     call = f"{callee}(recv_req.{attr})" if callee else "None"
+    guard = (f"        try:\n            image_inputs = {call}\n"
+             f"        except {error_cls} as error:\n            self.rejected[recv_req.rid] = str(error)\n"
+             if error_cls else f"        image_inputs = {call}\n")
     return (
         f"def {name}(self, recv_req):\n"
         f"    image_inputs = None\n"
         f"    if recv_req.{attr} is not None:\n"
-        f"        image_inputs = {call}\n"
+        f"{guard}"
         f"    self.mm_results[recv_req.rid] = image_inputs\n"
     )
+
+
+class _ServerArgs:
+    """Stand-in for the server's settings the mm path reads (server_args., later
+    get_mm().): the broadcast flag of the scheduler being built, the CPU transport."""
+
+    def __init__(self):
+        self.enable_broadcast_mm_inputs_process = False
+        self.mm_feature_transport = "cpu"
+        self.enable_pd_role_switch = False
+
+
+def _base_namespace(dist: _DistProxy, settings: _ServerArgs) -> dict:
+    """Module globals the extracted code finds: real modules, the request stand-ins, and
+    stand-ins for what only a GPU server has (NVTX ranges, CUDA transports)."""
+    return {
+        "torch": _TorchProxy(dist), "np": np, "dist": dist, "time": time,
+        "pickle": pickle, "hashlib": hashlib, "logger": logger, "dataclasses": dataclasses,
+        "Enum": enum.Enum, "auto": enum.auto, "functools": functools, "lru_cache": functools.lru_cache,
+        "wraps": functools.wraps, "os": os, "sys": sys,
+        **{n: getattr(typing, n) for n in typing.__all__},
+        "TokenizedGenerateReqInput": TokenizedGenerateReqInput,
+        "TokenizedEmbeddingReqInput": TokenizedEmbeddingReqInput,
+        "BatchTokenizedGenerateReqInput": BatchTokenizedGenerateReqInput,
+        "BatchTokenizedEmbeddingReqInput": BatchTokenizedEmbeddingReqInput,
+        "AbortReq": AbortReq, "RpcReqOutput": RpcReqOutput,
+        "CudaIpcTensorTransportProxy": CudaIpcTensorTransportProxy, "ShmPointerMMData": ShmPointerMMData,
+        "gpu_tensor_hash": gpu_tensor_hash, "envs": _Envs(),
+        "get_mm": lambda: settings, "get_disagg": lambda: settings,
+        # NVTX ranges exist only under a CUDA profiler: the decorators leave functions as they are.
+        "scheduler_nvtx_method": lambda name: (lambda fn: fn), "profile_range": _no_range,
+        "NVTX_SCHEDULER_ENABLED": False,
+        "sock_send": _no_rpc,
+    }
+
+
+@contextlib.contextmanager
+def _no_range(*_a, **_k):
+    yield
+
+
+def _no_rpc(*_a, **_k):  # stand-in: the replay has no RPC / Rust front end to answer
+    raise RuntimeError("mmdiag runtime: no RPC socket in a replay")
 
 
 class SGLangMMPath:
@@ -298,37 +457,32 @@ class SGLangMMPath:
         if det.variant is None:
             raise UnknownLayout("unknown SGLang layout; " + "; ".join(det.notes),
                                 where=str(install.package_dir), fix="the replay cannot run this code")
-        if det.facts.transport == "shm":
-            raise UnknownLayout(
-                f"replay --impl sglang runs releases whose recv broadcast pickles features (0.5.4 .. 0.5.9); "
-                f"SGLang {install.version or '?'} ({det.facts.family}) moves them by shared memory, which mmdiag's "
-                "runtime does not run yet", where=str(install.package_dir),
-                fix="nothing was replayed or changed; replay mmdiag's own strategies (--impl mmdiag), or check the "
-                "patch with `mmdiag apply --dry-run`")
         self.variant = det.variant
         self.patched = det.patched
         self.stats = RuntimeStats()
         self.dist = _DistProxy(self.stats)  # one for `torch.distributed` and `dist` alike
+        self.settings = _ServerArgs()
         self.module_name = _module_name(install)
         # Rebuild on every load (the files may have been patched meanwhile).
         mod = types.ModuleType(self.module_name)
         mod.__file__ = str(install.path("scheduler"))
-        ns = mod.__dict__
-        ns.update({
-            "torch": _TorchProxy(self.dist), "np": np, "dist": self.dist,
-            "pickle": pickle, "hashlib": hashlib, "logger": logger, "dataclasses": dataclasses,
-            "Enum": enum.Enum, "auto": enum.auto, "functools": functools, "lru_cache": functools.lru_cache,
-            "os": os, "sys": sys,
-            **{n: getattr(typing, n) for n in typing.__all__},
-            "TokenizedGenerateReqInput": TokenizedGenerateReqInput,
-            "TokenizedEmbeddingReqInput": TokenizedEmbeddingReqInput,
-            "BatchTokenizedGenerateReqInput": BatchTokenizedGenerateReqInput,
-            "BatchTokenizedEmbeddingReqInput": BatchTokenizedEmbeddingReqInput,
-            "AbortReq": AbortReq, "RpcReqOutput": RpcReqOutput,
-            "CudaIpcTensorTransportProxy": CudaIpcTensorTransportProxy,
-            "gpu_tensor_hash": gpu_tensor_hash, "envs": _Envs(),
-        })
+        self.ns = ns = mod.__dict__
+        ns.update(_base_namespace(self.dist, self.settings))
         sys.modules[self.module_name] = mod
+        self.resolver = _Resolver(install.package_dir, [install.path(k) for k in (
+            "schedule_batch", "mm_utils", "utils_common", "scheduler")], ns)
+        self._load_items()
+        self._load_scheduler()
+        self._load_tokenizer_step()
+        self.Modality = ns["Modality"]
+        self.MultimodalDataItem = ns["MultimodalDataItem"]
+        self.MultimodalInputs = ns["MultimodalInputs"]
+        self.ProcessorOutput = ns.get("MultimodalProcessorOutput")  # 0.5.10+: what the tokenizer sends
+        self._instrument()
+
+    def _load_items(self) -> None:
+        """schedule_batch's item classes and the hashing they call, with what they use."""
+        install = self.install
         nodes: list[ast.stmt] = []
         nodes += _extract(install.path("utils_common"), ["flatten_nested_list", "broadcast_pyobj"])
         nodes += _extract(install.path("mm_utils"), ["data_hash", "tensor_hash", "hash_feature"])
@@ -338,46 +492,70 @@ class SGLangMMPath:
                                                      "is_feature_buffer_initialized", "reset_buffer_offset",
                                                      "try_add_to_buffer"], required=False)
         sb = install.path("schedule_batch")
-        nodes += _extract(sb, ["Modality"])
-        nodes += _extract(sb, ["MultimodalInputFormat"], required=False)  # 0.5.7+
         nodes += _extract(sb, ["MultimodalDataItem", "MultimodalInputs"])
-        nodes += _extract(install.path("scheduler"), ["is_health_check_generate_req"])
+        nodes += _extract(sb, ["MultimodalProcessorOutput"], required=False)  # 0.5.10+
         tm = install.path("tokenizer_manager")
         if tm.exists():  # what an applied patch runs on the tokenizer side (precompute, shm)
             nodes += [n for name, n in _top_level(tm).items() if name.startswith(("_mmdiag_", "_MMDIAG_"))]
-        nodes = _with_module_helpers(nodes, [install.path(k) for k in ("schedule_batch", "mm_utils", "utils_common")],
-                                     ns)
-        self._exec(nodes, ns, str(install.path("schedule_batch")))
+        for name in ("Modality", "MultimodalInputFormat"):  # schedule_batch's own, or imported (0.5.19+)
+            if name not in {getattr(n, "name", None) for n in nodes}:
+                node = self.resolver.lookup(name)
+                nodes = ([node] if node is not None else []) + nodes
+        self._exec(self.resolver.closure(nodes), self.ns, str(sb))
 
+    def _load_scheduler(self) -> None:
+        """A Scheduler class of the install's own mm methods (patched or not) and the
+        stand-in handlers that call its mm entry point."""
+        install, det, ns = self.install, self.detection, self.ns
         spans = scheduler_methods(install.path("scheduler").read_text(encoding="utf-8"))
         wanted = [n for n in spans if n in (
             "_process_and_broadcast_mm_inputs", "_get_multimodal_inputs", "process_input_requests",
-            "handle_batch_generate_request", "handle_batch_embedding_request",
+            "handle_batch_generate_request", "handle_batch_embedding_request", "_tokenized_requests",
             "_mmdiag_orig_process_input_requests") or n.startswith("_mmdiag_")
             and n != "_mmdiag_orig_recv_requests"]  # shm's wrapped receive: the caller's broadcast_pyobj stands in
         if "_mmdiag_orig_abort_request" in spans:
             wanted.append("abort_request")  # the batch wrapper; the original part is a stand-in
         methods = [spans[n].node for n in wanted if n != "_mmdiag_orig_abort_request"]
-        gen_callee = mm_call_of(spans.get("handle_generate_request"))
+        handler = det.facts.handler or "handle_generate_request"  # 0.5.22+: _handle_generate_request
+        gen_callee = mm_call_of(spans.get(handler))
         emb_callee = mm_call_of(spans.get("handle_embedding_request"), "recv_req.image_inputs")
         if gen_callee is None:
-            raise UnknownLayout("handle_generate_request makes no call on recv_req.mm_inputs",
-                                where=str(install.path("scheduler")))
-        handlers = ast.parse(_mm_handler_source("handle_generate_request", "mm_inputs", gen_callee)
-                             + _mm_handler_source("handle_embedding_request", "image_inputs", emb_callee)).body
+            raise UnknownLayout(f"{handler} makes no call on recv_req.mm_inputs", where=str(install.path("scheduler")))
+        err = "_MultimodalInputProcessingError" if self.resolver.lookup("_MultimodalInputProcessingError") else None
+        handlers = ast.parse(_mm_handler_source("handle_generate_request", "mm_inputs", gen_callee, err)
+                             + _mm_handler_source("handle_embedding_request", "image_inputs", emb_callee, err)).body
         cls = ast.ClassDef(name="Scheduler", bases=[], keywords=[], decorator_list=[],
                            body=methods + handlers, type_params=[])
-        self._exec([cls], ns, str(install.path("scheduler")))
+        nodes = self.resolver.closure([cls])
+        self._exec(nodes, ns, str(install.path("scheduler")))
         self.Scheduler = ns["Scheduler"]
         if "abort_request" not in self.Scheduler.__dict__:
             self.Scheduler.abort_request = _standin_abort
         else:
             self.Scheduler._mmdiag_orig_abort_request = _standin_abort
-        self.Modality = ns["Modality"]
-        self.MultimodalDataItem = ns["MultimodalDataItem"]
-        self.MultimodalInputs = ns["MultimodalInputs"]
-        self.ns = ns
-        self._instrument()
+
+    def _load_tokenizer_step(self) -> None:
+        """The release's own tokenizer-side hashing statement (0.5.7+: `if
+        envs.SGLANG_MM_PRECOMPUTE_HASH.get() ...:`, reading this process's environment),
+        as an async function of (self, mm_inputs); its thread pool from 0.5.21."""
+        self._release_step = self._tm_self = self._loop = None
+        text = self.install.path("tokenizer_manager").read_text(encoding="utf-8") \
+            if self.install.path("tokenizer_manager").exists() else None
+        stmt = precompute_statement(astutil.parse(text, "tokenizer_manager.py")) if text else None
+        if stmt is None:
+            return
+        fn = ast.AsyncFunctionDef(name="_mmdiag_release_tokenizer_step", args=ast.arguments(
+            posonlyargs=[], args=[ast.arg("self"), ast.arg("mm_inputs")], kwonlyargs=[], kw_defaults=[], defaults=[]),
+            body=[stmt], decorator_list=[], returns=None, type_params=[])
+        nodes = [fn]
+        if "hash_executor" in ast.unparse(stmt):  # 0.5.21+: the release's pool does the hashing
+            pool_file = self.install.package_dir / facts()["probes"]["hash_executor"]
+            nodes = _extract(pool_file, ["MultimodalHashExecutor"]) + nodes
+            self.resolver.add_file(pool_file)
+        self._exec(self.resolver.closure(nodes), self.ns, str(self.install.path("tokenizer_manager")))
+        self._release_step = self.ns["_mmdiag_release_tokenizer_step"]
+        pool = self.ns["MultimodalHashExecutor"]() if "MultimodalHashExecutor" in self.ns else None
+        self._tm_self = types.SimpleNamespace(mm_processor=types.SimpleNamespace(hash_executor=pool))
 
     @staticmethod
     def _exec(nodes, ns, filename):
@@ -396,10 +574,10 @@ class SGLangMMPath:
 
         def counted(fn, name):
             """fn, adding one call and its seconds to stats.<name>_calls / <name>_s."""
-            def wrapper(*args):
+            def wrapper(*args, **kwargs):
                 t0 = time.perf_counter()
                 try:
-                    return fn(*args)
+                    return fn(*args, **kwargs)
                 finally:
                     setattr(st, f"{name}_calls", getattr(st, f"{name}_calls") + 1)
                     setattr(st, f"{name}_s", getattr(st, f"{name}_s") + time.perf_counter() - t0)
@@ -407,8 +585,9 @@ class SGLangMMPath:
             return wrapper
 
         self.ns["hash_feature"] = counted(self.ns["hash_feature"], "hash")
-        real_from_dict = self.MultimodalInputs.__dict__["from_dict"].__func__
-        self.MultimodalInputs.from_dict = staticmethod(counted(real_from_dict, "from_dict"))
+        name = self.detection.facts.materializer or "from_dict"  # from_processor_output from 0.5.10
+        real = self.MultimodalInputs.__dict__[name].__func__
+        setattr(self.MultimodalInputs, name, staticmethod(counted(real, "from_dict")))
 
     # ---------------------------------------------------------------- helpers
     def make_scheduler(self, cpu_group=None, *, enable_broadcast_mm_inputs_process: bool = False):
@@ -423,8 +602,10 @@ class SGLangMMPath:
         # 0.5.8+: the broadcast reads the DP-TP group (the same ranks here)
         s.dp_tp_cpu_group = cpu_group
         s.dp_tp_group = types.SimpleNamespace(rank_in_group=rank_in_group, first_rank=s.entry_rank)
-        s.server_args = types.SimpleNamespace(
-            enable_broadcast_mm_inputs_process=enable_broadcast_mm_inputs_process)
+        s.server_args = self.settings  # read as server_args. (to 0.5.16) or get_mm(). (0.5.17+)
+        self.settings.enable_broadcast_mm_inputs_process = enable_broadcast_mm_inputs_process
+        s.model_config = types.SimpleNamespace(requires_mm_token_modalities=False)  # 0.5.21+
+        _idle_server_state(s)
         s.chunked_req = None
         s.dllm_manager = types.SimpleNamespace(any_staging_reqs=lambda: False)  # 0.5.9: no dLLM staging
         s.running_batch = _EmptyBatch()
@@ -434,6 +615,7 @@ class SGLangMMPath:
         s.send_to_tokenizer = None
         s.mm_results = {}
         s.aborted = []
+        s.rejected = {}  # rid -> error, requests the release's handler rejects (0.5.19+)
         s._request_dispatcher = _Dispatcher([
             (TokenizedGenerateReqInput, s.handle_generate_request),
             (TokenizedEmbeddingReqInput, s.handle_embedding_request),
@@ -448,7 +630,10 @@ class SGLangMMPath:
         item.model_specific_data.update(model_specific)
         return item
 
-    def make_mm_inputs(self, items, **extra) -> dict:
+    def make_mm_inputs(self, items, **extra):
+        """What the tokenizer sends: a dict, from 0.5.10 the release's MultimodalProcessorOutput."""
+        if self.ProcessorOutput is not None:
+            return self.ProcessorOutput(mm_items=list(items), **extra)
         return {"mm_items": list(items), **extra}
 
     @staticmethod
@@ -467,17 +652,29 @@ class SGLangMMPath:
     def batch_req(reqs):
         return BatchTokenizedGenerateReqInput(batch=list(reqs))
 
+    def release_precompute_on(self) -> bool:
+        """The release hashes in its tokenizer manager: it has the SGLANG_MM_PRECOMPUTE_HASH
+        statement (0.5.7+) and this process's environment turns it on."""
+        return self._release_step is not None and _EnvVar("SGLANG_MM_PRECOMPUTE_HASH").get()
+
     def tokenizer_side(self, mm_inputs) -> bool:
-        """The install's tokenizer-manager step after the processor; True if it hashed."""
-        fn = self.ns.get("_mmdiag_precompute_mm_hashes") or self.ns.get("_mmdiag_shm_export")
-        if fn is None and self.detection.facts.precompute_env and _EnvVar("SGLANG_MM_PRECOMPUTE_HASH").get():
-            fn = _release_precompute  # 0.5.7+: what the release's tokenizer does under the variable
-        if fn is None or mm_inputs is None:
+        """The install's tokenizer-manager step after the processor; True if it hashed:
+        mmdiag's `precompute` or `shm` patch, or the release's own SGLANG_MM_PRECOMPUTE_HASH
+        statement (it reads the variable from this process's environment)."""
+        if mm_inputs is None:
+            return False
+        patched = self.ns.get("_mmdiag_precompute_mm_hashes") or self.ns.get("_mmdiag_shm_export")
+        if patched is None and not self.release_precompute_on():
             return False
         st = self.stats
         calls, hash_s, t0 = st.hash_calls, st.hash_s, time.perf_counter()
         try:
-            fn(mm_inputs)
+            if patched is not None:
+                patched(mm_inputs)
+            else:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                self._loop.run_until_complete(self._release_step(self._tm_self, mm_inputs))
         finally:
             st.tokenizer_hash_calls += st.hash_calls - calls
             st.tokenizer_hash_s += time.perf_counter() - t0
@@ -505,14 +702,21 @@ class SGLangMMPath:
         return out
 
 
-def _release_precompute(mm_inputs) -> None:
-    """SGLANG_MM_PRECOMPUTE_HASH=1 in the release's tokenizer manager: set_pad_value() on
-    each item of mm_items (the release's own method; 0.5.21+ runs the same calls in a
-    pool of 2 threads, which this single-threaded stand-in does not model)."""
-    items = mm_inputs.get("mm_items") if isinstance(mm_inputs, dict) else getattr(mm_inputs, "mm_items", None)
-    for item in items or ():
-        if hasattr(item, "set_pad_value"):
-            item.set_pad_value()
+def _idle_server_state(s) -> None:
+    """Stand-ins for the server state process_input_requests reads from 0.5.10 on, as
+    an idle server with nothing but this call has it: no sessions to reap, no pending
+    flush, no RPC or Rust front end, nothing to send back to the tokenizer."""
+    noop = types.SimpleNamespace(maybe_reap=lambda now: None, check_pending=lambda: None,
+                                 send_output=lambda *a, **k: None)
+    s.session_controller = s.flush_wrapper = noop
+    s._check_pending_flush = lambda: None
+    s.is_fully_idle = lambda **k: True
+    s.return_health_check_ipcs = []
+    s.ipc_channels = types.SimpleNamespace(recv_from_rpc=None, send_to_tokenizer=noop)
+    s.external_corpus_manager = s.rust_server = None
+    s.send_control_output = lambda output, recv_req: None
+    s._event_loop_should_restart = False
+    s.scheduler_stage_metrics = None  # 0.5.21+: stage metrics off (the server's default)
 
 
 def _standin_abort(self, recv_req):

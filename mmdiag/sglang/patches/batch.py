@@ -19,7 +19,8 @@ requests in that call), dropped by abort_request, and cleared when the call ends
 """
 from __future__ import annotations
 
-from .common import MARK, Collective, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout
+from .common import (MARK, Collective, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout,
+                     take_decorators)
 
 STRATEGY = "batch"
 DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
@@ -65,7 +66,8 @@ def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
 '''
 
 
-def helpers(c: Collective) -> str:
+def helpers(c: Collective, decorators: str = "") -> str:
+    """`decorators`: the original process_input_requests' (moved to the wrapper)."""
     return f'''
 {MARK} batch -- helpers. See mmdiag.sglang.patches.batch for why ranks stay in step.
 @staticmethod
@@ -111,7 +113,7 @@ def _mmdiag_batch_prepare(self, recv_reqs):
         if mm is not None:
             self._mmdiag_mm_cache[id(raw)] = (raw, rid, mm)
 
-def process_input_requests(self, recv_reqs):
+{decorators}def process_input_requests(self, recv_reqs):
     {MARK} batch -- prepare once, run SGLang's own loop, drop what is left.
     self._mmdiag_batch_prepare(recv_reqs)
     try:
@@ -136,9 +138,11 @@ def build(det, texts: dict[str, str]) -> Plan:
     def prepare(s: str, where: str, c: Collective) -> str:
         require_layout(s, "Scheduler", "process_input_requests", where)  # presence (no fingerprints listed)
         require_layout(s, "Scheduler", "abort_request", where)
-        # Rename first: afterwards the wrappers take the original names.
+        # Rename first: afterwards the wrappers take the original names (and decorators:
+        # the stage timer of 0.5.19+ must cover the prepare step too).
+        s, decorators = take_decorators(s, "Scheduler", "process_input_requests")
         s = rename_method(s, "Scheduler", "process_input_requests", "_mmdiag_orig_process_input_requests", STRATEGY)
         s = rename_method(s, "Scheduler", "abort_request", "_mmdiag_orig_abort_request", STRATEGY)
-        return insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", helpers(c))
+        return insert_after_method(s, "Scheduler", "_process_and_broadcast_mm_inputs", helpers(c, decorators))
 
     return patch_broadcast_path(det, texts, STRATEGY, method, prepare)
