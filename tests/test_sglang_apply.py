@@ -416,3 +416,23 @@ def test_stale_record_after_reinstall_is_dropped(tmp_path):
     r = run("batch", "--sglang", pkg, "--yes")
     assert r.exit_code == 0 and "stale record of `dict`" in r.output, r.output
     assert detect(locate(str(pkg))).patched == "batch"
+
+
+def test_batch_wrapper_keeps_the_stage_timer_of_process_input_requests(tmp_path):
+    """0.5.23 times process_input_requests as a scheduler stage (scheduler_stage_seconds_total,
+    NVTX): after `batch`, the decorator sits on the wrapper, so the prepare step (the entry
+    rank's materialization and the one broadcast) is booked to that stage, not to `other`."""
+    import ast
+    pkg = site_packages("0.5.23", tmp_path / "site")
+    before = {n.name: [ast.unparse(d) for d in n.decorator_list] for n in _scheduler_methods(pkg)}
+    assert A.apply(locate(str(pkg)), "batch").status == "applied"
+    after = {n.name: [ast.unparse(d) for d in n.decorator_list] for n in _scheduler_methods(pkg)}
+    assert before["process_input_requests"] and after["process_input_requests"] == before["process_input_requests"]
+    assert after["_mmdiag_orig_process_input_requests"] == []
+
+
+def _scheduler_methods(pkg):
+    import ast
+    tree = ast.parse((pkg / "srt/managers/scheduler.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Scheduler")
+    return [n for n in cls.body if isinstance(n, ast.FunctionDef)]

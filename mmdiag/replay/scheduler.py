@@ -320,8 +320,11 @@ class ReplayScheduler:
         for r, mm in ready:
             self.holds[r.rid] = now
             fp = mm.fingerprint() if mm is not None else ()
-            expected = len(r.mm_inputs["mm_items"]) if r.mm_inputs is not None else 0
-            if len(fp) != expected or any(h is None or p != h % PAD_MODULUS for h, p in fp):
+            raw = r.mm_inputs  # a dict, or an installed 0.5.10+ release's MultimodalProcessorOutput
+            expected = len(raw["mm_items"] if isinstance(raw, dict) else raw.mm_items) if raw is not None else 0
+            # an installed release's pad values are its own (MM_PAD_SHIFT from 0.5.9, identity from 0.5.19)
+            pad_ok = getattr(self.strategy, "pad_value_ok", None) or (lambda h, p: p == h % PAD_MODULUS)
+            if len(fp) != expected or any(h is None or not pad_ok(h, p) for h, p in fp):
                 self.invalid += 1
             self.fingerprints[r.rid] = fp
             r.mm_inputs = None  # free the features as soon as the rank holds its own copy
