@@ -65,7 +65,8 @@ def _shm_handles(reqs):
     """Items whose feature is an applied `shm` patch's handle (a tuple), in received requests."""
     subs = [s for r in reqs for s in (r.batch if hasattr(r, "batch") else [r])]
     raws = [getattr(s, "mm_inputs", None) or getattr(s, "image_inputs", None) for s in subs]
-    return [it for raw in raws if raw for it in raw["mm_items"] if isinstance(it.feature, tuple)]
+    items = [it for raw in raws if raw for it in (raw["mm_items"] if isinstance(raw, dict) else raw.mm_items)]
+    return [it for it in items if isinstance(it.feature, tuple)]
 
 
 def _build(path, call):
