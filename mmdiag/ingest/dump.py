@@ -324,18 +324,18 @@ def _seconds(x: Any) -> float | None:
 def _arrivals(records: list, max_gap: float | None, conv: Conversion) -> Iterator[TraceRequest]:
     """Sorted (created, request, file) records as trace requests timed from the first; a gap
     over max_gap is cut to it; with none given, a gap over MAX_GAP_S is refused."""
-    t, prev = 0.0, records[0][0]
+    t, prev, prev_rid = 0.0, records[0][0], records[0][1].rid
     for created, tr, path in records:
         gap = created - prev
         if max_gap is not None and gap > max_gap:
             gap, conv.gaps_shortened = max_gap, conv.gaps_shortened + 1
         elif max_gap is None and gap > MAX_GAP_S:
             span = records[-1][0] - records[0][0]
-            raise DumpError(f"request {tr.rid!r} was created {gap:.0f} s after the one before it (the dumps span "
+            raise DumpError(f"request {tr.rid!r} was created {gap:.0f} s after {prev_rid!r} (the dumps span "
                             f"{span / 3600:.1f} h of created_time): a replay would wait that long", where=path,
                             fix="pass --max-gap S to shorten every idle gap to S seconds, or convert the dumps "
                                 "of one busy period")
-        t, prev = t + gap, created
+        t, prev, prev_rid = t + gap, created, tr.rid
         yield replace(tr, t=t)
 
 
