@@ -108,3 +108,21 @@ def test_bad_character_mid_line_reports_its_column(tmp_path):
     with pytest.raises(TraceError, match=r"column 24\)") as e:
         scan(p)
     assert "truncated" not in str(e.value)
+
+
+def test_sigterm_while_writing_a_trace_leaves_nothing(tmp_path):
+    """SIGTERM (as Ctrl-C) mid-write: exit 143, one line, no output and no temporary file beside it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    p = subprocess.Popen([sys.executable, "-m", "mmdiag", "trace", "synth", "-n", "3000000", "-o",
+                          str(tmp_path / "big.jsonl")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.listdir(tmp_path) and time.time() < deadline:   # the temporary file is being written
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and err.strip() == "mmdiag: error: terminated by SIGTERM; nothing was written", err
+    assert os.listdir(tmp_path) == []

@@ -6,12 +6,15 @@ anywhere leaves as `mmdiag: error: what; what to do` on stderr (and, under --jso
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import warnings
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import click
 
-from ..errors import MmdiagError
+from ..errors import MmdiagError, Terminated
 from .. import render
 from ..fileio import dumps_json
 
@@ -20,11 +23,31 @@ EXIT_INTERRUPTED = 130
 _JSON = "mmdiag.json"   # ctx.meta key: this invocation prints machine JSON on stdout
 _ARGV = "mmdiag.argv"
 
-# What Ctrl-C left behind, by command (default: the replay's).
-INTERRUPTED = {"profile": "py-spy was stopped, nothing was written",
+# What Ctrl-C or SIGTERM left behind, by command.
+_RANKS_STOPPED = "every rank was stopped, no Run was written"
+INTERRUPTED = {"replay": _RANKS_STOPPED, "demo": _RANKS_STOPPED, "recommend": _RANKS_STOPPED,
+               "profile": "py-spy was stopped, nothing was written",
                "top": "py-spy was stopped, the target runs on untouched",
                "apply": "the install was left as it was before this command"}
-DEFAULT_INTERRUPTED = "every rank was stopped, no Run was written"
+DEFAULT_INTERRUPTED = "nothing was written"
+
+
+@contextlib.contextmanager
+def _sigterm_as_error(outcome: Callable[[], str]) -> Iterator[None]:
+    """SIGTERM unwinds every command as Ctrl-C does (temporary files removed, processes
+    stopped), then exits 143; a replay sets its own handler inside this one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated(f"terminated by SIGTERM; {outcome()}")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def mark_json(ctx: click.Context, value: Any = True) -> None:
@@ -51,7 +74,8 @@ class MmdiagGroup(click.Group):
         old = warnings.showwarning
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"mmdiag: warning: {msg}", err=True)
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_error(lambda: _left_behind(ctx)):
+                return super().invoke(ctx)
         except MmdiagError as e:
             click.echo(f"mmdiag: error: {e.one_line()}", err=True)
             detail = getattr(e, "detail", "")
@@ -70,13 +94,18 @@ class MmdiagGroup(click.Group):
                 click.echo(dumps_json({"error": what, "fix": fix, "exit_code": e.exit_code}))
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            what = f"interrupted; {INTERRUPTED.get(ctx.invoked_subcommand, DEFAULT_INTERRUPTED)}"
+            what = f"interrupted; {_left_behind(ctx)}"
             click.echo(f"mmdiag: {what}", err=True)
             if wants_json(ctx):   # a JSON reader learns the outcome too, as with SIGTERM
                 click.echo(dumps_json({"error": what, "fix": None, "exit_code": EXIT_INTERRUPTED}))
             ctx.exit(EXIT_INTERRUPTED)
         finally:
             warnings.showwarning = old
+
+
+def _left_behind(ctx: click.Context) -> str:
+    """What an interrupted subcommand left (`trace` for `trace synth`)."""
+    return INTERRUPTED.get(ctx.invoked_subcommand, DEFAULT_INTERRUPTED)
 
 
 def json_switch(what: str):
