@@ -135,6 +135,20 @@ def test_busy_port_is_a_one_line_error(tmp_path):
     assert f"port {port} is already in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_trace_spanning_hours_is_announced_before_the_wait(tmp_path):
+    """Arrivals 3 h apart: the replay says it will wait them out before it starts (here a busy
+    port then stops it, so the test does not wait)."""
+    from mmdiag.trace import MMItem, TraceHeader, TraceRequest, write_trace
+    trace = str(tmp_path / "t.jsonl")
+    write_trace(trace, TraceHeader(arrival={"mode": "recorded"}),
+                iter([TraceRequest(f"r{i}", t, 8, (MMItem("image", (4, 1176)),)) for i, t in enumerate((0.0, 10800.0))]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--port", str(s.getsockname()[1]), timeout=60)
+    assert r.returncode == 3 and "arrivals span 180 min" in r.stderr and "--max-gap" in r.stderr, r.stderr
+
+
 def test_torchrun_launch_over_loopback(tmp_path):
     trace = make_trace(tmp_path / "t.jsonl", n=12, rows=16)
     out = tmp_path / "run.json"

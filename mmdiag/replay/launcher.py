@@ -39,6 +39,8 @@ JOB_DIR_PREFIX = "mmdiag-replay-"
 # A job folder whose launcher is gone and whose ranks have not beaten for this long is an orphan
 # (the beat guards a launcher this PID namespace cannot see, on a shared /tmp).
 ORPHAN_S = 60.0
+# Arrivals spread over longer than this: say up front that the replay waits them out.
+LONG_SPAN_S = 600.0
 
 
 def _launcher_pid(prefix: str) -> int | None:
@@ -143,6 +145,10 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
             raise MmdiagError(f"{flag} must be {'positive' if flag in ('--timeout', '--max-recv-mb') else 'at least 1'}, got {value}")
     header, stats = scan(trace)  # a malformed trace fails here, before any process starts
     est = check_memory(opts, header, stats)
+    if stats.duration_s > LONG_SPAN_S:
+        warnings.warn(f"the trace's arrivals span {stats.duration_s / 60:.0f} min and each strategy's replay waits "
+                      "them out; for a shorter one: trace synth -n or --request-rate, trace from-dump --max-gap",
+                      stacklevel=2)
     if opts.tp > (os.cpu_count() or 1):
         warnings.warn(f"--tp {opts.tp} is more than this machine's {os.cpu_count()} cores: "
                       "ranks share cores, so timings are pessimistic", stacklevel=2)
