@@ -350,6 +350,9 @@ def from_raw(files: list[str], rate: int = PYSPY_DEFAULT_RATE_HZ, rules: str | N
             blocks.append((threads, read_raw(g) if g else None))
         pm = re.search(r"pid(\d+)", os.path.basename(fs[0]))
         title = os.path.basename(fs[0]) if len(fs) == 1 else f"{os.path.basename(fs[0])} (+{len(fs) - 1} blocks)"
-        samples.append(RankSamples.from_blocks(rank, int(pm.group(1)) if pm else None, title, blocks))
+        # The blocks given with a --gil file are those recorded with one (mmdiag's own
+        # --raw-dir has one every GIL_EVERY blocks): the GIL figures come from them.
+        samples.append(RankSamples.from_blocks(rank, int(pm.group(1)) if pm else None, title, blocks,
+                                               gil_planned=sum(g is not None for _, g in blocks)))
     live = {"source": "raw", "files": list(files), "rate_hz": rate, "target_pid": None}
     return build_run(samples, ruleset, None, None, live, [], gil=bool(gil_files))
