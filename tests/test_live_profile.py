@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from mmdiag.analysis.findings import findings
+from mmdiag.render.text import render_run
 from mmdiag.live import from_raw, profile
 from mmdiag.run import Run
 from mmdiag.live.discover import discover, parse_title
@@ -176,6 +177,9 @@ def test_run_contract(live):
         # One meaning of a share from both collectors: wall time per phase over the window.
         assert abs(r["phases_ms"]["recv"] / (10.0 * r["wall_s"]) - p["phases_pct"]["recv"]) < 0.5
     assert any("broadcast_object_list" in f for f in findings(Run.from_dict(d)))
+    # The load's block-to-block variation is printed apart from the sampling interval.
+    spread, rank = max((r["profile"]["phases_spread"]["idle"], r["rank"]) for r in d["strategies"]["commit"]["ranks"])
+    assert f"idle +/-{spread:.1f} (rank {rank})" in render_run(Run.from_dict(d))
 
 
 def test_from_raw_same_numbers(live, tmp_path):

@@ -218,9 +218,12 @@ def test_threshold_option_forms_and_mistakes(tmp_path):
     th = T.from_option(str(run_file))
     assert (th.bytes, th.source) == (crossover, "measured") and str(run_file) in th.text
     trace = make_trace(tmp_path / "t.jsonl", n=2, rows=8)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("threshold: about a megabyte\n")
     for args, words in ((["--strategy", "revert", "--threshold", "1M"], "add --strategy cond"),
                         (["--strategy", "cond", "--threshold", "lots"], "not a byte count"),
-                        (["--strategy", "cond", "--threshold", str(trace)], "not JSON")):
+                        (["--strategy", "cond", "--threshold", str(trace)], "is a trace, not a Run"),
+                        (["--strategy", "cond", "--threshold", str(notes)], "not JSON")):
         r = mmdiag_cli("replay", trace, "--tp", "2", *args)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

@@ -53,7 +53,7 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
                    + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
                    disable_numparse=True)
     out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
-           "how precise a profile is)\n\n" + tab + "\n")
+           "how precise a profile is)\n\n" + tab + "\n" + _spread_line(run))
     found = findings(run)
     if found:
         out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in found) + "\n"
@@ -85,3 +85,17 @@ def render_catalog_md(cat: list[dict[str, Any]]) -> str:
     # Unpadded rows: the README keeps this table, and a diff of it should show only what changed.
     rows = [CATALOG_HEADERS, ["---"] * len(CATALOG_HEADERS)] + _catalog_rows(cat, "`")
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _spread_line(run: Run) -> str:
+    """The load's own variation between windows of this length (phases_spread), apart from the
+    sampling error in the table: the widest rank per phase."""
+    widest: dict[str, tuple[float, int]] = {}
+    for rank in run.ranks or []:
+        for p, v in (rank.profile or ProfileRank()).phases_spread.items():
+            if p in PROFILE_SHOWN and v is not None and not math.isnan(v) and v > widest.get(p, (-1.0, 0))[0]:
+                widest[p] = (v, rank.rank)
+    if not widest:
+        return ""
+    parts = ", ".join(f"{p} +/-{widest[p][0]:.1f} (rank {widest[p][1]})" for p in PROFILE_SHOWN if p in widest)
+    return f"\nload variation between windows this long (95%, widest rank): {parts}\n"

@@ -77,11 +77,11 @@ class InstalledPath(Strategy):
 
 def time_with(path: Any, timers: PhaseTimers) -> None:
     """Make the install's extracted code report to `timers` as mmdiag's model does."""
-    cls = path.MultimodalInputs
-    untimed = getattr(cls, "_mmdiag_untimed_from_dict", None)
+    cls, name = path.MultimodalInputs, path.materializer  # the phase is from_dict whatever its name
+    untimed = getattr(cls, "_mmdiag_untimed_materializer", None)
     if untimed is None:
-        untimed = cls._mmdiag_untimed_from_dict = cls.__dict__["from_dict"].__func__
-    cls.from_dict = staticmethod(timers.timed("from_dict", untimed))
+        untimed = cls._mmdiag_untimed_materializer = cls.__dict__[name].__func__
+    setattr(cls, name, staticmethod(timers.timed("from_dict", untimed)))
     path.dist.issue = functools.partial(broadcast_object_list_timed, timers)
 
 

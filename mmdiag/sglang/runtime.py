@@ -585,9 +585,14 @@ class SGLangMMPath:
             return wrapper
 
         self.ns["hash_feature"] = counted(self.ns["hash_feature"], "hash")
-        name = self.detection.facts.materializer or "from_dict"  # from_processor_output from 0.5.10
+        name = self.materializer
         real = self.MultimodalInputs.__dict__[name].__func__
         setattr(self.MultimodalInputs, name, staticmethod(counted(real, "from_dict")))
+
+    @property
+    def materializer(self) -> str:
+        """MultimodalInputs' materializing staticmethod: from_processor_output from 0.5.10."""
+        return self.detection.facts.materializer or "from_dict"
 
     # ---------------------------------------------------------------- helpers
     def make_scheduler(self, cpu_group=None, *, enable_broadcast_mm_inputs_process: bool = False):
