@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mmdiag-installed
 # PyPI's torch for Linux is the CUDA build (GBs of nvidia-* packages): the +cpu build comes from
 # PyTorch's own index (a local wheel or mirror that pip already knows about serves as well).
+# One retry: where that index is unreachable, pip's default 5 retries per package cost minutes.
 TORCH       ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, and only if missing: the CPU build (see TORCH above).
 	$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/pip install --disable-pip-version-check -q --extra-index-url $(TORCH_INDEX) '$(TORCH)'
+		$(BIN)/pip install --disable-pip-version-check -q --retries 1 --extra-index-url $(TORCH_INDEX) '$(TORCH)'
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $(STAMP)
 
