@@ -116,6 +116,18 @@ def wait_ranks(launcher, tp, timeout=120):
     raise RuntimeError("replay ranks did not appear")
 
 
+def cpu_throttle() -> tuple[int, int] | None:
+    """(periods throttled, microseconds throttled) of this cgroup's CPU quota, if it has one:
+    a quota-bound host stalls every process at once, py-spy included, and a stalled py-spy
+    misses ticks while the ranks are busy (so busy phases read low)."""
+    try:
+        with open("/sys/fs/cgroup/cpu.stat") as f:
+            st = dict(line.split() for line in f if line.strip())
+        return int(st.get("nr_throttled", 0)), int(st.get("throttled_usec", 0))
+    except (OSError, ValueError):
+        return None
+
+
 def accuracy(tmp, tp, args, tag, window, rate, prate):
     trace = os.path.join(tmp, f"acc-{tag}.jsonl")
     make_trace(trace, int(rate * (window + 90)), rate=rate)
@@ -128,8 +140,11 @@ def accuracy(tmp, tp, args, tag, window, rate, prate):
         while len(snapshot(stats)) < tp and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(3.0)  # past warm-up
-        snaps = {}
-        run = profile(launcher.pid, duration=window, rate=prate, on_window=lambda w: snaps.__setitem__(w, snapshot(stats)))
+        snaps, thr = {}, {}
+
+        def on_window(w):
+            snaps[w], thr[w] = snapshot(stats), cpu_throttle()
+        run = profile(launcher.pid, duration=window, rate=prate, on_window=on_window)
     finally:
         stop_group(launcher)
     truth = window_shares(snaps["start"], snaps["end"])
@@ -138,7 +153,9 @@ def accuracy(tmp, tp, args, tag, window, rate, prate):
     for row in rows:
         row["ci"] = prof[row["rank"]].phases_ci.get(row["phase"])
         row["spread"] = prof[row["rank"]].phases_spread.get(row["phase"])
-    return run, rows
+    throttle = (None if thr.get("start") is None or thr.get("end") is None else
+                tuple(b - a for a, b in zip(thr["start"], thr["end"])))
+    return run, rows, throttle
 
 
 def _inside(diff, hw) -> bool:
@@ -155,7 +172,7 @@ def coverage_line(rows, key) -> str:
         f"{p} {sum(per[p])}/{len(per[p])}" for p in PHASES if p in per)
 
 
-def print_accuracy(run, rows, strategy, tp, rate) -> bool:
+def print_accuracy(run, rows, throttle, strategy, tp, rate) -> bool:
     live = run.live
     print(f"\naccuracy, tp {tp}, {strategy} (detected: {live.strategy_detected}), window {live.duration_s:.1f} s "
           f"at {live.rate_hz} Hz in {live.block_s:g} s blocks, Poisson {rate} req/s, 4.7 MB images")
@@ -173,6 +190,10 @@ def print_accuracy(run, rows, strategy, tp, rate) -> bool:
         f"{p} {worst[p]['diff']:.1f} (rank {worst[p]['rank']})" for p in PHASES if p in worst))
     print(f"  coverage, timers inside the 95% sampling interval: {coverage_line(rows, 'ci')}")
     print(f"  (inside the block spread, for comparison: {coverage_line(rows, 'spread')})")
+    ns = [r.profile.samples for r in run.ranks]
+    thr = throttle
+    print(f"  samples per rank {min(ns)}..{max(ns)} (window x rate = {live.duration_s * live.rate_hz:.0f}); CPU quota "
+          + ("throttling: none readable" if thr is None else f"throttled {thr[0]} periods, {thr[1] / 1000:.0f} ms"))
     widest = max((h for r in run.ranks for h in r.profile.phases_ci.values() if h is not None), default=float("nan"))
     passed = all(r["diff"] <= BOUND_POINTS for r in rows)
     print(f"  widest 95% interval of any share: +/-{widest:.1f} points (target {TARGET_CI_PTS:g}); within "
@@ -284,8 +305,8 @@ def main():
         for tp in a.tp:
             if not a.skip_accuracy:
                 for strategy, args in targets.items():
-                    run, rows = accuracy(tmp, tp, args, f"{tp}-{strategy}", a.window, a.rate, a.profile_rate)
-                    ok &= print_accuracy(run, rows, strategy, tp, a.rate)
+                    run, rows, throttle = accuracy(tmp, tp, args, f"{tp}-{strategy}", a.window, a.rate, a.profile_rate)
+                    ok &= print_accuracy(run, rows, throttle, strategy, tp, a.rate)
                     all_rows += rows
             if not a.skip_overhead and "commit" in targets:
                 ok &= overhead(tmp, tp, targets["commit"], a.pairs, a.requests, a.profile_rate)
