@@ -120,12 +120,15 @@ def cpu_throttle() -> tuple[int, int] | None:
     """(periods throttled, microseconds throttled) of this cgroup's CPU quota, if it has one:
     a quota-bound host stalls every process at once, py-spy included, and a stalled py-spy
     misses ticks while the ranks are busy (so busy phases read low)."""
-    try:
-        with open("/sys/fs/cgroup/cpu.stat") as f:
-            st = dict(line.split() for line in f if line.strip())
-        return int(st.get("nr_throttled", 0)), int(st.get("throttled_usec", 0))
-    except (OSError, ValueError):
-        return None
+    for path, usec_key, per_usec in (("/sys/fs/cgroup/cpu.stat", "throttled_usec", 1),         # cgroup v2
+                                     ("/sys/fs/cgroup/cpu/cpu.stat", "throttled_time", 1000)):  # v1, in ns
+        try:
+            with open(path) as f:
+                st = dict(line.split() for line in f if line.strip())
+            return int(st.get("nr_throttled", 0)), int(st.get(usec_key, 0)) // per_usec
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def accuracy(tmp, tp, args, tag, window, rate, prate):
