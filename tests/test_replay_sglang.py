@@ -71,3 +71,28 @@ def test_verify_of_a_setting_runs_the_release_code_with_it_in_the_ranks(tmp_path
     for s in (a, b):
         assert s["ranks_agree"] is True and s["ranks"][0]["replay"]["collectives"] == 0  # the flag stays off
     assert a["tokenizer_ms"]["tokenizer_hash"] > 0 and not b["tokenizer_ms"].get("tokenizer_hash")
+
+
+def test_the_installed_shm_patch_moves_features_by_shared_memory_in_the_replay(tmp_path):
+    """`apply shm` on a release whose recv broadcast pickles features: the replay runs the
+    patch's tokenizer side (its own hashing before the window, its segment write inside it),
+    so the recv broadcast carries handles and no scheduler rank hashes (the patched path
+    measured, not the release with half the patch)."""
+    pkg = site_packages("0.5.9", tmp_path / "site")
+    r = mmdiag_cli("apply", "shm", "--sglang", str(pkg), "--yes")
+    assert r.returncode == 0, r.stderr
+    rows = 256
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=rows)
+    out = tmp_path / "run.json"
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(out),
+                   env={"MMDIAG_STATE_DIR": str(tmp_path / "state")})
+    assert r.returncode == 0, r.stderr
+    (s,) = json.loads(out.read_text())["strategies"].values()
+    assert s["name"] == "shm" and s["ranks_agree"] is True
+    tok = s["tokenizer_ms"]
+    assert tok["tokenizer_hash"] > 0 and tok["tokenizer_shm"] > 0
+    for rank in s["ranks"]:
+        assert rank["phases_ms"]["from_dict"] < tok["tokenizer_hash"]  # materialized from handles, never hashed
+    # the recv broadcast carried handles: far fewer bytes than the features it delivered
+    feature_bytes = json.loads(out.read_text())["trace"]["mm_bytes"]
+    assert s["ranks"][1]["replay"]["recv_bytes"] < feature_bytes / 4

@@ -70,15 +70,26 @@ def make_request(tr: TraceRequest, idx: int, arrival: float, strategy: Strategy,
     return ReplayRequest(tr.rid, idx, [strategy.image_token_id] * n_tokens, mm, arrival)
 
 
-def tokenizer_prepass(trace_path: str) -> tuple[dict[int, list[int]], dict[int, float]]:
-    """The precompute strategy's tokenizer-side hashing, run before the timed window.
-    Returns per-request item hashes and per-request hashing seconds. Identical
-    features (same shape, dtype, fill) are hashed once and their measured time reused."""
+def tokenizer_prepass(trace_path: str, hash_request=None) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """The tokenizer-side hashing (precompute, shm), run before the timed window: in SGLang
+    it runs in the tokenizer process, off the scheduler loop. Returns per-request item
+    hashes and per-request hashing seconds. Identical features (same shape, dtype, fill)
+    are hashed once and their measured time reused. hash_request(modalities, features,
+    trace_hashes) -> (hashes, seconds): an installed release's own step, per request."""
     hashes: dict[int, list[int]] = {}
     seconds: dict[int, float] = {}
-    cache: dict[tuple, tuple[int, float]] = {}
+    cache: dict[tuple, tuple] = {}
     with TraceReader(trace_path) as reader:
         for idx, tr in enumerate(reader):
+            if hash_request is not None:
+                if tr.mm:
+                    key = tuple((it.shape, it.dtype, it.hash, idx % FILL_VALUES) for it in tr.mm)
+                    if key not in cache:
+                        cache[key] = hash_request([it.modality for it in tr.mm],
+                                                  [make_feature(it.shape, it.dtype, idx) for it in tr.mm],
+                                                  [it.hash for it in tr.mm])
+                    hashes[idx], seconds[idx] = cache[key]
+                continue
             hs, total = [], 0.0
             for it in tr.mm:
                 key = (it.shape, it.dtype, idx % FILL_VALUES)
@@ -289,7 +300,7 @@ class ReplayScheduler:
         for r in reqs:
             if r.mm_inputs is None:
                 continue
-            for phase, dt in (("tokenizer_hash", self.strategy.tokenizer_step(r.mm_inputs)),
+            for phase, dt in ((self.strategy.tokenizer_phase, self.strategy.tokenizer_step(r.mm_inputs)),
                               ("tokenizer_shm", self.transport.encode(self, r.mm_inputs))):
                 if dt:
                     self.tokenizer[phase][r.idx] = dt

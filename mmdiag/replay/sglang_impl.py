@@ -42,7 +42,9 @@ class InstalledPath(Strategy):
         self.flag = enable_broadcast_flag
         self.name = strategy_name(path, enable_broadcast_flag)
         self.summary = f"installed SGLang {path.install.version or ''} ({path.variant}, patch: {path.patched or 'none'})"
-        self.hashes_in_tokenizer = path.patched == "precompute" or path.release_precompute_on()
+        self.hashes_in_tokenizer = path.patched in ("precompute", "shm") or path.release_precompute_on()
+        # Hashing runs before the window (hash_request); the shm patch's segment write stays in it.
+        self.tokenizer_phase = "tokenizer_shm" if path.patched == "shm" else "tokenizer_hash"
 
     @staticmethod
     def pad_value_ok(item_hash: int, pad_value) -> bool:
@@ -54,14 +56,32 @@ class InstalledPath(Strategy):
         time_with(self.path, s.timers)
 
     def raw_mm_inputs(self, modalities, features, hashes) -> dict:
-        """The install's own raw mm_inputs dict for one request (what its tokenizer sends);
-        hashes are its tokenizer step's to set (tokenizer_step), not the trace's."""
+        """The install's own raw mm_inputs dict for one request (what its tokenizer sends).
+        Where the install hashes in its tokenizer, `hashes` are what its own step computed
+        before the window (hash_request), set as that step leaves them; else none is set."""
         items = [self.path.make_item(f, modality.upper()) for modality, f in zip(modalities, features)]
+        if self.hashes_in_tokenizer:
+            for item, h in zip(items, hashes):
+                if h is not None:
+                    item.hash = h
         return self.path.make_mm_inputs(items)
 
+    def hash_request(self, modalities, features, hashes) -> tuple[list, float]:
+        """The install's own tokenizer-side hashing of one request (its precompute patch, the
+        release's SGLANG_MM_PRECOMPUTE_HASH step, or the shm patch's hashing without its
+        write), run by the replay before its window as for mmdiag's model: in SGLang it runs
+        in the tokenizer process, off the scheduler loop. Returns (item hashes, seconds)."""
+        raw = self.raw_mm_inputs(modalities, features, hashes)
+        t0 = time.perf_counter()
+        self.path.tokenizer_side(raw, hash_only=True)
+        dt = time.perf_counter() - t0
+        items = raw["mm_items"] if isinstance(raw, dict) else raw.mm_items
+        return [getattr(it, "hash", None) for it in items], dt
+
     def tokenizer_step(self, raw_mm_inputs: dict) -> float:
-        """The install's tokenizer-manager step, when its patch hashes there; seconds."""
-        return tokenizer_side(self.path, raw_mm_inputs) if self.hashes_in_tokenizer else 0.0
+        """What is left of the install's tokenizer step inside the window once hash_request
+        ran: the shm patch's segment write (its hashing skips hashed items); seconds."""
+        return tokenizer_side(self.path, raw_mm_inputs) if self.path.patched == "shm" else 0.0
 
     def process(self, s, reqs) -> Ready:
         mm = self.mm_reqs(reqs)

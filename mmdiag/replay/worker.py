@@ -140,10 +140,11 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     if rank == 0:
         ctx["progress"].label = name + (f" {rep + 1}/{o.repeat}" if o.repeat > 1 else "")
         strategy.image_token_id = ctx["image_token_id"]
-        if strategy.hashes_in_tokenizer and plan.installed is None:
-            if ctx.get("prepass") is None:  # once per replay: the same trace for every repeat
-                ctx["prepass"] = tokenizer_prepass(job.trace)
-            sched.precomputed, outside = ctx["prepass"]
+        if strategy.hashes_in_tokenizer:
+            key = "prepass" if plan.installed is None else "prepass_installed"  # the install hashes its own way
+            if ctx.get(key) is None:  # once per replay: the same trace for every repeat
+                ctx[key] = tokenizer_prepass(job.trace, None if plan.installed is None else strategy.hash_request)
+            sched.precomputed, outside = ctx[key]
     dist.barrier(group=group)
     try:
         if rank == 0:

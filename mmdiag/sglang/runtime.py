@@ -662,15 +662,19 @@ class SGLangMMPath:
         statement (0.5.7+) and this process's environment turns it on."""
         return self._release_step is not None and _EnvVar("SGLANG_MM_PRECOMPUTE_HASH").get()
 
-    def tokenizer_side(self, mm_inputs) -> bool:
+    def tokenizer_side(self, mm_inputs, hash_only: bool = False) -> bool:
         """The install's tokenizer-manager step after the processor; True if it hashed:
         mmdiag's `precompute` or `shm` patch, or the release's own SGLANG_MM_PRECOMPUTE_HASH
-        statement (it reads the variable from this process's environment)."""
+        statement (it reads the variable from this process's environment). hash_only: the
+        `shm` patch's hashing without its segment write (SGLang's own set_pad_value on each
+        item, as its export does first): the replay hashes before its window."""
         if mm_inputs is None:
             return False
         patched = self.ns.get("_mmdiag_precompute_mm_hashes") or self.ns.get("_mmdiag_shm_export")
         if patched is None and not self.release_precompute_on():
             return False
+        if hash_only and patched is not None and patched is self.ns.get("_mmdiag_shm_export"):
+            patched = _set_pad_values
         st = self.stats
         calls, hash_s, t0 = st.hash_calls, st.hash_s, time.perf_counter()
         try:
@@ -735,3 +739,16 @@ def _standin_abort(self, recv_req):
 def load_sglang_mm_path(sglang_dir: str | Path | None = None) -> SGLangMMPath:
     """Load the multimodal path of the install at `sglang_dir` (None: this interpreter's)."""
     return SGLangMMPath(locate(None if sglang_dir is None else str(sglang_dir)))
+
+
+def _set_pad_values(mm_inputs) -> None:
+    """Hash each valid item with a feature (SGLang's own set_pad_value), as mmdiag's
+    `shm` export does before it writes the segments."""
+    items = mm_inputs.get("mm_items") if isinstance(mm_inputs, dict) else getattr(mm_inputs, "mm_items", None)
+    for item in items or ():
+        if not hasattr(item, "set_pad_value") or (hasattr(item, "is_valid") and not item.is_valid()):
+            continue
+        feature = item.feature if item.feature is not None else getattr(item, "precomputed_embeddings", None)
+        if feature is not None and getattr(item, "hash", None) is None \
+                and type(feature).__name__ != "CudaIpcTensorTransportProxy":
+            item.set_pad_value()

@@ -50,9 +50,12 @@ class Strategy:
         return {"mm_items": [MultimodalDataItem(m, f, hash=h) for m, f, h in zip(modalities, features, hashes)],
                 "im_token_id": self.image_token_id}
 
+    # The tokenizer-side phase (vocab.TOKENIZER_PHASES) that tokenizer_step's seconds count in.
+    tokenizer_phase: ClassVar[str] = "tokenizer_hash"
+
     def tokenizer_step(self, raw_mm_inputs: dict) -> float:
         """Tokenizer-side work this path runs inside the replay's window; seconds.
-        (mmdiag's model hashes before the window instead: see replay.scheduler.tokenizer_prepass.)"""
+        (Hashing runs before the window instead: see replay.scheduler.tokenizer_prepass.)"""
         return 0.0
 
     def setup(self, s: "ReplayScheduler") -> None:
