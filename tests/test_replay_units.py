@@ -62,13 +62,28 @@ def test_agreement_fails_on_different_digests_missing_holds_or_invalid_items():
     assert strategy_result("x", [ok, _outcome(1, {"a": 1.0}, invalid=1)], {}, TraceStats()).ranks_agree is False
 
 
-def test_tokenizer_hashing_adds_to_latency_only_when_outside_the_window():
-    arrivals = {"a": (0.0, 0)}
-    outs = [_outcome(0, {"a": 0.1}, arrivals=arrivals)]
-    tok = {"tokenizer_hash": {0: 0.05}}
-    before = strategy_result("p", outs, tok, TraceStats(), outside_window=("tokenizer_hash",))
-    assert round(before.latency_ms["p50"], 3) == 150.0
-    assert round(strategy_result("p", outs, tok, TraceStats()).latency_ms["p50"], 3) == 100.0
+def test_the_tokenizer_stage_delays_its_own_request_but_overlaps_the_others(tmp_path):
+    """Hashing before the scheduler (precompute, shm) runs between a request's send and the
+    moment the scheduler sees it: its clock still starts at the send (latency includes it)."""
+    trace = make_trace(tmp_path / "t.jsonl", n=3, rows=4, concurrency=1, text_every=0)
+    it = Intake(trace, start=0.0, max_concurrency=1, tokenizer_s={0: 0.3, 1: 0.3, 2: 0.3})
+    assert it.admit(now=0.0, globally_held=0, held_at=0.0) == []  # sent, still in the tokenizer
+    assert it.next_arrival() == pytest.approx(0.3)  # the scheduler sleeps until then, no spinning
+    (first,) = it.admit(now=0.3, globally_held=0, held_at=0.0)
+    assert first[0] == 0 and first[2] == 0.0
+    # concurrency 1: the next request is sent when the first is held (1.0), and hashed after that
+    assert it.admit(now=1.2, globally_held=1, held_at=1.0) == []
+    (second,) = it.admit(now=1.3, globally_held=1, held_at=1.0)
+    assert second[0] == 1 and second[2] == 1.0
+    it.close()
+    # at concurrency 3 the tokenizer works on the next requests while the loop has the first
+    it = Intake(trace, start=0.0, max_concurrency=3, tokenizer_s={0: 0.3, 1: 0.3, 2: 0.3})
+    got = it.admit(now=0.6, globally_held=0, held_at=0.0)
+    assert [idx for idx, _, _ in got] == [0, 1] and it.next_arrival() == pytest.approx(0.9)
+    assert not it.exhausted
+    it.admit(now=0.9, globally_held=0, held_at=0.0)
+    assert it.exhausted
+    it.close()
 
 
 def test_throughput_is_the_lower_of_the_loop_and_the_tokenizer_stage():

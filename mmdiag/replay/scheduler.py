@@ -14,6 +14,7 @@ which is how the entry rank runs a closed loop and knows when to stop.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import time
 from array import array
 from collections import deque
@@ -115,47 +116,74 @@ class Intake:
     request (seen through the per-iteration all_reduce). A request's clock starts
     when it could have been sent, max(start + t, the moment its slot freed), so
     time it waits behind the per-iteration byte cap counts in its latency.
+
+    Tokenizer stage: a request's tokenizer-side hashing (`tokenizer_s`, seconds per
+    request index, measured before the window) runs between its send and the moment the
+    scheduler sees it, on `workers` servers in arrival order. It overlaps the loop's work
+    on other requests, as SGLang's tokenizer process does, but not its own request's: at
+    concurrency 1 it adds to every request's cycle, as it does in the server.
     """
 
     def __init__(self, trace_path: str, start: float, max_concurrency: int | None,
-                 max_recv_bytes: int | None = None):
+                 max_recv_bytes: int | None = None, tokenizer_s: dict[int, float] | None = None,
+                 workers: int = 1):
         self.reader = TraceReader(trace_path)
         self._it: Iterator[TraceRequest] = iter(self.reader)
         self.start = start
         self.max_concurrency = max_concurrency
         self.max_recv_bytes = max_recv_bytes
         self.next: TraceRequest | None = next(self._it, None)
-        self.admitted = 0
+        self.admitted = 0  # handed to the scheduler
         self.cap_hits = 0  # iterations the byte cap held requests back
         self._slots: deque[float] = deque([start] * (max_concurrency or 0))
         self._held_seen = 0
+        self._tok = tokenizer_s or {}
+        self._tok_free = [start] * max(1, workers)  # heap: when each tokenizer server is free
+        self._staged: deque[tuple[float, int, TraceRequest, float]] = deque()  # (ready, idx, request, sent)
+        self._sent = 0
 
     @property
     def exhausted(self) -> bool:
-        return self.next is None
+        return self.next is None and not self._staged
 
     def next_arrival(self) -> float | None:
-        return None if self.next is None else self.start + self.next.t
+        """When the scheduler could next see a request: the tokenizer's next one, or the
+        trace's next send (if a slot is free for it)."""
+        times = [self._staged[0][0]] if self._staged else []
+        if self.next is not None and (self.max_concurrency is None or self._slots):
+            times.append(self.start + self.next.t)
+        return min(times) if times else None
 
     def admit(self, now: float, globally_held: int, held_at: float) -> list[tuple[int, TraceRequest, float]]:
+        """Requests the scheduler sees by `now`: (index, request, the moment its clock started)."""
         if self.max_concurrency is not None:
             self._slots.extend([held_at] * (globally_held - self._held_seen))
             self._held_seen = globally_held
-        out, nbytes = [], 0
         while self.next is not None and self.start + self.next.t <= now:
             if self.max_concurrency is not None and not self._slots:
                 break
+            sent = self.start + self.next.t
+            if self.max_concurrency is not None:
+                sent = max(sent, self._slots.popleft())
+            ready = sent
+            dt = self._tok.get(self._sent, 0.0)
+            if dt:
+                ready = max(sent, heapq.heappop(self._tok_free)) + dt
+                heapq.heappush(self._tok_free, ready)
+            self._staged.append((ready, self._sent, self.next, sent))
+            self._sent += 1
+            self.next = next(self._it, None)
+        out, nbytes = [], 0
+        while self._staged and self._staged[0][0] <= now:
+            _, idx, tr, sent = self._staged[0]
             # Bound one recv's feature bytes (memory); SGLang's tokenizer paces arrivals instead.
-            nbytes += self.next.mm_bytes
+            nbytes += tr.mm_bytes
             if out and self.max_recv_bytes is not None and nbytes > self.max_recv_bytes:
                 self.cap_hits += 1
                 break
-            arrival = self.start + self.next.t
-            if self.max_concurrency is not None:
-                arrival = max(arrival, self._slots.popleft())
-            out.append((self.admitted, self.next, arrival))
+            self._staged.popleft()
+            out.append((idx, tr, sent))
             self.admitted += 1
-            self.next = next(self._it, None)
         return out
 
     def close(self) -> None:

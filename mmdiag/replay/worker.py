@@ -148,7 +148,8 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     dist.barrier(group=group)
     try:
         if rank == 0:
-            intake = Intake(job.trace, time.time(), ctx["max_conc"], int(o.max_recv_mb * MB))
+            intake = Intake(job.trace, time.time(), ctx["max_conc"], int(o.max_recv_mb * MB),
+                            tokenizer_s=outside, workers=plan.workers)
         outcome = sched.event_loop(intake, ctx["stats"].requests if ctx["stats"] else None)
     finally:
         if intake is not None:
@@ -160,10 +161,9 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     # Transport facts of the entry rank (features kept inline, requests every rank rejected).
     ctx["described"][name] = {**strategy.describe(), "transport": outcome.transport}
     tok = dict(outcome.tokenizer)
-    if outside:  # hashed before the window: it delays each request, so latency gets it
+    if outside:  # hashed before the window, replayed as the Intake's tokenizer stage
         tok["tokenizer_hash"] = outside
-    res = strategy_result(name, gathered, tok, ctx["stats"], workers=plan.workers,
-                          outside_window=("tokenizer_hash",) if outside else ())
+    res = strategy_result(name, gathered, tok, ctx["stats"], workers=plan.workers)
     ctx["progress"](ctx["stats"].requests, ctx["stats"].requests, force=True)
     return res
 
