@@ -140,7 +140,9 @@ def row(version: str) -> list[str]:
     transport = f.transport + ("+barrier" if f.shm_barrier else "") + ("+agree" if f.shm_failure_agreement else "")
     flag = "-" if not f.flag_declared else ("sa." if "server_args" in (f.flag_read or "") else "get_mm.") + \
         ("args" if "server_args.py" in f.flag_declared else "fields/mm")
-    return [version, det.variant or "UNKNOWN", f.family or "?", f.handler or "?", flag,
+    # a release outside its family's `releases` (or any family's) is marked: the table needs updating
+    fam = (f.family or "?") + ("" if f.family_fit in (None, "in range") else f" [{f.family_fit}]")
+    return [version, det.variant or "UNKNOWN", fam, f.handler or "?", flag,
             (f.group or "-").replace("self.", ""), pre, transport,
             ",".join(f.feature_transport_option) or "-"] + [apply_cell(inst, s) for s in PATCHABLE]
 
@@ -224,7 +226,8 @@ def main() -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"\n{len(rows)} releases, {time.perf_counter() - t0:.0f} s; apply cells: patch:<files written>, "
           "env = set SGLANG_MM_PRECOMPUTE_HASH=1 (+ flag off), flag-off = keep the broadcast flag off (its default), "
-          "none = nothing to change, refused = does not apply to that release"
+          "none = nothing to change, refused = does not apply to that release; "
+          "family [x]: the release lies outside that family's `releases` in variants.toml (x = facts.version_fit)"
           + ("; replay: what ran with every rank agreeing (installed, each patch, env = the release's "
              "SGLANG_MM_PRECOMPUTE_HASH=1; -x = failed)" if a.replay else ""))
 

@@ -104,6 +104,43 @@ def test_moved_lines_keep_the_layout(tmp_path):
     assert all(v is not None for v in det.layouts.values())
 
 
+def test_unchecked_release_keeps_its_family_and_says_so(tmp_path):
+    """A 0.5.23 wheel whose version reads 0.5.24 (a release mmdiag has not checked, same
+    mm path): doctor names the family from the code, says the version is outside what it
+    checked, and does not refuse (exit 0)."""
+    pkg = site_packages("0.5.23", tmp_path)
+    vfile = pkg / "_version.py"  # 0.5.23's version.py imports __version__ from _version.py
+    text = vfile.read_text()
+    assert "'0.5.23'" in text
+    vfile.write_text(text.replace("'0.5.23'", "'0.5.24'"))
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["install"]["version"] == "0.5.24" and d["variant"] == "broadcast-flag"
+    assert d["family"] == "private-handler" and d["facts"]["family_fit"] == "newer"
+    said = ("0.5.24 is not a release mmdiag has checked (newer than 0.5.23, the newest release checked); "
+            "its multimodal path matches the 0.5.22 .. 0.5.23 family (private-handler)")
+    assert d["facts"]["family_note"].startswith(said) and d["notes"] == [d["facts"]["family_note"]]
+    r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
+    assert r.exit_code == 0, r.output
+    assert "private-handler (releases 0.5.22 .. 0.5.23); 0.5.24 is not one of them: matched by its code" in r.output
+    assert f"note: {said}" in r.output
+    # the real 0.5.23 is in range: no note, and the fit says so
+    vfile.write_text(text)
+    det = detect(locate(str(pkg)))
+    assert det.facts.family_fit == "in range" and det.facts.family_note is None and det.notes == []
+
+
+@pytest.mark.parametrize("version, releases, fit", [
+    ("0.5.22", "0.5.22 .. 0.5.23", "in range"), ("0.5.23.dev4", "0.5.22 .. 0.5.23", "in range"),
+    ("0.5.23.post1", "0.5.22 .. 0.5.23", "newer"), ("0.6.0", "0.5.22 .. 0.5.23", "newer"),
+    ("0.5.3", "0.5.4 .. 0.5.4.post1", "older"), ("0.5.15.post2", "0.5.16", "unchecked"),
+    ("0.5.9", "0.5.22 .. 0.5.23", "other family"), ("main", "0.5.19", "unknown"), (None, "0.5.19", "unknown")])
+def test_version_fit(version, releases, fit):
+    from mmdiag.sglang.facts import version_fit
+    assert version_fit(version, releases) == fit
+
+
 def test_doctor_cli_json_and_text(tmp_path):
     pkg = site_packages("0.5.23", tmp_path)
     r = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg), "--json"])

@@ -191,7 +191,7 @@ def detect(install: SGLangInstall) -> Detection:
         lay["TokenizerManager._tokenize_one_request:mm_inputs"] = layout_of(
             "TokenizerManager._tokenize_one_request:mm_inputs", st)
 
-    match_family(rf, vname)
+    match_family(rf, vname, install.version)
     flag = None
     if vname == "broadcast-flag":
         flag = flag_location(install, rf, next(x for x in variants() if x["name"] == "broadcast-flag")["flag"])
@@ -202,6 +202,8 @@ def detect(install: SGLangInstall) -> Detection:
         notes.append("unknown layout: markers found in scheduler.py: "
                      + (", ".join(f"{k} (line {v[0]})" for k, v in markers.items()) or "none")
                      + f"; Scheduler methods: {', '.join(methods) or 'none'}; mm call: {mm_call}")
+    if rf.family_note:
+        notes.append(rf.family_note)
     if rel and vname and rel["variant"] != vname:
         notes.append(f"version {install.version} is listed as {rel['variant']} but the code is {vname} "
                      "(a modified install or checkout): the code wins")

@@ -50,17 +50,64 @@ def family(name: str | None) -> dict[str, Any] | None:
 
 # ---- release thresholds, by family ([defaults]): what the replay and recommend assume of a release
 
+# Versions are compared here only (PEP 440, packaging.version): a family's `releases` is
+# "A .. B" (both included) or a single release "A".
+
+def _version(v: str | None):
+    """packaging's Version of v, None when v is missing or not a PEP 440 version."""
+    from packaging.version import InvalidVersion, Version
+    try:
+        return Version(v) if v is not None else None
+    except InvalidVersion:
+        return None
+
+
+def release_range(releases: str) -> tuple[str, str]:
+    """(first, last) of a family's `releases` ("A .. B" or "A")."""
+    lo, _, hi = releases.partition("..")
+    return lo.strip(), (hi.strip() or lo.strip())
+
+
+def in_releases(version: str | None, releases: str) -> bool | None:
+    """Whether `version` lies in the family range `releases` (ends included); None when the
+    version is missing or not a version (nothing can be said)."""
+    v = _version(version)
+    if v is None:
+        return None
+    lo, hi = release_range(releases)
+    return _version(lo) <= v <= _version(hi)
+
+
+def checked_span() -> tuple[str, str]:
+    """The oldest and newest release any family covers: what mmdiag checked."""
+    ends = [e for f in families() for e in release_range(f["releases"])]
+    return min(ends, key=_version), max(ends, key=_version)
+
+
+def version_fit(version: str | None, releases: str) -> str:
+    """Where `version` stands against a family's range and every release mmdiag checked:
+    "in range"; "other family" (inside another family's range); "newer" / "older" than every
+    checked release; "unchecked" (between checked ranges); "unknown" (no usable version)."""
+    inside = in_releases(version, releases)
+    if inside is None:
+        return "unknown"
+    if inside:
+        return "in range"
+    if any(in_releases(version, f["releases"]) for f in families()):
+        return "other family"
+    first, last = checked_span()
+    v = _version(version)
+    return "newer" if v > _version(last) else "older" if v < _version(first) else "unchecked"
+
+
 def since(family_key: str) -> str:
     """First release of the family variants.toml [defaults] names under `family_key`."""
-    return family(facts()["defaults"][family_key])["releases"].split("..")[0].strip()
+    return release_range(family(facts()["defaults"][family_key])["releases"])[0]
 
 
 def at_least(version: str | None, first: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-    try:
-        return version is not None and Version(version) >= Version(first)
-    except InvalidVersion:
-        return False
+    v = _version(version)
+    return v is not None and v >= _version(first)
 
 
 def default_transport(version: str | None) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import astutil
-from .facts import facts, families
+from .facts import checked_span, facts, families, version_fit
 
 Where = str  # "srt/managers/scheduler.py:1404"
 
@@ -50,6 +50,11 @@ class ReleaseFacts:
     feature_transport_at: Where | None = None
     family: str | None = None
     family_releases: str | None = None
+    # the installed version against the family's releases (facts.version_fit): "in range",
+    # "newer", "older", "unchecked", "other family", "unknown"; anything but "in range"
+    # means the family was named from the code alone, and family_note says so
+    family_fit: str | None = None
+    family_note: str | None = None
 
     # Derived, for matching families (variants.toml [[families]].match)
     @property
@@ -248,9 +253,11 @@ def probe_cuda(rf: ReleaseFacts, pkg: Path) -> None:
             return
 
 
-def match_family(rf: ReleaseFacts, variant: str | None) -> None:
-    """The first family in variants.toml whose `match` holds for these facts."""
-    rf.family = rf.family_releases = None
+def match_family(rf: ReleaseFacts, variant: str | None, version: str | None = None) -> None:
+    """The first family in variants.toml whose `match` holds for these facts, and where
+    `version` stands against its releases. The code decides the family: a release whose
+    multimodal path did not change keeps its family when only its version is new."""
+    rf.family = rf.family_releases = rf.family_fit = rf.family_note = None
     d = rf.to_dict() | {"variant": variant, "flag_file": rf.flag_file, "receiver_file": rf.receiver_file,
                         "has_precompute_env": rf.precompute_env is not None,
                         "precompute_in_pool": (rf.precompute_hashing or "").startswith("thread pool"),
@@ -258,7 +265,28 @@ def match_family(rf: ReleaseFacts, variant: str | None) -> None:
     for fam in families():
         if all(d.get(k) == v for k, v in fam["match"].items()):
             rf.family, rf.family_releases = fam["name"], fam["releases"]
+            rf.family_fit = version_fit(version, fam["releases"])
+            rf.family_note = _fit_note(version, fam, rf.family_fit)
             return
+
+
+def _fit_note(version: str | None, fam: dict[str, Any], fit: str) -> str | None:
+    if fit == "in range":
+        return None
+    matches = f"its multimodal path matches the {fam['releases']} family ({fam['name']})"
+    first, last = checked_span()
+    if fit == "other family":
+        other = next(f for f in families() if version_fit(version, f["releases"]) == "in range")
+        return (f"version {version} is a release of the {other['releases']} family ({other['name']}), but "
+                f"{matches} (a modified install or checkout): the code wins")
+    if fit == "unknown":
+        return (f"version {version or 'unknown'} cannot be compared with the releases mmdiag checked "
+                f"({first} .. {last}); {matches}, named from its code alone")
+    where = {"newer": f"newer than {last}, the newest release checked",
+             "older": f"older than {first}, the oldest release checked",
+             "unchecked": f"mmdiag checked {first} .. {last}, not this one"}[fit]
+    return (f"{version} is not a release mmdiag has checked ({where}); {matches}: "
+            "the facts above are read from its code, not assumed from its version")
 
 
 def probe(pkg: Path, variant: str | None) -> ReleaseFacts:

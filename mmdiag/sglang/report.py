@@ -11,7 +11,13 @@ def _or(v: Any, none: str = "absent") -> str:
 def fact_rows(det) -> list[tuple[str, str]]:
     """The release facts of issue 10 (mmdiag.sglang.probes.ReleaseFacts) as (label, text)."""
     f = det.facts
-    rows = [("family", f"{f.family} (releases {f.family_releases})" if f.family else "unknown")]
+    fam = "unknown"
+    if f.family:
+        fam = f"{f.family} (releases {f.family_releases})"
+        if f.family_fit != "in range":  # named from the code alone; the note says why
+            v = det.install.version
+            fam += (f"; {v} is not one of them" if v else "; no version found") + ": matched by its code"
+    rows = [("family", fam)]
     rows.append(("request handler", f"Scheduler.{f.handler} ({f.handler_at}) calls {f.mm_call}"
                  if f.handler else "not found"))
     rows.append(("materializer", f"MultimodalInputs.{f.materializer}" if f.materializer else "unknown"))

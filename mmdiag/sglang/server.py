@@ -136,6 +136,8 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     else:
         notes.append("could not find the `sglang` package the server imports; pass --sglang PATH")
     f = det.facts if det else None
+    if f is not None and f.family_note:
+        notes.append(f.family_note)
     tp, dp = _sizes(argv, ranks)
     flag_on = "--enable-broadcast-mm-inputs-process" in argv
     flag_src = "command line" if flag_on else "default of the release"
