@@ -96,3 +96,29 @@ def test_the_installed_shm_patch_moves_features_by_shared_memory_in_the_replay(t
     # the recv broadcast carried handles: far fewer bytes than the features it delivered
     feature_bytes = json.loads(out.read_text())["trace"]["mm_bytes"]
     assert s["ranks"][1]["replay"]["recv_bytes"] < feature_bytes / 4
+
+
+def test_a_shared_memory_release_is_replayed_with_its_transport(tmp_path):
+    """0.5.10+ moves features by shared memory: `--impl sglang` replays its own code with
+    features written once into segments (the release's item classes in the segments' place
+    once mapped), not pickled into the recv broadcast; `--transport pickle` still runs."""
+    import glob
+    import os
+    from mmdiag.mmpath import shm
+    pkg = site_packages("0.5.23", tmp_path / "site")
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=256)
+    before = set(glob.glob(os.path.join(shm.shm_dir(), "mmdiag-*")))
+    runs = {}
+    for tr in ("default", "pickle"):
+        out = tmp_path / f"{tr}.json"
+        extra = [] if tr == "default" else ["--transport", tr]
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), *extra,
+                       "-q", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[tr] = json.loads(out.read_text())
+    assert set(glob.glob(os.path.join(shm.shm_dir(), "mmdiag-*"))) <= before
+    assert runs["default"]["config"]["transport"] == "shm" and runs["pickle"]["config"]["transport"] == "pickle"
+    (s,), (p,) = runs["default"]["strategies"].values(), runs["pickle"]["strategies"].values()
+    assert s["ranks_agree"] is True and p["ranks_agree"] is True
+    assert s["tokenizer_ms"]["tokenizer_shm"] > 0 and s["ranks"][1]["phases_ms"]["shm_map"] > 0
+    assert s["ranks"][1]["replay"]["recv_bytes"] < p["ranks"][1]["replay"]["recv_bytes"] / 4

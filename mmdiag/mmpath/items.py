@@ -23,6 +23,14 @@ MODALITIES = ("image", "video", "audio")
 PAD_MODULUS = 1 << 30
 
 
+def mm_items(mm_inputs) -> list:
+    """A request's raw items: a dict's "mm_items", or (an installed 0.5.10+ release's
+    MultimodalProcessorOutput) its attribute."""
+    if mm_inputs is None:
+        return []
+    return (mm_inputs.get("mm_items") if isinstance(mm_inputs, dict) else getattr(mm_inputs, "mm_items", None)) or []
+
+
 def data_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], byteorder="big", signed=False)
 

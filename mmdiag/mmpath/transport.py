@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..errors import MmdiagError
 from ..vocab import TRANSPORTS
 from . import shm
+from .items import mm_items
 
 
 class Transport:
@@ -56,7 +57,7 @@ class ShmTransport(Transport):
         if mm_inputs is None:
             return 0.0
         t0 = time.perf_counter()
-        for item in mm_inputs["mm_items"]:
+        for item in mm_items(mm_inputs):
             if isinstance(item.feature, torch.Tensor):
                 h = shm.write_segment(f"{self.prefix}{next(self._seq)}", item.feature)
                 if h is None:
@@ -67,7 +68,7 @@ class ShmTransport(Transport):
 
     def deliver(self, s, reqs) -> list:
         items = [(i, it) for i, r in enumerate(reqs) if r.mm_inputs is not None
-                 for it in r.mm_inputs["mm_items"] if isinstance(it.feature, shm.ShmHandle)]
+                 for it in mm_items(r.mm_inputs) if isinstance(it.feature, shm.ShmHandle)]
         if not items:
             return reqs
         t = s.timers

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..mmpath.collectives import broadcast_pyobj
-from ..mmpath.items import PAD_MODULUS, hash_feature
+from ..mmpath.items import PAD_MODULUS, hash_feature, mm_items
 from ..mmpath.memory import RANK_BASE_BYTES, HeapTrimmer, MiB
 from ..mmpath.timers import PhaseTimers
 from ..mmpath.transport import PickleTransport, Transport
@@ -359,8 +359,7 @@ class ReplayScheduler:
         for r, mm in ready:
             self.holds[r.rid] = now
             fp = mm.fingerprint() if mm is not None else ()
-            raw = r.mm_inputs  # a dict, or an installed 0.5.10+ release's MultimodalProcessorOutput
-            expected = len(raw["mm_items"] if isinstance(raw, dict) else raw.mm_items) if raw is not None else 0
+            expected = len(mm_items(r.mm_inputs))  # a dict, or an installed 0.5.10+ release's MultimodalProcessorOutput
             # an installed release's pad values are its own (MM_PAD_SHIFT from 0.5.9, identity from 0.5.19)
             pad_ok = getattr(self.strategy, "pad_value_ok", None) or (lambda h, p: p == h % PAD_MODULUS)
             if len(fp) != expected or any(h is None or not pad_ok(h, p) for h, p in fp):

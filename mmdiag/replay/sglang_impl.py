@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import strategies as strategy_registry
 from ..mmpath.collectives import broadcast_object_list_timed
+from ..mmpath.items import mm_items
 from ..mmpath.timers import PhaseTimers
 from ..sglang.facts import variant
 from ..strategies.base import Ready, Strategy
@@ -75,8 +76,7 @@ class InstalledPath(Strategy):
         t0 = time.perf_counter()
         self.path.tokenizer_side(raw, hash_only=True)
         dt = time.perf_counter() - t0
-        items = raw["mm_items"] if isinstance(raw, dict) else raw.mm_items
-        return [getattr(it, "hash", None) for it in items], dt
+        return [getattr(it, "hash", None) for it in mm_items(raw)], dt
 
     def tokenizer_step(self, raw_mm_inputs: dict) -> float:
         """What is left of the install's tokenizer step inside the window once hash_request

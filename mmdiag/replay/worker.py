@@ -116,8 +116,9 @@ class _Plan:
             self.make = _make_strategy
             self.names = strategy_registry.resolve(o.strategies)
             version = (header.source.get("sglang_version") if header is not None else None)
-        # The installed code runs its own path on pickled features unless told otherwise.
-        self.transport = o.transport or ("pickle" if self.installed else transport_mod.default_transport(version))
+        # Features travel as the release moves them: pickled in the recv broadcast to 0.5.9,
+        # by shared memory from 0.5.10 (mmdiag's segments standing in for the release's own).
+        self.transport = o.transport or transport_mod.default_transport(version)
         self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
         port = os.environ.get("MASTER_PORT", "0")
         self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
