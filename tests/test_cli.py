@@ -195,3 +195,27 @@ def test_help_and_readme_list_the_output_formats_of_the_renderer_table():
     said = re.search(r"whose extension picks the format \((.*?)\), atomically", " ".join(readme.split()))
     assert said and said.group(1) == render.describe_formats(OUTPUT_KINDS, code="`"), \
         f"README's -o formats are stale: write ({render.describe_formats(OUTPUT_KINDS, code='`')})"
+
+
+@pytest.mark.parametrize("ext", [".json", ".txt", ".md"])
+def test_replay_suggests_recommend_only_on_a_file_it_reads(monkeypatch, tmp_path, ext):
+    """After `replay -o run<ext>`, the `next:` line names a file `mmdiag recommend` reads (the
+    JSON Run); a .txt or .md Run gets how to write one instead, never `recommend run.md`."""
+    import re
+
+    from runs_synth import video_run
+
+    from mmdiag import api
+
+    monkeypatch.setattr(api, "replay", lambda *a, **kw: video_run())
+    path = tmp_path / f"run{ext}"
+    r = CliRunner().invoke(main, ["replay", str(tmp_path / "t.jsonl"), "-o", str(path), "-q"], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    assert path.exists()
+    named = re.findall(r"mmdiag recommend (\S+)", r.stdout)
+    if ext != ".json":
+        assert str(path) not in named and f"-o {tmp_path / 'run.json'}" in r.stdout, r.stdout
+        return
+    assert named == [str(path)], r.stdout
+    rec = CliRunner().invoke(main, ["recommend", named[0], "--json"])
+    assert rec.exit_code == 0, rec.output
