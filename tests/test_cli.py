@@ -177,3 +177,45 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
         assert "commit" in out and "revert" in out and "4/4" in out, out
         if kind is progress.Lines:   # every update is a plain line when every_s is 0
             assert len(out.splitlines()) == 4 and "\r" not in out
+
+
+def test_help_and_readme_list_the_output_formats_of_the_renderer_table():
+    """Which extensions -o takes is mmdiag.render's table, for the result types the commands' -o
+    write: main's help is built from it, and the README's list must say the same."""
+    import os
+    import re
+
+    from mmdiag import render
+    from mmdiag.cli.app import OUTPUT_KINDS
+
+    assert set(OUTPUT_KINDS) >= {"Run", "Recommendation", "Report"}
+    help_text = " ".join(CliRunner().invoke(main, ["--help"], terminal_width=200).output.split())
+    assert f"picks the format: {render.describe_formats(OUTPUT_KINDS)}." in help_text
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    said = re.search(r"whose extension picks the format \((.*?)\), atomically", " ".join(readme.split()))
+    assert said and said.group(1) == render.describe_formats(OUTPUT_KINDS, code="`"), \
+        f"README's -o formats are stale: write ({render.describe_formats(OUTPUT_KINDS, code='`')})"
+
+
+@pytest.mark.parametrize("ext", [".json", ".txt", ".md"])
+def test_replay_suggests_recommend_only_on_a_file_it_reads(monkeypatch, tmp_path, ext):
+    """After `replay -o run<ext>`, the `next:` line names a file `mmdiag recommend` reads (the
+    JSON Run); a .txt or .md Run gets how to write one instead, never `recommend run.md`."""
+    import re
+
+    from runs_synth import video_run
+
+    from mmdiag import api
+
+    monkeypatch.setattr(api, "replay", lambda *a, **kw: video_run())
+    path = tmp_path / f"run{ext}"
+    r = CliRunner().invoke(main, ["replay", str(tmp_path / "t.jsonl"), "-o", str(path), "-q"], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    assert path.exists()
+    named = re.findall(r"mmdiag recommend (\S+)", r.stdout)
+    if ext != ".json":
+        assert str(path) not in named and f"-o {tmp_path / 'run.json'}" in r.stdout, r.stdout
+        return
+    assert named == [str(path)], r.stdout
+    rec = CliRunner().invoke(main, ["recommend", named[0], "--json"])
+    assert rec.exit_code == 0, rec.output

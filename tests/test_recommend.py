@@ -298,6 +298,21 @@ def test_rules_are_data():
     assert {"commit", "async"} <= set(rules["not_a_fix"])
 
 
+def test_readme_names_the_strategies_never_recommended():
+    """The README's "`commit`, `async` and `dict_async` are shown, never recommended: no patch
+    ships them" is what the code does: recommend picks only among [candidates] order, so the
+    never-recommended are the strategies outside it, and they are the ones no patch ships."""
+    import os
+    import re
+
+    never = [n for n in STRATEGIES if n not in load_rules()["candidates"]["order"]]
+    assert never == [n for n in STRATEGIES if n not in PATCHABLE_STRATEGIES]  # the README's reason holds
+    readme = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read().split())
+    said = re.search(r"((?:`\w+`(?:, | and ))*`\w+`) are shown, never recommended: no patch ships them", readme)
+    assert said and re.findall(r"`(\w+)`", said.group(1)) == never, \
+        f"README's never-recommended strategies are stale: {never}"
+
+
 def test_cli_json_and_no_runs_replays_the_default(monkeypatch, tmp_path):
     calls = {}
 

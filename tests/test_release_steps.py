@@ -91,3 +91,44 @@ def test_a_shared_memory_release_has_no_patch_step():
     rec = recommend([_pickle_run(), s], release="0.5.23")
     assert {(x.strategy, x.transport) for x in rec.release_steps} <= {("revert", "shm"), ("precompute", "shm")}
     assert _step(rec.release_steps, "precompute", "shm").expected_rps == s.strategies["shm"].throughput_rps  # as `shm`
+
+
+def test_tiny_images_print_no_negative_per_mb_figure(tmp_path):
+    """10 kB images: shm's per-request open and barrier outweigh pickling the bytes, so its receive
+    path measures dearer per MB than pickle's. That is below the per-MB model's resolution: the
+    saving is 0 and said so, never a negative ms per MB, in the text or the JSON recommend prints."""
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from mmdiag.cli import main
+
+    n, mb = 100, 0.01
+
+    def tiny(transport, s):
+        run = replay_run([s], tp=TP, mean_mb=mb, requests=n)
+        run.config.transport = transport
+        run.trace["source"]["sglang_version"] = "0.5.9"
+        path = tmp_path / f"{transport}.json"
+        run.save(str(path))
+        return str(path)
+
+    paths = [tiny("pickle", strategy("revert", [100.0, 101.0, 99.0],
+                                     [rank(r, recv=0.02 * n, from_dict=0.05 * n, forward=500) for r in range(TP)])),
+             tiny("shm", strategy("shm", [95.0, 96.0, 94.0],
+                                  [rank(r, recv=0.01 * n, shm_open=0.05 * n, shm_sync=0.1 * n, shm_map=0.01 * n)
+                                   for r in range(TP)],
+                                  tokenizer={"tokenizer_hash": 0.05 * n, "tokenizer_shm": 0.02 * n,
+                                             "capacity_rps": 1000.0}))]
+    negative = re.compile(r"(?<![\w.])-\d")
+    text = CliRunner().invoke(main, ["recommend", *paths, "--release", "0.5.9"], terminal_width=400)
+    assert text.exit_code == 0, text.output
+    assert "below resolution" in text.output  # the model predicted a step from the clamped saving
+    assert not negative.search(text.output), negative.findall(text.output)
+    js = CliRunner().invoke(main, ["recommend", *paths, "--release", "0.5.9", "--json"])
+    assert js.exit_code == 0, js.output
+    tc = json.loads(js.output)["cost_model"]["transport"]
+    assert tc["recv_ms_per_mb"]["shm"] > tc["recv_ms_per_mb"]["pickle"]  # the tiny-image case it is
+    assert tc["shm_saving_ms_per_mb"] == 0.0 and tc["shm_saving_below_resolution"] is True
+    assert not negative.search(js.output), negative.findall(js.output)

@@ -85,7 +85,20 @@ class TransportCosts:
 
     @property
     def shm_saving_ms_per_mb(self) -> float | None:
-        """What moving features by shared memory saves the scheduler loop per MB."""
+        """What moving features by shared memory saves the scheduler loop per MB, never below 0.
+        Below 0 (shm's receive path dearer per MB than pickling) is below the model's resolution:
+        on tiny images shm's per-request open and barrier, spread over a few kB, read as a large
+        per-MB cost (or it is noise); used per MB it would predict losses that grow with image
+        size, so the saving is 0 and `saving_below_resolution` says so."""
+        d = self._raw_saving()
+        return None if d is None else (d if d > 0 else 0.0)
+
+    @property
+    def saving_below_resolution(self) -> bool:
+        d = self._raw_saving()
+        return d is not None and d <= 0
+
+    def _raw_saving(self) -> float | None:
         p, m = self.recv_ms_per_mb.get("pickle"), self.recv_ms_per_mb.get("shm")
         return None if p is None or m is None else p - m
 
@@ -199,6 +212,7 @@ class CostModel:
         d["predicted_ms_per_mm_request"] = {s: self.predicted_ms(s) for s in _classes()}
         if self.transport is not None:
             d["transport"]["shm_saving_ms_per_mb"] = self.transport.shm_saving_ms_per_mb
+            d["transport"]["shm_saving_below_resolution"] = self.transport.saving_below_resolution
         return d
 
 

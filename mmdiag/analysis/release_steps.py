@@ -80,8 +80,10 @@ def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> t
     mm_share = (target.trace.get("mm_requests") or 0) / max(target.trace.get("requests") or 1, 1)
     delta = saving * model.workload_mb * mm_share * (1 if step.transport == "shm" else -1)
     loop_ms = max(1000.0 / rps - delta, 1e-3)
-    return 1000.0 / loop_ms, (f"model: {rps:.1f} req/s measured on {other}, {saving:+.2f} ms per MB on the "
-                              f"receive path ({tc.source['pickle']} pickle, {tc.source['shm']} shm)")
+    per_mb = ("shm's per-MB saving on the receive path below resolution, taken as 0" if tc.saving_below_resolution
+              else f"shm saves {saving:.2f} ms per MB on the receive path")
+    return 1000.0 / loop_ms, (f"model: {rps:.1f} req/s measured on {other}, {per_mb} "
+                              f"({tc.source['pickle']} pickle, {tc.source['shm']} shm)")
 
 
 def advise(version: str, runs: list[Run], target: Run, model: CostModel | None) -> list[Step]:

@@ -122,8 +122,15 @@ def formats_help(kind: str, stem: str) -> str:
     return ", ".join(f"{stem}{r.extensions[0]}" for r in render.RENDERERS.values() if r.supports(kind))
 
 
+# The result types some command's -o writes, in the order the commands add them (main's help
+# lists the formats these can be written as).
+OUTPUT_KINDS: list[str] = []
+
+
 def output_option(kind: str, stem: str, what: str | None = None):
     """-o/--output FILE for a result of type `kind` (a class name mmdiag.render knows)."""
+    if kind not in OUTPUT_KINDS:
+        OUTPUT_KINDS.append(kind)
     return click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                         help=f"{what or 'write the result'} to this file; the extension picks the format "
                              f"({formats_help(kind, stem)})")
@@ -156,7 +163,8 @@ def main():
 
     \b
     Output: --json prints the command's result as JSON on stdout (errors too);
-    -o FILE writes it to a file whose extension picks the format (.json, .md, .html, .txt).
+    -o FILE writes it to a file whose extension picks the format:
+    {output_formats}.
     Exit codes: 0 ok, 1 acceptance failed (report, apply --verify), 2 bad input,
     3 a replay fault or a busy lock, 4 a profiled rank exited, 5 ptrace refused,
     6 py-spy failed, 130 Ctrl-C, 143 SIGTERM (nothing left running or half-written).

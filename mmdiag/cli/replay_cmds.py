@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import textwrap
 
 import click
@@ -65,10 +66,21 @@ def run_replay(trace_file: str | None, json_out, output, quiet, demo: dict | Non
     if kw.get("timeline") and not as_json:
         click.echo(f"timeline written to {kw['timeline']} (open in https://ui.perfetto.dev)")
     if files and not as_json:
-        click.echo(f"next: mmdiag recommend {files[0][0]}   # which fix, from this Run")
+        click.echo(_next_step([p for p, _ in files], run))
     if any(s.ranks_agree is False for s in run.strategies.values()):
         raise MmdiagError("ranks ended with different hashes or pad values; the measurements are not valid")
     return run
+
+
+def _next_step(paths: list[str], run) -> str:
+    """The recommend command for a file it can read: Run.load reads only the JSON renderer's
+    output, so a .txt/.md Run gets how to write a JSON one instead."""
+    readable = [p for p in paths if out.for_path(p, run).name == "json"]
+    if readable:
+        return f"next: mmdiag recommend {readable[0]}   # which fix, from this Run"
+    stem = os.path.splitext(paths[0])[0]
+    return (f"next: mmdiag recommend reads the Run as JSON, not {paths[0]}: replay with -o {stem}.json, "
+            f"then mmdiag recommend {stem}.json   # which fix, from this Run")
 
 
 def strategies_help() -> str:

@@ -68,6 +68,21 @@ def get(name: str) -> Renderer:
         raise MmdiagError(f"unknown output format {name!r}", fix=f"choose from: {', '.join(RENDERERS)}") from None
 
 
+def describe_formats(kinds: list[str], code: str = "") -> str:
+    """'.txt, .json, .md for runs and reports, .html for reports': the first extension of every
+    renderer that shows one of `kinds` (type names), with the kinds it shows where not all of
+    them; each extension wrapped in `code` (the README's backquote)."""
+    def plural(ks: list[str]) -> str:
+        words = [f"{k.lower()}s" for k in ks]
+        return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+    out = []
+    for r in RENDERERS.values():
+        shows = [k for k in kinds if r.supports(k)]
+        if shows:
+            out.append(f"{code}{r.extensions[0]}{code}" + ("" if len(shows) == len(kinds) else f" for {plural(shows)}"))
+    return ", ".join(out)
+
+
 def formats_for(obj_or_type: Any) -> list[str]:
     return [r.name for r in RENDERERS.values() if r.supports(obj_or_type)]
 
