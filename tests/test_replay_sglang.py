@@ -122,3 +122,22 @@ def test_a_shared_memory_release_is_replayed_with_its_transport(tmp_path):
     assert s["ranks_agree"] is True and p["ranks_agree"] is True
     assert s["tokenizer_ms"]["tokenizer_shm"] > 0 and s["ranks"][1]["phases_ms"]["shm_map"] > 0
     assert s["ranks"][1]["replay"]["recv_bytes"] < p["ranks"][1]["replay"]["recv_bytes"] / 4
+
+
+def test_skipping_the_hash_is_safe_only_where_it_is_drawn_once(tmp_path):
+    """SGLANG_MM_SKIP_COMPUTE_HASH draws a random hash where an item is hashed. On a release
+    that materializes on every rank (0.5.9, flag off) each rank draws its own, and the ranks
+    disagree (mmdiag says so and exits non-zero); with SGLANG_MM_PRECOMPUTE_HASH=1 the
+    tokenizer draws it once, hash and pad value travel with the item, and the ranks agree."""
+    pkg = site_packages("0.5.9", tmp_path / "site")
+    trace = make_trace(tmp_path / "t.jsonl", n=6, rows=32)
+    alone, once = tmp_path / "alone.json", tmp_path / "once.json"
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(alone),
+                   env={"SGLANG_MM_SKIP_COMPUTE_HASH": "1"})
+    assert r.returncode != 0 and "different hashes or pad values" in r.stderr
+    assert json.loads(alone.read_text())["strategies"]["revert"]["ranks_agree"] is False
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(once),
+                   env={"SGLANG_MM_SKIP_COMPUTE_HASH": "1", "SGLANG_MM_PRECOMPUTE_HASH": "1"})
+    assert r.returncode == 0, r.stderr
+    (s,) = json.loads(once.read_text())["strategies"].values()
+    assert s["name"] == "precompute" and s["ranks_agree"] is True

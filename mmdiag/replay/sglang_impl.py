@@ -63,20 +63,27 @@ class InstalledPath(Strategy):
         items = [self.path.make_item(f, modality.upper()) for modality, f in zip(modalities, features)]
         if self.hashes_in_tokenizer:
             for item, h in zip(items, hashes):
-                if h is not None:
-                    item.hash = h
+                # hash_request's {attribute: value} (hash and pad value, as the step left them;
+                # a pad value set makes the ranks' set_pad_value keep them), or a trace's hash
+                for k, v in (h.items() if isinstance(h, dict) else [("hash", h)]):
+                    if v is not None:
+                        setattr(item, k, v)
         return self.path.make_mm_inputs(items)
 
     def hash_request(self, modalities, features, hashes) -> tuple[list, float]:
         """The install's own tokenizer-side hashing of one request (its precompute patch, the
         release's SGLANG_MM_PRECOMPUTE_HASH step, or the shm patch's hashing without its
         write), run by the replay before its window as for mmdiag's model: in SGLang it runs
-        in the tokenizer process, off the scheduler loop. Returns (item hashes, seconds)."""
+        in the tokenizer process, off the scheduler loop. Returns (per item {hash, pad_value}
+        as the step left them, seconds): the pad value matters where the ranks' own
+        set_pad_value would otherwise compute it again (SGLANG_MM_SKIP_COMPUTE_HASH draws a
+        random hash on each rank)."""
         raw = self.raw_mm_inputs(modalities, features, hashes)
         t0 = time.perf_counter()
         self.path.tokenizer_side(raw, hash_only=True)
         dt = time.perf_counter() - t0
-        return [getattr(it, "hash", None) for it in mm_items(raw)], dt
+        return [{"hash": getattr(it, "hash", None), "pad_value": getattr(it, "pad_value", None)}
+                for it in mm_items(raw)], dt
 
     def tokenizer_step(self, raw_mm_inputs: dict) -> float:
         """What is left of the install's tokenizer step inside the window once hash_request
