@@ -47,7 +47,7 @@ def server(tmp_path):
     started = []
 
     def start(version, titles, args, env):
-        pkg = site_packages(version, tmp_path / version)
+        pkg = site_packages(version, tmp_path / f"{version}-{len(started)}")  # one unpacked copy per server
         e = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_")}
         e.update(PYTHONPATH=str(pkg.parent), **env)
         p = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(titles), "-m", "sglang.launch_server",
@@ -106,3 +106,19 @@ def test_patch_written_after_start_is_pending(server):
 def test_not_a_server(tmp_path):
     r = CliRunner().invoke(main, ["doctor", "--pid", str(os.getpid())])
     assert r.exit_code != 0 and "Traceback" not in r.output and "scheduler" in r.output
+
+
+def test_skip_hash_without_hashing_once_is_called_a_divergence(server):
+    """SGLANG_MM_SKIP_COMPUTE_HASH=1 on 0.5.9 with the flag off: every rank materializes and
+    draws its own random hash (replay --impl sglang shows the ranks disagree); with
+    SGLANG_MM_PRECOMPUTE_HASH=1 it is drawn once, and only the cache cost is named."""
+    titles = ["sglang::scheduler_TP0", "sglang::scheduler_TP1"]
+    p, _, _ = server("0.5.9", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"})
+    s = read_server(p.pid)
+    assert s.skip_hash_env == "1"
+    assert any("each rank draws its own random hash" in n for n in s.notes), s.notes
+    p, _, _ = server("0.5.9", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1", "SGLANG_MM_PRECOMPUTE_HASH": "1"})
+    s = read_server(p.pid)
+    assert not any("draws its own" in n for n in s.notes) and any("once, in the tokenizer" in n for n in s.notes)
+    p, _, _ = server("0.5.7", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"})
+    assert any("does not read it (from 0.5.8)" in n for n in read_server(p.pid).notes)

@@ -3,7 +3,7 @@ read from its live processes (never from a text someone pasted):
 
 - the server process (the PID, or the parent of the scheduler PID given): its command
   line (`--tp-size`, `--dp-size`, `--enable-broadcast-mm-inputs-process`,
-  `--mm-feature-transport`) and `/proc/PID/environ` (SGLANG_MM_PRECOMPUTE_HASH,
+  `--mm-feature-transport`) and `/proc/PID/environ` (SGLANG_MM_PRECOMPUTE_HASH, SGLANG_MM_SKIP_COMPUTE_HASH,
   SGLANG_USE_CUDA_IPC_TRANSPORT), its start time;
 - its scheduler ranks by process title (`sglang::scheduler_TP1`, ...), for TP/DP sizes
   when the command line leaves them at their defaults;
@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from .errors import SGLangError
+from .facts import at_least, since
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -50,6 +51,7 @@ class ServerSettings:
     family: str | None
     patch: str | None  # the mmdiag strategy applied on disk
     patch_pending: bool  # the patch was written after the server started: not running yet
+    skip_hash_env: str | None = None  # SGLANG_MM_SKIP_COMPUTE_HASH as the server's environment has it
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,10 +161,36 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
         if pending:
             notes.append(f"the mmdiag patch `{patch}` was written after the server started: restart the server "
                          "to run it")
+    skip = env.get("SGLANG_MM_SKIP_COMPUTE_HASH")
+    if (skip or "").strip().lower() in _TRUE:
+        if det is not None and not at_least(det.install.version, since("skip_hash_family")):
+            notes.append(f"SGLANG_MM_SKIP_COMPUTE_HASH is set but this release does not read it "
+                         f"(from {since('skip_hash_family')})")
+        else:
+            notes.append(_skip_hash_note(det, patch, flag_on, pre_effective))
     started = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds")
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
-                          det.install.version if det else None, f.family if f else None, patch, pending, notes)
+                          det.install.version if det else None, f.family if f else None, patch, pending,
+                          skip, notes)
+
+
+def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) -> str:
+    """SGLANG_MM_SKIP_COMPUTE_HASH=1 draws a random hash wherever an item would be hashed:
+    safe where that happens once (the tokenizer, or the entry rank before 17a57fd's
+    broadcast), a divergence where every TP rank materializes on its own (measured:
+    `replay --impl sglang` on 0.5.9 ends with ranks disagreeing on hashes and pad values)."""
+    once = pre_effective or patch in ("precompute", "shm")
+    per_rank = not once and det is not None and (
+        patch in ("revert", "dict") or det.variant == "per-rank"
+        or (det.variant == "broadcast-flag" and not flag_on and patch is None))
+    if per_rank:
+        return ("SGLANG_MM_SKIP_COMPUTE_HASH=1 while every TP rank materializes on its own: each rank draws its "
+                "own random hash, so the ranks disagree on pad values and prefix-cache keys; set "
+                "SGLANG_MM_PRECOMPUTE_HASH=1 as well (the tokenizer draws it once), or unset it")
+    return ("SGLANG_MM_SKIP_COMPUTE_HASH=1: items are not hashed (a random hash is drawn " +
+            ("once, in the tokenizer" if once else "where the path hashes") +
+            "), so repeated images no longer share prefix-cache entries")
 
 
 def _transport(argv, env, f) -> tuple[str, str]:
