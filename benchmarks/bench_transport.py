@@ -8,7 +8,8 @@ SGLANG_MM_PRECOMPUTE_HASH=1, `mmdiag apply shm`) and the one it picks.
 With --sglang-wheel W (a pure-Python SGLang wheel whose recv broadcast pickles features,
 0.5.4.post1 .. 0.5.9) the release's own code also runs in the ranks (replay --impl
 sglang): as it is, with SGLANG_MM_PRECOMPUTE_HASH=1 (0.5.7+), and with `mmdiag apply shm`
-written into a copy of it: the patched configurations, measured.
+written into a copy of it: the patched configurations, measured; from 0.5.8 also those two
+with SGLANG_MM_SKIP_COMPUTE_HASH=1 (no hashing: a random hash drawn once in the tokenizer).
 
     python benchmarks/bench_transport.py --tp 4 8 --repeat 3 -n 40 \
         --sglang-wheel .cache/sglang-wheels/sglang-0.5.9-py3-none-any.whl      # a 32-core host
@@ -67,20 +68,28 @@ def unpack(wheel: str, dest: str) -> str:
     return os.path.join(dest, "sglang")
 
 
-def installed(trace: str, tp: int, repeat: int, wheel: str, tmp: str) -> dict[str, float]:
-    """The release's own code in the ranks: as it is, with the hash variable, with `apply shm`."""
+def installed(trace: str, tp: int, repeat: int, wheel: str, tmp: str) -> dict[str, float | None]:
+    """The release's own code in the ranks: as it is, with the hash variable, with `apply shm`,
+    and (0.5.8+) with SGLANG_MM_SKIP_COMPUTE_HASH=1 on the two that draw the hash once."""
     from mmdiag.sglang.apply import apply
     from mmdiag.sglang.locate import locate
+    from mmdiag.sglang.facts import at_least, since
     out = {}
-    for label, env, patch in (("as it is", {}, None),
-                              ("SGLANG_MM_PRECOMPUTE_HASH=1", {"SGLANG_MM_PRECOMPUTE_HASH": "1"}, None),
-                              ("mmdiag apply shm", {}, "shm")):
+    pre, skip = {"SGLANG_MM_PRECOMPUTE_HASH": "1"}, {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"}
+    configs = [("as it is", {}, None), ("SGLANG_MM_PRECOMPUTE_HASH=1", pre, None), ("mmdiag apply shm", {}, "shm")]
+    if at_least(locate(unpack(wheel, tempfile.mkdtemp(dir=tmp))).version, since("skip_hash_family")):
+        # no hashing at all: a random hash drawn once in the tokenizer (repeated images lose
+        # prefix-cache reuse; alone, on a per-rank path, the ranks would disagree)
+        configs += [("PRECOMPUTE_HASH=1 + SKIP_COMPUTE_HASH=1", {**pre, **skip}, None),
+                    ("apply shm + SKIP_COMPUTE_HASH=1", skip, "shm")]
+    for label, env, patch in configs:
         pkg = unpack(wheel, tempfile.mkdtemp(dir=tmp))
         if patch and apply(locate(pkg), patch).status != "applied":
             continue
         env = {**env, "MMDIAG_STATE_DIR": os.path.join(tmp, "state")}
         run = api.replay(trace, tp=tp, impl="sglang", sglang_path=pkg, repeat=repeat, extra_env=env)
-        out[label] = next(iter(run.strategies.values())).throughput_rps
+        res = next(iter(run.strategies.values()))
+        out[label] = res.throughput_rps if res.ranks_agree else None  # a divergent run measures nothing
     return out
 
 
@@ -124,7 +133,8 @@ def main() -> None:
                 if a.sglang_wheel:
                     print(f"  installed {os.path.basename(a.sglang_wheel)} (replay --impl sglang):")
                     for label, rps in installed(trace, tp, a.repeat, a.sglang_wheel, tmp).items():
-                        print(f"    {label:<30}{rps:>10.1f} req/s {rps / base:>6.2f}x", flush=True)
+                        print(f"    {label:<40}" + (f"{rps:>10.1f} req/s {rps / base:>6.2f}x" if rps is not None
+                                                    else "  ranks disagree on hashes: not valid"), flush=True)
                 print(f"  release steps on SGLang {a.release} (mmdiag recommend --release {a.release}):")
                 release_steps(runs, a.release)
     print(f"\n{time.time() - t0:.0f} s wall on {os.cpu_count()} cores")
