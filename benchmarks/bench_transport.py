@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mmdiag import api  # noqa: E402
+from mmdiag import strategies as strategy_registry  # noqa: E402
 from mmdiag.analysis import release_steps as RS  # noqa: E402
 from mmdiag.vocab import STRATEGIES, TRANSPORTS  # noqa: E402
 
@@ -47,15 +48,24 @@ def synth(args: list[str], path: str) -> None:
                    cwd=ROOT, check=True, capture_output=True)
 
 
+SKIP = "+skip"  # a row replayed with --skip-hash (SGLANG_MM_SKIP_COMPUTE_HASH=1)
+
+
 def measure(trace: str, tp: int, repeat: int, strategies: list[str], runs: list) -> dict[tuple[str, str], tuple[float, str]]:
+    """Every strategy under each transport; those that hash before the scheduler once more
+    with --skip-hash (rows NAME+skip): release steps weigh those too."""
     out = {}
+    once = [n for n in strategies if strategy_registry.get(n).hashes_in_tokenizer]
     for tr in TRANSPORTS:
-        run = api.replay(trace, tp=tp, strategies=strategies, transport=tr, repeat=repeat)
-        runs.append(run)
-        for name, s in run.strategies.items():
-            tok = s.tokenizer_ms or {}
-            bound = "tokenizer" if tok and tok.get("capacity_rps", 1e18) <= tok.get("loop_rps", 0) else "loop"
-            out[(name, tr)] = (s.throughput_rps, bound)  # the median repeat (merge_repeats)
+        for names, skip in ((strategies, False), (once, True)):
+            if not names:
+                continue
+            run = api.replay(trace, tp=tp, strategies=names, transport=tr, repeat=repeat, skip_hash=skip)
+            runs.append(run)
+            for name, s in run.strategies.items():
+                tok = s.tokenizer_ms or {}
+                bound = "tokenizer" if tok and tok.get("capacity_rps", 1e18) <= tok.get("loop_rps", 0) else "loop"
+                out[(name + (SKIP if skip else ""), tr)] = (s.throughput_rps, bound)  # the median repeat
     return out
 
 
@@ -97,7 +107,7 @@ def release_steps(runs: list, release: str) -> None:
     rec = api.recommend(runs, release=release)
     for st in rec.release_steps:
         rps = f"{st.expected_rps:.1f}" if st.expected_rps else "-"
-        print(f"  {st.step:<58}{rps:>10} req/s  {st.vs_current or 0:>5.2f}x  ({st.source})")
+        print(f"  {st.step:<92}{rps:>10} req/s  {st.vs_current or 0:>5.2f}x  ({st.source})")
     best = RS.best(rec.release_steps)
     print(f"  pays most: {best.step if best else 'none measured'}")
 
@@ -125,11 +135,11 @@ def main() -> None:
                 base = res[BASE][0]
                 print(f"\n{label}, tp {tp}, {a.n} requests, median of {a.repeat} "
                       f"(ratio to {BASE[0]} on {BASE[1]}: {base:.1f} req/s)")
-                print(f"  {'strategy':<11}" + "".join(f"{t + ' req/s':>14}{'x':>7}{'bound':>11}" for t in TRANSPORTS))
-                for name in strategies:
+                print(f"  {'strategy':<16}" + "".join(f"{t + ' req/s':>14}{'x':>7}{'bound':>11}" for t in TRANSPORTS))
+                for name in strategies + [n + SKIP for n in strategies if (n + SKIP, TRANSPORTS[0]) in res]:
                     cells = "".join(f"{res[(name, t)][0]:>14.1f}{res[(name, t)][0] / base:>7.2f}{res[(name, t)][1]:>11}"
                                     for t in TRANSPORTS)
-                    print(f"  {name:<11}{cells}", flush=True)
+                    print(f"  {name:<16}{cells}", flush=True)
                 if a.sglang_wheel:
                     print(f"  installed {os.path.basename(a.sglang_wheel)} (replay --impl sglang):")
                     for label, rps in installed(trace, tp, a.repeat, a.sglang_wheel, tmp).items():

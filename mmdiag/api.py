@@ -111,6 +111,14 @@ def replay_options(**kw: Any):
         raise MmdiagError("--strategy does not apply with --impl sglang",
                           fix="the install's own code decides; use `mmdiag apply STRATEGY` to change it")
     kw["strategies"] = [] if kw.get("impl") == "sglang" else registry.resolve(list(kw.get("strategies") or []))
+    if kw.get("skip_hash"):
+        per_rank = [n for n in kw["strategies"] if not registry.get(n).hashes_in_tokenizer]
+        if per_rank:
+            raise MmdiagError(f"--skip-hash with {', '.join(per_rank)}: these hash on the ranks, where "
+                              "SGLANG_MM_SKIP_COMPUTE_HASH makes every rank draw its own hash (the ranks disagree)",
+                              where="--strategy", fix="replay --skip-hash with --strategy precompute or shm")
+        if kw.get("impl") == "sglang":
+            kw["extra_env"] = {**(kw.get("extra_env") or {}), "SGLANG_MM_SKIP_COMPUTE_HASH": "1"}
     return ReplayOptions(**kw)
 
 

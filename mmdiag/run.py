@@ -183,6 +183,7 @@ class ReplayConfig:
     strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
     transport: str | None = None
     tokenizer_workers: int | None = None
+    skip_hash: bool | None = field(default=None, metadata=_OMIT_NONE)  # SGLANG_MM_SKIP_COMPUTE_HASH replayed
     sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
 
     @classmethod

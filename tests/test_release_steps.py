@@ -45,8 +45,8 @@ def _entry_ms_per_mb(run):
     return sum(vals) / len(vals)
 
 
-def _step(steps, strategy, transport):
-    return next(s for s in steps if (s.strategy, s.transport) == (strategy, transport))
+def _step(steps, strategy, transport, skip_hash=False):
+    return next(s for s in steps if (s.strategy, s.transport, s.skip_hash) == (strategy, transport, skip_hash))
 
 
 def test_per_mb_receive_cost_of_each_transport_is_measured():
@@ -64,7 +64,8 @@ def test_the_step_that_pays_on_a_pickling_release():
     p, s = _pickle_run(), _shm_run()
     rec = recommend([p, s])  # the release comes from the trace (0.5.9)
     assert rec.release == "0.5.9"
-    assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9")]
+    # every step of the plan, but those with SGLANG_MM_SKIP_COMPUTE_HASH: no Run replayed --skip-hash
+    assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9") if not x.skip_hash]
     shm = _step(rec.release_steps, "shm", "shm")
     assert shm.expected_rps == s.strategies["shm"].throughput_rps and shm.source == "measured"
     assert _step(rec.release_steps, "precompute", "pickle").expected_rps == p.strategies["precompute"].throughput_rps
@@ -132,3 +133,25 @@ def test_tiny_images_print_no_negative_per_mb_figure(tmp_path):
     assert tc["recv_ms_per_mb"]["shm"] > tc["recv_ms_per_mb"]["pickle"]  # the tiny-image case it is
     assert tc["shm_saving_ms_per_mb"] == 0.0 and tc["shm_saving_below_resolution"] is True
     assert not negative.search(js.output), negative.findall(js.output)
+
+
+def test_skipping_the_hash_is_a_step_only_where_it_is_drawn_once_and_measured():
+    """A Run replayed with --skip-hash (precompute and shm drawing a random hash instead of
+    sha256) adds the SGLANG_MM_SKIP_COMPUTE_HASH steps, measured; never the variable alone
+    (every rank would draw its own), and never on a release that does not read it."""
+    p, s = _pickle_run(), _shm_run()
+    k = _run("shm", [strategy("shm", [45.0, 45.5, 44.5], [rank(r, recv=0.1 * TOTAL) for r in range(TP)],
+                              tokenizer={"tokenizer_shm": 10.1 * N, "capacity_rps": 99.0})])
+    k.config.skip_hash = True
+    rec = recommend([p, s, k], release="0.5.9")
+    skip = [x for x in rec.release_steps if x.skip_hash]
+    assert skip and all(x.strategy in ("precompute", "shm") for x in skip)
+    assert all("SGLANG_MM_PRECOMPUTE_HASH=1" in x.how or "apply shm" in x.how for x in skip)
+    up = _step(rec.release_steps, "shm", "shm", skip_hash=True)
+    assert up.expected_rps == k.strategies["shm"].throughput_rps and up.source == "measured"
+    assert _step(rec.release_steps, "shm", "shm").expected_rps == s.strategies["shm"].throughput_rps  # kept apart
+    assert RS.best(rec.release_steps).skip_hash
+    assert any("prefix-cache" in r for r in rec.reasons)  # the cost of the step is said with it
+    # 0.5.7 does not read it: only the upgrade takes it there
+    assert [x.step for x in RS.plan("0.5.7") if x.skip_hash] == [x.step for x in RS.plan("0.5.7")
+                                                              if x.skip_hash and x.step.startswith("upgrade")]

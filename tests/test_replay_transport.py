@@ -123,3 +123,24 @@ def test_release_defaults_follow_what_each_release_does():
         assert default_transport(v) == f.transport, v
         pool = re.search(r"thread pool \((\d+) workers", f.precompute_hashing or "")
         assert default_tokenizer_workers(v) == (int(pool.group(1)) if pool else 1), (v, f.precompute_hashing)
+
+
+def test_skip_hash_draws_instead_of_hashing_and_refuses_per_rank_strategies(tmp_path):
+    """replay --skip-hash (SGLANG_MM_SKIP_COMPUTE_HASH=1): precompute and shm draw a random
+    hash in the tokenizer stage, so it costs next to nothing and the ranks still agree; a
+    strategy that hashes on the ranks is refused (there every rank would draw its own)."""
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=256, concurrency=1)
+    runs = {}
+    for skip in (False, True):
+        out = tmp_path / f"{skip}.json"
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "precompute", "--strategy", "shm", "-q",
+                       "-o", str(out), *(["--skip-hash"] if skip else []))
+        assert r.returncode == 0, r.stderr
+        runs[skip] = json.loads(out.read_text())
+    assert runs[True]["config"]["skip_hash"] is True and "skip_hash" not in runs[False]["config"]
+    for name in ("precompute", "shm"):
+        a, b = runs[True]["strategies"][name], runs[False]["strategies"][name]
+        assert a["ranks_agree"] is True
+        assert a["tokenizer_ms"].get("tokenizer_hash", 0) < b["tokenizer_ms"]["tokenizer_hash"] / 10
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "revert", "--skip-hash", "-q", timeout=60)
+    assert r.returncode == 2 and "every rank draw its own hash" in r.stderr

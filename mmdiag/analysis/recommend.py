@@ -186,7 +186,8 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
     if top is not None:
         rec.reasons.append(f"on SGLang {version} the step that pays most is `{top.step}` ({top.how}): "
                            f"{top.expected_rps:.1f} req/s expected, {top.vs_current:.2f}x the release as it is "
-                           f"({top.source})")
+                           f"({top.source})" + ("; it skips hashing, so repeated images no longer share "
+                                                "prefix-cache entries: keep it off where they repeat" if top.skip_hash else ""))
     for st in rec.release_steps:
         if st.expected_rps is None:
             rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "

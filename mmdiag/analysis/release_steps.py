@@ -29,6 +29,7 @@ class Step:
     expected_rps: float | None = None
     source: str = "not measured"
     vs_current: float | None = None
+    skip_hash: bool = False     # measured with SGLANG_MM_SKIP_COMPUTE_HASH=1 (replay --skip-hash)
 
 
 def current_path(version: str) -> str:
@@ -39,16 +40,28 @@ def current_path(version: str) -> str:
 
 
 def plan(version: str) -> list[Step]:
-    tr, env = default_transport(version), "SGLANG_MM_PRECOMPUTE_HASH=1"
+    """The steps open on `version`. Those with SGLANG_MM_SKIP_COMPUTE_HASH (no hashing at all:
+    a random hash drawn once, so repeated images share no prefix-cache entry) only where the
+    hash is drawn once (never alone: every rank would draw its own) and the release reads it."""
+    tr, env, skip = default_transport(version), "SGLANG_MM_PRECOMPUTE_HASH=1", "SGLANG_MM_SKIP_COMPUTE_HASH=1"
     launch = f"{env} python -m sglang.launch_server ..."
+    reads_skip = at_least(version, since("skip_hash_family"))
     steps = [Step("as it is", f"SGLang {version}", current_path(version), tr)]
     if at_least(version, since("hash_env_family")):
         steps.append(Step(f"set {env}", launch, "precompute", tr))
+        if reads_skip:
+            steps.append(Step(f"set {env} and {skip}", f"{env} {skip} python -m sglang.launch_server ...",
+                              "precompute", tr, skip_hash=True))
     if tr == "pickle":
         up = since("shm_family")
-        steps += [Step("apply shm", "mmdiag apply shm", "shm", "shm"),
-                  Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", "revert", "shm"),
-                  Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", "shm", "shm")]
+        steps += [Step("apply shm", "mmdiag apply shm", "shm", "shm")]
+        if reads_skip:
+            steps.append(Step(f"apply shm and set {skip}", f"mmdiag apply shm, then {skip}", "shm", "shm",
+                              skip_hash=True))
+        steps += [Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", "revert", "shm"),
+                  Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", "shm", "shm"),
+                  Step(f"upgrade to {up}+ and set {env} and {skip}", f"pip install 'sglang>={up}', then {env} {skip}",
+                       "shm", "shm", skip_hash=True)]
     return steps
 
 
@@ -56,16 +69,21 @@ def plan(version: str) -> list[Step]:
 _SAME = {("precompute", "shm"): ("shm", "shm"), ("shm", "shm"): ("precompute", "shm")}
 
 
-def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str], float]:
-    """(strategy, transport) -> mean of the Runs' median throughputs, same trace and rank count."""
-    got: dict[tuple[str, str], list[float]] = {}
+def _lookup(table: dict, strategy: str, transport: str, skip_hash: bool) -> float | None:
+    same = _SAME.get((strategy, transport))
+    return table.get((strategy, transport, skip_hash)) or (table.get((*same, skip_hash)) if same else None)
+
+
+def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str, bool], float]:
+    """(strategy, transport, skip_hash) -> mean of the Runs' median throughputs, same trace and rank count."""
+    got: dict[tuple[str, str, bool], list[float]] = {}
     for run in runs:
         if not run.is_replay or run.tp != target.tp or any(run.trace.get(k) != target.trace.get(k) for k in TRACE_KEYS):
             continue
         for name, s in run.strategies.items():
             tr = _transport_of(run, name)
             if s.throughput_rps and tr:
-                got.setdefault((name, tr), []).append(s.throughput_rps)
+                got.setdefault((name, tr, bool(run.config.skip_hash)), []).append(s.throughput_rps)
     return {k: sum(v) / len(v) for k, v in got.items()}
 
 
@@ -74,7 +92,7 @@ def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> t
     tc = model.transport if model else None
     saving = tc.shm_saving_ms_per_mb if tc else None
     other = "pickle" if step.transport == "shm" else "shm"
-    rps = table.get((step.strategy, other)) or table.get(_SAME.get((step.strategy, other), ()), None)
+    rps = _lookup(table, step.strategy, other, step.skip_hash)
     if rps is None or saving is None or not model.workload_mb:
         return None
     mm_share = (target.trace.get("mm_requests") or 0) / max(target.trace.get("requests") or 1, 1)
@@ -90,12 +108,13 @@ def advise(version: str, runs: list[Run], target: Run, model: CostModel | None) 
     table = _measured(runs, target)
     steps = plan(version)
     for st in steps:
-        key = (st.strategy, st.transport)
-        rps = table.get(key) or table.get(_SAME.get(key, ()), None)
+        rps = _lookup(table, st.strategy, st.transport, st.skip_hash)
         if rps is not None:
             st.expected_rps, st.source = rps, "measured"
         elif (p := _predict(st, table, model, target)) is not None:
             st.expected_rps, st.source = p
+    # a skip-hash step nobody replayed (replay --skip-hash) is not shown: it is an option, not a default
+    steps = [st for st in steps if not st.skip_hash or st.expected_rps is not None]
     cur = steps[0].expected_rps
     for st in steps:
         st.vs_current = st.expected_rps / cur if cur and st.expected_rps else None

@@ -75,6 +75,10 @@ class ReplayOptions:
     transport: str | None = _opt(None, "how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) "
                                        "or shm (shared-memory handles, 0.5.10+) [default: what the trace's or "
                                        "installed release implies]", type=click.Choice(TRANSPORTS))
+    # SGLANG_MM_SKIP_COMPUTE_HASH=1 (0.5.8+): a random hash instead of sha256 where items are hashed.
+    skip_hash: bool = _opt(False, "replay SGLANG_MM_SKIP_COMPUTE_HASH=1: strategies that hash before the scheduler "
+                                  "(precompute, shm) draw a random hash instead of hashing (repeated images then "
+                                  "share no prefix-cache entry); with --impl sglang the ranks get the variable")
     # Tokenizer workers that hash (SGLang 0.5.21+ hashes in a pool of 2); None: the release's.
     tokenizer_workers: int | None = _opt(None, "tokenizer-side hashing workers (default: the release's)",
                                          cli=False)

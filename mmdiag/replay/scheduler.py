@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import time
+import uuid
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
@@ -71,12 +72,14 @@ def make_request(tr: TraceRequest, idx: int, arrival: float, strategy: Strategy,
     return ReplayRequest(tr.rid, idx, [strategy.image_token_id] * n_tokens, mm, arrival)
 
 
-def tokenizer_prepass(trace_path: str, hash_request=None) -> tuple[dict[int, list[int]], dict[int, float]]:
+def tokenizer_prepass(trace_path: str, hash_request=None,
+                      skip_hash: bool = False) -> tuple[dict[int, list[int]], dict[int, float]]:
     """The tokenizer-side hashing (precompute, shm), run before the timed window: in SGLang
     it runs in the tokenizer process, off the scheduler loop. Returns per-request item
     hashes and per-request hashing seconds. Identical features (same shape, dtype, fill)
     are hashed once and their measured time reused. hash_request(modalities, features,
-    trace_hashes) -> (hashes, seconds): an installed release's own step, per request."""
+    trace_hashes) -> (hashes, seconds): an installed release's own step, per request.
+    skip_hash: SGLANG_MM_SKIP_COMPUTE_HASH, a random 64-bit hash per item, timed, instead of sha256."""
     hashes: dict[int, list[int]] = {}
     seconds: dict[int, float] = {}
     cache: dict[tuple, tuple] = {}
@@ -94,6 +97,11 @@ def tokenizer_prepass(trace_path: str, hash_request=None) -> tuple[dict[int, lis
             hs, total = [], 0.0
             for it in tr.mm:
                 key = (it.shape, it.dtype, idx % FILL_VALUES)
+                if skip_hash and it.hash is None:
+                    t0 = time.perf_counter()
+                    hs.append(uuid.uuid4().int)  # as SGLang draws it: a hash per item, never reused
+                    total += time.perf_counter() - t0
+                    continue
                 if key not in cache:
                     f = make_feature(it.shape, it.dtype, idx)
                     t0 = time.perf_counter()

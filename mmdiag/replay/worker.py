@@ -144,7 +144,8 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
         if strategy.hashes_in_tokenizer:
             key = "prepass" if plan.installed is None else "prepass_installed"  # the install hashes its own way
             if ctx.get(key) is None:  # once per replay: the same trace for every repeat
-                ctx[key] = tokenizer_prepass(job.trace, None if plan.installed is None else strategy.hash_request)
+                ctx[key] = tokenizer_prepass(job.trace, None if plan.installed is None else strategy.hash_request,
+                                             skip_hash=o.skip_hash)
             sched.precomputed, outside = ctx[key]
     dist.barrier(group=group)
     try:
@@ -226,6 +227,7 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     run = assemble_run(results, world, job, header, stats)
     cfg = run.config
     cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
+    cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
     if plan.installed is not None:
         det = plan.installed.detection
         cfg.impl = "sglang"
