@@ -141,3 +141,12 @@ def test_skipping_the_hash_is_safe_only_where_it_is_drawn_once(tmp_path):
     assert r.returncode == 0, r.stderr
     (s,) = json.loads(once.read_text())["strategies"].values()
     assert s["name"] == "precompute" and s["ranks_agree"] is True
+
+
+def test_skip_hash_is_refused_on_a_release_that_does_not_read_it(tmp_path):
+    pkg = site_packages("0.5.7", tmp_path / "site")
+    trace = make_trace(tmp_path / "t.jsonl", n=2, rows=4)
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "--skip-hash", "-q",
+                   timeout=120)
+    assert r.returncode != 0 and "does not read SGLANG_MM_SKIP_COMPUTE_HASH (from 0.5.8)" in r.stderr
+    assert r.stderr.count("\n") <= 3, r.stderr  # a one-line error, not a traceback per rank

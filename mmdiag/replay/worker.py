@@ -28,6 +28,7 @@ from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
 from ..run import SGLangConfig
+from ..sglang.facts import at_least, since
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
@@ -112,6 +113,10 @@ class _Plan:
             self.make = lambda name, *a: InstalledPath(self.installed, o.enable_broadcast_flag)
             self.names = [self.make("").name]
             version = self.installed.install.version
+            if o.skip_hash and not at_least(version, since("skip_hash_family")):
+                raise MmdiagError(f"--skip-hash: SGLang {version} does not read SGLANG_MM_SKIP_COMPUTE_HASH "
+                                  f"(from {since('skip_hash_family')})", where="--sglang",
+                                  fix="leave --skip-hash out, or replay a release that reads it")
         else:
             self.make = _make_strategy
             self.names = strategy_registry.resolve(o.strategies)
