@@ -64,8 +64,10 @@ def test_the_step_that_pays_on_a_pickling_release():
     p, s = _pickle_run(), _shm_run()
     rec = recommend([p, s])  # the release comes from the trace (0.5.9)
     assert rec.release == "0.5.9"
-    # every step of the plan, but those with SGLANG_MM_SKIP_COMPUTE_HASH: no Run replayed --skip-hash
+    # every step of the plan, but those with SGLANG_MM_SKIP_COMPUTE_HASH: no Run replayed --skip-hash,
+    # and recommend says how to measure them
     assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9") if not x.skip_hash]
+    assert any("--skip-hash" in m for m in rec.measure_next)
     shm = _step(rec.release_steps, "shm", "shm")
     assert shm.expected_rps == s.strategies["shm"].throughput_rps and shm.source == "measured"
     assert _step(rec.release_steps, "precompute", "pickle").expected_rps == p.strategies["precompute"].throughput_rps
@@ -152,6 +154,9 @@ def test_skipping_the_hash_is_a_step_only_where_it_is_drawn_once_and_measured():
     assert _step(rec.release_steps, "shm", "shm").expected_rps == s.strategies["shm"].throughput_rps  # kept apart
     assert RS.best(rec.release_steps).skip_hash
     assert any("prefix-cache" in r for r in rec.reasons)  # the cost of the step is said with it
+    # measured on shm, not on pickle (0.5.9's own transport): only the pickle one is asked for
+    hints = [m for m in rec.measure_next if "--skip-hash" in m]
+    assert len(hints) == 1 and "--transport pickle --skip-hash" in hints[0]
     # 0.5.7 does not read it: only the upgrade takes it there
     assert [x.step for x in RS.plan("0.5.7") if x.skip_hash] == [x.step for x in RS.plan("0.5.7")
                                                               if x.skip_hash and x.step.startswith("upgrade")]

@@ -192,6 +192,13 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
         if st.expected_rps is None:
             rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "
                                     f"--transport {st.transport}")
+    # the skip-hash steps show only when measured: say how to measure them
+    unmeasured = {st.transport for st in RS.plan(version) if st.skip_hash} - {
+        st.transport for st in rec.release_steps if st.skip_hash}
+    for tr in sorted(unmeasured):
+        rec.measure_next.append(f"for SGLANG_MM_SKIP_COMPUTE_HASH=1 on SGLang {version} (no hashing; repeated images "
+                                f"then share no prefix-cache entry): replay --strategy precompute --strategy shm "
+                                f"--transport {tr} --skip-hash")
 
 
 # --- replay --------------------------------------------------------------------
