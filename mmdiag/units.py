@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+import math
+
 MB = 1_000_000
 
 
@@ -12,8 +14,12 @@ def mb(nbytes: float) -> float:
 
 
 def fmt_mb(nbytes: float, nd: int = 1) -> str:
-    """'18.8 MB' for 18_816_000 bytes."""
-    return f"{mb(nbytes):,.{nd}f} MB"
+    """'18.8 MB' for 18_816_000 bytes; a size too small for nd decimals keeps two
+    significant digits ('0.012 MB', never '0.0 MB' for a 12 kB image)."""
+    v = mb(nbytes)
+    if 0 < abs(v) < 10 ** -nd:
+        nd = 1 - math.floor(math.log10(abs(v)))
+    return f"{v:,.{nd}f} MB"
 
 
 def fmt_gb(nbytes: float, nd: int = 1) -> str:

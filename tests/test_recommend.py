@@ -179,6 +179,13 @@ def test_mm_path_under_a_few_percent_gets_none():
     assert rec.recommended == "none" and rec.mm_share_pct < 5
 
 
+def test_a_small_image_size_is_said_in_digits_that_show_it():
+    # A 12 kB image at one decimal would read "0.0 MB each": as if the requests carried nothing.
+    tiny = [rank(r, recv=9000, from_dict=50, forward=9000) for r in range(2)]
+    run = replay_run([strategy("commit", [10, 10.1], tiny), strategy("revert", [10, 10.2], tiny)], tp=2, mean_mb=0.012)
+    assert "multimodal at 0.012 MB each" in recommend([run]).target
+
+
 def test_no_patchable_strategy_measured_cannot_decide():
     run = video_run()
     run.strategies = {k: v for k, v in run.strategies.items() if k == "commit"}

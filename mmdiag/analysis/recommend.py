@@ -129,9 +129,9 @@ def _describe_target(run: Run) -> str:
     if run.is_profile:
         return f"live profile at tp {run.tp}" + (f" ({run.host.get('hostname')})" if run.host.get("hostname") else "")
     prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
-    mb = units.mb(t.get("mean_mm_request_bytes") or 0)
+    size = units.fmt_mb(t.get("mean_mm_request_bytes") or 0)
     return (f"replay of {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
-            f"{t.get('mm_requests')} multimodal at {mb:.1f} MB each, tp {run.tp}")
+            f"{t.get('mm_requests')} multimodal at {size} each, tp {run.tp}")
 
 
 def _expected(name: str, s: StrategyResult, rules: dict[str, Any]) -> tuple[float, str]:

@@ -54,10 +54,10 @@ def header_lines(rep: Report) -> list[str]:
                      f"{t.get('requests')} requests per run, --request-rate {src.get('request_rate')}, "
                      f"--max-concurrency {src.get('max_concurrency')}; host {a.run.host.get('hostname', '?')}")
     elif t.get("requests") is not None:
-        mb = units.mb(t.get("mean_mm_request_bytes") or 0)
+        size = units.fmt_mb(t.get("mean_mm_request_bytes") or 0)
         prof = (t.get("source") or {}).get("profile") if isinstance(t.get("source"), dict) else None
         lines.append(f"workload: {t.get('requests')} requests{f' ({prof})' if prof else ''}, "
-                     f"{t.get('mm_requests')} multimodal at {mb:.1f} MB each; host "
+                     f"{t.get('mm_requests')} multimodal at {size} each; host "
                      f"{a.run.host.get('hostname', '?')} ({a.run.host.get('cpus', '?')} cores)")
     return lines
 
