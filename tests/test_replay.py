@@ -157,7 +157,8 @@ def test_torchrun_launch_over_loopback(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                        "--master-port", str(port), "-m", "mmdiag.replay.worker", trace, "--out", str(out),
+                        "--master-port", str(port), "--log-dir", str(tmp_path / "elastic"),  # else torch leaves /tmp/torchelastic_*
+                        "-m", "mmdiag.replay.worker", trace, "--out", str(out),
                         "--strategy", "commit", "--strategy", "batch"],
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
