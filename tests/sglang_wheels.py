@@ -34,8 +34,8 @@ RELEASES = {
     "0.5.9": "broadcast-flag",  # dp_tp group, MM_PAD_SHIFT pad values, SGLANG_MM_PRECOMPUTE_HASH
 }
 # One wheel per layout family (issue 10), oldest to newest.
-FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.9", "0.5.13", "0.5.17", "0.5.19",
-                 "0.5.21", "0.5.23"]
+FAMILY_WHEELS = ["0.5.4.post1", "0.5.5.post2", "0.5.6.post2", "0.5.7", "0.5.8.post1", "0.5.9", "0.5.12.post1",
+                 "0.5.13", "0.5.16", "0.5.17", "0.5.19", "0.5.20", "0.5.21", "0.5.23"]
 KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/_version.py", "sglang/srt/managers/",
         "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py", "sglang/srt/constants.py",
         "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py",

@@ -25,13 +25,21 @@ SPEC = {
                     "self.cpu_group", None, "pickle", None),
     "0.5.7": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
               "self.cpu_group", "tokenizer loop", "pickle", None),
+    "0.5.8.post1": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
+                    "self.dp_tp_cpu_group", "tokenizer loop", "pickle", None),
     "0.5.9": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
               "self.dp_tp_cpu_group", "tokenizer loop", "pickle", None),
+    "0.5.12.post1": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
+                     "self.dp_tp_cpu_group", "tokenizer loop", "shm", None),
     "0.5.13": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
+               "self.dp_tp_cpu_group", "tokenizer loop", "shm", None),
+    "0.5.16": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "self.server_args.",
                "self.dp_tp_cpu_group", "tokenizer loop", "shm", None),
     "0.5.17": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "get_mm().",
                "self.dp_tp_cpu_group", "tokenizer loop", "shm", None),
     "0.5.19": ("broadcast-flag", "handle_generate_request", "srt/server_args.py", "get_mm().",
+               "self.dp_tp_cpu_group", "tokenizer loop", "shm", "_MultimodalInputBroadcast"),
+    "0.5.20": ("broadcast-flag", "handle_generate_request", "srt/arg_groups/fields/mm.py", "get_mm().",
                "self.dp_tp_cpu_group", "tokenizer loop", "shm", "_MultimodalInputBroadcast"),
     "0.5.21": ("broadcast-flag", "handle_generate_request", "srt/arg_groups/fields/mm.py", "get_mm().",
                "self.dp_tp_cpu_group", "thread pool", "shm", "_MultimodalInputBroadcast"),
@@ -74,6 +82,13 @@ def test_release_facts_by_structure(version, tmp_path):
     fam = next(x for x in families() if x["name"] == f.family)
     assert _in_range(version, fam["releases"]), (version, fam)
     assert all(v is not None for v in det.layouts.values()), det.layouts
+
+
+def test_every_layout_family_is_checked_on_a_real_wheel():
+    """FAMILY_WHEELS holds one release of each family in variants.toml, and detect puts each
+    in its own family: a family added to the table without a wheel here would go untested."""
+    detected = [detect(locate(str(pristine(v)))).family for v in FAMILY_WHEELS]
+    assert sorted(detected) == sorted(f["name"] for f in families()), dict(zip(FAMILY_WHEELS, detected))
 
 
 @pytest.mark.parametrize("version", FAMILY_WHEELS)
