@@ -61,6 +61,12 @@ def rank_samples(rank: RankProcess, blocks: list[Block], rate: int) -> RankSampl
                                    expected=rate * span if span > 0 else None)
 
 
+def reattach_gaps_s(blocks: list[Block]) -> float:
+    """Seconds of the span between consecutive blocks (py-spy re-attaching): unsampled.
+    Each end is seen by a 50 ms poll, so one gap is coarse; their sum is not biased."""
+    return sum(max(0.0, b.t0 - a.t1) for a, b in zip(blocks, blocks[1:]))
+
+
 @dataclass
 class _Chunk:
     index: int
