@@ -200,9 +200,12 @@ def print_accuracy(run, rows, throttle, strategy, tp, rate) -> bool:
           + ("throttling: none readable" if thr is None else f"throttled {thr[0]} periods, {thr[1] / 1000:.0f} ms"))
     # Where the shortfall is: the re-attach gaps between blocks (long unsampled stretches, the f^2 term of
     # stats.sampling_hw), or samples py-spy missed inside blocks (short, scattered).
-    print("  samples missing / of them in re-attach gaps, per rank: " + ", ".join(
-        f"{r.rank}: {full - r.profile.samples:.0f}/{live.reattach_gaps_s.get(str(r.rank), 0.0) * live.rate_hz:.0f}"
-        for r in run.ranks))
+    def split(r):
+        span, gaps = live.span_s.get(str(r.rank), 0.0), live.reattach_gaps_s.get(str(r.rank), 0.0)
+        inside = r.profile.samples / (live.rate_hz * (span - gaps)) if span > gaps else float("nan")
+        return f"{r.rank}: {100.0 * gaps / span if span else float('nan'):.1f}%/{100.0 * inside:.0f}%"
+    print("  per rank, re-attach gaps (% of the span) / samples inside blocks (% of block time x rate): "
+          + ", ".join(split(r) for r in run.ranks))
     widest = max((h for r in run.ranks for h in r.profile.phases_ci.values() if h is not None), default=float("nan"))
     passed = all(r["diff"] <= BOUND_POINTS for r in rows)
     print(f"  widest 95% interval of any share: +/-{widest:.1f} points (target {TARGET_CI_PTS:g}); within "

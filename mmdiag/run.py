@@ -148,6 +148,7 @@ class LiveInfo:
     files: list[str] = field(default_factory=list)
     block_s: float = 0.0                # samples come in consecutive blocks of this length
     blocks: dict[str, int] = field(default_factory=dict)
+    span_s: dict[str, float] = field(default_factory=dict)           # per rank: first sample to last block's end
     reattach_gaps_s: dict[str, float] = field(default_factory=dict)  # per rank: unsampled time between blocks
     config: dict[str, Any] = field(default_factory=dict)   # `mmdiag top`: the server configuration seen
     strategy_detected: str = ""

@@ -174,9 +174,9 @@ def test_run_contract(live):
         assert abs(sum(p["phases_pct"].values()) - 100.0) < 0.5
         assert p["samples"] > 0.5 * 100 * d["live"]["duration_s"]  # 100 Hz, less the re-attach gaps
         # The re-attach gaps (one fewer than the blocks) are said apart: unsampled, and a small part of the window.
-        gaps = d["live"]["reattach_gaps_s"][str(r["rank"])]
-        assert d["live"]["blocks"][str(r["rank"])] >= 2 and 0 < gaps < 0.5 * d["live"]["duration_s"]
-        assert p["samples"] <= 100 * (d["live"]["duration_s"] - gaps) * 1.05 + 5
+        span, gaps = d["live"]["span_s"][str(r["rank"])], d["live"]["reattach_gaps_s"][str(r["rank"])]
+        assert d["live"]["blocks"][str(r["rank"])] >= 2 and 0 < gaps < 0.5 * span
+        assert p["samples"] <= 100 * (span - gaps) * 1.05 + 5
         assert 0 <= p["gil_held_pct"] <= 100 and p["cpu_pct"] > 0
         # One meaning of a share from both collectors: wall time per phase over the window.
         assert abs(r["phases_ms"]["recv"] / (10.0 * r["wall_s"]) - p["phases_pct"]["recv"]) < 0.5

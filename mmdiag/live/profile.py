@@ -37,7 +37,7 @@ from .errors import LiveError, PySpyError, RawParseError
 from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
-from .sampler import REGISTRY, CpuMeter, Sampler, rank_samples, reattach_gaps_s
+from .sampler import REGISTRY, CpuMeter, Sampler, rank_samples, reattach_gaps_s, span_s
 from .stats import duration_for
 
 # Defaults chosen so every phase share's 95% interval is within +/-2 points (README,
@@ -223,6 +223,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
             "block_s": block_s, "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in sampler.chains},
             # where a rank's samples fall short of span x rate: between blocks, or inside them (py-spy behind)
+            "span_s": {str(ch.rank.rank): round(span_s(ch.blocks), 3) for ch in sampler.chains},
             "reattach_gaps_s": {str(ch.rank.rank): round(reattach_gaps_s(ch.blocks), 3) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
             "recorder_start_skew": sampler.start_skew()}

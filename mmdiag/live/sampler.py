@@ -55,10 +55,15 @@ class Block:
 def rank_samples(rank: RankProcess, blocks: list[Block], rate: int) -> RankSamples:
     """A rank's blocks as attribute() reads them, with the samples their span would hold
     at `rate` (the re-attach gaps between them are part of the span)."""
-    span = blocks[-1].t1 - blocks[0].t0 if blocks else 0.0
+    span = span_s(blocks)
     return RankSamples.from_blocks(rank.rank, rank.pid, rank.title, [(b.threads, b.gil_threads) for b in blocks],
                                    gil_planned=sum(b.gil_planned for b in blocks),
                                    expected=rate * span if span > 0 else None)
+
+
+def span_s(blocks: list[Block]) -> float:
+    """Seconds from the first block's first sample to the last block's end."""
+    return blocks[-1].t1 - blocks[0].t0 if blocks else 0.0
 
 
 def reattach_gaps_s(blocks: list[Block]) -> float:
