@@ -186,6 +186,17 @@ def test_run_contract(live):
     assert f"idle +/-{spread:.1f} (rank " in render_run(Run.from_dict(d)).split("load variation")[1]
 
 
+def test_profile_table_shows_every_phase_a_rank_spent_time_in():
+    """A shared-memory release (0.5.10+) waits in shm_sync: a fixed column list hid it, and
+    the row added up to 60%. Columns no rank spent time in are left out."""
+    from runs_synth import profile_run
+    text = render_run(profile_run([{"recv": 20, "shm_sync": 40, "forward": 10, "idle": 30}] * 2))
+    header = next(ln for ln in text.splitlines() if ln.split()[:1] == ["rank"])
+    assert "shm_sync %" in header and "recv %" in header and "pickle %" not in header, header
+    # and the findings name it (a Run without intervals prints shares without a +/-, never +/-0.0)
+    assert "shm_sync (waiting at the barrier" in text and "rank 1 40.0%" in text and "+/-0.0" not in text, text
+
+
 def test_from_raw_same_numbers(live, tmp_path):
     run, _, raw = live
     files = sorted(str(p) for p in raw.iterdir())

@@ -91,6 +91,13 @@ def test_top_in_a_terminal(replay, tmp_path):
         rows = [ln.split() for ln in text.split("\n") if ln.strip()[:1].isdigit()]
         assert [r[0] for r in rows] == ["0", "1"], text
 
+        _tmux(sock, "send-keys", "-t", "top", "f")   # one phase on every rank: recv first
+        text = "\n".join(_wait_for(sock, lambda s: "phase [recv]" in s))
+        rows = [ln.split() for ln in text.split("\n") if ln.strip()[:1].isdigit()]
+        assert [r[0] for r in rows] == ["0", "1"] and all(r[2].startswith("+/-") for r in rows), text
+        _tmux(sock, "send-keys", "-t", "top", "f")   # the next phase
+        _wait_for(sock, lambda s: "phase recv [" in s)
+
         _tmux(sock, "send-keys", "-t", "top", "p")
         frozen = _wait_for(sock, lambda s: "[paused " in s)
         time.sleep(2.5)

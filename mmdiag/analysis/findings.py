@@ -64,23 +64,26 @@ def findings(run: Run) -> list[str]:
                          live.exited if live else [], live.notes if live else [])
 
 
-def _ci(p: RankProfile, k: str) -> float:
-    h = p.phases_ci.get(k) if p.phases_ci else None
-    return 0.0 if h is None else h
+def _ci(p: RankProfile, k: str) -> float | None:
+    """The share's 95% half-width; None where the Run has none (an older file): printed
+    without a +/-, never as +/-0.0."""
+    return p.phases_ci.get(k) if p.phases_ci else None
 
 
-def _mean_ci(ps: list[RankProfile], k: str) -> float:
+def _mean_ci(ps: list[RankProfile], k: str) -> float | None:
     """Half-width of the mean share over ranks (independent ranks' intervals)."""
-    return math.sqrt(sum(_ci(p, k) ** 2 for p in ps)) / len(ps) if ps else 0.0
+    hs = [_ci(p, k) for p in ps]
+    return None if not hs or None in hs else math.sqrt(sum(h * h for h in hs)) / len(hs)
 
 
-def above(share: float, hw: float, threshold: float) -> bool:
-    """The share is above `threshold` by more than its interval."""
-    return share - hw >= threshold
+def above(share: float, hw: float | None, threshold: float) -> bool:
+    """The share is above `threshold` by more than its interval (no interval: the share alone)."""
+    return share - (hw or 0.0) >= threshold
 
 
-def differs(a: float, ha: float, b: float, hb: float) -> bool:
+def differs(a: float, ha: float | None, b: float, hb: float | None) -> bool:
     """Two shares differ by more than their intervals combined."""
+    ha, hb = ha or 0.0, hb or 0.0
     return abs(a - b) > math.sqrt(ha * ha + hb * hb)
 
 
@@ -170,6 +173,14 @@ def rank_findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, flo
             s += (f" and {pm(mean(r2), _mean_ci(rest, 'recv'))}%{_spread(r2)} on {rank_list([p.rank for p in rest])} "
                   f"(waiting for rank {entry}'s requests included)")
         out.append(s)
+    # The shared-memory receive (0.5.10+): one finding per phase a rank spends a real share in.
+    for k, what in (("shm_open", "opening each feature's segment"),
+                    ("shm_sync", "waiting at the barrier until every rank has opened its segments, and in the "
+                                 "failure all_reduce"),
+                    ("shm_map", "mapping the segments")):
+        if any(above(ph(p, k), _ci(p, k), MIN_PCT) for p in profiles):
+            parts = ", ".join(f"rank {p.rank} {pm(ph(p, k), _ci(p, k))}%" for p in profiles)
+            out.append(f"{k} ({what}): {parts}")
     if any(above(ph(p, "idle"), _ci(p, "idle"), MIN_PCT) for p in profiles):
         parts = ", ".join(f"rank {p.rank} {pm(ph(p, 'idle'), _ci(p, 'idle'))}%" for p in profiles)
         out.append(f"idle (waiting for requests): {parts}")

@@ -32,14 +32,15 @@ from .pyspy import check_version, find_pyspy
 from .rules import load_rules
 from .sampler import CpuMeter, Sampler, rank_samples
 from .stats import pm
-from ..render.text import PROFILE_SHOWN as SHOWN
+from ..render.text import shown_phases
+from ..vocab import PHASES
 
 BLOCK_S = 1.0
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_RATE_HZ = 100
 REFRESH_S = 1.0
-VIEWS = ("rank", "ranks")
-KEYS = "p pause  tab/arrows/0-9 rank  v view  q quit"
+VIEWS = ("rank", "ranks", "phase")   # one rank's phases; every rank's largest phases; one phase on every rank
+KEYS = "p pause  tab/arrows/0-9 rank  v view  f phase  q quit"
 
 
 @dataclass
@@ -158,6 +159,7 @@ def snapshot(sess: TopSession) -> Snapshot:
 class ViewState:
     selected: int = 0        # index into the ranks
     view: int = 0            # index into VIEWS
+    phase: int = 0           # the phase view's phase: an index into the phases shown
     paused: bool = False
 
 
@@ -174,15 +176,18 @@ def _rank_view(p: RankProfile | None, cpu: float | None, width: int) -> list[str
              f"waiting {pm(p.wait_pct.get(ALL), p.wait_ci.get(ALL))}%", "",
              f"  {'phase':<10} {'share % (95%)':<15} {'waiting %':>9}  "]
     bar_w = max(4, width - 42)
-    for k in SHOWN:
+    for k in shown_phases([p]):
         lines.append(f"  {k:<10} {pm(p.phases_pct.get(k), p.phases_ci.get(k)):<15} "
                      f"{p.wait_pct.get(k, 0.0):>9.1f}  {_bar(p.phases_pct.get(k, 0.0), bar_w)}")
     return lines
 
 
 def _ranks_view(profiles: dict[int, RankProfile], cpu: dict[int, float | None], ranks: list[int]) -> list[str]:
-    cols = ("recv", "from_dict", "pickle", "broadcast", "unpickle", "idle")
-    short = {"from_dict": "from_dict", "broadcast": "bcast", "unpickle": "unpickle"}
+    # 80 columns hold six phases: the six largest on any rank, in vocabulary order.
+    seen = [p for p in profiles.values() if p is not None]
+    big = sorted(shown_phases(seen), key=lambda k: -max((p.phases_pct.get(k) or 0.0 for p in seen), default=0.0))[:6]
+    cols = [k for k in PHASES if k in big]
+    short = {"broadcast": "bcast"}
     lines = ["  rank  CPU%  GIL%  " + "".join(f"{short.get(c, c):<10}" for c in cols)]
     for r in ranks:
         p = profiles.get(r)
@@ -193,6 +198,22 @@ def _ranks_view(profiles: dict[int, RankProfile], cpu: dict[int, float | None], 
         cells = "".join(f"{pm(p.phases_pct.get(k), p.phases_ci.get(k), 0):<10}" for k in cols)
         lines.append(f"  {r:<4}  {('-' if c is None else f'{c:.0f}'):>4}  "
                      f"{('-' if p.gil_held_pct is None else f'{p.gil_held_pct:.0f}'):>4}  {cells}")
+    return lines
+
+
+def _phase_view(phase: str, profiles: dict[int, RankProfile], cpu: dict[int, float | None], ranks: list[int],
+                width: int) -> list[str]:
+    lines = [f"  rank  {'share % (95%)':<15} {'waiting %':>9}  GIL held % in it"]
+    bar_w = max(4, width - 52)
+    for r in ranks:
+        p = profiles.get(r)
+        if p is None:
+            lines.append(f"  {r:<4}  (no samples yet)")
+            continue
+        gil = p.phase_gil_pct.get(phase)
+        lines.append(f"  {r:<4}  {pm(p.phases_pct.get(phase), p.phases_ci.get(phase)):<15} "
+                     f"{p.wait_pct.get(phase, 0.0):>9.1f}  {('-' if gil is None else f'{gil:.0f}'):>4}  "
+                     f"{_bar(p.phases_pct.get(phase, 0.0), bar_w)}")
     return lines
 
 
@@ -212,9 +233,14 @@ def render(sess: TopSession, st: ViewState, snap: Snapshot, width: int = 80, hei
         rp = next(r for r in sess.disc.ranks if r.rank == sel)
         lines += [f"rank {tabs}", f"  {rp.title} (pid {rp.pid})"]
         lines += _rank_view(snap.profiles.get(sel), snap.cpu.get(sel), width)
-    else:
+    elif VIEWS[st.view] == "ranks":
         lines += ["every rank, share % of wall time (95% interval)"]
         lines += _ranks_view(snap.profiles, snap.cpu, ranks)
+    else:
+        phases = shown_phases(list(snap.profiles.values()))
+        phase = phases[st.phase % len(phases)]
+        lines += ["phase " + " ".join(f"[{k}]" if k == phase else k for k in phases), ""]
+        lines += _phase_view(phase, snap.profiles, snap.cpu, ranks, width)
     body = [ln[: width - 1] for ln in lines]
     body = body[: max(1, height - 1)]
     return body + [""] * (height - 1 - len(body)) + [KEYS[: width - 1]]
@@ -230,6 +256,10 @@ def handle_key(st: ViewState, key: int | str, n_ranks: int) -> bool:
         st.paused = not st.paused
     elif k in (ord("v"), ord("V")):
         st.view = (st.view + 1) % len(VIEWS)
+    elif k in (ord("f"), ord("F")):   # the next phase, shown on every rank
+        if VIEWS[st.view] == "phase":
+            st.phase += 1
+        st.view = VIEWS.index("phase")
     elif k in (9, curses.KEY_RIGHT, curses.KEY_DOWN, ord("l"), ord("j")):
         st.selected = (st.selected + 1) % n_ranks
     elif k in (curses.KEY_BTAB, curses.KEY_LEFT, curses.KEY_UP, ord("h"), ord("k")):

@@ -9,10 +9,19 @@ from tabulate import tabulate
 from ..analysis.findings import findings
 from ..live.stats import pm
 from ..run import LiveInfo, ProfileRank, Run
-from ..vocab import PROFILE_SCHEMA
+from ..vocab import PHASES, PROFILE_SCHEMA
 from . import table
 
-PROFILE_SHOWN = ("recv", "from_dict", "pickle", "broadcast", "unpickle", "forward", "other", "idle")
+# Every path has these; the others (a broadcast's, shared memory's on 0.5.10+) show where a rank spent time in them.
+ALWAYS_SHOWN = ("recv", "forward", "other", "idle")
+
+
+def shown_phases(profiles) -> tuple[str, ...]:
+    """The phases a profile table shows, in vocabulary order: ALWAYS_SHOWN and every other
+    phase some rank spent time in (a share hidden by a fixed column list would make a row
+    add up to less than 100%)."""
+    return tuple(p for p in PHASES if p in ALWAYS_SHOWN
+                 or any((pr.phases_pct.get(p) or 0.0) > 0.0 for pr in profiles if pr is not None))
 
 
 def _f(v, fmt="{:.1f}") -> str:
@@ -34,7 +43,7 @@ def _profile_head(run: Run, name: str) -> str:
     live = run.live or LiveInfo()
     if live.source == "live":
         return (f"profile of PID {live.target_pid} ({live.target_title or ''}): "
-                f"{len(run.ranks or [])} rank(s), {live.duration_s:.1f} s at {live.rate_hz} Hz, "
+                f"{len(run.ranks or [])} rank(s), {_f(live.duration_s)} s at {live.rate_hz} Hz, "
                 f"py-spy {live.pyspy.get('version')}; multimodal path: {name}"
                 + "".join(f"\nconfiguration: {ln}" for ln in live.config.get("lines", ())))
     return f"profile from {len(live.files)} py-spy raw file(s); multimodal path: {name}"
@@ -43,13 +52,14 @@ def _profile_head(run: Run, name: str) -> str:
 def render_profile(run: Run, fmt: str = "simple") -> str:
     (name, _), = run.strategies.items()
     rows = []
+    shown = shown_phases([rank.profile for rank in run.ranks or []])
     for rank in run.ranks or []:
         r = rank.profile or ProfileRank()
         rows.append([rank.rank, r.pid if r.pid is not None else "-", r.samples]
-                    + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for p in PROFILE_SHOWN]
+                    + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for p in shown]
                     + [pm(r.wait_pct.get("all"), r.wait_ci.get("all"))]
                     + [pm(r.gil_held_pct, r.gil_held_ci), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
-    tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in PROFILE_SHOWN]
+    tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in shown]
                    + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
                    disable_numparse=True)
     out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
@@ -91,11 +101,12 @@ def _spread_line(run: Run) -> str:
     """The load's own variation between windows of this length (phases_spread), apart from the
     sampling error in the table: the widest rank per phase."""
     widest: dict[str, tuple[float, int]] = {}
+    shown = shown_phases([rank.profile for rank in run.ranks or []])
     for rank in run.ranks or []:
         for p, v in (rank.profile or ProfileRank()).phases_spread.items():
-            if p in PROFILE_SHOWN and v is not None and not math.isnan(v) and v > widest.get(p, (-1.0, 0))[0]:
+            if p in shown and v is not None and not math.isnan(v) and v > widest.get(p, (-1.0, 0))[0]:
                 widest[p] = (v, rank.rank)
     if not widest:
         return ""
-    parts = ", ".join(f"{p} +/-{widest[p][0]:.1f} (rank {widest[p][1]})" for p in PROFILE_SHOWN if p in widest)
+    parts = ", ".join(f"{p} +/-{widest[p][0]:.1f} (rank {widest[p][1]})" for p in shown if p in widest)
     return f"\nload variation between windows this long (95%, widest rank): {parts}\n"
