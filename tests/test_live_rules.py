@@ -247,6 +247,18 @@ def test_explain_ptrace():
     assert "CAP_SYS_PTRACE" in box and "--cap-add SYS_PTRACE" in box
 
 
+def test_a_socket_poll_waits_but_unpickling_what_it_received_is_work(rules):
+    """Up to 0.5.9 the entry rank's recv_pyobj unpickles each request, features included:
+    blocked in the socket call it waits for work (idle), inside _deserialize it works (recv)."""
+    sock = "/usr/lib/python3/site-packages/zmq/sugar/socket.py"
+    sched = (F("event_loop_normal", "sglang/srt/managers/scheduler.py"),
+             F("recv_requests", "sglang/srt/managers/scheduler.py"), F("Socket.recv_pyobj", sock))
+    assert rules.classify(sched) == ("idle", True)
+    assert rules.classify(sched + (F("Socket._deserialize", sock),)) == ("recv", False)
+    assert rules.classify(sched + (F("Socket._deserialize", sock), F("_rebuild_tensor_v2", "torch/_utils.py"))) \
+        == ("recv", False)
+
+
 def test_non_entry_wait_behind_idle_entry_is_idle(rules):
     from mmdiag.live.profile import build_run
     r0 = _patched_rank(0, "mmdiag::scheduler_TP0", ("event_loop", "recv_requests", "_wait_for_arrivals"),

@@ -331,7 +331,7 @@ def _evaluate_one(c: Criterion, before: Side, after: Side, thr: Comparison | Non
             res.measured = f"{worst:.1f}% (rank {rank})"
             res.status = PASS if _cmp(c, worst) else FAIL
         else:
-            res.note = "no GIL measurement (a replay has none; profile with --gil)"
+            res.note = "no GIL measurement (a replay has none; profile without --no-gil)"
     elif c.key == "p99_latency_ms":
         if after.has_requests and not _nan(after.result.latency_ms.get("p99")):
             v = after.result.latency_ms["p99"]

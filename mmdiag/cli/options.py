@@ -18,7 +18,7 @@ ITEMS = click.IntRange(1, 1000)
 TOKENS = click.IntRange(0, 10_000_000)
 RATIO = click.FloatRange(0, 1)
 PID = click.IntRange(1, 2**22)
-RATE_HZ = click.IntRange(1, 10_000)
+RATE_HZ = click.IntRange(1, 1000)  # what the profiler accepts (live.profile._check_args)
 REQ_PER_S = click.FloatRange(0, 1_000_000, min_open=True)
 
 # Why repeats default differently: one replay shows the table (ReplayOptions.repeat); a verdict

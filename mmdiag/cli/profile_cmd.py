@@ -7,6 +7,7 @@ from .. import api
 from .. import render as out
 from ..live.errors import LiveError, TargetExitedError
 from ..live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ, PYSPY_DEFAULT_RATE_HZ
+from ..live.top import DEFAULT_RATE_HZ as TOP_RATE_HZ, DEFAULT_WINDOW_S as TOP_WINDOW_S
 from ..vocab import PROFILE_SCHEMA
 from . import options as o
 from .app import output_option, show
@@ -28,7 +29,8 @@ from .replay_cmds import legacy_json
               help="keep py-spy's raw files here (rank<N>.pid<P>.raw / .gil.raw), for --from-raw")
 @click.option("--from-raw", "from_raw_flag", is_flag=True,
               help="analyse py-spy raw files (FILES) recorded elsewhere instead of attaching")
-@click.option("--no-gil", is_flag=True, help="skip the --gil recorder (run on every other block: about a seventh of py-spy's CPU; no GIL figures)")
+@click.option("--no-gil", is_flag=True, help="no GIL figures: skip the --gil recorder that otherwise runs on every other "
+              "block (about a seventh of py-spy's CPU)")
 @click.option("--pyspy", default=None, metavar="PATH", help="py-spy binary [default: $MMDIAG_PYSPY, PATH, beside python]")
 @click.option("--rules", default=None, type=click.Path(dir_okay=False), help="stack->phase rules TOML [default: bundled]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines on stderr")
@@ -44,8 +46,12 @@ def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, 
       mmdiag profile --from-raw rank0.raw rank0.gil.raw rank1.raw ...
     \b
     Samples with py-spy (non-blocking, every thread, plus a --gil recorder) on all
-    ranks over the same window; psutil gives CPU%. Phases: recv, from_dict, pickle,
-    broadcast, unpickle, forward, other, idle (rules: mmdiag/live/rules.toml).
+    ranks over the same window, in 2 s blocks; psutil gives CPU%. Phases: recv,
+    from_dict, pickle, broadcast, unpickle, forward, other, idle, and shm_open /
+    shm_sync / shm_map on 0.5.10+ (rules: mmdiag/live/rules.toml). Every share comes
+    with its 95% interval: the defaults (100 Hz, 30 s) keep it near +/-2 points on a
+    host with cores to spare; a shorter --duration widens it as 1/sqrt(duration), and
+    the profile says which --duration would bring it back to +/-2.
     Exit codes: 4 a rank exited during the window (what was sampled is kept),
     5 ptrace refused, 6 py-spy missing or failed, 2 bad input.
     """
@@ -97,9 +103,10 @@ def _exited(run, written: list[str]) -> None:
 @click.command("top")
 @click.option("--pid", type=o.PID, required=True,
               help="the SGLang server's main PID, one scheduler's PID, or an `mmdiag replay` PID")
-@click.option("--window", type=click.FloatRange(2.0, 3600.0), default=10.0, show_default=True,
-              help="seconds of samples behind each figure (a sliding window of 1 s blocks)")
-@click.option("--rate", type=o.RATE_HZ, default=100, show_default=True, help="samples per second per rank")
+@click.option("--window", type=click.FloatRange(2.0, 3600.0), default=TOP_WINDOW_S, show_default=True,
+              help="seconds of samples behind each figure (a sliding window of 1 s blocks); at 10 s a share "
+                   "carries about +/-3 points, `mmdiag profile` gives the tighter figure")
+@click.option("--rate", type=o.RATE_HZ, default=TOP_RATE_HZ, show_default=True, help="samples per second per rank")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help=f"on exit, write a Run (schema {PROFILE_SCHEMA}) covering the whole watch")
 @click.option("--duration", type=o.SECONDS, default=None, help="quit by itself after this many seconds")
@@ -113,7 +120,8 @@ def top_command(pid, window, rate, output, duration, no_gil, pyspy, rules):
 
     \b
     Keys: p pause, tab / arrows / 0-9 switch rank, v switch view (one rank's
-    phases, or every rank side by side), q quit. py-spy never pauses the target;
+    phases, every rank side by side, one phase on every rank), f the next phase
+    on every rank, q quit. py-spy never pauses the target;
     quitting detaches and leaves it as it was. Without a terminal it prints a
     plain frame per second.
     """

@@ -46,10 +46,12 @@ class Rule:
 class WaitRule:
     """Frames in which a rank waits (a collective's gloo wait, a socket poll, a
     sched_yield spin): the sample counts as waiting, in `phase` if given, else in
-    the phase its other frames give."""
+    the phase its other frames give. A `work` frame below it makes the sample work
+    after all (the socket call returned and is unpickling what it received)."""
     functions: frozenset[str]
     files: tuple[str, ...] = ()
     phase: str | None = None
+    work: frozenset[str] = frozenset()
 
     def matches(self, frame: Frame) -> bool:
         if frame.name not in self.functions and frame.short not in self.functions:
@@ -79,9 +81,11 @@ class RuleSet:
         return _classify(self, frames)
 
     def _classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
-        for f in reversed(frames):
+        for i in range(len(frames) - 1, -1, -1):
             for w in self.waits:
-                if w.matches(f):
+                if w.matches(frames[i]):
+                    if w.work and any(g.name in w.work or g.short in w.work for g in frames[i + 1:]):
+                        return self.phase_of(frames), False
                     return (w.phase or self.phase_of(frames)), True
         return self.phase_of(frames), False
 
@@ -145,7 +149,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
             raise _fail(source, f"wait {k}: `functions` must be a non-empty list of names")
         if w.get("phase") is not None and w["phase"] not in PHASES:
             raise _fail(source, f"wait {k}: phase {w['phase']!r} is not one of {', '.join(PHASES)}")
-        waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase")))
+        waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase"), frozenset(w.get("work", ()))))
     listed = tuple(d.get("strategy", {}).get("order", ()))
     markers = strategy_markers()
     unknown = [n for n in listed if n not in markers]
