@@ -12,7 +12,8 @@ the rank spend in X", the question the path's own timers answer over the same wi
   variance: p(1-p) = mean p_s(1-p_s) + var p_s over strata). Long phases sampled many
   times in a row make it smaller still (only their edges are uncertain), so the
   binomial half-width 1.96 sqrt(p(1-p)/n) is an upper bound, and it depends only on
-  n = rate x window: 100 Hz for 30 s keeps every share within +/-1.8 points. The
+  n = rate x window: 100 Hz for 30 s keeps every share within +/-1.8 points when
+  nothing is lost (a loaded host loses samples, and the term below widens it). The
   re-attach between blocks leaves short stretches unsampled (about 50 ms per block, more
   on a loaded host): their content is missed, which adds f^2 p(1-p)/gaps to the variance
   for an unsampled fraction f of the span (sampling_hw). It would
