@@ -69,6 +69,7 @@ class ProfileRank:
     gil_held_pct: float | None = None
     gil_held_ci: float | None = None
     gil_wait_pct: float | None = None
+    gil_wait_ci: float | None = None   # its sampling half-width (an upper-bound estimate: see live/attribute.py)
     cpu_pct: float | None = None
     # GIL held per phase (% of that phase's samples); other threads; the top unmatched frames.
     phase_gil_pct: dict[str, float | None] = field(default_factory=dict)

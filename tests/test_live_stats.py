@@ -88,3 +88,46 @@ def test_defaults_meet_the_two_point_target_for_any_share():
     blocks = int(DEFAULT_DURATION_S / DEFAULT_BLOCK_S)
     n = int(DEFAULT_RATE_HZ * (DEFAULT_DURATION_S - (blocks - 1) * GAP_S))
     assert 100.0 * sampling_hw(0.5, n, DEFAULT_RATE_HZ * DEFAULT_DURATION_S, blocks - 1) <= TARGET_CI_PTS
+
+
+# --- findings claim only what their intervals show ------------------------------------
+
+def _profile(shares, ci, **extra):
+    from runs_synth import profile_run
+    run = profile_run([shares] * 2)
+    for r in run.ranks:
+        r.profile.phases_ci = {k: ci for k in shares}
+        for k, v in extra.items():
+            setattr(r.profile, k, v)
+    return run
+
+
+def test_a_share_inside_its_interval_of_the_threshold_is_not_claimed():
+    from mmdiag.analysis.findings import findings
+    near = findings(_profile({"recv": 6.0, "forward": 30.0, "idle": 64.0}, ci=1.5))   # 6 - 1.5 < 5
+    clear = findings(_profile({"recv": 8.0, "forward": 30.0, "idle": 62.0}, ci=1.5))  # 8 - 1.5 >= 5
+    assert not any("request receive" in f for f in near), near
+    assert any("request receive" in f and "8.0 +/-1.5%" in f for f in clear), clear
+
+
+def test_gil_wait_is_claimed_only_past_its_interval_and_printed_with_it():
+    from mmdiag.analysis.findings import findings
+    base = {"recv": 20.0, "forward": 30.0, "idle": 50.0}
+    inside = findings(_profile(base, ci=1.0, gil_wait_pct=6.0, gil_wait_ci=2.0))
+    past = findings(_profile(base, ci=1.0, gil_wait_pct=9.0, gil_wait_ci=2.0))
+    assert not any("GIL wait" in f for f in inside), inside
+    assert any("up to 9 +/-2% of the main thread's time may be GIL wait" in f for f in past), past
+
+
+def test_hashing_and_the_gil_is_judged_against_half_with_its_interval():
+    from mmdiag.analysis.findings import findings
+
+    def gil_finding(from_dict_gil, samples):
+        run = _profile({"from_dict": 40.0, "pickle": 20.0, "forward": 10.0, "idle": 30.0}, ci=1.0,
+                       phase_gil_pct={"from_dict": from_dict_gil, "pickle": 95.0}, samples=samples)
+        return next(f for f in findings(run) if f.startswith("hashing"))
+
+    # 2 ranks x 400 from_dict samples: +/-3.5 points near half
+    assert gil_finding(47.0, 1000).startswith("hashing holds the GIL about half the time (from_dict held it in 47 +/-3%")
+    assert gil_finding(45.0, 1000).startswith("hashing releases")
+    assert gil_finding(80.0, 1000).startswith("hashing mostly holds")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
-from ..live.stats import pm
+from ..live.stats import pm, sampling_hw
 from ..run import ProfileRank, Run
 from ..strategies import REGISTRY
 
@@ -113,18 +113,24 @@ def _gil_findings(profiles: list[RankProfile]) -> list[str]:
                 held, tot = pooled.get(k, (0.0, 0))
                 pooled[k] = (held + g * n / 100.0, tot + n)
     gil = {k: 100.0 * h / n for k, (h, n) in pooled.items() if n >= MIN_PHASE_SAMPLES}
+    # A phase's GIL share is a proportion of its own samples: binomial 95% half-width.
+    ci = {k: 100.0 * sampling_hw(gil[k] / 100.0, pooled[k][1]) for k in gil}
     if "from_dict" in gil and any(k in gil for k in ("pickle", "unpickle")):
         other = "pickle" if "pickle" in gil else "unpickle"
-        verb = "releases" if gil["from_dict"] < 50 else "mostly holds"
-        out.append(f"hashing {verb} the GIL (from_dict held it in {gil['from_dict']:.0f}% of its samples) "
-                   f"while {other} holds it ({gil[other]:.0f}%)")
+        fd, hw = gil["from_dict"], ci["from_dict"]
+        verb = ("releases the GIL" if fd + hw < 50 else "mostly holds the GIL" if fd - hw > 50
+                else "holds the GIL about half the time")
+        out.append(f"hashing {verb} (from_dict held it in {pm(fd, hw, 0)}% of its samples) "
+                   f"while {other} holds it ({pm(gil[other], ci[other], 0)}%)")
     elif gil:
-        out.append("GIL held by phase: " + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(gil.items(), key=lambda kv: -kv[1])))
-    waits = [(p.rank, p.gil_wait_pct) for p in profiles if p.gil_wait_pct and p.gil_wait_pct >= MIN_PCT]
-    for r, w in waits:
-        p = next(x for x in profiles if x.rank == r)
-        who = ", ".join(t["name"] or str(t["tid"]) for t in p.threads if t.get("gil_held_pct"))
-        out.append(f"rank {r}: up to {w:.0f}% of the main thread's time may be GIL wait (held by: {who or 'other threads'})")
+        out.append("GIL held by phase: " + ", ".join(f"{k} {pm(v, ci[k], 0)}%"
+                                                     for k, v in sorted(gil.items(), key=lambda kv: -kv[1])))
+    for p in profiles:
+        w, hw = p.gil_wait_pct, p.gil_wait_ci
+        if w and above(w, hw, MIN_PCT):
+            who = ", ".join(t["name"] or str(t["tid"]) for t in p.threads if t.get("gil_held_pct"))
+            out.append(f"rank {p.rank}: up to {pm(w, hw, 0)}% of the main thread's time may be GIL wait "
+                       f"(held by: {who or 'other threads'})")
     return out
 
 

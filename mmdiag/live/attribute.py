@@ -28,7 +28,7 @@ from ..vocab import PHASES
 from .discover import parse_title
 from .pyspy import ThreadSamples, main_thread
 from .rules import RuleSet
-from .stats import block_share, shares_pct
+from .stats import block_share, sampling_hw, shares_pct
 
 
 @dataclass
@@ -88,6 +88,7 @@ class RankProfile:
     wait_ci: dict[str, float | None] = field(default_factory=dict)
     gil_note: str | None = None  # why GIL figures cover part of the window, or are None
     phases_spread: dict[str, float | None] = field(default_factory=dict)
+    gil_wait_ci: float | None = None
 
 
 def _pct(n: float, d: float) -> float:
@@ -163,9 +164,10 @@ def _gil_blocks(rs: RankSamples, main: ThreadSamples, per_block: list[Counter]) 
 
 
 def _gil_figures(rs: RankSamples, main: ThreadSamples, per_block: list[Counter], idle_pct: float,
-                 rules: RuleSet) -> tuple[float | None, float | None, float | None, dict[str, float | None], str | None]:
-    """GIL held % (and its half-width over the blocks), GIL wait estimate, per-phase GIL %,
-    over the blocks that have a --gil file; and a note when some have none (too few: None)."""
+                 rules: RuleSet) -> tuple:
+    """GIL held % (and its half-width over the blocks), GIL wait estimate (and its sampling
+    half-width), per-phase GIL %, over the blocks that have a --gil file; and a note when
+    some have none (too few: None)."""
     blocks = _gil_blocks(rs, main, per_block)
     total, n_all = sum(sum(c.values()) for c in per_block), len(per_block)
     sizes, held_n = [b[0] for b in blocks], [b[1] for b in blocks]
@@ -175,7 +177,7 @@ def _gil_figures(rs: RankSamples, main: ThreadSamples, per_block: list[Counter],
     if len(blocks) < planned:
         note = (f"py-spy --gil wrote {len(blocks)} of its {planned} blocks ({covered} of {total} main-thread samples)")
         if covered < MIN_GIL_COVER * total * planned / n_all or covered == 0:
-            return None, None, None, {k: None for k in PHASES}, note + ": too few to measure its GIL figures"
+            return None, None, None, None, {k: None for k in PHASES}, note + ": too few to measure its GIL figures"
         note += ": GIL figures from those blocks only"
     p, hw, _ = block_share(held_n, sizes)
     counts: Counter = Counter()
@@ -187,7 +189,9 @@ def _gil_figures(rs: RankSamples, main: ThreadSamples, per_block: list[Counter],
     phase_gil = {k: (round(min(100.0, _pct(gcounts[k], counts[k])), 1) if counts[k] else None) for k in PHASES}
     other_gil = sum(t.samples for tid, t in rs.gil_threads.items() if gmain is None or tid != gmain.tid)
     gil_wait = max(0.0, min(min(100.0, _pct(other_gil, covered)), 100.0 - gil_held - idle_pct))
-    return round(gil_held, 2), (None if hw != hw else round(100.0 * hw, 2)), round(gil_wait, 2), phase_gil, note
+    wait_hw = sampling_hw(gil_wait / 100.0, covered)  # a share of the --gil blocks' samples
+    return (round(gil_held, 2), (None if hw != hw else round(100.0 * hw, 2)), round(gil_wait, 2),
+            (None if wait_hw != wait_hw else round(100.0 * wait_hw, 2)), phase_gil, note)
 
 
 def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
@@ -210,10 +214,11 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
             if stack and rules.classify(stack)[0] == "other":
                 other_leaf[stack[-1].name] += n
 
-    gil_held = gil_wait = gil_ci = gil_note = None
+    gil_held = gil_wait = gil_ci = gil_wait_ci = gil_note = None
     phase_gil: dict[str, float | None] = {p: None for p in PHASES}
     if rs.gil_threads is not None and main is not None:
-        gil_held, gil_ci, gil_wait, phase_gil, gil_note = _gil_figures(rs, main, per_block, phases_pct["idle"], rules)
+        gil_held, gil_ci, gil_wait, gil_wait_ci, phase_gil, gil_note = _gil_figures(rs, main, per_block,
+                                                                                   phases_pct["idle"], rules)
     others: list[dict] = []
     for tid, t in sorted(rs.threads.items()):
         if main is not None and tid == main.tid:
@@ -226,7 +231,7 @@ def attribute(rs: RankSamples, rules: RuleSet) -> RankProfile:
                                       for p, n in _phase_counts(t, rules).items() if n}})
     return RankProfile(rs.rank, rs.pid, rs.title, total, counts, phases_pct, phases_ci, gil_held, gil_wait,
                        phase_gil, others, functions, other_leaf.most_common(5), gil_ci, wait_pct, wait_ci, gil_note,
-                       spread)
+                       spread, gil_wait_ci)
 
 
 def _group(title: str | None) -> tuple[int, int]:

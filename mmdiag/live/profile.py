@@ -300,7 +300,7 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
             phases_ms={k: round(p.phases_pct[k] * wall * 10.0, 1) for k in PHASES},
             profile=ProfileRank(pid=p.pid, title=p.title, samples=p.samples, phases_pct=p.phases_pct,
                                 phases_ci=p.phases_ci, gil_held_pct=p.gil_held_pct, gil_held_ci=p.gil_held_ci,
-                                gil_wait_pct=p.gil_wait_pct, cpu_pct=cpu_pct[p.rank],
+                                gil_wait_pct=p.gil_wait_pct, gil_wait_ci=p.gil_wait_ci, cpu_pct=cpu_pct[p.rank],
                                 phase_gil_pct=p.phase_gil_pct, wait_pct=p.wait_pct, wait_ci=p.wait_ci,
                                 threads=threads, unmatched_top=p.top_other, phases_spread=p.phases_spread)))
     dur = window if window is not None else max((r.wall_s for r in ranks), default=0.0)

@@ -58,7 +58,7 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
         rows.append([rank.rank, r.pid if r.pid is not None else "-", r.samples]
                     + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for p in shown]
                     + [pm(r.wait_pct.get("all"), r.wait_ci.get("all"))]
-                    + [pm(r.gil_held_pct, r.gil_held_ci), _f(r.gil_wait_pct), _f(r.cpu_pct, "{:.0f}")])
+                    + [pm(r.gil_held_pct, r.gil_held_ci), pm(r.gil_wait_pct, r.gil_wait_ci), _f(r.cpu_pct, "{:.0f}")])
     tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in shown]
                    + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
                    disable_numparse=True)
