@@ -3,7 +3,7 @@
 other block). Prints figures; asserts nothing.
 
     python benchmarks/bench_pyspy_cost.py                 # mmdiag's own replay ranks, tp 2
-    python benchmarks/bench_pyspy_cost.py --seconds 20 --rate 100
+    python benchmarks/bench_pyspy_cost.py --rate 50 100 200        # how the cost follows the rate
 
 A replay (mmdiag's model, commit, Poisson arrivals) runs at --tp; one py-spy
 `record --format raw --threads --idle --nonblocking` at a time samples rank 0 for
@@ -55,31 +55,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--rate", type=int, nargs="+", default=[100], help="sampling rates, Hz (each measured)")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     spy = find_pyspy().path
     with tempfile.TemporaryDirectory(prefix="mmdiag-bench-pyspy-") as tmp:
         trace = os.path.join(tmp, "t.jsonl")
         n_settings = len(SETTINGS)
-        make_trace(trace, int(8.0 * (a.rounds * n_settings * (a.seconds + 1) + 60)), rate=8.0)
+        make_trace(trace, int(8.0 * (a.rounds * n_settings * len(a.rate) * (a.seconds + 1) + 60)), rate=8.0)
         launcher = start_replay(trace, a.tp, ["--strategy", "commit"])
         try:
             disc = wait_ranks(launcher, a.tp)
             rank0 = min(disc.ranks, key=lambda r: r.rank)
             time.sleep(3.0)  # past warm-up
-            got: dict[str, list[float]] = {k: [] for k in SETTINGS}
+            cases = [(rate, name) for rate in a.rate for name in SETTINGS]
+            got: dict[tuple[int, str], list[float]] = {c: [] for c in cases}
             for i in range(a.rounds):
-                order = list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))
-                for name in order:
-                    got[name].append(cost(spy, rank0.pid, a.seconds, a.rate, SETTINGS[name],
-                                          os.path.join(tmp, "x.raw")))
+                for rate, name in (cases if i % 2 == 0 else list(reversed(cases))):
+                    got[(rate, name)].append(cost(spy, rank0.pid, a.seconds, rate, SETTINGS[name],
+                                                  os.path.join(tmp, "x.raw")))
         finally:
             stop_group(launcher)
     print(f"machine: {os.cpu_count()} CPUs; replay tp {a.tp} (commit, Poisson 8 req/s, 4.7 MB images); "
-          f"py-spy at {a.rate} Hz on rank 0 for {a.seconds:g} s, {a.rounds} rounds in alternating order")
-    for name, xs in got.items():
-        print(f"  {name:<36} {100.0 * statistics.median(xs):5.1f}% of a core  "
+          f"py-spy on rank 0 for {a.seconds:g} s, {a.rounds} rounds in alternating order")
+    for (rate, name), xs in got.items():
+        print(f"  {rate:>4} Hz  {name:<36} {100.0 * statistics.median(xs):5.1f}% of a core  "
               f"(rounds: {', '.join(f'{100.0 * x:.1f}' for x in xs)})")
     return 0
 
