@@ -51,16 +51,19 @@ def _profile_head(run: Run, name: str) -> str:
 
 def render_profile(run: Run, fmt: str = "simple") -> str:
     (name, _), = run.strategies.items()
-    rows = []
-    shown = shown_phases([rank.profile for rank in run.ranks or []])
-    for rank in run.ranks or []:
-        r = rank.profile or ProfileRank()
-        rows.append([rank.rank, r.pid if r.pid is not None else "-", r.samples]
-                    + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for p in shown]
-                    + [pm(r.wait_pct.get("all"), r.wait_ci.get("all"))]
-                    + [pm(r.gil_held_pct, r.gil_held_ci), pm(r.gil_wait_pct, r.gil_wait_ci), _f(r.cpu_pct, "{:.0f}")])
-    tab = tabulate(rows, headers=["rank", "pid", "samples"] + [f"{p} %" for p in shown]
-                   + ["of which waiting %", "GIL held %", "GIL wait %", "CPU %"], tablefmt=fmt,
+    ranks = list(run.ranks or [])
+    profs = [rank.profile or ProfileRank() for rank in ranks]
+    shown = shown_phases(profs)
+    # Phases as rows, ranks as columns: an 80-column terminal holds five ranks (a row per rank
+    # with every phase was ~180 columns wide).
+    rows = [["pid"] + [r.pid if r.pid is not None else "-" for r in profs],
+            ["samples"] + [r.samples for r in profs]]
+    rows += [[f"{p} %"] + [pm(r.phases_pct.get(p), r.phases_ci.get(p)) for r in profs] for p in shown]
+    rows += [["of which waiting %"] + [pm(r.wait_pct.get("all"), r.wait_ci.get("all")) for r in profs],
+             ["GIL held %"] + [pm(r.gil_held_pct, r.gil_held_ci) for r in profs],
+             ["GIL wait %"] + [pm(r.gil_wait_pct, r.gil_wait_ci) for r in profs],
+             ["CPU %"] + [_f(r.cpu_pct, "{:.0f}") for r in profs]]
+    tab = tabulate(rows, headers=["rank"] + [str(rank.rank) for rank in ranks], tablefmt=fmt,
                    disable_numparse=True)
     out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
            "how precise a profile is)\n\n" + tab + "\n" + _spread_line(run))
