@@ -1,11 +1,14 @@
 """Stack -> phase rules and the raw parser (fast, no processes)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from mmdiag.live.errors import RawParseError
 from mmdiag.live.pyspy import explain_ptrace, main_thread, parse_raw
 from mmdiag.live.rules import Frame, load_rules, parse_rules
+from mmdiag.live.stats import sampling_hw
 from mmdiag.live.errors import LiveError
 
 
@@ -273,6 +276,11 @@ def test_non_entry_wait_behind_idle_entry_is_idle(rules):
     a, b = run.ranks
     assert a.profile.phases_pct["idle"] == 50.0 and a.profile.phases_pct["recv"] == 0.0
     assert b.profile.phases_pct["idle"] == 50.0 and b.profile.phases_pct["recv"] == 0.0
+    # The moved share brings the entry rank's uncertainty, added in quadrature to rank 1's own.
+    own_recv = 100.0 * sampling_hw(0.5, b.profile.samples)   # half its samples waited in broadcast_pyobj
+    assert a.profile.phases_ci["idle"] > 0
+    assert b.profile.phases_ci["idle"] == pytest.approx(a.profile.phases_ci["idle"], abs=0.02)
+    assert b.profile.phases_ci["recv"] == pytest.approx(math.hypot(own_recv, a.profile.phases_ci["idle"]), abs=0.02)
     from mmdiag.analysis.findings import findings
     assert any("counted as idle, not recv" in f for f in findings(run))
 

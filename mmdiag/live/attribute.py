@@ -21,6 +21,7 @@ Definitions (what the numbers in a profile mean):
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -261,10 +262,14 @@ def move_entry_idle(profiles: list[RankProfile]) -> list[str]:
             for d in (p.phases_pct, p.wait_pct):
                 d["recv"] = round(d["recv"] - moved, 2)
                 d["idle"] = round(d["idle"] + moved, 2)
-            # The moved share carries the entry rank's uncertainty about its idle time.
+            # The moved share carries the entry rank's uncertainty about its idle time, independent of
+            # this rank's own (another process, sampled apart): both of its shares add it in quadrature.
             for d, e_ci in ((p.phases_ci, e.phases_ci), (p.wait_ci, e.phases_ci), (p.phases_spread, e.phases_spread)):
-                if d.get("idle") is not None and e_ci.get("idle") is not None:
-                    d["idle"] = max(d["idle"], e_ci["idle"])
+                if e_ci.get("idle") is None:
+                    continue
+                for k in ("idle", "recv"):
+                    if d.get(k) is not None:
+                        d[k] = round(math.hypot(d[k], e_ci["idle"]), 2)
             moved_any.append(f"rank {p.rank} {moved:.1f}")
     if not moved_any:
         return []
