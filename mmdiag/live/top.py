@@ -174,11 +174,11 @@ def _rank_view(p: RankProfile | None, cpu: float | None, width: int) -> list[str
     lines = [f"  CPU {cpu:.0f}%" if cpu is not None else "  CPU -",
              f"  samples {p.samples}   GIL held {pm(p.gil_held_pct, p.gil_held_ci)}%   "
              f"waiting {pm(p.wait_pct.get(ALL), p.wait_ci.get(ALL))}%", "",
-             f"  {'phase':<10} {'share % (95%)':<15} {'waiting %':>9}  "]
-    bar_w = max(4, width - 42)
+             f"  {'phase':<10} {'share % (95%)':<15} {'waiting %':<13}"]
+    bar_w = max(4, width - 46)
     for k in shown_phases([p]):
         lines.append(f"  {k:<10} {pm(p.phases_pct.get(k), p.phases_ci.get(k)):<15} "
-                     f"{p.wait_pct.get(k, 0.0):>9.1f}  {_bar(p.phases_pct.get(k, 0.0), bar_w)}")
+                     f"{pm(p.wait_pct.get(k, 0.0), p.wait_ci.get(k)):<13} {_bar(p.phases_pct.get(k, 0.0), bar_w)}")
     return lines
 
 
@@ -203,8 +203,8 @@ def _ranks_view(profiles: dict[int, RankProfile], cpu: dict[int, float | None], 
 
 def _phase_view(phase: str, profiles: dict[int, RankProfile], cpu: dict[int, float | None], ranks: list[int],
                 width: int) -> list[str]:
-    lines = [f"  rank  {'share % (95%)':<15} {'waiting %':>9}  GIL held % in it"]
-    bar_w = max(4, width - 52)
+    lines = [f"  rank  {'share % (95%)':<15} {'waiting %':<13} GIL held % in it"]
+    bar_w = max(4, width - 56)
     for r in ranks:
         p = profiles.get(r)
         if p is None:
@@ -212,7 +212,7 @@ def _phase_view(phase: str, profiles: dict[int, RankProfile], cpu: dict[int, flo
             continue
         gil = p.phase_gil_pct.get(phase)
         lines.append(f"  {r:<4}  {pm(p.phases_pct.get(phase), p.phases_ci.get(phase)):<15} "
-                     f"{p.wait_pct.get(phase, 0.0):>9.1f}  {('-' if gil is None else f'{gil:.0f}'):>4}  "
+                     f"{pm(p.wait_pct.get(phase, 0.0), p.wait_ci.get(phase)):<13} {('-' if gil is None else f'{gil:.0f}'):>4}  "
                      f"{_bar(p.phases_pct.get(phase, 0.0), bar_w)}")
     return lines
 
