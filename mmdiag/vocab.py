@@ -42,6 +42,12 @@ TOKENIZER_PHASES = ("tokenizer_hash", "tokenizer_shm")
 #           carries a handle (name, shape, dtype), every rank maps the pages (0.5.10+)
 TRANSPORTS = ("pickle", "shm")
 
+# Content hashes: what turns a feature's bytes into its item hash (mmdiag.mmpath.hashing).
+#   sha256  SGLang's (every release 0.5.4-0.5.23), 0.5-0.8 GB/s on these CPUs
+#   xxh3    xxh3_128 (the xxhash package), memory speed; a content hash all the same
+HASHES = ("sha256", "xxh3")
+DEFAULT_HASH = "sha256"
+
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async", "shm")

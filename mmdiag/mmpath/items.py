@@ -4,18 +4,18 @@ The costs are SGLang's (checked against the 0.5.x wheels' schedule_batch.py and
 mm_utils.py): `MultimodalInputs.from_dict` keeps the valid items and calls
 `set_pad_value` on each, which hashes the feature unless a hash is already set;
 hashing a tensor flattens and concatenates it (one copy), takes its bytes
-(a second copy) and runs sha256, keeping the first 8 bytes as an int;
+(a second copy) and runs sha256 (or the replay's --hash), keeping the first 8 bytes as an int;
 `pad_value = hash % 2**30`. The function names match SGLang's so that the live
 profiler's stack rules read a replay rank and a real scheduler the same way.
 This is mmdiag's own model of that path, not SGLang code.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..lazy import lazy_module
+from . import hashing
 
 torch = lazy_module("torch")   # strategies import this module; `mmdiag --help` must not load torch
 
@@ -32,7 +32,7 @@ def mm_items(mm_inputs) -> list:
 
 
 def data_hash(data: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], byteorder="big", signed=False)
+    return hashing.data_hash(data)  # sha256's first 8 bytes, as SGLang's, unless the replay chose --hash
 
 
 def tensor_hash(tensors: list[torch.Tensor]) -> int:

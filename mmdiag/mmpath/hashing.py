@@ -1,0 +1,65 @@
+"""Content hashes: the function that turns a feature's bytes into its item hash
+(names: vocab.HASHES).
+
+SGLang hashes with sha256 and keeps the first 8 bytes as a big-endian int
+(`mm_utils.data_hash`). mmdiag's `xxh3` is xxh3_128 from the `xxhash` package, cut
+the same way (first 8 digest bytes), so a hash stays a content address of the same
+width: equal bytes give equal hashes in every process, different bytes differ, and
+repeated images keep sharing prefix-cache entries, at memory speed instead of
+sha256's 0.5-0.8 GB/s. The hash a process uses is process-wide, as SGLang's
+module-level `data_hash` is: a replay rank and the tokenizer stage pick it once
+with `use()`.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from ..errors import MmdiagError
+from ..vocab import DEFAULT_HASH, HASHES
+
+
+def _sha256(data) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], byteorder="big", signed=False)
+
+
+def _xxh3(data) -> int:
+    import xxhash  # a real dependency; imported here so `mmdiag --help` stays light
+    return int.from_bytes(xxhash.xxh3_128(data).digest()[:8], byteorder="big", signed=False)
+
+
+FUNCTIONS: dict[str, Callable[[object], int]] = {"sha256": _sha256, "xxh3": _xxh3}
+assert tuple(FUNCTIONS) == HASHES, "hash functions and vocabulary disagree"
+
+# What each hash keeps of the prefix cache, for recommend and the report. A random hash
+# (SGLANG_MM_SKIP_COMPUTE_HASH) is not a content hash: repeated images stop matching.
+PREFIX_CACHE = {"sha256": "content hash kept", "xxh3": "content hash kept", "random": "random: repeated images miss"}
+
+_current = DEFAULT_HASH
+
+
+def check(name: str, where: str = "--hash") -> str:
+    if name not in FUNCTIONS:
+        raise MmdiagError(f"unknown content hash {name!r}", where=where, fix=f"choose from: {', '.join(HASHES)}")
+    if name == "xxh3":
+        try:
+            import xxhash  # noqa: F401
+        except ImportError:
+            raise MmdiagError("the xxh3 content hash needs the xxhash package, which this Python cannot import",
+                              where=where, fix="pip install xxhash, or use --hash sha256") from None
+    return name
+
+
+def use(name: str) -> None:
+    """Make `name` this process's content hash (every data_hash after this uses it)."""
+    global _current
+    _current = check(name)
+
+
+def current() -> str:
+    return _current
+
+
+def data_hash(data) -> int:
+    """The 64-bit content hash of a bytes-like object, by this process's hash."""
+    return FUNCTIONS[_current](data)
