@@ -21,6 +21,7 @@ from . import strategies as registry
 from .errors import MmdiagError
 from .fileio import check_writable
 from .run import Run
+from .vocab import DEFAULT_HASH
 
 Progress = Callable[[dict], None]
 Log = Callable[[str], None]
@@ -111,6 +112,12 @@ def replay_options(**kw: Any):
         raise MmdiagError("--strategy does not apply with --impl sglang",
                           fix="the install's own code decides; use `mmdiag apply STRATEGY` to change it")
     kw["strategies"] = [] if kw.get("impl") == "sglang" else registry.resolve(list(kw.get("strategies") or []))
+    if kw.get("hash") not in (None, DEFAULT_HASH):
+        if kw.get("impl") == "sglang":
+            raise MmdiagError(f"--hash {kw['hash']} with --impl sglang: the install hashes with its own code",
+                              where="--hash", fix=f"leave --hash out; `mmdiag apply {kw['hash']}` changes the install's hash")
+        from .mmpath import hashing
+        hashing.check(kw["hash"])
     if kw.get("skip_hash"):
         per_rank = [n for n in kw["strategies"] if not registry.get(n).hashes_in_tokenizer]
         if per_rank:

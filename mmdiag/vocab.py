@@ -48,6 +48,12 @@ TRANSPORTS = ("pickle", "shm")
 HASHES = ("sha256", "xxh3")
 DEFAULT_HASH = "sha256"
 
+# How the shm transport's writer gets a segment for each feature (mmdiag.mmpath.shm):
+#   fresh  a new segment per feature, as every release 0.5.10-0.5.23 writes them (page faults)
+#   pool   reused, pre-faulted segments, released when every rank has let go (mmdiag's remedy)
+SEGMENTS = ("fresh", "pool")
+DEFAULT_SEGMENTS = "fresh"
+
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async", "shm")

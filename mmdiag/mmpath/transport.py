@@ -39,6 +39,10 @@ class Transport:
     def close(self) -> None:
         pass
 
+    def facts(self) -> dict[str, int]:
+        """What the Run records of this transport beyond its name (the segment pool's counts)."""
+        return {}
+
 
 class PickleTransport(Transport):
     name = "pickle"
@@ -47,11 +51,19 @@ class PickleTransport(Transport):
 class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0):
         self.prefix = prefix
         self._seq = itertools.count()
         self.fallbacks = 0  # features kept inline: shared memory unavailable or full
         self.rejected = 0   # requests every rank rejected (a segment failed on some rank)
+        # vocab.SEGMENTS: "fresh" (a new segment per feature, as every release writes them) or
+        # "pool" (reused, pre-faulted segments: mmdiag's remedy for the write's page faults).
+        self.pool = shm.SegmentPool(prefix, pool_bytes) if segments == "pool" else None
+
+    def _write(self, feature) -> "shm.ShmHandle | None":
+        if self.pool is not None:
+            return self.pool.write(feature)
+        return shm.write_segment(f"{self.prefix}{next(self._seq)}", feature)
 
     def encode(self, s, mm_inputs) -> float:
         if mm_inputs is None:
@@ -59,7 +71,7 @@ class ShmTransport(Transport):
         t0 = time.perf_counter()
         for item in mm_items(mm_inputs):
             if isinstance(item.feature, torch.Tensor):
-                h = shm.write_segment(f"{self.prefix}{next(self._seq)}", item.feature)
+                h = self._write(item.feature)
                 if h is None:
                     self.fallbacks += 1
                 else:
@@ -84,7 +96,10 @@ class ShmTransport(Transport):
                 if it.feature is None:
                     failed[i] = 1
                 if s.is_entry_rank:
-                    shm.unlink_segment(h)
+                    if h.pooled:
+                        self.pool.settle(h)  # every rank holds it: reusable once they all let go
+                    else:
+                        shm.unlink_segment(h)
         with t.phase("shm_sync"):
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=s.cpu_group)
         for i in failed.nonzero().flatten().tolist():
@@ -93,14 +108,19 @@ class ShmTransport(Transport):
         return reqs
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         shm.sweep(self.prefix)
 
+    def facts(self) -> dict[str, int]:
+        return self.pool.stats() if self.pool is not None else {}
 
-def make(name: str, prefix: str) -> Transport:
+
+def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0) -> Transport:
     if name == "pickle":
         return PickleTransport()
     if name == "shm":
-        return ShmTransport(prefix)
+        return ShmTransport(prefix, segments, pool_bytes)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import strategies as strategy_registry
 from ..errors import MmdiagError
-from ..mmpath import memory, shm
+from ..mmpath import hashing, memory, shm
 from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
@@ -136,7 +136,8 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     """One replay of one strategy; returns rank 0's StrategyResult (None elsewhere)."""
     o = job.options
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
-    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix)
+    # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
+    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o.segments, 2 * int(o.max_recv_mb * MB))
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],
@@ -179,6 +180,7 @@ def run_rank(job) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _set_title(rank)
     o = job.options
+    hashing.use(o.hash)  # process-wide, as SGLang's data_hash: the tokenizer stage and every rank hash alike
     timeout = timedelta(seconds=o.timeout)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     group = dist.group.WORLD
@@ -233,6 +235,7 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     cfg = run.config
     cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
     cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
+    cfg.hash, cfg.segments = job.options.hash, job.options.segments
     if plan.installed is not None:
         det = plan.installed.detection
         cfg.impl = "sglang"
