@@ -14,6 +14,7 @@ Configurations alternate over --repeat rounds; the median round is printed.
     python benchmarks/bench_tokenizer_stage.py --tp 2 -n 30 --repeat 3       # the 2-core box
     python benchmarks/bench_tokenizer_stage.py --tp 8 -n 60 --repeat 3       # a 16-core host
     python benchmarks/bench_tokenizer_stage.py --primitives-only
+    python benchmarks/bench_tokenizer_stage.py --tp 8 --default-workload 192 --skip-c1   # the bundled default
 """
 from __future__ import annotations
 
@@ -106,11 +107,15 @@ def primitives(shape: tuple[int, int], rounds: int) -> list[list]:
     return rows, mb
 
 
-def stage_rows(tp: int, n: int, repeat: int, configs) -> list[list]:
+# The bundled default workload: the baseline, 17a57fd's path, and the remedies stacked.
+DEFAULT_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]]
+C1 = ["--image-resolution", "700x1120", "--image-count", "1", "--max-concurrency", "1"]
+
+
+def stage_rows(tp: int, n: int, repeat: int, configs, synth_args=C1) -> list[list]:
     with tempfile.TemporaryDirectory(prefix="mmdiag-bench-") as d:
-        trace = os.path.join(d, "c1.jsonl")
-        subprocess.run([sys.executable, "-m", "mmdiag", "trace", "synth", "-n", str(n), "--image-resolution", "700x1120",
-                        "--image-count", "1", "--max-concurrency", "1", "-o", trace],
+        trace = os.path.join(d, "trace.jsonl")
+        subprocess.run([sys.executable, "-m", "mmdiag", "trace", "synth", "-n", str(n), *synth_args, "-o", trace],
                        cwd=ROOT, check=True, capture_output=True)
         got: dict[str, list] = {label: [] for label, _ in configs}
         for rnd in range(repeat):
@@ -143,6 +148,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of every configuration")
     ap.add_argument("--rounds", type=int, default=15, help="rounds of each primitive")
     ap.add_argument("--primitives-only", action="store_true")
+    ap.add_argument("--skip-c1", action="store_true", help="leave out the one-request-in-flight table")
+    ap.add_argument("--default-workload", type=int, default=0, metavar="N",
+                    help="also replay N requests of the bundled default workload (baseline vs the remedies)")
     ap.add_argument("--json", help="also write the tables here")
     a = ap.parse_args()
     prim, mb = primitives(QWEN_1120x700, a.rounds)
@@ -150,14 +158,20 @@ def main() -> int:
           f"({os.cpu_count()} CPUs, {os.uname().nodename})")
     print(tabulate(prim, headers=["primitive", "ms per MB", "ms per feature", "GB/s"]))
     out = {"primitives": prim}
-    if not a.primitives_only:
+    headers = ["configuration", "hash ms/req", "shm write ms/req", "tokenizer cap req/s", "loop req/s", "req/s",
+               "rounds", "vs revert", "ranks agree", "bound by"]
+    if not a.primitives_only and not a.skip_c1:
         rows = stage_rows(a.tp, a.n, a.repeat, CONFIGS)
         print(f"\ntokenizer stage beside the scheduler loop: tp {a.tp}, {a.n} requests of one 1120x700 image, "
-              f"concurrency 1, median of {a.repeat} alternating rounds")
-        print(tabulate(rows, headers=["configuration", "hash ms/req", "shm write ms/req", "tokenizer cap req/s",
-                                      "loop req/s", "req/s", "rounds", "vs revert", "ranks agree", "bound by"],
-                       ))
+              f"concurrency 1, median of {a.repeat} alternating rounds", flush=True)
+        print(tabulate(rows, headers=headers), flush=True)
         out["stage"] = rows
+    if not a.primitives_only and a.default_workload:
+        rows = stage_rows(a.tp, a.default_workload, a.repeat, DEFAULT_CONFIGS, synth_args=[])
+        print(f"\nthe bundled default workload: tp {a.tp}, {a.default_workload} requests, "
+              f"median of {a.repeat} alternating rounds")
+        print(tabulate(rows, headers=headers))
+        out["default_workload"] = rows
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
