@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,55 @@ def default_transport(version: str | None) -> str:
 def default_tokenizer_workers(version: str | None) -> int:
     d = facts()["defaults"]
     return d["hash_pool_workers"] if at_least(version, since("hash_pool_family")) else 1
+
+
+# ---- how the server was launched: what turns a shared-memory release back to pickling
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The launch settings that decide a release's effective transport and who hashes
+    (read from a live server's command line and environment, or given as options)."""
+    dist_init_addr: str | None = None  # --dist-init-addr
+    skip_tokenizer_init: bool = False  # --skip-tokenizer-init
+    nnodes: int = 1                    # --nnodes
+    rust_server: bool = False          # SGLANG_RUST_SERVER=1
+
+
+_HOLDS = {"set": lambda v: v not in (None, ""), "on": bool, "above 1": lambda v: (v or 0) > 1}
+
+
+def _in_span(version: str | None, first: str, last: str | None) -> bool:
+    v = _version(version)
+    return v is not None and v >= _version(first) and (last is None or v <= _version(last))
+
+
+def pickle_reasons(version: str | None, launch: Launch) -> list[str]:
+    """Why this release pickles the features despite its shared-memory transport: one phrase
+    per rule of variants.toml [[pickle_when]] that holds (empty: it uses shared memory)."""
+    return [f"{r['flag']}" + (f" {getattr(launch, r['setting'])}" if r["holds"] != "on" else "")
+            + f" ({r['where']}, {r['from']}" + (f" .. {r['to']})" if r.get("to") else "+)")
+            for r in facts()["pickle_when"]
+            if _in_span(version, r["from"], r.get("to")) and _HOLDS[r["holds"]](getattr(launch, r["setting"]))]
+
+
+def effective_transport(version: str | None, code_transport: str, launch: Launch) -> tuple[str, str]:
+    """(transport, why): the code's transport (probed, or the release's default), unless the
+    launch turns a shared-memory release back to pickling features."""
+    if code_transport != "shm":
+        return code_transport, "the release's CPU transport"
+    why = pickle_reasons(version, launch)
+    if why:
+        return "pickle", "shared-memory release, pickled because of " + "; ".join(why)
+    return "shm", "the release's CPU transport"
+
+
+def rust_hashes(version: str | None, launch: Launch) -> bool:
+    """SGLANG_RUST_SERVER=1 on a release whose Rust front end takes images: items arrive hashed."""
+    return launch.rust_server and at_least(version, facts()["rust_server"]["images_from"])
+
+
+def shm_clones(version: str | None) -> bool:
+    """Whether the release's ranks copy each feature out of its segment (materialize() clones,
+    0.5.10 .. 0.5.20) instead of mapping it copy-on-write (variants.toml [shm_materialize])."""
+    return not at_least(version, facts()["shm_materialize"]["cow_from"])
