@@ -29,13 +29,14 @@ from ..run import Run, StrategyResult
 from .. import units
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
+from ..strategies import REGISTRY as STRATEGY_REGISTRY
 from ..vocab import STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..tables import PROFILES_DIR
 from . import threshold
-from .costmodel import CostModel, fit
+from .costmodel import CostModel, _transport_of, fit
 from .merge import label, merge_replays
 from . import release_steps as RS
 from .release_steps import Step
@@ -215,9 +216,19 @@ def _options(run: Run, base_rps: float | None, rules: dict[str, Any]) -> tuple[d
             vs_baseline=exp / base_rps if base_rps else None,
             max_cpu_pct=B.max_or_nan(B.cpu_pct(r) for r in s.ranks), p99_ms=s.latency_ms.get("p99"),
             noise_pct=100 * noise if noise is not None else None, repeats=len(s.repeats_rps) or 1,
-            patchable=name in PATCHABLE_STRATEGIES,
-            note=note or rules["not_a_fix"].get(name, ""))
+            patchable=name in PATCHABLE_STRATEGIES and not _resends_on_shm(run, name),
+            note=note or rules["not_a_fix"].get(name, "") or (_RESEND_NOTE if _resends_on_shm(run, name) else ""))
     return options, samples
+
+
+_RESEND_NOTE = ("replayed on the shared-memory transport: its broadcast pickles the features again from the entry "
+                "rank, which that transport exists to avoid (`mmdiag apply` refuses it on such releases)")
+
+
+def _resends_on_shm(run: Run, name: str) -> bool:
+    """A strategy whose collective pickles the features again (Strategy.resends_features), replayed
+    where they reach every rank by shared memory: never the patch to apply there."""
+    return _transport_of(run, name) == "shm" and STRATEGY_REGISTRY[name].resends_features
 
 
 def _cost_reason(model: CostModel) -> str | None:
@@ -315,7 +326,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.reasons.insert(0, f"{share_words} (under {th['min_mm_share_pct']}%): no patch is worth it")
         rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
         return rec
-    cands = [n for n in cand["order"] if n in options]
+    cands = [n for n in cand["order"] if n in options and options[n].patchable]
     if not cands:
         rec.reasons.append(f"none of the patchable strategies ({', '.join(PATCHABLE_STRATEGIES)}) was replayed")
         rec.measure_next.append("replay with --strategy all (or at least revert, batch and precompute)")
