@@ -189,3 +189,19 @@ def test_rust_server_hands_items_over_hashed(server, version, rust):
         assert "Rust front end" in s.hashing and "every" not in " ".join(lines)
     else:
         assert s.hashing.startswith("every TP rank") and "hashing: every TP rank" in lines[2]
+
+
+def test_doctor_options_where_no_server_runs():
+    """doctor without --pid takes the launch settings as options; with --pid it reads them."""
+    from sglang_wheels import pristine
+    pkg = str(pristine("0.5.23"))
+    r = CliRunner().invoke(main, ["doctor", "--sglang", pkg, "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000"])
+    assert r.exit_code == 0 and "with this launch" in r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("with this launch"))
+    assert "feature transport pickle" in row and "--nnodes 2" in row and "--dist-init-addr" not in row
+    d = json.loads(CliRunner().invoke(main, ["doctor", "--sglang", pkg, "--rust-server", "--json"]).output)
+    assert d["launch"]["transport"] == "shm" and "Rust front end" in d["launch"]["hashing"]
+    plain = CliRunner().invoke(main, ["doctor", "--sglang", pkg])
+    assert plain.exit_code == 0 and "with this launch" not in plain.output
+    r = CliRunner().invoke(main, ["doctor", "--pid", str(os.getpid()), "--nnodes", "2"])
+    assert r.exit_code == 2 and r.output.startswith("mmdiag: error: --pid reads the launch settings")

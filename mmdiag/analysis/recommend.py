@@ -153,11 +153,13 @@ def _samples(s: StrategyResult, expected: float) -> list[float]:
     return xs
 
 
-def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str | None = None) -> Recommendation:
+def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str | None = None,
+              launch: Any = None) -> Recommendation:
     """Recommend from the replay Runs of one workload (every Run of the first one's trace, rank
     count, host and settings is merged; the rest say why they were left out, and feed only the
     cost model); with only live profiles, from the first profile's phase shares. For `release`
-    (default: the trace's SGLang version) it also says which release step pays."""
+    (default: the trace's SGLang version) it also says which release step pays, as the server is
+    launched (`launch`, mmdiag.sglang.facts.Launch: one node by default)."""
     if not runs:
         raise MmdiagError("no Runs to recommend from")
     rules = rules or load_rules()
@@ -171,18 +173,19 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str
         for prof in (r for r in runs if r.is_profile and r.ranks):
             dx = diagnose(prof.ranks, rules)
             rec.notes.append(f"the live profile points to {dx.points_to!r}: " + "; ".join(dx.reasons[:2]))
-        _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run)
+        _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run,
+                       launch)
         return rec
     return _from_profile(runs[0], rules)
 
 
-def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run) -> None:
+def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run, launch: Any = None) -> None:
     """Which step pays on the release: upgrading, the hash variable, or `shm` (with figures)."""
     if not version:
         rec.notes.append("name the SGLang release (--release X) to see whether upgrading, setting "
                          "SGLANG_MM_PRECOMPUTE_HASH=1 or applying shm pays on it")
         return
-    rec.release, rec.release_steps = version, RS.advise(version, runs, target, rec.cost_model)
+    rec.release, rec.release_steps = version, RS.advise(version, runs, target, rec.cost_model, launch)
     top = RS.best(rec.release_steps)
     if top is not None:
         rec.reasons.append(f"on SGLang {version} the step that pays most is `{top.step}` ({top.how}): "
@@ -194,7 +197,7 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
             rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "
                                     f"--transport {st.transport}")
     # the skip-hash steps show only when measured: say how to measure them
-    unmeasured = {st.transport for st in RS.plan(version) if st.skip_hash} - {
+    unmeasured = {st.transport for st in RS.plan(version, launch) if st.skip_hash} - {
         st.transport for st in rec.release_steps if st.skip_hash}
     for tr in sorted(unmeasured):
         rec.measure_next.append(f"for SGLANG_MM_SKIP_COMPUTE_HASH=1 on SGLang {version} (no hashing; repeated images "

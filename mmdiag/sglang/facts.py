@@ -171,3 +171,12 @@ def shm_clones(version: str | None) -> bool:
     """Whether the release's ranks copy each feature out of its segment (materialize() clones,
     0.5.10 .. 0.5.20) instead of mapping it copy-on-write (variants.toml [shm_materialize])."""
     return not at_least(version, facts()["shm_materialize"]["cow_from"])
+
+
+def first_shm_release(launch: Launch) -> str | None:
+    """The first release (a family's first) that moves features by shared memory under `launch`;
+    None on several nodes (shared memory is one node's)."""
+    if launch.nnodes > 1:
+        return None
+    firsts = sorted({release_range(f["releases"])[0] for f in families()}, key=_version)
+    return next((v for v in firsts if at_least(v, since("shm_family")) and not pickle_reasons(v, launch)), None)
