@@ -187,6 +187,8 @@ class ReplayConfig:
     transport: str | None = None
     tokenizer_workers: int | None = None
     skip_hash: bool | None = field(default=None, metadata=_OMIT_NONE)  # SGLANG_MM_SKIP_COMPUTE_HASH replayed
+    # "clone": the release's shm transport copied each feature out per rank (0.5.10 .. 0.5.20); None: mapped
+    shm_map: str | None = field(default=None, metadata=_OMIT_NONE)
     sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
