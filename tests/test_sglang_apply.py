@@ -34,6 +34,8 @@ EXPECT = {
              "shm": _T + _S},
     "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S,
              "shm": _T + _S},
+    # a release candidate, taken by its code: the 0.5.9 family's (features pickled in the recv broadcast)
+    "0.5.10rc0": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S, "shm": _T + _S},
     # shared-memory transport: features already reach every rank; dict, batch and cond would pickle them again
     "0.5.13": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
     "0.5.17": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},

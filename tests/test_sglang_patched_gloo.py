@@ -359,3 +359,21 @@ def test_error_protocol_releases_two_ranks(tmp_path_factory, tmp_path):
         # flag on: one broadcast per multimodal request (the failed one included)
         assert r0["collectives"] == r1["collectives"] == 3, name
         assert r0["caches"] == [0, 0]
+
+
+def test_release_candidate_runs_as_its_code_says(tmp_path_factory, tmp_path, monkeypatch):
+    """0.5.10rc0, a release candidate outside the matrix whose code is the 0.5.9 family's (features
+    pickled in the recv broadcast): unpatched, with the flag on, and with `shm` applied (its
+    tokenizer statement is a known layout), every rank agrees and the patch's handles ride the
+    recv broadcast."""
+    root = tmp_path_factory.mktemp("gloo-rc")
+    base = site_packages("0.5.10rc0", root / "unpatched")
+    pkg = site_packages("0.5.10rc0", root / "shm")
+    assert A.apply(locate(str(pkg)), "shm").status == "applied"
+    configs = [("0.5.10rc0/unpatched", str(base), False), ("0.5.10rc0/flag-on", str(base), True),
+               ("0.5.10rc0/shm", str(pkg), False)]
+    segments = tmp_path / "shm"
+    segments.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(segments))
+    _check(_spawn(2, configs, tmp_path), configs)
+    assert list(segments.iterdir()) == []

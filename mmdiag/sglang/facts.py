@@ -87,13 +87,16 @@ def checked_span() -> tuple[str, str]:
 
 def version_fit(version: str | None, releases: str) -> str:
     """Where `version` stands against a family's range and every release mmdiag checked:
-    "in range"; "other family" (inside another family's range); "newer" / "older" than every
-    checked release; "unchecked" (between checked ranges); "unknown" (no usable version)."""
+    "in range"; "other family" (inside another family's range); "pre-release" (a release
+    candidate, alpha or beta of a release: not in the matrix, read by its code); "newer" / "older"
+    than every checked release; "unchecked" (between checked ranges); "unknown" (no usable version)."""
     inside = in_releases(version, releases)
     if inside is None:
         return "unknown"
     if inside:
         return "in range"
+    if _version(version).pre is not None:
+        return "pre-release"
     if any(in_releases(version, f["releases"]) for f in families()):
         return "other family"
     first, last = checked_span()
