@@ -189,6 +189,7 @@ def test_rust_server_hands_items_over_hashed(server, version, rust):
         assert "Rust front end" in s.hashing and "every" not in " ".join(lines)
     else:
         assert s.hashing.startswith("every TP rank") and "hashing: every TP rank" in lines[2]
+        assert any("takes no images (from 0.5.18)" in n for n in s.notes)
 
 
 def test_doctor_options_where_no_server_runs():

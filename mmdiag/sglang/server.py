@@ -222,6 +222,10 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
         else:
             notes.append(_skip_hash_note(det, patch, flag_on, pre_effective))
     hashing = who_hashes(det, version, launch, patch, flag_on, pre_effective)
+    if launch.rust_server and det is not None and not rust_hashes(version, launch):
+        first = facts()["rust_server"]["images_from"]
+        notes.append(f"SGLANG_RUST_SERVER=1 is set but this release's Rust front end takes no images (from {first}): "
+                     "the Python tokenizer manager handles multimodal requests")
     started = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds")
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
