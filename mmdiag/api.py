@@ -242,11 +242,12 @@ def load_runs(runs: Iterable[Run | str]) -> list[Run]:
     return [r if isinstance(r, Run) else Run.load(r) for r in runs]
 
 
-def recommend(runs: Iterable[Run | str], release: str | None = None):
+def recommend(runs: Iterable[Run | str], release: str | None = None, launch=None):
     """The patch to apply for the measured workload (a Recommendation); for `release`
-    (default: the trace's SGLang version) also which release step pays."""
+    (default: the trace's SGLang version) also which release step pays, as the server is
+    launched (`launch`: mmdiag.sglang.facts.Launch, one node by default)."""
     from .analysis.recommend import recommend as _recommend
-    return _recommend(load_runs(runs), release=release)
+    return _recommend(load_runs(runs), release=release, launch=launch)
 
 
 def report(before: Run | str, after: Run | str, criteria: str | None = None, *, output: str | None = None,
@@ -295,11 +296,12 @@ def verify(strategy: str, *, sglang_path: str | None = None, trace: str | None =
 
 # --- the installed SGLang ----------------------------------------------------------------
 
-def doctor(sglang_path: str | None = None):
-    """Which multimodal path an SGLang install runs, and any mmdiag patch (a Detection)."""
-    from .sglang.detect import detect
+def doctor(sglang_path: str | None = None, launch=None):
+    """Which multimodal path an SGLang install runs, and any mmdiag patch (a Detection); with
+    `launch` (mmdiag.sglang.facts.Launch), the transport and hashing that launch gets."""
+    from .sglang.detect import detect, with_launch
     from .sglang.locate import locate
-    return detect(locate(sglang_path))
+    return with_launch(detect(locate(sglang_path)), launch)
 
 
 def doctor_server(pid: int, sglang_path: str | None = None):

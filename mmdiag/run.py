@@ -191,6 +191,8 @@ class ReplayConfig:
     # from before these options lacks them and ran sha256 and fresh segments (`setting` says so).
     hash: str | None = field(default=None, metadata=_OMIT_NONE)
     segments: str | None = field(default=None, metadata=_OMIT_NONE)
+    # "clone": the release's shm transport copied each feature out per rank (0.5.10 .. 0.5.20); None: mapped
+    shm_map: str | None = field(default=None, metadata=_OMIT_NONE)
     sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
 
     def setting(self, name: str) -> Any:

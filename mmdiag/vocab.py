@@ -26,7 +26,8 @@ PHASES = CONTRACT_PHASES + ("forward", "other", "idle")
 #   shm_open   opening each feature's segment (ShmPointerMMData's handle -> fd)
 #   shm_sync   the barrier until every rank has opened, and the all_reduce(MAX) that
 #              makes every rank reject the same failed requests (_finalize_shm_features)
-#   shm_map    mapping the pages copy-on-write, and unlinking the segment (materialize)
+#   shm_map    mapping the pages copy-on-write, or copying them out (0.5.10 .. 0.5.20's clone),
+#              and unlinking the segment (materialize)
 SHM_PHASES = ("shm_open", "shm_sync", "shm_map")
 PHASES = PHASES + SHM_PHASES
 
@@ -41,6 +42,9 @@ TOKENIZER_PHASES = ("tokenizer_hash", "tokenizer_shm")
 #   shm     written once into a POSIX shared segment by the tokenizer; the recv broadcast
 #           carries a handle (name, shape, dtype), every rank maps the pages (0.5.10+)
 TRANSPORTS = ("pickle", "shm")
+# How a rank takes a feature out of the release's segment: clone (a copy per rank, 0.5.10 ..
+# 0.5.20) or cow (a copy-on-write map, 0.5.21+).
+SHM_MAPS = ("clone", "cow")
 
 # Content hashes: what turns a feature's bytes into its item hash (mmdiag.mmpath.hashing).
 #   sha256  SGLang's (every release 0.5.4-0.5.23), 0.5-0.8 GB/s on these CPUs

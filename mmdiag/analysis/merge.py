@@ -15,7 +15,7 @@ from ..run import Run, StrategyResult
 
 # Replay settings that change what a strategy measures.
 SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash", "hash",
-            "segments")
+            "segments", "shm_map")
 # A strategy's own settings, in config.strategies.<name>: what its measurement depends on.
 STRATEGY_SETTINGS = {"cond": ("threshold", "bytes")}
 # What makes two traces the same workload (the file may have moved).

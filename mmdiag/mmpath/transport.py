@@ -51,8 +51,11 @@ class PickleTransport(Transport):
 class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0):
+    def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False):
         self.prefix = prefix
+        # Copy each feature out of its map on every rank (ShmPointerMMData.materialize()'s clone,
+        # 0.5.10 .. 0.5.20) instead of keeping the copy-on-write map (0.5.21+): facts.shm_clones.
+        self.clone = clone
         self._seq = itertools.count()
         self.fallbacks = 0  # features kept inline: shared memory unavailable or full
         self.rejected = 0   # requests every rank rejected (a segment failed on some rank)
@@ -93,6 +96,8 @@ class ShmTransport(Transport):
             for (i, it), fd in zip(items, fds):
                 h = it.feature
                 it.feature = shm.map_segment(fd, h) if fd is not None else None
+                if self.clone and it.feature is not None:
+                    it.feature = it.feature.clone()
                 if it.feature is None:
                     failed[i] = 1
                 if s.is_entry_rank:
@@ -116,13 +121,13 @@ class ShmTransport(Transport):
         return self.pool.stats() if self.pool is not None else {}
 
 
-def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0) -> Transport:
+def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False) -> Transport:
     if name == "pickle":
         return PickleTransport()
     if name == "shm":
-        return ShmTransport(prefix, segments, pool_bytes)
+        return ShmTransport(prefix, segments, pool_bytes, clone)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
 
 # What a release implies (variants.toml [defaults]); torch-free, so `recommend` reads them too.
-from ..sglang.facts import default_tokenizer_workers, default_transport  # noqa: E402,F401
+from ..sglang.facts import default_tokenizer_workers, default_transport, shm_clones  # noqa: E402,F401

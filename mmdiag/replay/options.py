@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ..vocab import DEFAULT_HASH, DEFAULT_SEGMENTS, HASHES, SEGMENTS, STRATEGIES, TRANSPORTS
+from ..vocab import DEFAULT_HASH, DEFAULT_SEGMENTS, HASHES, SEGMENTS, SHM_MAPS, STRATEGIES, TRANSPORTS
 
 JOB_ENV = "MMDIAG_REPLAY_JOB"
 
@@ -75,6 +75,12 @@ class ReplayOptions:
     transport: str | None = _opt(None, "how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) "
                                        "or shm (shared-memory handles, 0.5.10+) [default: what the trace's or "
                                        "installed release implies]", type=click.Choice(TRANSPORTS))
+    # How every rank takes a feature out of the release's own segment (the shm transport): None,
+    # as the release does (variants.toml [shm_materialize]).
+    shm_map: str | None = _opt(None, "with the release's shm transport, how every rank takes each feature out of its "
+                                     "segment: clone (copy it, ShmPointerMMData.materialize of 0.5.10 .. 0.5.20) or "
+                                     "cow (copy-on-write map, 0.5.21+) [default: the trace's or installed release's]",
+                               type=click.Choice(SHM_MAPS))
     # SGLANG_MM_SKIP_COMPUTE_HASH=1 (0.5.8+): a random hash instead of sha256 where items are hashed.
     skip_hash: bool = _opt(False, "replay SGLANG_MM_SKIP_COMPUTE_HASH=1: strategies that hash before the scheduler "
                                   "(precompute, shm) draw a random hash instead of hashing (repeated images then "
