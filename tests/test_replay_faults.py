@@ -107,11 +107,14 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
 @pytest.mark.slow
 def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path, monkeypatch):
     """SIGKILL of the launcher: its ranks die with it (PDEATHSIG), so nobody removes its job folder
-    or its shared-memory segments; the next replay's sweep does, and leaves a live launcher's."""
+    or its shared-memory segments; the next replay's sweep does at once (the owner named in the
+    segment prefix is gone: no waiting for its ranks' last beats to age), and leaves a live
+    launcher's."""
     import json
     import tempfile
 
     from mmdiag.mmpath.shm import SHM_DIR_ENV
+    from mmdiag.mmpath.shm import owner_prefix as shm_owner_prefix
     from mmdiag.replay import launcher
 
     tmpdir, shmdir = tmp_path / "tmp", tmp_path / "shm"
@@ -120,7 +123,8 @@ def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path
     proc, ranks = _long_replay(tmp_path, "--transport", "shm", env={"TMPDIR": str(tmpdir), SHM_DIR_ENV: str(shmdir)})
     live = tmpdir / "mmdiag-replay-live"   # a running launcher's (pytest's parent: alive)
     live.mkdir()
-    (live / "job.json").write_text(json.dumps({"shm_prefix": f"mmdiag-{os.getppid()}-1-", "options": {"tp": 1}}))
+    (live / "job.json").write_text(json.dumps({"shm_prefix": shm_owner_prefix(1, pid=os.getppid()),
+                                               "options": {"tp": 1}}))
     proc.kill()
     proc.wait()
     _assert_gone(ranks)
@@ -129,7 +133,8 @@ def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path
     (shmdir / f"{prefix}9").write_bytes(b"\0" * 4096)   # one segment in flight at the kill, for sure
     monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
     monkeypatch.setenv(SHM_DIR_ENV, str(shmdir))
-    monkeypatch.setattr(launcher, "ORPHAN_S", 0.0)   # the ranks beat until the kill, a moment ago
+    beats = heartbeat.read(os.path.join(job, "heartbeat"), 2)
+    assert any(time.monotonic() - b < launcher.ORPHAN_S for b in beats if b)   # the ranks beat a moment ago
     assert launcher.sweep_orphans() == 1
     assert not os.path.exists(job) and live.is_dir()
     assert not [n for n in os.listdir(shmdir) if n.startswith(prefix)]

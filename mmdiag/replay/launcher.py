@@ -7,7 +7,7 @@ its own session (Ctrl-C reaches only this launcher, which then stops them in
 order) and dies with the launcher even if the launcher is SIGKILLed
 (PR_SET_PDEATHSIG, set in the worker). Nothing then cleans up after them, so each
 replay first removes what a SIGKILLed launcher left: its job folder and its
-shared-memory segments (sweep_orphans).
+shared-memory segments (sweep_orphans), as soon as the launcher that owned them is gone.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from .options import JOB_ENV, RankJob, ReplayOptions
 
 GRACE_S = 5.0
 JOB_DIR_PREFIX = "mmdiag-replay-"
-# A job folder whose launcher is gone and whose ranks have not beaten for this long is an orphan
-# (the beat guards a launcher this PID namespace cannot see, on a shared /tmp).
+# A job folder whose owner cannot be judged (a launcher in another PID namespace on a shared /tmp,
+# or an older mmdiag's folder) is an orphan only when its ranks have not beaten for this long.
 ORPHAN_S = 60.0
 # Arrivals spread over longer than this: say up front that the replay waits them out.
 LONG_SPAN_S = 600.0
@@ -51,8 +51,9 @@ def _launcher_pid(prefix: str) -> int | None:
 
 def sweep_orphans() -> int:
     """Remove the job folders (and their segments) of launchers that no longer run: a SIGKILLed
-    launcher's ranks die with it (PDEATHSIG) before they can. A live launcher's are left alone.
-    Returns how many folders were removed."""
+    launcher's ranks die with it (PDEATHSIG) before they can. The owner named in the segment
+    prefix (shm.owner_prefix) decides at once; a live launcher's are left alone. Returns how
+    many folders were removed."""
     import glob
     import shutil
     n = 0
@@ -64,8 +65,12 @@ def sweep_orphans() -> int:
             beats = heartbeat.read(os.path.join(d, "heartbeat"), tp)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue   # another user's, or a launcher still writing it
-        pid = _launcher_pid(prefix)
-        if pid is None or pid == os.getpid() or _alive(pid) or any(time.monotonic() - b < ORPHAN_S for b in beats if b):
+        gone = shm.owner_gone(prefix)
+        if gone is None:   # cannot be judged here: the launcher's PID and its ranks' beats
+            pid = (shm.owner_of(prefix) or (None,))[0] or _launcher_pid(prefix)
+            gone = not (pid is None or pid == os.getpid() or _alive(pid)
+                        or any(time.monotonic() - b < ORPHAN_S for b in beats if b))
+        if not gone:
             continue
         shm.sweep(prefix)
         shutil.rmtree(d, ignore_errors=True)
@@ -156,13 +161,14 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         check_port(opts.port)
     port = opts.port or free_port()
     sweep_orphans()
+    shm.sweep_dead_owners()   # segments of a dead replay whose job folder is gone (or never was: torchrun)
     with _sigterm_as_error(), tempfile.TemporaryDirectory(prefix=JOB_DIR_PREFIX) as tmp:
         out = os.path.join(tmp, "run.json")
         prog = os.path.join(tmp, "progress.json")
         tl_dir = os.path.join(tmp, "timeline") if opts.timeline else None
         if tl_dir:
             os.makedirs(tl_dir)
-        prefix = f"mmdiag-{os.getpid()}-{port}-"
+        prefix = shm.owner_prefix(port)
         job = RankJob(trace=os.path.abspath(trace), out=out, options=opts, progress_file=prog,
                       timeline_dir=tl_dir, heap_ceiling=est.heap_ceiling, shm_prefix=prefix)
         job.save(os.path.join(tmp, "job.json"))

@@ -126,7 +126,7 @@ class _Plan:
         self.transport = o.transport or transport_mod.default_transport(version)
         self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
         port = os.environ.get("MASTER_PORT", "0")
-        self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
+        self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
     def transport_of(self, strategy) -> str:
         return strategy.transport or self.transport
