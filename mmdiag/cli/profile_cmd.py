@@ -52,6 +52,9 @@ def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, 
     with its 95% interval: the defaults (100 Hz, 30 s) keep it near +/-2 points on a
     host with cores to spare; a shorter --duration widens it as 1/sqrt(duration), and
     the profile says which --duration would bring it back to +/-2.
+    Ctrl-C ends the window early, as py-spy record does: what was sampled is
+    shown and written, with a note, exit 0 (a Ctrl-C before sampling begins, or
+    a second one: exit 130, nothing written).
     Exit codes: 4 a rank exited during the window (what was sampled is kept),
     5 ptrace refused, 6 py-spy missing or failed, 2 bad input.
     """
