@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,3 +139,26 @@ def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path
     assert launcher.sweep_orphans() == 1
     assert not os.path.exists(job) and live.is_dir()
     assert not [n for n in os.listdir(shmdir) if n.startswith(prefix)]
+
+
+def test_a_refused_replay_suggests_only_what_can_help(tmp_path):
+    """`--tp 1024 --strategy commit` is not told to leave out an async strategy it does not run,
+    and names a --tp that fits; one request larger than the machine is told that no option helps."""
+    import json
+
+    trace = tmp_path / "t.jsonl"
+    assert mmdiag_cli("trace", "synth", "-n", "16", "-o", str(trace)).returncode == 0
+    r = mmdiag_cli("replay", str(trace), "--tp", "1024", "--strategy", "commit", "-q", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "async" not in r.stderr and re.search(r"lower --tp \(to \d+ or less\)", r.stderr), r.stderr
+    r = mmdiag_cli("replay", str(trace), "--tp", "1024", "--strategy", "async", "-q", timeout=60)
+    assert r.returncode == 2 and "leave out async" in r.stderr, r.stderr
+    big = tmp_path / "big.jsonl"     # one 18.8 TB image
+    big.write_text(json.dumps({"schema": "mmdiag.trace/1", "arrival": {"mode": "closed", "max_concurrency": 4}}) + "\n"
+                   + json.dumps({"rid": "r0", "t": 0.0, "prompt_len": 10,
+                                 "mm": [{"modality": "image", "shape": [4_000_000, 1_176_000], "dtype": "float32"}]}) + "\n")
+    r = mmdiag_cli("replay", str(big), "--tp", "2", "-q", timeout=60)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "largest request alone carries 18,816.0 GB" in err and "smaller features" in err
+    assert "--tp" not in err.split("available;")[1] and "--max-recv-mb" not in err and "async" not in err.split("available;")[1]

@@ -213,16 +213,37 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
         conc = int(header.arrival["max_concurrency"])
     from ..replay.scheduler import MAX_PENDING
     from ..strategies import REGISTRY
-    background = any(getattr(REGISTRY.get(n), "cost_class", None) == "background" for n in opts.strategies)
-    est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * MB),
-                          conc, backlog_requests=MAX_PENDING if background else 0,
-                          shared_copy="shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies)))
+    background = [n for n in opts.strategies if getattr(REGISTRY.get(n), "cost_class", None) == "background"]
+    shared = "shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies))
+
+    def at(tp: int, recv: int, conc, backlog: int) -> memory.MemoryEstimate:
+        return memory.estimate(tp, stats.mm_bytes, stats.max_request_bytes, recv, conc,
+                               backlog_requests=backlog, shared_copy=shared)
+    est = at(opts.tp, int(opts.max_recv_mb * MB), conc, MAX_PENDING if background else 0)
     avail = memory.available_bytes()
     if est.total > avail:
         raise MmdiagError(f"this replay needs {est.explain()}, more than the {fmt_gb(avail)} "
                           "this machine has available", where=f"--tp {opts.tp}",
-                          fix="lower --tp, --max-recv-mb or --max-concurrency, or leave out the async strategy")
+                          fix=_memory_fix(opts.tp, est, avail, stats.max_request_bytes, background, at))
     return est
+
+
+def _memory_fix(tp: int, est: memory.MemoryEstimate, avail: int, max_request: int, background: list[str], at) -> str:
+    """Only the changes that can help: a single request too large for the machine is beyond every option."""
+    if at(1, max_request, 1, 0).total > avail:
+        return (f"the trace's largest request alone carries {fmt_gb(max_request)} of features, more than any "
+                "setting fits here: replay a trace with smaller features, or on a machine with more memory")
+    fixes = []
+    fits = [t for t in range(tp - 1, 0, -1) if at(t, est.in_flight, None, est.backlog).total <= avail]
+    if fits:
+        fixes.append(f"lower --tp (to {fits[0]} or less)")
+    elif tp > 1:
+        fixes.append("lower --tp")
+    if est.in_flight > max_request:
+        fixes.append("lower --max-recv-mb or --max-concurrency")
+    if background:
+        fixes.append(f"leave out {' and '.join(background)} (a background strategy queues a backlog)")
+    return ", or ".join(fixes) or "replay on a machine with more memory"
 
 
 def _sigterm_as_error():
