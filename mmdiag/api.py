@@ -83,7 +83,7 @@ def trace_info(path: str) -> dict[str, Any]:
     header, st = scan(path)
     return {"schema": header.schema, "source": header.source, "arrival": header.arrival,
             "model": header.model.get("name"), "requests": st.requests, "mm_requests": st.mm_requests,
-            "items": st.items, "modalities": st.modalities, "mm_gb": round(st.mm_bytes / 1e9, 3),
+            "items": st.items, "modalities": st.modalities, "mm_mb": round(mb(st.mm_bytes), 1),
             "max_request_mb": round(mb(st.max_request_bytes), 1), "span_s": st.duration_s}
 
 
