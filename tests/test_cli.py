@@ -248,3 +248,27 @@ def test_file_errors_say_what_to_do_and_trace_info_speaks_mb(tmp_path):
     text = CliRunner().invoke(main, ["trace", "info", str(trace)]).output
     assert "{" not in text and "_gb" not in text and re.search(r"^mm_mb\s+56\.4$", text, re.M), text
     assert re.search(r"^modalities\s+image=3$", text, re.M)
+
+
+def test_readme_claims_follow_the_code():
+    """Issue 20 (also seen): the benchmark table has a column for every strategy but the baseline
+    (from the registry), the block rule's example is what block_length gives, and the stopping
+    rule's numbers are profiles/defaults.toml's [quick]."""
+    import os
+    import re
+
+    from mmdiag import api
+    from mmdiag.live.profile import block_length
+    from mmdiag.strategies import BASELINE, catalog
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    header = next(ln for ln in readme.splitlines() if ln.startswith("| profile | revert"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [s["name"] for s in catalog()
+                                                                      if s["name"] != BASELINE]
+    flat = " ".join(readme.split())
+    d, blk = re.search(r"`--duration (\d+)` samples in ([\d.]+) s blocks", flat).groups()
+    assert block_length(float(d)) == pytest.approx(float(blk))
+    q = api.quick()
+    said = re.search(r"significant or (\d+) repeats; no further round starts that would take the replay past "
+                     r"(\d+) s", flat)
+    assert said and (int(said.group(1)), int(said.group(2))) == (q["max_repeats"], q["budget_s"])
