@@ -160,5 +160,5 @@ def test_a_refused_replay_suggests_only_what_can_help(tmp_path):
     r = mmdiag_cli("replay", str(big), "--tp", "2", "-q", timeout=60)
     err = r.stderr.strip()
     assert r.returncode == 2 and len(err.splitlines()) == 1, err
-    assert "largest request alone carries 18,816.0 GB" in err and "smaller features" in err
+    assert "largest request alone carries 18,816,000.0 MB" in err and "smaller features" in err
     assert "--tp" not in err.split("available;")[1] and "--max-recv-mb" not in err and "async" not in err.split("available;")[1]

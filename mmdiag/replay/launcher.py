@@ -28,7 +28,7 @@ from ..proc import on_sigterm
 from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
-from ..units import MB, fmt_gb
+from ..units import MB, fmt_gb, fmt_mb
 from ..mmpath import shm
 from ..vocab import TRANSPORTS
 from . import heartbeat
@@ -231,7 +231,7 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
 def _memory_fix(tp: int, est: memory.MemoryEstimate, avail: int, max_request: int, background: list[str], at) -> str:
     """Only the changes that can help: a single request too large for the machine is beyond every option."""
     if at(1, max_request, 1, 0).total > avail:
-        return (f"the trace's largest request alone carries {fmt_gb(max_request)} of features, more than any "
+        return (f"the trace's largest request alone carries {fmt_mb(max_request)} of features, more than any "
                 "setting fits here: replay a trace with smaller features, or on a machine with more memory")
     fixes = []
     fits = [t for t in range(tp - 1, 0, -1) if at(t, est.in_flight, None, est.backlog).total <= avail]
