@@ -94,15 +94,18 @@ def test_segments_are_written_once_mapped_copy_on_write_and_swept():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill a rank", "ctrl-c", "sigterm", "kill -9 the launcher"])
+@pytest.mark.parametrize("how", ["kill a rank", "ctrl-c", "sigterm", "kill -9 the launcher", "kill -9, pooled segments"])
 def test_no_segment_left_after_a_dead_rank_or_ctrl_c(tmp_path, how):
     """Every way a `--transport shm` replay ends leaves no segment: the launcher sweeps its own
     on a dead rank, Ctrl-C and SIGTERM; after a kill -9 of the launcher (nobody left to sweep)
-    the next replay's sweep reclaims them at once, as their owner is gone."""
+    the next replay's sweep reclaims them at once, as their owner is gone; the segment pool's
+    reused segments (--segments pool) alike."""
     import signal
     from test_replay_faults import _long_replay
     from test_replay import _assert_gone
-    proc, ranks = _long_replay(tmp_path, "--timeout", "20", "--transport", "shm")
+    pool = how == "kill -9, pooled segments"
+    how = "kill -9 the launcher" if pool else how
+    proc, ranks = _long_replay(tmp_path, "--timeout", "20", "--transport", "shm", *(["--segments", "pool"] if pool else []))
     mine = os.path.join(shm.shm_dir(), f"mmdiag-{proc.pid}-*")
     if how == "ctrl-c":
         proc.send_signal(signal.SIGINT)
@@ -117,6 +120,8 @@ def test_no_segment_left_after_a_dead_rank_or_ctrl_c(tmp_path, how):
     _assert_gone(ranks)
     if how == "kill -9 the launcher":
         from mmdiag.replay import launcher
+        if pool:  # the pool's segments outlive each request: there are some when the launcher dies
+            assert any("pool" in os.path.basename(n) for n in glob.glob(mine))
         ns = os.stat("/proc/self/ns/pid").st_ino
         open(os.path.join(shm.shm_dir(), f"mmdiag-{proc.pid}-1-{ns}-1-0"), "wb").close()  # one in flight, for sure
         live = os.path.join(shm.shm_dir(), shm.owner_prefix("test") + "0")   # a running replay's (this process)
