@@ -310,7 +310,8 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
     gil_missing, gnotes = gil_notes(profiles, gil)
     live = dict(live, gil_missing=gil_missing)
     notes = list(notes) + gnotes + move_entry_idle(profiles) + precision_notes(profiles, window)
-    strategy = detect_strategy(profiles, ruleset)
+    # The tokenizer side's frames count too: where it hashes (SGLANG_MM_PRECOMPUTE_HASH), the path is precompute.
+    strategy = detect_strategy(profiles + [attribute(t, ruleset) for t in tokenizers], ruleset)
     cpu_pct = {p.rank: (cpus[p.rank].cpu_pct() if cpus else None) for p in profiles}
     ranks: list[RankResult] = []
     for p in profiles:

@@ -1,0 +1,77 @@
+"""A live profile's stage part (Run.stages, Run.bottleneck: mmdiag.live.stages) as text,
+Markdown and HTML, and a profile Run as one HTML page."""
+from __future__ import annotations
+
+import html
+
+from tabulate import tabulate
+
+from ..live.stats import pm
+from ..run import Run
+from ..vocab import STAGE_PHASES
+
+HEADERS = ["stage", "server", "pid", "busy %", "service ms/req", "capacity req/s"]
+
+
+def stage_rows(run: Run) -> list[list[str]]:
+    """One row per server; the service time and capacity stand on the server that bounds its stage."""
+    rows = []
+    for st in run.stages:
+        for sv in st.servers:
+            bound = sv.name == st.bound_by
+            rows.append([st.role, sv.name + (" *" if bound else ""), str(sv.pid) if sv.pid is not None else "-",
+                         pm(sv.busy_pct, sv.busy_ci), pm(st.service_ms, st.service_ci) if bound else "",
+                         pm(st.capacity_rps, st.capacity_ci) if bound else ""])
+    return rows
+
+
+def tokenizer_rows(run: Run) -> tuple[list[str], list[list[str]]]:
+    """The tokenizer stage's phases (vocab.STAGE_PHASES), one column per server."""
+    st = next((s for s in run.stages if s.role == "tokenizer"), None)
+    if st is None:
+        return [], []
+    head = ["tokenizer phase"] + [s.name for s in st.servers]
+    return head, [[f"{p} %"] + [pm(s.phases_pct.get(p), s.phases_ci.get(p)) for s in st.servers]
+                  for p in STAGE_PHASES["tokenizer"]]
+
+
+def stage_text(run: Run, fmt: str = "simple") -> str:
+    if not run.stages:
+        return ""
+    head, rows = tokenizer_rows(run)
+    out = ("\nstages (the server as a pipeline; * the server that bounds its stage; per multimodal request: "
+           "mmdiag.live.stages says how it is counted)\n\n"
+           + tabulate(stage_rows(run), headers=HEADERS, tablefmt=fmt, disable_numparse=True) + "\n")
+    if rows:
+        out += "\n" + tabulate(rows, headers=head, tablefmt=fmt, disable_numparse=True) + "\n"
+    if run.bottleneck:
+        out += f"\nbottleneck: {run.bottleneck['text']}\n"
+    return out
+
+
+def render_run_html(run: Run) -> str:
+    """A Run as one standalone page: a profile's rank table, stages, verdict and findings; a
+    replay's tables as text."""
+    from ..analysis.findings import findings
+    from .report_html import CSS
+    from .text import render_run, profile_table
+    parts = ["<!doctype html>", "<html><head><meta charset='utf-8'>", "<title>mmdiag Run</title>",
+             f"<style>{CSS}</style></head><body>"]
+    if not run.is_profile:
+        parts += ["<h1>mmdiag replay</h1>", f"<pre>{html.escape(render_run(run))}</pre>", "</body></html>\n"]
+        return "\n".join(parts)
+    head, table = profile_table(run, "html")
+    parts += ["<h1>mmdiag profile</h1>", "<ul>" + "".join(f"<li>{html.escape(ln)}</li>" for ln in head.splitlines())
+              + "</ul>", "<h2>Scheduler ranks: shares of wall time, % +/- 95% interval</h2>", table]
+    if run.stages:
+        parts += ["<h2>Stages</h2>", tabulate(stage_rows(run), headers=HEADERS, tablefmt="html", disable_numparse=True)]
+        thead, trows = tokenizer_rows(run)
+        if trows:
+            parts.append(tabulate(trows, headers=thead, tablefmt="html", disable_numparse=True))
+    if run.bottleneck:
+        parts.append(f"<p class='verdict'>bottleneck: {html.escape(run.bottleneck['text'])}</p>")
+    found = findings(run)
+    if found:
+        parts += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in found) + "</ul>"]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
