@@ -32,7 +32,9 @@ from .pyspy import check_version, find_pyspy
 from .rules import load_rules
 from .sampler import CpuMeter, Sampler, rank_samples
 from .stats import pm
+from ..render.stages import stage_lines
 from ..render.text import shown_phases
+from .stages import bottleneck, build_stages
 from ..vocab import PHASES
 
 BLOCK_S = 1.0
@@ -66,12 +68,12 @@ class TopSession:
             log(f"warning: {w}")
         self.ruleset = load_rules(self.rules)
         self.disc = discover(self.pid)
-        _probe(self.spy, self.disc.ranks)
+        _probe(self.spy, self.disc.processes)   # the ranks and the tokenizer side, in the same window
         self.tmp = tempfile.mkdtemp(prefix="mmdiag-top-")
-        self.sampler = Sampler(self.spy, self.disc.ranks, self.rate, BLOCK_S, self.tmp, self.tmp, self.gil)
-        self.windows = {r.rank: deque() for r in self.disc.ranks}
-        self.cpus = {r.rank: CpuMeter(r.pid) for r in self.disc.ranks}
-        self.whole = {r.rank: CpuMeter(r.pid) for r in self.disc.ranks}
+        self.sampler = Sampler(self.spy, self.disc.processes, self.rate, BLOCK_S, self.tmp, self.tmp, self.gil)
+        self.windows = {r.rank: deque() for r in self.disc.processes}
+        self.cpus = {r.rank: CpuMeter(r.pid) for r in self.disc.processes}
+        self.whole = {r.rank: CpuMeter(r.pid) for r in self.disc.processes}
         for c in list(self.cpus.values()) + list(self.whole.values()):
             c.poll(first=True)
         self.config = _config(self.disc)
@@ -107,6 +109,13 @@ class TopSession:
                 out[r.rank] = attribute(rank_samples(r, list(self.windows[r.rank]), self.rate), self.ruleset)
         move_entry_idle(list(out.values()))  # as the profile does: waiting behind an idle entry rank is idle
         return out
+
+    def stages(self, profiles: dict[int, RankProfile]) -> tuple[list, dict | None]:
+        """The stages over the window and which bounds throughput (by busy shares: top counts no requests)."""
+        toks = [rank_samples(t, list(self.windows[t.rank]), self.rate) for t in self.disc.tokenizers
+                if self.windows[t.rank]]
+        st = build_stages(toks, list(profiles.values()), self.ruleset, None, None) if toks else []
+        return st, bottleneck(st, None, None)
 
     def path(self, profiles: dict[int, RankProfile]) -> str:
         return detect_strategy(list(profiles.values()), self.ruleset) if profiles else "unknown"
@@ -145,6 +154,8 @@ class Snapshot:
     span_s: float
     path: str
     taken: str
+    stages: list = field(default_factory=list)
+    bottleneck: dict | None = None
 
 
 def snapshot(sess: TopSession) -> Snapshot:
@@ -152,7 +163,7 @@ def snapshot(sess: TopSession) -> Snapshot:
     blocks = [b for w in sess.windows.values() for b in w]
     span = max((b.t1 for b in blocks), default=0.0) - min((b.t0 for b in blocks), default=0.0)
     return Snapshot(profiles, dict(sess.cpu_now), max(span, 0.0), sess.path(profiles),
-                    datetime.now().strftime("%H:%M:%S"))
+                    datetime.now().strftime("%H:%M:%S"), *sess.stages(profiles))
 
 
 @dataclass
@@ -227,7 +238,7 @@ def render(sess: TopSession, st: ViewState, snap: Snapshot, width: int = 80, hei
              f"path {snap.path}" + (f" | {sess.config['lines'][0]}" if len(sess.config["lines"]) == 1 else ""),
              *([f"  {ln}" for ln in sess.config["lines"][:3]] if len(sess.config["lines"]) > 1 else []),
              f"window {snap.span_s:.0f} s of {sess.window_s:g} s, {sess.rate} Hz, py-spy {sess.spy.version}; "
-             "+/- is the 95% interval", ""]
+             "+/- is the 95% interval", *stage_lines(snap.stages, snap.bottleneck), ""]
     if VIEWS[st.view] == "rank":
         tabs = " ".join(f"[{r}]" if r == sel else f" {r} " for r in ranks[:16])
         rp = next(r for r in sess.disc.ranks if r.rank == sel)

@@ -49,6 +49,18 @@ def stage_text(run: Run, fmt: str = "simple") -> str:
     return out
 
 
+def stage_lines(stages, verdict: dict | None) -> list[str]:
+    """`mmdiag top`'s lines for the stages: each server's busy share, and the verdict."""
+    out = []
+    for st in stages:
+        busy = ", ".join(f"{s.name} {pm(s.busy_pct, s.busy_ci, 0)}" for s in st.servers)
+        out.append(f"{st.role} busy %: {busy}")
+    if verdict:
+        out.append(f"bottleneck: {verdict['stage']} stage, {verdict['ratio']}x the next (busy shares)"
+                   if verdict.get("ratio") is not None else f"bottleneck: {verdict['stage']} stage")
+    return out
+
+
 def render_run_html(run: Run) -> str:
     """A Run as one standalone page: a profile's rank table, stages, verdict and findings; a
     replay's tables as text."""
