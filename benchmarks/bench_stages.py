@@ -106,6 +106,8 @@ def report(run, ranks, tok, sent, throttle, tp, rate, rows) -> bool:
     b = run.bottleneck or {}
     counted = b.get("requests")
     print(f"  requests in the window: counted by the profiler {counted}, sent by the target {sent}")
+    print("  samples per server (window x rate = %.0f a thread): " % (live.duration_s * live.rate_hz)
+          + ", ".join(f"{sv.name} {sv.samples}" for st in run.stages for sv in st.servers))
     for st in run.stages:
         print(f"  stage {st.role}: bound by {st.bound_by}, busy {pm(st.busy_pct, st.busy_ci)}%, service "
               f"{pm(st.service_ms, st.service_ci)} ms a request, capacity {pm(st.capacity_rps, st.capacity_ci)} req/s")

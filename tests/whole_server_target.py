@@ -186,7 +186,13 @@ def rank_main(r: int, tp: int, port: int, zmq_addr: str, pkg: str, stats: str, f
 # ---------------------------------------------------------------- the tokenizer side
 async def tokenizer_main(path, sock, rate: float, rows: int, stats: str, seed: int) -> None:
     ns, T = path.ns, Timers()
-    ns["_set_pad_values"] = _timed(ns["_set_pad_values"], T, "pool_hash")
+    started: dict[int, float] = {}   # pool thread -> when it first ran (the pool starts threads on demand)
+    hash_items = _timed(ns["_set_pad_values"], T, "pool_hash")
+
+    def _set_pad_values(items):
+        started.setdefault(threading.get_ident(), time.time())
+        return hash_items(items)
+    ns["_set_pad_values"] = _set_pad_values
     loop = asyncio.get_running_loop()
     loop._selector.select = _timed(loop._selector.select, T, "idle")
     rng = random.Random(seed)
@@ -219,7 +225,7 @@ async def tokenizer_main(path, sock, rate: float, rows: int, stats: str, seed: i
                 "time": time.time(), "requests": sent, "pid": os.getpid(),
                 "servers": {"main thread": {"threads": 1, "phases_s": {
                     "tokenizer_shm": s.get("tokenizer_shm", 0.0), "idle": s.get("idle", 0.0)}},
-                    "hash pool": {"threads": max(1, len(pool._threads)),
+                    "hash pool": {"threads": max(1, len(pool._threads)), "started": sorted(started.values()),
                                   "phases_s": {"tokenizer_hash": s.get("pool_hash", 0.0)}}}})
             await asyncio.sleep(WRITE_EVERY_S)
 

@@ -76,8 +76,10 @@ def tokenizer_window_shares(before: dict, after: dict) -> dict[str, dict[str, fl
     out = {}
     for name, a in after["servers"].items():
         b = before["servers"].get(name, {"phases_s": {}})
-        n = max(1, a.get("threads", 1))
-        d = {p: 100.0 * (a["phases_s"].get(p, 0.0) - b["phases_s"].get(p, 0.0)) / (wall * n)
+        # A pool starts its threads on demand: each counts from when it first ran (`started`), if given.
+        thread_s = (sum(after["time"] - max(t, before["time"]) for t in a["started"]) if a.get("started")
+                    else wall * max(1, a.get("threads", 1)))
+        d = {p: 100.0 * (a["phases_s"].get(p, 0.0) - b["phases_s"].get(p, 0.0)) / thread_s
              for p in STAGE_PHASES["tokenizer"]}
         rest = max(0.0, 100.0 - sum(d.values()))
         d["idle" if "idle" not in a["phases_s"] else "other"] += rest
