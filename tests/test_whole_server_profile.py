@@ -118,3 +118,33 @@ def test_old_profile_without_stages_reads_and_writes_as_before():
     assert run.stages == [] and run.bottleneck is None
     out = run.to_dict()
     assert "stages" not in out and "bottleneck" not in out
+
+
+def test_tokenizer_workers_are_the_tokenizer_side_when_present():
+    """With --tokenizer-worker-num > 1, SGLang titles its workers sglang::tokenizer_worker:{pid}:
+    they are the tokenizer side, not the main process; the detokenizer is not sampled."""
+    child = ("import os, sys, time, setproctitle\n"
+             "setproctitle.setproctitle(sys.argv[1].replace('{pid}', str(os.getpid()))); time.sleep(60)\n")
+    code = ("import subprocess, sys, time\n"
+            f"kids = [subprocess.Popen([sys.executable, '-c', {child!r}, t]) for t in\n"
+            "        ('sglang::scheduler_TP0', 'sglang::scheduler_TP1', 'sglang::tokenizer_worker:{pid}',\n"
+            "         'sglang::detokenizer')]\n"
+            "time.sleep(60)\n")
+    from mmdiag.live.discover import discover
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                d = discover(p.pid)
+                if len(d.ranks) == 2 and d.tokenizers and "detokenizer" in " ".join(t for _, t in d.seen):
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, "the processes did not title themselves"
+            time.sleep(0.2)
+        assert [t.role for t in d.tokenizers] == ["tokenizer"]
+        assert d.tokenizers[0].title.startswith("sglang::tokenizer_worker:") and d.tokenizers[0].pid != p.pid
+        assert [r.pid for r in d.processes] == [r.pid for r in d.ranks] + [d.tokenizers[0].pid]
+    finally:
+        stop_group(p)
