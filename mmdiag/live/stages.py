@@ -105,6 +105,9 @@ def build_stages(tokenizers: list[RankSamples], profiles: list[RankProfile], rul
     """The tokenizer stage (every tokenizer process's servers) and the scheduler loop."""
     out = []
     tok = [s for rs in tokenizers for s in tokenizer_servers(rs, rules) if s.samples]
+    if len(tokenizers) > 1:  # several tokenizer workers share the requests: name each server by its process
+        for s in tok:
+            s.name = f"pid {s.pid} {s.name}"
     if tok:
         out.append(_stage("tokenizer", tok, requests, window))
     sched = [s for s in scheduler_servers(profiles) if s.samples]
