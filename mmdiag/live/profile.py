@@ -12,6 +12,10 @@ threads). A live profile measures no requests: `requests` is 0 and
 `throughput_rps` null. How it was taken (py-spy version, window, processes found,
 ranks that exited, the collection's notes) is `live` (mmdiag.run.LiveInfo).
 Findings are computed from the Run when shown (mmdiag.analysis.findings).
+
+From a server's main PID the tokenizer side (the main process or its tokenizer workers,
+discover.tokenizer_side) is sampled in the same window, and the multimodal requests of the
+window are counted (requests.py): the Run's `stages` and `bottleneck` (stages.py).
 """
 from __future__ import annotations
 
