@@ -34,6 +34,7 @@ from .sampler import CpuMeter, Sampler, rank_samples
 from .stats import pm
 from ..render.stages import stage_lines
 from ..render.text import shown_phases
+from .requests import SegmentCounter
 from .stages import bottleneck, build_stages
 from ..vocab import PHASES
 
@@ -82,11 +83,20 @@ class TopSession:
         except BaseException:
             self.close()
             raise
+        # Multimodal requests, counted as the profile counts them (requests.py), with when.
+        self.counter = SegmentCounter([t.pid for t in self.disc.tokenizers])
+        self.counts: deque = deque()
+        if self.disc.tokenizers and self.counter.start():
+            self.counts.append((time.monotonic(), 0))
         self.started = time.monotonic()
 
     def poll(self) -> None:
         """Take the blocks that ended; forget those older than the window."""
         now = time.monotonic()
+        if self.counts:
+            self.counts.append((now, self.counter.read()))
+            while len(self.counts) > 2 and now - self.counts[1][0] > self.window_s + 2 * BLOCK_S:
+                self.counts.popleft()
         for rank, blocks in self.sampler.poll().items():
             win = self.windows[rank]
             win.extend(blocks)
@@ -111,11 +121,17 @@ class TopSession:
         return out
 
     def stages(self, profiles: dict[int, RankProfile]) -> tuple[list, dict | None]:
-        """The stages over the window and which bounds throughput (by busy shares: top counts no requests)."""
+        """The stages over the window and which bounds throughput (with req/s where requests were counted)."""
         toks = [rank_samples(t, list(self.windows[t.rank]), self.rate) for t in self.disc.tokenizers
                 if self.windows[t.rank]]
-        st = build_stages(toks, list(profiles.values()), self.ruleset, None, None) if toks else []
-        return st, bottleneck(st, None, None)
+        blocks = [b for t in self.disc.tokenizers for b in self.windows[t.rank]]
+        n = span = None
+        if blocks and self.counts:  # the requests counted over the blocks' span
+            t0, t1 = min(b.t0 for b in blocks), max(b.t1 for b in blocks)
+            at = lambda t: next((c for w, c in reversed(self.counts) if w <= t), self.counts[0][1])  # noqa: E731
+            n, span = (at(t1) - at(t0)) or None, t1 - t0
+        st = build_stages(toks, list(profiles.values()), self.ruleset, n, span) if toks else []
+        return st, bottleneck(st, n, span)
 
     def path(self, profiles: dict[int, RankProfile]) -> str:
         return detect_strategy(list(profiles.values()), self.ruleset) if profiles else "unknown"
@@ -132,9 +148,12 @@ class TopSession:
                 "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in self.sampler.chains},
                 "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": self.config,
                 "exited": [], "interrupted": False}
-        return build_run(samples, self.ruleset, watched, self.whole, live, [], gil=self.gil)
+        counted = self.counter.read() if self.counts else None  # since the watch began
+        return build_run(samples, self.ruleset, watched, self.whole, live, [], gil=self.gil, requests=counted or None)
 
     def close(self) -> None:
+        if getattr(self, "counter", None) is not None:
+            self.counter.close()
         if getattr(self, "sampler", None) is not None:
             try:
                 self.sampler.stop(grace=5.0)

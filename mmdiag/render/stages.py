@@ -55,7 +55,10 @@ def stage_lines(stages, verdict: dict | None) -> list[str]:
     for st in stages:
         busy = ", ".join(f"{s.name} {pm(s.busy_pct, s.busy_ci, 0)}" for s in st.servers)
         out.append(f"{st.role} busy %: {busy}")
-    if verdict:
+    if verdict and verdict.get("capacity_rps") is not None:
+        out.append(f"bottleneck: {verdict['stage']} stage, caps at {pm(verdict['capacity_rps'], verdict['capacity_ci'])} "
+                   f"req/s; {verdict['next']} would take {pm(verdict['next_capacity_rps'], verdict['next_capacity_ci'])}")
+    elif verdict:
         out.append(f"bottleneck: {verdict['stage']} stage, {verdict['ratio']}x the next (busy shares)"
                    if verdict.get("ratio") is not None else f"bottleneck: {verdict['stage']} stage")
     return out
