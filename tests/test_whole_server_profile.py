@@ -15,6 +15,8 @@ import pytest
 from mmdiag import render
 from mmdiag.analysis.recommend import recommend
 from mmdiag.live import profile
+from mmdiag.live.discover import discover
+from mmdiag.live.errors import LiveError
 from mmdiag.live.truth import snapshot, snapshot_tokenizer, tokenizer_window_shares, truth_bottleneck, window_shares
 from mmdiag.run import Run
 from mmdiag.vocab import PROFILE_SCHEMA, STAGE_PHASES
@@ -26,17 +28,27 @@ LOOSE_POINTS = 8.0
 WINDOW_S = 10.0
 
 
+def _ranks_found(pid: int) -> int:
+    try:
+        return len(discover(pid).ranks)
+    except LiveError:
+        return 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pkg = pristine("0.5.23")
     stats = str(tmp_path_factory.mktemp("stats"))
-    p = subprocess.Popen([sys.executable, TARGET, "--sglang", str(pkg), "--tp", "2", "--rate", "8", "--stats", stats],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = os.path.join(stats, "target.log")  # a file, not a pipe nobody reads: the target never blocks on it
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, TARGET, "--sglang", str(pkg), "--tp", "2", "--rate", "8",
+                              "--stats", stats], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not (len(snapshot(stats)) == 2 and (snapshot_tokenizer(stats) or {}).get("requests")):
-            assert p.poll() is None, p.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the target did not start serving"
+        while not (len(snapshot(stats)) == 2 and (snapshot_tokenizer(stats) or {}).get("requests")
+                   and _ranks_found(p.pid) == 2):
+            assert p.poll() is None, open(log).read()[-2000:]
+            assert time.time() < deadline, "the target did not start serving: " + open(log).read()[-2000:]
             time.sleep(0.2)
         time.sleep(2.0)
         yield p, stats
@@ -130,10 +142,9 @@ def test_tokenizer_workers_are_the_tokenizer_side_when_present():
             "        ('sglang::scheduler_TP0', 'sglang::scheduler_TP1', 'sglang::tokenizer_worker:{pid}',\n"
             "         'sglang::detokenizer')]\n"
             "time.sleep(60)\n")
-    from mmdiag.live.discover import discover
     p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 90  # four interpreters starting on a loaded host
         while True:
             try:
                 d = discover(p.pid)
@@ -148,3 +159,23 @@ def test_tokenizer_workers_are_the_tokenizer_side_when_present():
         assert [r.pid for r in d.processes] == [r.pid for r in d.ranks] + [d.tokenizers[0].pid]
     finally:
         stop_group(p)
+
+
+def test_top_watches_the_tokenizer_side_too(server):
+    """`mmdiag top` samples the tokenizer side with the ranks and shows the stage verdict live."""
+    from mmdiag.live.top import TopSession, ViewState, render as render_top, snapshot as top_snapshot
+    p, _ = server
+    sess = TopSession(p.pid, window_s=6.0)
+    try:
+        sess.start()
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            sess.poll()
+            time.sleep(0.1)
+        snap = top_snapshot(sess)
+    finally:
+        sess.close()
+    assert [st.role for st in snap.stages] == ["tokenizer", "scheduler"]
+    assert snap.bottleneck["stage"] == "tokenizer"
+    screen = "\n".join(render_top(sess, ViewState(), snap))
+    assert "tokenizer busy %: main thread" in screen and "bottleneck: tokenizer stage" in screen
