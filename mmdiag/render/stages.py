@@ -14,14 +14,21 @@ HEADERS = ["stage", "server", "pid", "busy %", "service ms/req", "capacity req/s
 
 
 def stage_rows(run: Run) -> list[list[str]]:
-    """One row per server; the service time and capacity stand on the server that bounds its stage."""
+    """One row per server, with the service time and capacity its own busy share implies over the
+    requests counted (mmdiag.live.stages: u n W / N and N / (u W)); '-' without a count."""
+    b = run.bottleneck or {}
+    n, w = b.get("requests"), b.get("window_s")
     rows = []
     for st in run.stages:
         for sv in st.servers:
-            bound = sv.name == st.bound_by
-            rows.append([st.role, sv.name + (" *" if bound else ""), str(sv.pid) if sv.pid is not None else "-",
-                         pm(sv.busy_pct, sv.busy_ci), pm(st.service_ms, st.service_ci) if bound else "",
-                         pm(st.capacity_rps, st.capacity_ci) if bound else ""])
+            u, rel = sv.busy_pct / 100.0, (sv.busy_ci / sv.busy_pct if sv.busy_ci is not None and sv.busy_pct else None)
+            service = capacity = "-"
+            if n and w and u > 0:
+                sv_ms, cap = 1000.0 * u * sv.threads * w / n, n / (u * w)
+                service = pm(sv_ms, None if rel is None else sv_ms * rel)
+                capacity = pm(cap, None if rel is None else cap * rel)
+            rows.append([st.role, sv.name + (" *" if sv.name == st.bound_by else ""),
+                         str(sv.pid) if sv.pid is not None else "-", pm(sv.busy_pct, sv.busy_ci), service, capacity])
     return rows
 
 
