@@ -2,12 +2,14 @@
 
 SGLang 0.5.10+ on one node hands each image feature to the scheduler ranks in a POSIX
 shared-memory segment that its tokenizer side creates (`ShmPointerMMData.__init__`), in
-/dev/shm; 0.5.23 names it `sgl_shm_mm_<creator pid>_<random>` (`make_shm_name("mm")`).
+/dev/shm; from 0.5.16 it names it `sgl_shm_mm_<creator pid>_<random>` (`make_shm_name("mm")`,
+checked in the 0.5.16-0.5.23 wheels; 0.5.10-0.5.13 leave the name to Python, `psm_<random>`,
+which says nothing of its creator: no count there).
 py-spy's samples carry no timestamps, so they cannot count requests; the kernel can:
 an inotify watch on /dev/shm sees every segment created, however briefly it lives (the
 ranks unlink it within milliseconds). One segment is one feature: a request of k images
 counts k, so the stage verdict's service time is per image feature (per request at one
-image a request). Releases and transports that create no segment (<= 0.5.9, pickled
+image a request). Releases and transports that create no named segment (<= 0.5.13, pickled
 features, cuda_ipc) give no count: the verdict then compares the stages by their busy
 shares alone (which stage bounds and by what factor, no req/s).
 """
