@@ -76,6 +76,7 @@ def test_tokenizer_side_is_found_and_sampled(server, measured):
     names = [s.name for s in tok.servers]
     assert names[0] == "main thread" and any(n.startswith("hash pool") for n in names)  # 0.5.21+'s pool threads
     assert sorted(roles["scheduler"].pids) == sorted(r.profile.pid for r in run.ranks)
+    assert run.live.strategy_detected == "precompute"   # the tokenizer's hashing, seen on its stacks
 
 
 def test_stage_shares_match_the_targets_timers(measured):
@@ -179,3 +180,4 @@ def test_top_watches_the_tokenizer_side_too(server):
     assert snap.bottleneck["stage"] == "tokenizer"
     screen = "\n".join(render_top(sess, ViewState(), snap))
     assert "tokenizer busy %: main thread" in screen and "bottleneck: tokenizer stage" in screen
+    assert snap.path == "precompute"   # SGLANG_MM_PRECOMPUTE_HASH: the tokenizer hashes, seen on its stacks

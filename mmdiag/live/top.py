@@ -134,7 +134,10 @@ class TopSession:
         return st, bottleneck(st, n, span)
 
     def path(self, profiles: dict[int, RankProfile]) -> str:
-        return detect_strategy(list(profiles.values()), self.ruleset) if profiles else "unknown"
+        # The tokenizer side's frames count too, as in a profile (where it hashes, the path is precompute).
+        toks = [attribute(rank_samples(t, list(self.windows[t.rank]), self.rate), self.ruleset)
+                for t in self.disc.tokenizers if self.windows[t.rank]]
+        return detect_strategy(list(profiles.values()) + toks, self.ruleset) if profiles else "unknown"
 
     def whole_run(self) -> Run:
         """A Run (schema mmdiag.profile/2) over every block of the watch."""
