@@ -149,7 +149,8 @@ def test_tokenizer_workers_are_the_tokenizer_side_when_present():
         while True:
             try:
                 d = discover(p.pid)
-                if len(d.ranks) == 2 and d.tokenizers and "detokenizer" in " ".join(t for _, t in d.seen):
+                titles = " ".join(t for _, t in d.seen)  # every child has titled itself
+                if len(d.ranks) == 2 and "detokenizer" in titles and "tokenizer_worker:" in titles:
                     break
             except Exception:
                 pass
