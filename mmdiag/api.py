@@ -165,7 +165,7 @@ def quick() -> dict[str, Any]:
 
 def default_run_path(what: str) -> str:
     """Where a command keeps a Run nobody asked to save: [quick] runs_dir/<what>-<time>.json."""
-    from .analysis.adaptive import default_path
+    from .workflows.adaptive import default_path
 
     path = default_path(quick().get("runs_dir", "mmdiag-runs"), what)
     try:
@@ -192,9 +192,9 @@ def demo(profile: str | None = None, n: int | None = None, *, log: Log = _quiet,
 def replay_default(tp: int | None = None, repeat: int | None = None, n: int | None = None,
                    profile: str | None = None, *, save: str | None = None, log: Log = _quiet) -> Run:
     """What `recommend` does with no Runs: replay the bundled default workload until the answer
-    is decided (mmdiag.analysis.adaptive; `repeat`: exactly that many repeats instead), keep the
+    is decided (mmdiag.workflows.adaptive; `repeat`: exactly that many repeats instead), keep the
     Run at `save` (default: default_run_path) and return it (its `path` says where)."""
-    from .analysis.adaptive import recommend_default
+    from .workflows.adaptive import recommend_default
 
     res, _ = recommend_default(tp=tp, n=n, profile=profile, repeat=repeat, save=save, log=log)
     return res.run
@@ -275,7 +275,7 @@ def verify(strategy: str, *, sglang_path: str | None = None, trace: str | None =
            log: Log = _quiet, threshold: str | None = None, **kw: Any):
     """Replay the installed SGLang, apply `strategy`, replay again, judge (a VerifyResult).
     `kw`: criteria, output, repeat, timeout, enable_broadcast_flag, keep_runs, confirm, progress."""
-    from .analysis.verify import verify as _verify
+    from .workflows.verify import verify as _verify
 
     tp = tp if tp is not None else default_tp()
     with _cond_threshold(strategy, threshold), tempfile.TemporaryDirectory(prefix="mmdiag-verify-") as tmp:
