@@ -125,7 +125,7 @@ def replay_options(**kw: Any):
 def replay(trace: str, *, progress: Progress | None = None, threshold: str | None = None, **options: Any) -> Run:
     """Replay `trace` through real rank processes; `options` are ReplayOptions fields
     (tp, strategies, repeat, timeout, timeline, impl, sglang_path, ...); `threshold`: cond's
-    (bytes, 'never' or a Run file: mmdiag.analysis.threshold)."""
+    (bytes, 'never' or a Run file: mmdiag.strategies.cond_threshold)."""
     from .replay import replay as run_replay
 
     opts = replay_options(**options)
@@ -140,21 +140,23 @@ def _with_threshold(opts, threshold: str) -> None:
     """--threshold: checked here, before any rank starts, and handed to rank 0 resolved."""
     import json
 
-    from .analysis import threshold as T
+    from .analysis.costmodel import fit
+    from .strategies import cond_threshold as T
     if "cond" not in opts.strategies:
         raise MmdiagError("--threshold sets the `cond` strategy's threshold, and cond is not replayed",
                           fix="add --strategy cond (or leave --threshold out)")
-    opts.extra_env = {**opts.extra_env, T.OPTION_ENV: json.dumps(T.from_option(threshold).to_dict())}
+    opts.extra_env = {**opts.extra_env, T.OPTION_ENV: json.dumps(T.from_option(threshold, fit).to_dict())}
 
 
 def _cond_threshold(strategy: str, threshold: str | None):
-    """The threshold `apply cond` bakes in (mmdiag.analysis.threshold.for_patch)."""
-    from .analysis import threshold as T
+    """The threshold `apply cond` bakes in (mmdiag.strategies.cond_threshold.for_patch)."""
+    from .analysis.costmodel import fit
+    from .strategies import cond_threshold as T
     if strategy != "cond":
         if threshold is not None:
             raise MmdiagError(f"--threshold is `cond`'s option, not `{strategy}`'s", fix="leave --threshold out")
         return T.given(None)
-    return T.given(T.for_patch(quick().get("runs_dir", "mmdiag-runs"), threshold))
+    return T.given(T.for_patch(quick().get("runs_dir", "mmdiag-runs"), threshold, fit))
 
 
 def quick() -> dict[str, Any]:

@@ -34,7 +34,7 @@ from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..tables import PROFILES_DIR
-from . import threshold
+from ..strategies import cond_threshold as threshold
 from .costmodel import CostModel, fit
 from .merge import label, merge_replays
 from . import release_steps as RS

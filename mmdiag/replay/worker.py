@@ -90,13 +90,17 @@ def _warm_up(rank: int, group, nbytes: int) -> None:
 
 def _make_strategy(name, rank, group, results, world, job, header, stats):
     """A strategy that configures itself from what this replay measured so far (cond's
-    threshold: the crossover of the strategies before it) gets a provisional Run on rank 0
-    and agrees with the other ranks itself; the others take no arguments."""
+    threshold: the crossover of the strategies before it) gets, on rank 0, the cost model
+    fitted on a provisional Run, and agrees with the other ranks itself; the others take no
+    arguments."""
     cls = strategy_registry.get(name)
     if not hasattr(cls, "for_replay"):
         return cls()
-    measured = assemble_run(results, world, job, header, stats) if rank == 0 and results else None
-    return cls.for_replay(rank, group, measured)
+    model = None
+    if rank == 0 and results:
+        from ..analysis.costmodel import fit  # the one cost model; cond is handed it, not importing analysis
+        model = fit([assemble_run(results, world, job, header, stats)])
+    return cls.for_replay(rank, group, model)
 
 
 class _Plan:

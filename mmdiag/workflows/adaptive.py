@@ -22,7 +22,7 @@ from typing import Callable
 from ..errors import MmdiagError
 from ..progress import Lines as Progress  # noqa: F401 - the one progress line (mmdiag.progress)
 from ..run import Run
-from ..analysis import threshold
+from ..strategies import cond_threshold as threshold
 from ..analysis.merge import merge_replays
 from ..analysis.recommend import INSUFFICIENT, Recommendation, recommend
 from ..fileio import check_writable
