@@ -18,7 +18,6 @@ MUTUAL_OK: dict[tuple[str, str], str] = {
     ("ingest", "workloads"): "issue 21 step 1: before",
     ("live", "render"): "issue 21 step 1: before",
     ("live", "sglang"): "issue 21 step 1: before",
-    ("mmpath", "sglang"): "issue 21 step 1: before",
     ("replay", "strategies"): "issue 21 step 1: before",
 }
 # Package arrows that still run up the floors, and why.
@@ -26,7 +25,6 @@ UP_OK: dict[tuple[str, str], str] = {
     ("ingest", "analysis"): "issue 21 step 1: before",
     ("ingest", "workloads"): "issue 21 step 1: before",
     ("live", "render"): "issue 21 step 1: before",
-    ("mmpath", "sglang"): "issue 21 step 1: before",
     ("replay", "render"): "issue 21 step 1: before",
     ("replay", "analysis"): "cond's threshold in a replay is the crossover of the strategies replayed before it: "
                             "rank 0 fits the one cost model (analysis.costmodel.fit) mid-run and hands it to cond",

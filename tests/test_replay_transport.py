@@ -115,7 +115,7 @@ def test_release_defaults_follow_what_each_release_does():
     with what detect reads from each family's real wheel."""
     import re
     from sglang_wheels import FAMILY_WHEELS, pristine
-    from mmdiag.mmpath.transport import default_tokenizer_workers, default_transport
+    from mmdiag.sglang.facts import default_tokenizer_workers, default_transport
     from mmdiag.sglang.detect import detect
     from mmdiag.sglang.locate import locate
     for v in FAMILY_WHEELS:

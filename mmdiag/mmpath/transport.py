@@ -103,6 +103,3 @@ def make(name: str, prefix: str) -> Transport:
         return ShmTransport(prefix)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
-
-# What a release implies (variants.toml [defaults]); torch-free, so `recommend` reads them too.
-from ..sglang.facts import default_tokenizer_workers, default_transport  # noqa: E402,F401

@@ -28,7 +28,8 @@ from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
 from ..run import SGLangConfig
-from ..sglang.facts import at_least, since
+# What a release implies (variants.toml [defaults]): its transport and tokenizer workers.
+from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, since
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE
@@ -127,8 +128,8 @@ class _Plan:
             version = (header.source.get("sglang_version") if header is not None else None)
         # Features travel as the release moves them: pickled in the recv broadcast to 0.5.9,
         # by shared memory from 0.5.10 (mmdiag's segments standing in for the release's own).
-        self.transport = o.transport or transport_mod.default_transport(version)
-        self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
+        self.transport = o.transport or default_transport(version)
+        self.workers = o.tokenizer_workers or default_tokenizer_workers(version)
         port = os.environ.get("MASTER_PORT", "0")
         self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
 
