@@ -131,9 +131,12 @@ def replay(trace: str, *, progress: Progress | None = None, threshold: str | Non
     opts = replay_options(**options)
     if threshold is not None:
         _with_threshold(opts, threshold)
+    timelines = None
     if opts.timeline:
+        from .render.timeline import combine_timeline
         check_writable(opts.timeline, "--timeline")
-    return run_replay(trace, opts, progress=progress)
+        timelines = lambda files: combine_timeline(files, opts.timeline)  # noqa: E731
+    return run_replay(trace, opts, progress=progress, timelines=timelines)
 
 
 def _with_threshold(opts, threshold: str) -> None:
@@ -211,8 +214,13 @@ def profile(pid: int, duration: float | None = None, rate: int | None = None, *,
     from .live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ
     from .live.profile import profile as live_profile
 
-    if kw.get("speedscope"):
-        check_writable(kw["speedscope"], "--speedscope")
+    speedscope = kw.pop("speedscope", None)
+    if speedscope:
+        from . import render
+        from .render.speedscope import SampledStacks
+        check_writable(speedscope, "--speedscope")
+        kw["on_stacks"] = lambda stacks: render.write(SampledStacks(stacks), speedscope, "speedscope",
+                                                      what="--speedscope")
     return live_profile(pid, DEFAULT_DURATION_S if duration is None else duration, rate or DEFAULT_RATE_HZ,
                         log=log, **kw)
 
@@ -298,8 +306,8 @@ def doctor(sglang_path: str | None = None):
 
 
 def doctor_server(pid: int, sglang_path: str | None = None):
-    """The running server's effective settings (mmdiag.sglang.server.ServerSettings)."""
-    from .sglang.server import read_server
+    """The running server's effective settings (mmdiag.live.server.ServerSettings)."""
+    from .live.server import read_server
     return read_server(pid, sglang_path)
 
 

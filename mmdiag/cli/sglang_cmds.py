@@ -30,9 +30,8 @@ def doctor_command(sglang_path, pid, as_json, output):
     if pid is not None:
         if output:
             raise MmdiagError("-o goes with doctor without --pid; use --json and redirect")
-        from ..sglang.server import header_text
         srv = api.doctor_server(pid, sglang_path)
-        click.echo(out.render(srv.to_dict(), "json") if as_json else header_text(srv), nl=False)
+        click.echo(out.render(srv.to_dict(), "json") if as_json else out.render(srv, "text"), nl=False)
         return
     if output:
         out.check_output(output, "Detection", "-o")

@@ -163,21 +163,23 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
 def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_RATE_HZ, *,
             pyspy: str | None = None, raw_dir: str | None = None, rules: str | None = None,
             gil: bool = True, on_window: Callable[[str], None] | None = None,
-            speedscope: str | None = None, log: Callable[[str], None] | None = None,
-            block_s: float = DEFAULT_BLOCK_S) -> Run:
+            on_stacks: Callable[[list[RankSamples]], None] | None = None,
+            log: Callable[[str], None] | None = None, block_s: float = DEFAULT_BLOCK_S) -> Run:
     """Attach to `pid` (server main process, one scheduler, or an mmdiag replay),
     sample every scheduler rank for `duration` seconds at `rate` Hz, return a Run.
 
     raw_dir: keep py-spy's raw files there (rank{r}.pid{p}.b{k}.raw, .gil.raw), for --from-raw.
     on_window: called with "start" / "end" as the common window opens and closes.
+    on_stacks: called with every rank's sampled stacks (with line numbers) before the Run is
+    built (api writes them as a speedscope file).
     Ctrl-C ends the window early and keeps what was sampled; SIGTERM (in the main
     thread) stops py-spy, removes the temporary files and raises Terminated (exit 143).
     """
     with on_sigterm(TERMINATED):
-        return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s)
+        return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, on_stacks, log, block_s)
 
 
-def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s) -> Run:
+def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, on_stacks, log, block_s) -> Run:
     _check_args(duration, rate)
     log = log or (lambda s: None)
     spy = find_pyspy(pyspy)
@@ -191,7 +193,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
     block_s = block_length(duration, block_s)
     tmp = tempfile.mkdtemp(prefix="mmdiag-profile-")
     try:
-        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=bool(speedscope))
+        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=on_stacks is not None)
         cpus = {r.rank: CpuMeter(r.pid) for r in disc.ranks}
         try:
             sampler.start(ATTACH_TIMEOUT_S)
@@ -215,8 +217,8 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
         raise LiveError(f"no samples were taken in the {window:.1f} s window"
                         + (" (every rank exited)" if len(exited) == len(samples) else ""),
                         fix="check the server is running and rerun")
-    if speedscope:
-        _write_speedscope(speedscope, samples)
+    if on_stacks:
+        on_stacks(samples)
     notes = _window_notes(disc, duration, window, interrupted, sampler.start_skew()["max_s"], rate)
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
             "config": _config(disc), "found": [{"pid": p, "title": t} for p, t in disc.seen],
@@ -233,15 +235,6 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
 def _config(disc) -> dict[str, Any]:
     lines = config_lines(disc)
     return {"summary": "; ".join(lines), "lines": lines}
-
-
-def _write_speedscope(path: str, samples: list[RankSamples]) -> None:
-    from .speedscope import write_speedscope
-    try:
-        write_speedscope(path, samples)
-    except OSError as e:
-        raise LiveError(f"cannot write the speedscope file ({e.strerror or e})", where=f"--speedscope {path}",
-                        fix="free space or choose another path") from None
 
 
 def _window_notes(disc, duration, window, interrupted, skew, rate) -> list[str]:

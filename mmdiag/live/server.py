@@ -24,8 +24,8 @@ from typing import Any
 
 import psutil
 
-from .errors import SGLangError
-from .facts import at_least, since
+from ..sglang.errors import SGLangError
+from ..sglang.facts import at_least, since
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -79,8 +79,8 @@ def _int(argv, *names, default: int) -> int | None:
 
 def server_process(pid: int):
     """(server psutil.Process, [(rank pid, title)]): the PID itself or, for a scheduler
-    PID, its parent; ranks by their titles (mmdiag.live.discover)."""
-    from ..live.discover import discover, parse_title, title_of
+    PID, its parent; ranks by their titles (discover.py)."""
+    from .discover import discover, parse_title, title_of
     disc = discover(pid)  # LiveError (an MmdiagError) when PID is neither a server nor a rank
     proc = psutil.Process(pid)
     if disc.how == "scheduler":
@@ -108,7 +108,7 @@ def sglang_dir_of(proc) -> str | None:
 
 
 def _sizes(argv, ranks) -> tuple[int, int]:
-    from ..live.discover import parse_title
+    from .discover import parse_title
     parts = [parse_title(t) or {} for _, t in ranks]
     tp_titles = max((p.get("TP", 0) for p in parts), default=0) + 1
     dp_titles = max((p.get("DP", 0) for p in parts), default=0) + 1
@@ -117,8 +117,8 @@ def _sizes(argv, ranks) -> tuple[int, int]:
 
 def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     """The effective settings of the server behind PID (see the module docstring)."""
-    from .detect import detect
-    from .locate import locate
+    from ..sglang.detect import detect
+    from ..sglang.locate import locate
     try:
         proc, ranks = server_process(pid)
         argv, env, t0 = proc.cmdline(), proc.environ(), proc.create_time()
@@ -208,10 +208,6 @@ def header_lines(pid: int, sglang_path: str | None = None) -> list[str]:
     """A few lines naming the configuration a server runs: for `doctor --pid` and the
     head of `mmdiag profile`. Raises an MmdiagError when PID is not a server or rank."""
     return settings_lines(read_server(pid, sglang_path))
-
-
-def header_text(s: ServerSettings) -> str:
-    return "\n".join(settings_lines(s)) + "\n"
 
 
 def settings_lines(s: ServerSettings) -> list[str]:

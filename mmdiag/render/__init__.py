@@ -50,8 +50,8 @@ class Renderer:
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (
     Renderer("text", (".txt",), {
         "Run": ".text:render_run", "Recommendation": ".recommend_text:render_recommendation",
-        "Report": ".report_md:render_text", "Detection": ".text:render_doctor", "dict": ".text:render_mapping",
-        "Catalog": ".text:render_catalog"}),
+        "Report": ".report_md:render_text", "Detection": ".doctor:doctor_text", "dict": ".text:render_mapping",
+        "Catalog": ".text:render_catalog", "ServerSettings": ".doctor:server_text"}),
     Renderer("json", (".json",), {ANY: ".json_:render_json"}),
     Renderer("markdown", (".md", ".markdown"), {"Report": ".report_md:render_markdown", "Run": ".text:render_run_md",
                                                 "Catalog": ".text:render_catalog_md"}),

@@ -73,11 +73,6 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
     return out
 
 
-def render_doctor(det: Any) -> str:
-    from ..sglang.report import doctor_text  # one home for doctor's rows (the release facts)
-    return doctor_text(det)
-
-
 def render_mapping(d: dict[str, Any]) -> str:
     return "\n".join(f"{k:15} {v}" for k, v in d.items()) + "\n"
 

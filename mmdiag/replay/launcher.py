@@ -130,9 +130,12 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
-def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None) -> Run:
-    """Replay `trace` through opts.tp rank processes; return the Run (and write
-    opts.timeline if asked). Raises ReplayError naming the rank that failed."""
+def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None,
+           timelines: Callable[[list[str]], None] | None = None) -> Run:
+    """Replay `trace` through opts.tp rank processes; return the Run. With opts.timeline,
+    every rank logs its phases to viztracer and `timelines` is called with the rank files
+    while they exist (api renders them into opts.timeline; a failure there is a warning:
+    the measurements stand without the picture). Raises ReplayError naming the rank that failed."""
     if opts.transport is not None and opts.transport not in TRANSPORTS:
         raise MmdiagError(f"unknown transport {opts.transport!r}", where="--transport",
                           fix=f"choose from: {', '.join(TRANSPORTS)}")
@@ -191,10 +194,9 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         finally:
             shm.sweep(prefix)  # what a killed rank left in /dev/shm
         run = Run.load(out)
-        if tl_dir:
-            from ..render.timeline import combine_timeline
+        if tl_dir and timelines:
             try:
-                combine_timeline([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)], opts.timeline)
+                timelines([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)])
             except MmdiagError as e:  # the measurements stand without the picture
                 warnings.warn(f"no timeline: {e.one_line()}", stacklevel=2)
         return run
