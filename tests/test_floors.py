@@ -17,7 +17,6 @@ MUTUAL_OK: dict[tuple[str, str], str] = {
     ("analysis", "ingest"): "issue 21 step 1: before",
     ("ingest", "workloads"): "issue 21 step 1: before",
     ("live", "render"): "issue 21 step 1: before",
-    ("replay", "strategies"): "issue 21 step 1: before",
 }
 # Package arrows that still run up the floors, and why.
 UP_OK: dict[tuple[str, str], str] = {
@@ -26,12 +25,10 @@ UP_OK: dict[tuple[str, str], str] = {
     ("live", "render"): "issue 21 step 1: before",
     ("replay", "analysis"): "cond's threshold in a replay is the crossover of the strategies replayed before it: "
                             "rank 0 fits the one cost model (analysis.costmodel.fit) mid-run and hands it to cond",
-    ("strategies", "replay"): "issue 21 step 1: before",
     ("workloads", "ingest"): "issue 21 step 1: before",
 }
 CYCLES_OK: list[list[str]] = [
     ["mmdiag.analysis.conditions", "mmdiag.analysis.criteria", "mmdiag.analysis.report"],
-    ["mmdiag.replay.scheduler", "mmdiag.strategies.base"],
 ]
 
 
