@@ -26,6 +26,7 @@ import psutil
 
 from ..sglang.errors import SGLangError
 from ..sglang.facts import at_least, since
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -180,7 +181,9 @@ def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) 
     safe where that happens once (the tokenizer, or the entry rank before 17a57fd's
     broadcast), a divergence where every TP rank materializes on its own (measured:
     `replay --impl sglang` on 0.5.9 ends with ranks disagreeing on hashes and pad values)."""
-    once = pre_effective or patch in ("precompute", "shm")
+    from .. import strategies
+    patched = strategies.REGISTRY.get(patch) if patch else None
+    once = pre_effective or bool(patched and patched.hashes_in_tokenizer)
     per_rank = not once and det is not None and (
         patch in ("revert", "dict") or det.variant == "per-rank"
         or (det.variant == "broadcast-flag" and not flag_on and patch is None))
@@ -201,7 +204,7 @@ def _transport(argv, env, f) -> tuple[str, str]:
         return "cuda_ipc", "SGLANG_USE_CUDA_IPC_TRANSPORT=1"
     if f is None:
         return "unknown", "release not found"
-    return ("shm" if f.transport == "shm" else "pickle"), "the release's CPU transport"
+    return (TRANSPORT_SHM if f.transport == TRANSPORT_SHM else TRANSPORT_PICKLE), "the release's CPU transport"
 
 
 def header_lines(pid: int, sglang_path: str | None = None) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MmdiagError
-from ..vocab import TRANSPORTS
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM, TRANSPORTS
 from . import shm
 from .items import mm_items
 
@@ -41,11 +41,11 @@ class Transport:
 
 
 class PickleTransport(Transport):
-    name = "pickle"
+    name = TRANSPORT_PICKLE
 
 
 class ShmTransport(Transport):
-    name = "shm"
+    name = TRANSPORT_SHM
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -97,9 +97,9 @@ class ShmTransport(Transport):
 
 
 def make(name: str, prefix: str) -> Transport:
-    if name == "pickle":
+    if name == PickleTransport.name:
         return PickleTransport()
-    if name == "shm":
+    if name == ShmTransport.name:
         return ShmTransport(prefix)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 

@@ -30,7 +30,7 @@ from ..run import Run
 from ..trace import scan
 from ..units import MB, fmt_gb
 from ..mmpath import shm
-from ..vocab import TRANSPORTS
+from ..vocab import TRANSPORT_SHM, TRANSPORTS
 from . import heartbeat
 from .options import JOB_ENV, RankJob, ReplayOptions
 
@@ -212,7 +212,7 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
     background = any(getattr(REGISTRY.get(n), "cost_class", None) == "background" for n in opts.strategies)
     est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * MB),
                           conc, backlog_requests=MAX_PENDING if background else 0,
-                          shared_copy="shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies)))
+                          shared_copy=TRANSPORT_SHM in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies)))
     avail = memory.available_bytes()
     if est.total > avail:
         raise MmdiagError(f"this replay needs {est.explain()}, more than the {fmt_gb(avail)} "

@@ -6,6 +6,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
+
 FACTS_PATH = Path(__file__).with_name("variants.toml")
 
 
@@ -112,7 +114,7 @@ def at_least(version: str | None, first: str) -> bool:
 
 def default_transport(version: str | None) -> str:
     """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
-    return "shm" if at_least(version, since("shm_family")) else "pickle"
+    return TRANSPORT_SHM if at_least(version, since("shm_family")) else TRANSPORT_PICKLE
 
 
 def default_tokenizer_workers(version: str | None) -> int:

@@ -21,6 +21,7 @@ command, or says that no threshold pays).
 from __future__ import annotations
 
 from ...strategies import cond_threshold as T
+from ...vocab import TRANSPORT_SHM
 from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
 
 STRATEGY = "cond"
@@ -81,7 +82,7 @@ def _mmdiag_cond_agree_limit(self, group):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    if det.facts.transport == "shm":
+    if det.facts.transport == TRANSPORT_SHM:
         raise not_applicable(
             STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
             "its large features already reach every rank through shared memory; broadcasting them would "

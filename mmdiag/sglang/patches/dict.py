@@ -1,6 +1,7 @@
 """`dict`: broadcast the raw mm_inputs dict from the entry rank; every rank materializes."""
 from __future__ import annotations
 
+from ...vocab import TRANSPORT_SHM
 from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
 
 STRATEGY = "dict"
@@ -25,7 +26,7 @@ def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    if det.facts.transport == "shm":
+    if det.facts.transport == TRANSPORT_SHM:
         raise not_applicable(
             STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
             "its features already reach every rank through shared memory; broadcasting the raw dict "
