@@ -8,7 +8,7 @@ class Precompute(Revert):
     """Scheduler side as revert (every rank materializes); the difference is upstream of
     it: the entry rank's requests arrive with item hashes set, so from_dict skips hashing."""
 
-    name = STRATEGY_PRECOMPUTE
+    name = "precompute"  # a literal: live.rules reads names and markers from the source
     summary = ("hashes computed once before the scheduler (SGLANG_MM_PRECOMPUTE_HASH), so every rank's "
                "from_dict skips hashing; the hashing is reported as tokenizer-side time")
     collectives = "none"

@@ -13,7 +13,7 @@ from ..vocab import STRATEGY_SHM, TRANSPORT_SHM
 
 
 class Shm(Precompute):
-    name = STRATEGY_SHM
+    name = "shm"  # a literal: live.rules reads names and markers from the source
     summary = ("hashes computed once before the scheduler and features moved through POSIX shared memory "
                "(handles in the recv broadcast, copy-on-write maps): no per-rank copy, pickle or hash")
     collectives = "none"
