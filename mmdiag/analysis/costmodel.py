@@ -256,7 +256,9 @@ def _comm_point(name: str, s: StrategyResult) -> tuple[str, float, float] | None
 
 
 def _fit(points: list[tuple[str, float, float]]) -> tuple[float | None, float | None, bool, list[str]]:
-    """Least squares ms = c + k * MB, both clamped at >= 0. Returns (c, k, separable, notes)."""
+    """Least squares ms = c + k * MB, both clamped at >= 0. Returns (c, k, separable, notes).
+    The closed form of a line (numpy.linalg.lstsq solves it by SVD: the same fit up to the
+    last digits, which would move the crossover cond's patch bakes in and recommend's JSON)."""
     notes: list[str] = []
     if not points:
         return None, None, False, ["no strategy with its own collectives was replayed (replay commit and batch)"]

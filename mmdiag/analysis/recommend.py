@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from ..vocab import STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
-from ..tables import PROFILES_DIR
+from ..tables import PROFILES_DIR, load_table
 from ..strategies import cond_threshold as threshold
 from .costmodel import CostModel, fit
 from .merge import label, merge_replays
@@ -48,13 +47,7 @@ INSUFFICIENT = "insufficient evidence"
 
 def load_rules(path: str | os.PathLike | None = None) -> dict[str, Any]:
     p = Path(path) if path else RULES_FILE
-    try:
-        with open(p, "rb") as f:
-            rules = tomllib.load(f)
-    except FileNotFoundError:
-        raise ProfileError("no such file", where=str(p)) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"invalid TOML ({e})", where=str(p)) from None
+    rules = load_table(p)
     for sect in ("thresholds", "candidates", "not_a_fix", "live"):
         if sect not in rules:
             raise ProfileError(f"missing section [{sect}]", where=str(p))

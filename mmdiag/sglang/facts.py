@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import functools
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from ..tables import load_table
 from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 FACTS_PATH = Path(__file__).with_name("variants.toml")
@@ -13,8 +13,7 @@ FACTS_PATH = Path(__file__).with_name("variants.toml")
 
 @functools.lru_cache(maxsize=1)
 def facts() -> dict[str, Any]:
-    with open(FACTS_PATH, "rb") as f:
-        return tomllib.load(f)
+    return load_table(FACTS_PATH, "SGLang facts file")
 
 
 def file_rel(key: str) -> str:
