@@ -102,6 +102,14 @@ class RankResult:
     def busy_ms(self) -> float:
         return sum(v for k, v in self.phases_ms.items() if k != "idle")
 
+    @property
+    def cpu_pct(self) -> float:
+        """Scheduler CPU of the rank as a percent of one core (nan when unknown): the
+        profile's measured share, else CPU over wall seconds."""
+        if self.profile is not None and self.profile.cpu_pct is not None:
+            return float(self.profile.cpu_pct)
+        return 100.0 * self.cpu_s / self.wall_s if self.wall_s else math.nan
+
 
 @dataclass
 class StrategyResult:
