@@ -23,20 +23,20 @@ PKG = ROOT / "mmdiag"
 
 # Floor per package, higher imports lower. Packages on one floor are siblings and must not
 # import each other (replay and live are both collectors: neither is the other's library).
-FLOORS: dict[str, int] = {
+FLOORS: dict[str, float] = {
     "__main__": 11, "cli": 10,  # __main__: the `python -m` entry points over cli
     "api": 9,
     "workflows": 8,
     "render": 7,
     "analysis": 6,
     "replay": 5, "live": 5,
+    # workloads synthesizes traces (the replay's input) from profiles/ tables and
+    # sglang.bench_serving's defaults and arguments, which ingest reads: above ingest.
+    "workloads": 4.5,
     "sglang": 4, "ingest": 4,
-    # workloads builds trace files (the replay's input) from profiles/ tables and the bench
-    # defaults that ingest reads: it sits with its reader, ingest.
-    "workloads": 4,
     "strategies": 3,
     "mmpath": 2,  # the primitives the strategies are built of (ARCHITECTURE puts them on one floor)
-    "run": 1, "trace": 1,
+    "run": 1, "trace": 1, "geometry": 1,  # the model: Runs, traces, the model geometry of features
     # plumbing every floor may use: names, units, errors, atomic files, tables, processes
     "vocab": 0, "units": 0, "errors": 0, "fileio": 0, "tables": 0, "lazy": 0, "proc": 0,
     "progress": 0, "__init__": 0,
