@@ -22,9 +22,7 @@ UP_OK: dict[tuple[str, str], str] = {
     ("replay", "analysis"): "cond's threshold in a replay is the crossover of the strategies replayed before it: "
                             "rank 0 fits the one cost model (analysis.costmodel.fit) mid-run and hands it to cond",
 }
-CYCLES_OK: list[list[str]] = [
-    ["mmdiag.analysis.conditions", "mmdiag.analysis.criteria", "mmdiag.analysis.report"],
-]
+CYCLES_OK: list[list[str]] = []
 
 
 def test_import_parsing_sees_function_level_and_relative_imports():
