@@ -120,6 +120,17 @@ def test_large_video_with_broadcast_paying_does_not_get_revert():
     assert pre.expected_rps == pytest.approx(1.5) and "tokenizer" in pre.note
 
 
+def test_batch_replayed_on_shared_memory_is_not_recommended():
+    """The same measurements on the shm transport: batch (fastest patch) would pickle the features
+    again from the entry rank, which apply refuses on shared-memory releases: never the pick."""
+    run = video_run()
+    run.config.transport = "shm"
+    rec = recommend([run])
+    assert rec.recommended != "batch"
+    batch = next(o for o in rec.runners_up if o.name == "batch")
+    assert not batch.patchable and "pickles the features again from the entry rank" in batch.note
+
+
 def test_commit_and_async_are_never_recommended_even_when_fastest():
     run = video_run()
     run.strategies["async"] = strategy("async", [6.0, 6.1, 5.9], run.strategies["commit"].ranks)

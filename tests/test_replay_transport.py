@@ -144,3 +144,65 @@ def test_skip_hash_draws_instead_of_hashing_and_refuses_per_rank_strategies(tmp_
         assert a["tokenizer_ms"].get("tokenizer_hash", 0) < b["tokenizer_ms"]["tokenizer_hash"] / 10
     r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "revert", "--skip-hash", "-q", timeout=60)
     assert r.returncode == 2 and "every rank draw its own hash" in r.stderr
+
+
+def _tag_release(trace: str, version: str) -> str:
+    """The trace as if recorded from a server running SGLang `version` (header source)."""
+    with open(trace) as f:
+        lines = f.readlines()
+    head = json.loads(lines[0])
+    head["source"]["sglang_version"] = version
+    out = trace.replace(".jsonl", f"-{version}.jsonl")
+    with open(out, "w") as f:
+        f.writelines([json.dumps(head) + "\n", *lines[1:]])
+    return out
+
+
+def test_the_release_decides_whether_ranks_copy_out_of_the_segment(tmp_path):
+    """0.5.10 .. 0.5.20 clone every feature out of its segment on every rank; 0.5.21+ keep the
+    copy-on-write map: the replay's shm transport follows the trace's release (real deliver in a
+    one-rank gloo group: a clone owns resizable storage, a map of the segment does not)."""
+    import socket
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from mmdiag.mmpath import transport as T
+    from mmdiag.mmpath.timers import PhaseTimers
+
+    assert T.shm_clones("0.5.12.post1") and T.shm_clones("0.5.20") and not T.shm_clones("0.5.21")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        s = SimpleNamespace(timers=PhaseTimers(0), cpu_group=dist.group.WORLD, is_entry_rank=True)
+        owned = {}
+        for version in ("0.5.12.post1", "0.5.21"):
+            tr = T.make("shm", f"mmdiag-test-{os.getpid()}-", clone=T.shm_clones(version))
+            feature = torch.arange(4096, dtype=torch.float32).reshape(8, 512)
+            req = SimpleNamespace(mm_inputs={"mm_items": [SimpleNamespace(feature=feature.clone())]})
+            tr.encode(s, req.mm_inputs)
+            assert isinstance(req.mm_inputs["mm_items"][0].feature, shm.ShmHandle)
+            tr.deliver(s, [req])
+            got = req.mm_inputs["mm_items"][0].feature
+            assert torch.equal(got, feature)
+            owned[version] = got.untyped_storage().resizable()
+            tr.close()
+        assert owned == {"0.5.12.post1": True, "0.5.21": False}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_replay_config_carries_the_clone_of_the_trace_release(tmp_path):
+    trace = make_trace(tmp_path / "t.jsonl", n=8, rows=32)
+    for version, clone in (("0.5.12.post1", "clone"), ("0.5.21", None)):
+        run = replay(_tag_release(trace, version), ReplayOptions(tp=2, strategies=["revert"], timeout=120))
+        assert run.config.transport == "shm" and run.config.shm_map == clone, version
+        assert run.strategies["revert"].ranks_agree is True
+        assert all(r.phases_ms["shm_map"] > 0 for r in run.strategies["revert"].ranks)
+    # asked for: the other way round
+    run = replay(_tag_release(trace, "0.5.21"), ReplayOptions(tp=2, strategies=["revert"], shm_map="clone"))
+    assert run.config.shm_map == "clone"

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from ..run import Run, StrategyResult
 
 # Replay settings that change what a strategy measures.
-SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash")
+SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash", "hash",
+            "segments", "shm_map")
 # A strategy's own settings, in config.strategies.<name>: what its measurement depends on.
 STRATEGY_SETTINGS = {"cond": ("threshold", "bytes")}
 # What makes two traces the same workload (the file may have moved).
@@ -48,7 +49,7 @@ def _differs(ref: Run, run: Run) -> str | None:
     if run.host.get("hostname") != ref.host.get("hostname"):
         return f"measured on host {run.host.get('hostname')!r}, not {ref.host.get('hostname')!r}"
     for k in SETTINGS:
-        mine, theirs = getattr(run.config, k), getattr(ref.config, k)
+        mine, theirs = run.config.setting(k), ref.config.setting(k)
         if mine != theirs:
             return f"replayed with another {k} ({mine!r}, not {theirs!r})"
     return None

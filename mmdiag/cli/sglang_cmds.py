@@ -22,7 +22,8 @@ SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (d
               help="a running server's PID (or one of its scheduler processes): its effective settings")
 @json_switch("the detection")
 @output_option("Detection", "doctor", "write the detection")
-def doctor_command(sglang_path, pid, as_json, output):
+@o.launch_options("without --pid")
+def doctor_command(sglang_path, pid, as_json, output, launch):
     """Find SGLang and report its multimodal path variant and any mmdiag patch.
     With --pid: the running server's release, TP/DP sizes, broadcast flag,
     SGLANG_MM_PRECOMPUTE_HASH, feature transport, and whether a patch on disk is
@@ -30,12 +31,15 @@ def doctor_command(sglang_path, pid, as_json, output):
     if pid is not None:
         if output:
             raise MmdiagError("-o goes with doctor without --pid; use --json and redirect")
+        if launch is not None:
+            raise MmdiagError("--pid reads the launch settings from the server's command line and environment",
+                              fix="leave out --dist-init-addr, --skip-tokenizer-init, --nnodes and --rust-server")
         srv = api.doctor_server(pid, sglang_path)
         click.echo(out.render(srv.to_dict(), "json") if as_json else out.render(srv, "text"), nl=False)
         return
     if output:
         out.check_output(output, "Detection", "-o")
-    det = api.doctor(sglang_path)
+    det = api.doctor(sglang_path, launch)
     if output:
         out.write(det, output, what="-o")
     show(det, as_json)

@@ -38,6 +38,9 @@ def fact_rows(det) -> list[tuple[str, str]]:
         rows.append(("SGLANG_MM_PRECOMPUTE_HASH", "absent (every rank hashes; `mmdiag apply precompute` patches it in)"))
     rows.append(("feature transport", f"{f.transport}: {f.transport_detail}"
                  + (f" ({f.transport_at})" if f.transport_at else "")))
+    if det.launch:
+        rows.append(("with this launch", f"feature transport {det.launch['transport']} ({det.launch['why']})"
+                     + (f"; hashing: {det.launch['hashing']}" if det.launch["hashing"] else "")))
     cuda = []
     if f.feature_transport_option:
         cuda.append(f"--mm-feature-transport {{{','.join(f.feature_transport_option)}}} ({f.feature_transport_at})")

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import astutil
 from .errors import UnknownLayout
-from .facts import facts, file_rel, layouts, release, variants
+from .facts import effective_transport, facts, file_rel, layouts, release, rust_hashes, variants
 from .locate import SGLangInstall
 from .probes import ReleaseFacts, match_family, probe
 
@@ -41,6 +41,8 @@ class Detection:
     flag: dict[str, Any] | None  # where --enable-broadcast-mm-inputs-process is defined
     facts: ReleaseFacts = field(default_factory=ReleaseFacts)
     notes: list[str] = field(default_factory=list)
+    # With launch settings given (doctor's options): {"launch", "transport", "why", "hashing"}.
+    launch: dict[str, Any] | None = None
 
     @property
     def family(self) -> str | None:
@@ -215,3 +217,16 @@ def detect(install: SGLangInstall) -> Detection:
                      "mmdiag or its state folder was removed; undo is not possible automatically")
     return Detection(install, vname, summary, len(lines), markers, methods, mm_call, lay,
                      patched, patch_markers, manifest, rel, flag, rf, notes)
+
+
+def with_launch(det: Detection, launch) -> Detection:
+    """`det` with what a launch (facts.Launch; None: none given) makes of the release: its
+    effective transport and, where SGLANG_RUST_SERVER takes images, who hashes."""
+    if launch is None:
+        return det
+    version = det.install.version
+    tr, why = effective_transport(version, det.facts.transport, launch)
+    hashing = (f"the Rust front end's workers ({facts()['rust_server']['env']}=1): items arrive hashed"
+               if rust_hashes(version, launch) else None)
+    det.launch = {"launch": asdict(launch), "transport": tr, "why": why, "hashing": hashing}
+    return det
