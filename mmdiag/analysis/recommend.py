@@ -29,7 +29,7 @@ from .. import units
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from ..strategies import REGISTRY as STRATEGY_REGISTRY
-from ..vocab import STRATEGIES
+from ..vocab import STRATEGIES, TRANSPORT_SHM
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
@@ -224,7 +224,7 @@ _RESEND_NOTE = ("replayed on the shared-memory transport: its broadcast pickles 
 def _resends_on_shm(run: Run, name: str) -> bool:
     """A strategy whose collective pickles the features again (Strategy.resends_features), replayed
     where they reach every rank by shared memory: never the patch to apply there."""
-    return _transport_of(run, name) == "shm" and STRATEGY_REGISTRY[name].resends_features
+    return _transport_of(run, name) == TRANSPORT_SHM and STRATEGY_REGISTRY[name].resends_features
 
 
 def _cost_reason(model: CostModel) -> str | None:

@@ -32,7 +32,7 @@ from ..run import SGLangConfig
 from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, shm_clones, since
 from ..trace import scan
 from ..units import MB
-from ..vocab import REPLAY_RANK_TITLE
+from ..vocab import REPLAY_RANK_TITLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -150,7 +150,7 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
     # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
     transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o.segments, 2 * int(o.max_recv_mb * MB),
-                                   clone=plan.transport == "shm" and plan.shm_map == "clone")
+                                   clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],
@@ -248,7 +248,7 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     cfg = run.config
     cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
     # None like a Run from before the option (they all mapped copy-on-write): merges with them
-    cfg.shm_map = "clone" if plan.transport == "shm" and plan.shm_map == "clone" else None
+    cfg.shm_map = "clone" if plan.transport == TRANSPORT_SHM and plan.shm_map == "clone" else None
     cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
     cfg.hash, cfg.segments = job.options.hash, job.options.segments
     if plan.installed is not None:

@@ -158,12 +158,12 @@ def pickle_reasons(version: str | None, launch: Launch) -> list[str]:
 def effective_transport(version: str | None, code_transport: str, launch: Launch) -> tuple[str, str]:
     """(transport, why): the code's transport (probed, or the release's default), unless the
     launch turns a shared-memory release back to pickling features."""
-    if code_transport != "shm":
+    if code_transport != TRANSPORT_SHM:
         return code_transport, "the release's CPU transport"
     why = pickle_reasons(version, launch)
     if why:
-        return "pickle", "shared-memory release, pickled because of " + "; ".join(why)
-    return "shm", "the release's CPU transport"
+        return TRANSPORT_PICKLE, "shared-memory release, pickled because of " + "; ".join(why)
+    return TRANSPORT_SHM, "the release's CPU transport"
 
 
 def rust_hashes(version: str | None, launch: Launch) -> bool:
