@@ -84,7 +84,7 @@ def trace_info(path: str) -> dict[str, Any]:
     header, st = scan(path)
     return {"schema": header.schema, "source": header.source, "arrival": header.arrival,
             "model": header.model.get("name"), "requests": st.requests, "mm_requests": st.mm_requests,
-            "items": st.items, "modalities": st.modalities, "mm_gb": round(st.mm_bytes / 1e9, 3),
+            "items": st.items, "modalities": st.modalities, "mm_mb": round(mb(st.mm_bytes), 1),
             "max_request_mb": round(mb(st.max_request_bytes), 1), "span_s": st.duration_s}
 
 
@@ -190,10 +190,14 @@ def default_run_path(what: str) -> str:
 
 def demo(profile: str | None = None, n: int | None = None, *, log: Log = _quiet,
          progress: Progress | None = None, **options: Any) -> Run:
-    """Synthesize a workload profile (default: the default one; [quick] requests unless `n`)
-    and replay it."""
+    """Synthesize a workload profile (default: the default one; [demo] requests unless `n`)
+    and replay it ([demo] repeats unless `repeat`: the table shows each strategy's noise)."""
+    from .workloads import defaults
+    demo_cfg = defaults().get("demo", {})
     profile = profile or default_profile()
-    n = n or quick().get("requests")   # about a minute on 2 cores, not five
+    n = n or demo_cfg.get("requests") or quick().get("requests")   # minutes on 2 cores, not ten
+    if options.get("repeat") is None:
+        options["repeat"] = int(demo_cfg.get("repeat", 1))
     with tempfile.TemporaryDirectory(prefix="mmdiag-demo-") as tmp:
         path = os.path.join(tmp, "trace.jsonl")
         count, _ = synth_trace(path, profile, n)

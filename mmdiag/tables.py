@@ -13,18 +13,19 @@ PROFILES_DIR = Path(os.environ.get("MMDIAG_PROFILES", Path(__file__).resolve().p
 
 
 def load_table(path: str | os.PathLike, what: str = "file", *, error: type[MmdiagError] = ProfileError,
-               invalid: str = "invalid TOML", fix: str | None = None) -> dict[str, Any]:
+               invalid: str = "invalid TOML", fix: str | None = None, missing_fix: str | None = None,
+               folder_fix: str | None = None) -> dict[str, Any]:
     """The one TOML reader: a file mmdiag reads (profiles/, criteria, rules, variants.toml)
-    as a dict, or `error` in one line: "no such {what}", "is a directory, not a {what}",
-    "cannot read (...)", "{invalid} (...)" (with `fix`, where the file's format is told)."""
+    as a dict, or `error` in one line: "no such {what}" (`missing_fix`), "is a directory, not
+    a {what}" (`folder_fix`), "cannot read (...)", "{invalid} (...)" (`fix`: the file's format)."""
     where = str(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise error(f"no such {what}", where=where) from None
+        raise error(f"no such {what}", where=where, fix=missing_fix) from None
     except IsADirectoryError:
-        raise error(f"is a directory, not a {what}", where=where) from None
+        raise error(f"is a directory, not a {what}", where=where, fix=folder_fix) from None
     except OSError as e:
         raise error(f"cannot read ({e.strerror})", where=where) from None
     try:

@@ -18,6 +18,9 @@ TOP_SCREEN = ("live/top.py draws its own screen (view functions, and the curses 
               "render/top.py, left while issue 22's live/ work edits the same file")
 MUTUAL_OK: dict[tuple[str, str], str] = {
     ("live", "render"): TOP_SCREEN,   # render -> live (stats.pm, server.settings_lines) runs down
+    # analysis -> replay runs down; replay -> analysis is UP_OK's cond fit below.
+    ("analysis", "replay"): "recommend spells the `mmdiag replay` that pools with a Run from ReplayOptions' flag "
+                            "table (replay/options.py); the replay's rank 0 fits the cost model for cond",
 }
 # Package arrows that still run up the floors, and why.
 UP_OK: dict[tuple[str, str], str] = {

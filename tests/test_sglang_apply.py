@@ -430,3 +430,30 @@ def test_resending_strategies_refused_on_shared_memory_releases(strategy, tmp_pa
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
     assert f"`{strategy}` does not apply" in r.output and "pickle them again from the entry rank" in r.output
     assert "use `precompute`" in r.output and tree_bytes(pkg) == before
+
+
+def test_undo_hints_work_as_printed_for_an_install_named_by_path(tmp_path):
+    """Issue 20.3: an install named with --sglang PATH gets undo hints that name it again (doctor,
+    apply's own lines, the refusal of a second strategy), and the printed command, run as printed,
+    restores it; "already applied" is said once."""
+    import shlex
+    pkg = site_packages("0.5.9", tmp_path)
+    before = tree_bytes(pkg)
+    hint = f"mmdiag apply --undo --sglang {shlex.quote(str(pkg))}"
+    r = run("batch", "--sglang", pkg, "--yes")
+    assert r.exit_code == 0 and r.output.rstrip().endswith(f"undo: {hint}"), r.output
+    again = run("batch", "--sglang", pkg, "--yes")
+    assert again.exit_code == 0 and again.output.count("already applied") == 1, again.output
+    assert f"(undo: {hint})" in again.output
+    other = run("dict", "--sglang", pkg, "--yes")
+    assert other.exit_code != 0 and f"run `{hint}` first" in other.output, other.output
+    doc = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
+    printed = re.search(r"undo: (mmdiag apply --undo[^)]*)\)", doc.output).group(1)
+    assert printed == hint
+    argv = shlex.split(printed)[2:] + ["--yes"]     # as printed, less the program name
+    u = run(*argv)
+    assert u.exit_code == 0 and "undone `batch`" in u.output, u.output
+    assert tree_bytes(pkg) == before
+    # an install found through the interpreter needs no path
+    from dataclasses import replace
+    assert replace(locate(str(pkg)), found_by="interpreter").undo_command == "mmdiag apply --undo"

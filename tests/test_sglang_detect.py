@@ -209,6 +209,21 @@ def test_unknown_layout_reports_markers(tmp_path):
     assert r.exit_code == 1 and "unknown" in r.output
 
 
+def test_a_renamed_method_is_reported_under_its_own_name(tmp_path):
+    """Issue 20 (also seen): `_process_and_broadcast_mm_inputs_v2` is no
+    `_process_and_broadcast_mm_inputs`: the unknown layout's note names what the code spells."""
+    pkg = site_packages("0.5.6.post2", tmp_path)
+    sched = pkg / "srt/managers/scheduler.py"
+    text = sched.read_text()
+    assert "_process_and_broadcast_mm_inputs(" in text
+    sched.write_text(text.replace("_process_and_broadcast_mm_inputs(", "_process_and_broadcast_mm_inputs_v2("))
+    det = detect(locate(str(pkg)))
+    assert det.variant is None and "markers found" in det.notes[0]
+    assert "_process_and_broadcast_mm_inputs_v2 (line" in det.notes[0]
+    assert "_process_and_broadcast_mm_inputs (line" not in det.notes[0], det.notes[0]
+    assert set(det.markers) >= {"_process_and_broadcast_mm_inputs_v2", "broadcast_object_list"}
+
+
 def test_sglang_folder_without_scheduler(tmp_path):
     pkg = tmp_path / "sglang"
     pkg.mkdir()

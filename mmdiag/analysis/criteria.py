@@ -62,7 +62,10 @@ class Criterion:
 def load_criteria(path: str | os.PathLike | None = None) -> list[Criterion]:
     p = Path(path) if path else DEFAULT_FILE
     where = str(p)
-    return parse_criteria(load_table(p, "criteria file"), where=where)
+    return parse_criteria(load_table(p, "criteria file",
+                                     missing_fix="check the path (the bundled file: profiles/criteria/default.toml)",
+                                     folder_fix="give a .toml criteria file (the bundled one: "
+                                                "profiles/criteria/default.toml)"), where=where)
 
 
 def parse_criteria(data: dict[str, Any], *, where: str = "<criteria>") -> list[Criterion]:

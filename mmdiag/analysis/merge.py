@@ -9,6 +9,7 @@ with the reason, and the merged Run describes each strategy as it was measured.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field, replace
 
 from ..run import Run, StrategyResult
@@ -66,13 +67,17 @@ def _setting(run: Run, name: str):
 
 
 def pool(results: list[StrategyResult]) -> StrategyResult:
-    """One strategy replayed in several Runs: every repeat counts; the Run whose own
-    (median) throughput is the median stands for the per-rank figures."""
+    """One strategy replayed in several Runs: every repeat counts, and the throughput is the
+    pooled repeats' median (as one Run's is its own repeats': replay.assemble.merge_repeats), so
+    the figure shown is the one the verdict ranks, not one Run's; the Run whose own throughput
+    is the median stands for the per-rank figures."""
     if len(results) == 1:
         return results[0]
     rep = sorted(results, key=lambda s: s.throughput_rps if s.throughput_rps is not None else 0.0)[len(results) // 2]
     agree = [s.ranks_agree for s in results]
-    return replace(rep, repeats_rps=_finite(x for s in results for x in (s.repeats_rps or [s.throughput_rps])),
+    repeats = _finite(x for s in results for x in (s.repeats_rps or [s.throughput_rps]))
+    return replace(rep, repeats_rps=repeats, throughput_rps=statistics.median(repeats) if repeats
+                   else rep.throughput_rps,
                    repeats_p99_ms=_finite(x for s in results for x in s.repeats_p99_ms),
                    ranks_agree=None if None in agree else all(agree))
 

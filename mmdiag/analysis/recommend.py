@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +306,8 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.reasons.append("the Runs have no strategy with a measured throughput")
         rec.measure_next.append("replay with --strategy all")
         return rec
+    if baseline_name != BASELINE:
+        return _without_baseline(rec, run, rules)
     base = run.strategies[baseline_name]
     dx = diagnose(base.ranks, rules) if base.ranks else None
     share = dx.mm_share_pct if dx else math.nan
@@ -353,6 +355,48 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
             "arrival", {}).get("mode") == "closed":
         rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
                          "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
+    return rec
+
+
+def _replay_command(run: Run, strategies: list[str], output: str) -> str:
+    """The `mmdiag replay` that measures `strategies` as `run` was measured (its trace, rank count
+    and every setting merge_replays compares), so its Run pools with this one."""
+    from ..replay.options import ReplayOptions, option_flag
+    from .merge import SETTINGS
+    flags = {f.name: option_flag(f) for f in fields(ReplayOptions) if f.metadata["cli"]}
+    cmd = [f"mmdiag replay {run.trace.get('path') or 'TRACE'} --tp {run.tp}"]
+    cmd += [f"--strategy {n}" for n in strategies]
+    for k in SETTINGS:
+        v, default = getattr(run.config, k), getattr(ReplayOptions, k, None)
+        if k not in flags or v is None or v == default or (k == "impl" and v == "mmdiag"):
+            continue
+        cmd.append(flags[k] if v is True else f"{flags[k]} {v:g}" if isinstance(v, float) else f"{flags[k]} {v}")
+    if run.config.sglang is not None and getattr(run.config.sglang, "path", None):
+        cmd.append(f"--sglang {run.config.sglang.path}")
+    return " ".join(cmd + ["--repeat 2", f"-o {output}"])
+
+
+def _without_baseline(rec: Recommendation, run: Run, rules: dict[str, Any]) -> Recommendation:
+    """No `commit` in the Runs: no patch is shown faster than the current path, so none is named;
+    the answer is what to replay (a Run of the same trace and settings merges with these)."""
+    options, _ = _options(run, None, rules)
+    rec.baseline = BASELINE
+    rec.recommended, rec.confidence, rec.chosen = None, INSUFFICIENT, None
+    rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
+    cands = [n for n in rules["candidates"]["order"] if n in options]
+    if cands:
+        rec.leading = max(cands, key=lambda n: options[n].expected_rps or 0.0)
+        lead = options[rec.leading]
+        rec.reasons.insert(0, f"insufficient evidence: `{rec.leading}` leads at {_f(lead.expected_rps)} req/s, but "
+                              f"`{BASELINE}` (the current path) was not replayed, so no patch is shown faster than "
+                              "it: keep the current path until it is")
+    else:
+        rec.reasons.insert(0, f"insufficient evidence: neither `{BASELINE}` (the current path) nor a patch was "
+                              "replayed: keep the current path")
+    missing = [] if cands else [n for n in rules["candidates"]["order"]]
+    rec.measure_next.insert(0, f"replay the baseline: {_replay_command(run, [BASELINE, *missing], 'commit.json')}, "
+                               f"then mmdiag recommend {run.path or 'RUN.json'} commit.json (Runs of one trace and "
+                               "settings merge)")
     return rec
 
 

@@ -49,8 +49,8 @@ def doctor_command(sglang_path, pid, as_json, output, launch):
 
 _STATUS = {
     "dry-run": "dry run: nothing was written",
-    "applied": "applied `{strategy}` to {files}; manifest {manifest}",
-    "already-applied": "`{strategy}` already applied: nothing to do",
+    "applied": "applied `{strategy}` to {files}; manifest {manifest}; undo: {undo}",
+    "already-applied": "`{strategy}` already applied: nothing to do (undo: {undo})",
     "nothing-to-do": "nothing to patch",
     "undone": "undone `{strategy}`: original bytes restored",
     "declined": "declined: nothing was written",
@@ -107,7 +107,7 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
                              repeat=repeat, threshold=threshold, confirm=_confirm(yes), progress=bar,
                              log=lambda s: click.echo(s, err=True))
         show_report(res.report, output, False,
-                    failed_note="; the patch stays applied (mmdiag apply --undo restores)")
+                    failed_note=f"; the patch stays applied ({res.applied.undo or 'mmdiag apply --undo'} restores)")
         return
     if undo:
         if threshold is not None:
@@ -119,6 +119,7 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
         click.echo(res.diff, nl=False)
     for n in res.notes:
         click.echo(f"note: {n}")
-    click.echo(_STATUS[res.status].format(strategy=res.strategy, files=", ".join(res.files), manifest=res.manifest))
+    click.echo(_STATUS[res.status].format(strategy=res.strategy, files=", ".join(res.files), manifest=res.manifest,
+                                          undo=res.undo))
     if res.status == "declined":
         raise click.exceptions.Exit(1)

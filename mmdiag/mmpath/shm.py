@@ -6,8 +6,10 @@ full /dev/shm is an ENOSPC here and not a SIGBUS on first touch later; if it can
 the feature stays inline (pickled in the recv broadcast). The recv broadcast carries
 a `ShmHandle`. Every rank opens the segment, and once all have, maps it
 copy-on-write (mmap ACCESS_COPY: no copy of the bytes) and the entry rank unlinks it.
-Segment names start with a per-replay prefix, so whatever a killed rank left is
-swept by the launcher. mmdiag's own code, not SGLang's.
+Segment names start with a per-replay prefix that names the owning process (its PID,
+start time and PID namespace: owner_prefix), so whatever a killed replay left is
+reclaimed as soon as its owner is gone (sweep_dead_owners), never while it runs.
+mmdiag's own code, not SGLang's.
 """
 from __future__ import annotations
 
@@ -245,3 +247,71 @@ class SegmentPool:
     def stats(self) -> dict[str, int]:
         return {"pool_created": self.created, "pool_reused": self.reused, "pool_overflow": self.overflow,
                 "pool_peak_bytes": self.peak}
+
+
+# --- owners: who made a segment, and whether it is gone -------------------------------
+
+PREFIX = "mmdiag-"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of `pid` from /proc, None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()   # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[19])
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def owner_prefix(tag: str | int, pid: int | None = None) -> str:
+    """`mmdiag-PID-START-PIDNS-TAG-`: the PID alone could be reused, and a /dev/shm shared with
+    another PID namespace holds PIDs this one cannot judge; with all three, `owner_gone` knows."""
+    pid = pid or os.getpid()
+    st = _proc_stat(pid)
+    return f"{PREFIX}{pid}-{st[1] if st else 0}-{_pid_namespace()}-{tag}-"
+
+
+def owner_of(name: str) -> tuple[int, int, int] | None:
+    """(pid, start ticks, PID namespace) of a name `owner_prefix` made; None for any other name."""
+    parts = name.split("-")
+    if len(parts) < 5 or parts[0] + "-" != PREFIX or not all(p.isdigit() for p in parts[1:4]):
+        return None
+    return int(parts[1]), int(parts[2]), int(parts[3])
+
+
+def owner_gone(name: str) -> bool | None:
+    """True when the process that made `name` has certainly exited (no such PID, a zombie, or the
+    PID reused by a later process); False while it runs; None when this process cannot tell
+    (another PID namespace, an older name without an owner, no /proc)."""
+    owner = owner_of(name)
+    ns = _pid_namespace()
+    if owner is None or not ns or owner[2] != ns:
+        return None
+    pid, start, _ = owner
+    st = _proc_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return True
+    return (st[1] != start) if start else None
+
+
+def sweep_dead_owners() -> int:
+    """Remove every mmdiag segment whose owner is certainly gone (a SIGKILLed replay's), at once;
+    a running replay's, and any whose owner cannot be judged, stay. Returns how many."""
+    n = 0
+    judged: dict[str, bool | None] = {}
+    for path in glob.glob(os.path.join(shm_dir(), PREFIX + "*")):
+        name = os.path.basename(path)
+        key = "-".join(name.split("-")[:4])
+        if judged.setdefault(key, owner_gone(name)) is True:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                n += 1
+    return n

@@ -67,7 +67,7 @@ def doctor_text(det) -> str:
     if det.manifest:
         m = det.manifest
         rows.append(("mmdiag patch", f"{m['strategy']} ({m.get('status')}, {m.get('created')}; "
-                                     f"files: {', '.join(m['files'])}; undo: mmdiag apply --undo)"))
+                                     f"files: {', '.join(m['files'])}; undo: {i.undo_command})"))
     elif det.patch_markers:
         rows.append(("mmdiag patch", f"markers {det.patch_markers} but no manifest"))
     else:

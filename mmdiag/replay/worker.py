@@ -138,7 +138,7 @@ class _Plan:
         # no release known, mapped). mmdiag's `shm` patch on a pickling release always maps.
         self.shm_map = o.shm_map or ("clone" if version is not None and shm_clones(version) else "cow")
         port = os.environ.get("MASTER_PORT", "0")
-        self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
+        self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
     def transport_of(self, strategy) -> str:
         return strategy.transport or self.transport

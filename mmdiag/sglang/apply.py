@@ -52,6 +52,7 @@ class ApplyResult:
     notes: list[str] = field(default_factory=list)
     manifest: str | None = None
     settings: dict = field(default_factory=dict)  # {"env": {VAR: value}, "flags": {option: on?}}
+    undo: str | None = None   # applied, already applied: the command that restores (SGLangInstall.undo_command)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -263,12 +264,11 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
             raise _changed_error(install, manifest, states, "apply")
         if manifest["strategy"] == strategy and all(s == "after" for _, s in states):
             return ApplyResult(strategy, "already-applied", manifest.get("variant"),
-                               files=list(manifest["files"]),
-                               notes=[f"`{strategy}` is already applied: nothing to do"],
-                               manifest=str(_manifest_path(install)))
+                               files=list(manifest["files"]), manifest=str(_manifest_path(install)),
+                               undo=install.undo_command)
         raise AlreadyPatched(f"mmdiag strategy `{manifest['strategy']}` is applied to this install",
                              where=str(install.package_dir),
-                             fix="run `mmdiag apply --undo` first")
+                             fix=f"run `{install.undo_command}` first")
     if det.patch_markers:
         raise UnknownLayout("mmdiag patch markers found but no manifest", where=str(install.package_dir),
                             fix="reinstall SGLang (or git checkout the files); nothing was changed")
@@ -288,7 +288,8 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
 
     mpath = _write_patch(install, strategy, det, p)
-    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings)
+    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings,
+                       undo=install.undo_command)
 
 
 
@@ -352,7 +353,7 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Pa
                     f"writing the patched {file_rel(current)} failed{why}, and restoring {rels} failed too: "
                     "the install is partly patched", where=str(install.path(not_restored[0])),
                     fix=f"the backups and manifest are kept in {state_dir_of(install)}; "
-                    "run `mmdiag apply --undo` to restore the original bytes") from None
+                    f"run `{install.undo_command}` to restore the original bytes") from None
             _cleanup_state(install)
             if isinstance(e, OSError):
                 raise _oserror(e, install.path(current), "writing the patched file") from None
@@ -362,7 +363,7 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Pa
             write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
         except OSError as e:
             raise SGLangError(f"the patch was written but its manifest could not be updated ({e.strerror or e})",
-                              where=str(mpath), fix="`mmdiag apply --undo` still restores the original bytes") from None
+                              where=str(mpath), fix=f"`{install.undo_command}` still restores the original bytes") from None
     return mpath
 
 

@@ -138,6 +138,20 @@ def _match_variant(methods: dict[str, Any], rf: ReleaseFacts, patched: bool):
     return None
 
 
+def _find_markers(lines: list[str], names: list[str]) -> dict[str, list[int]]:
+    """marker -> lines, under the name the code really spells: a marker that starts a longer
+    identifier (`_process_and_broadcast_mm_inputs_v2`, a renamed method) is reported as that
+    identifier, never under the marker's own name."""
+    found: dict[str, list[int]] = {}
+    for m in names:
+        pat = re.compile(("(?<!\\w)" if m[0].isidentifier() else "") + re.escape(m)
+                         + ("\\w*" if (m[-1].isalnum() or m[-1] == "_") else ""))
+        for i, line in enumerate(lines, 1):
+            for name in dict.fromkeys(pat.findall(line)):
+                found.setdefault(name, []).append(i)
+    return found
+
+
 def detect(install: SGLangInstall) -> Detection:
     text = _read(install, "scheduler")
     if text is None:
@@ -149,11 +163,7 @@ def detect(install: SGLangInstall) -> Detection:
                             where=str(install.path("scheduler")),
                             fix="restore the file (pip install --force-reinstall, git checkout)") from None
     lines = text.splitlines()
-    markers = {
-        m: [i for i, line in enumerate(lines, 1) if m in line]
-        for m in facts()["markers"]["scheduler_text"]
-    }
-    markers = {k: v for k, v in markers.items() if v}
+    markers = _find_markers(lines, facts()["markers"]["scheduler_text"])
     interesting = ("_process_and_broadcast_mm_inputs", "_get_multimodal_inputs",
                    "process_input_requests", "_mmdiag_orig_process_input_requests",
                    "handle_generate_request", "_handle_generate_request", "abort_request")
