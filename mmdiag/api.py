@@ -132,36 +132,41 @@ def replay_options(**kw: Any):
 def replay(trace: str, *, progress: Progress | None = None, threshold: str | None = None, **options: Any) -> Run:
     """Replay `trace` through real rank processes; `options` are ReplayOptions fields
     (tp, strategies, repeat, timeout, timeline, impl, sglang_path, ...); `threshold`: cond's
-    (bytes, 'never' or a Run file: mmdiag.analysis.threshold)."""
+    (bytes, 'never' or a Run file: mmdiag.strategies.cond_threshold)."""
     from .replay import replay as run_replay
 
     opts = replay_options(**options)
     if threshold is not None:
         _with_threshold(opts, threshold)
+    timelines = None
     if opts.timeline:
+        from .render.timeline import combine_timeline
         check_writable(opts.timeline, "--timeline")
-    return run_replay(trace, opts, progress=progress)
+        timelines = lambda files: combine_timeline(files, opts.timeline)  # noqa: E731
+    return run_replay(trace, opts, progress=progress, timelines=timelines)
 
 
 def _with_threshold(opts, threshold: str) -> None:
     """--threshold: checked here, before any rank starts, and handed to rank 0 resolved."""
     import json
 
-    from .analysis import threshold as T
+    from .analysis.costmodel import fit
+    from .strategies import cond_threshold as T
     if "cond" not in opts.strategies:
         raise MmdiagError("--threshold sets the `cond` strategy's threshold, and cond is not replayed",
                           fix="add --strategy cond (or leave --threshold out)")
-    opts.extra_env = {**opts.extra_env, T.OPTION_ENV: json.dumps(T.from_option(threshold).to_dict())}
+    opts.extra_env = {**opts.extra_env, T.OPTION_ENV: json.dumps(T.from_option(threshold, fit).to_dict())}
 
 
 def _cond_threshold(strategy: str, threshold: str | None):
-    """The threshold `apply cond` bakes in (mmdiag.analysis.threshold.for_patch)."""
-    from .analysis import threshold as T
+    """The threshold `apply cond` bakes in (mmdiag.strategies.cond_threshold.for_patch)."""
+    from .analysis.costmodel import fit
+    from .strategies import cond_threshold as T
     if strategy != "cond":
         if threshold is not None:
             raise MmdiagError(f"--threshold is `cond`'s option, not `{strategy}`'s", fix="leave --threshold out")
         return T.given(None)
-    return T.given(T.for_patch(quick().get("runs_dir", "mmdiag-runs"), threshold))
+    return T.given(T.for_patch(quick().get("runs_dir", "mmdiag-runs"), threshold, fit))
 
 
 def quick() -> dict[str, Any]:
@@ -172,7 +177,7 @@ def quick() -> dict[str, Any]:
 
 def default_run_path(what: str) -> str:
     """Where a command keeps a Run nobody asked to save: [quick] runs_dir/<what>-<time>.json."""
-    from .analysis.adaptive import default_path
+    from .workflows.adaptive import default_path
 
     path = default_path(quick().get("runs_dir", "mmdiag-runs"), what)
     try:
@@ -203,9 +208,9 @@ def demo(profile: str | None = None, n: int | None = None, *, log: Log = _quiet,
 def replay_default(tp: int | None = None, repeat: int | None = None, n: int | None = None,
                    profile: str | None = None, *, save: str | None = None, log: Log = _quiet) -> Run:
     """What `recommend` does with no Runs: replay the bundled default workload until the answer
-    is decided (mmdiag.analysis.adaptive; `repeat`: exactly that many repeats instead), keep the
+    is decided (mmdiag.workflows.adaptive; `repeat`: exactly that many repeats instead), keep the
     Run at `save` (default: default_run_path) and return it (its `path` says where)."""
-    from .analysis.adaptive import recommend_default
+    from .workflows.adaptive import recommend_default
 
     res, _ = recommend_default(tp=tp, n=n, profile=profile, repeat=repeat, save=save, log=log)
     return res.run
@@ -220,8 +225,13 @@ def profile(pid: int, duration: float | None = None, rate: int | None = None, *,
     from .live.profile import DEFAULT_DURATION_S, DEFAULT_RATE_HZ
     from .live.profile import profile as live_profile
 
-    if kw.get("speedscope"):
-        check_writable(kw["speedscope"], "--speedscope")
+    speedscope = kw.pop("speedscope", None)
+    if speedscope:
+        from . import render
+        from .render.speedscope import SampledStacks
+        check_writable(speedscope, "--speedscope")
+        kw["on_stacks"] = lambda stacks: render.write(SampledStacks(stacks), speedscope, "speedscope",
+                                                      what="--speedscope")
     return live_profile(pid, DEFAULT_DURATION_S if duration is None else duration, rate or DEFAULT_RATE_HZ,
                         log=log, **kw)
 
@@ -287,7 +297,7 @@ def verify(strategy: str, *, sglang_path: str | None = None, trace: str | None =
            log: Log = _quiet, threshold: str | None = None, **kw: Any):
     """Replay the installed SGLang, apply `strategy`, replay again, judge (a VerifyResult).
     `kw`: criteria, output, repeat, timeout, enable_broadcast_flag, keep_runs, confirm, progress."""
-    from .analysis.verify import verify as _verify
+    from .workflows.verify import verify as _verify
 
     tp = tp if tp is not None else default_tp()
     with _cond_threshold(strategy, threshold), tempfile.TemporaryDirectory(prefix="mmdiag-verify-") as tmp:
@@ -309,8 +319,8 @@ def doctor(sglang_path: str | None = None, launch=None):
 
 
 def doctor_server(pid: int, sglang_path: str | None = None):
-    """The running server's effective settings (mmdiag.sglang.server.ServerSettings)."""
-    from .sglang.server import read_server
+    """The running server's effective settings (mmdiag.live.server.ServerSettings)."""
+    from .live.server import read_server
     return read_server(pid, sglang_path)
 
 

@@ -2,6 +2,10 @@
 `doctor` or `report` never pay torch's second of start-up (issue 8).
 
     torch = lazy_module("torch")          # a stand-in; torch.tensor(...) imports torch then
+
+Not importlib.util.LazyLoader: finding the spec of "torch.distributed" imports torch (the
+parent package) at once, and the stand-in it puts in sys.modules makes "is torch loaded?"
+(the --help test's check) answer yes before anything is loaded.
 """
 from __future__ import annotations
 

@@ -50,7 +50,9 @@ STAGE_PHASES = {"tokenizer": TOKENIZER_PHASES + ("other", "idle"), "scheduler": 
 #   pickle  inside the recv broadcast (broadcast_pyobj pickles every request), SGLang <= 0.5.9
 #   shm     written once into a POSIX shared segment by the tokenizer; the recv broadcast
 #           carries a handle (name, shape, dtype), every rank maps the pages (0.5.10+)
-TRANSPORTS = ("pickle", "shm")
+TRANSPORT_PICKLE = "pickle"   # also a phase's name (CONTRACT_PHASES): say which with the constant
+TRANSPORT_SHM = "shm"         # also a strategy's name (STRATEGY_SHM): say which with the constant
+TRANSPORTS = (TRANSPORT_PICKLE, TRANSPORT_SHM)
 # How a rank takes a feature out of the release's segment: clone (a copy per rank, 0.5.10 ..
 # 0.5.20) or cow (a copy-on-write map, 0.5.21+).
 SHM_MAPS = ("clone", "cow")
@@ -70,6 +72,10 @@ DEFAULT_SEGMENTS = "fresh"
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async", "shm")
+# The names other floors have to spell (release steps, patches): bound here, read there.
+# Code that asks what a strategy does reads its properties (mmdiag.strategies.base.Strategy:
+# hashes_in_tokenizer, transport, cost_class), never a list of these.
+STRATEGY_REVERT, STRATEGY_PRECOMPUTE, STRATEGY_SHM = "revert", "precompute", "shm"
 
 # Which of them `mmdiag apply` can patch in is said by each strategy's module (its `patch`):
 # mmdiag.strategies.PATCHABLE.

@@ -10,7 +10,7 @@ import pytest
 
 from runs_synth import rank, replay_run, strategy
 
-from mmdiag.analysis.adaptive import Progress, contenders, replay_until_decided
+from mmdiag.workflows.adaptive import Progress, contenders, replay_until_decided
 
 RANKS = [rank(r, recv=100, from_dict=400, forward=100) for r in range(2)]
 # Per strategy, the throughput each successive repeat measures: precompute leads commit by

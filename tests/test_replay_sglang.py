@@ -60,7 +60,7 @@ def test_verify_of_a_setting_runs_the_release_code_with_it_in_the_ranks(tmp_path
     writes nothing and replays the release's own code (its item classes, its hashing pool,
     its scheduler methods) with the variable off, then on, in the rank processes."""
     from sglang_wheels import tree_bytes
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     pkg = site_packages("0.5.23", tmp_path / "site")
     files = tree_bytes(pkg)
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=32)

@@ -170,7 +170,7 @@ def test_release_defaults_follow_what_each_release_does():
     with what detect reads from each family's real wheel."""
     import re
     from sglang_wheels import FAMILY_WHEELS, pristine
-    from mmdiag.mmpath.transport import default_tokenizer_workers, default_transport
+    from mmdiag.sglang.facts import default_tokenizer_workers, default_transport
     from mmdiag.sglang.detect import detect
     from mmdiag.sglang.locate import locate
     for v in FAMILY_WHEELS:
@@ -225,8 +225,9 @@ def test_the_release_decides_whether_ranks_copy_out_of_the_segment(tmp_path):
 
     from mmdiag.mmpath import transport as T
     from mmdiag.mmpath.timers import PhaseTimers
+    from mmdiag.sglang.facts import shm_clones
 
-    assert T.shm_clones("0.5.12.post1") and T.shm_clones("0.5.20") and not T.shm_clones("0.5.21")
+    assert shm_clones("0.5.12.post1") and shm_clones("0.5.20") and not shm_clones("0.5.21")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -235,7 +236,7 @@ def test_the_release_decides_whether_ranks_copy_out_of_the_segment(tmp_path):
         s = SimpleNamespace(timers=PhaseTimers(0), cpu_group=dist.group.WORLD, is_entry_rank=True)
         owned = {}
         for version in ("0.5.12.post1", "0.5.21"):
-            tr = T.make("shm", f"mmdiag-test-{os.getpid()}-", clone=T.shm_clones(version))
+            tr = T.make("shm", f"mmdiag-test-{os.getpid()}-", clone=shm_clones(version))
             feature = torch.arange(4096, dtype=torch.float32).reshape(8, 512)
             req = SimpleNamespace(mm_inputs={"mm_items": [SimpleNamespace(feature=feature.clone())]})
             tr.encode(s, req.mm_inputs)

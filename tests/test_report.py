@@ -336,7 +336,7 @@ def test_verify_end_to_end_on_a_real_release(tmp_path):
     from conftest import make_trace
     from sglang_wheels import site_packages
 
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     from mmdiag.sglang.detect import detect
     from mmdiag.sglang.locate import locate
 
@@ -384,7 +384,7 @@ def _no_replay(monkeypatch):
 def test_verify_refuses_a_strategy_with_nothing_to_do_before_replaying(tmp_path, monkeypatch):
     from sglang_wheels import site_packages
 
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     from mmdiag.errors import MmdiagError
 
     pkg = site_packages("0.5.6", tmp_path / "site")       # broadcast behind a flag, off by default
@@ -397,7 +397,7 @@ def test_verify_refuses_a_strategy_with_nothing_to_do_before_replaying(tmp_path,
 def test_verify_refuses_an_install_already_patched(tmp_path, monkeypatch):
     from sglang_wheels import site_packages
 
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     from mmdiag.errors import MmdiagError
     from mmdiag.sglang.apply import apply
     from mmdiag.sglang.locate import locate
@@ -428,7 +428,7 @@ def _failing_after_replay(monkeypatch):
 def test_verify_undoes_the_patch_when_the_after_replay_fails(tmp_path, monkeypatch):
     from sglang_wheels import site_packages
 
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     from mmdiag.errors import ReplayError
     from mmdiag.sglang.detect import detect
     from mmdiag.sglang.locate import locate
@@ -444,7 +444,7 @@ def test_verify_says_the_patch_is_still_applied_when_undo_fails(tmp_path, monkey
     from sglang_wheels import site_packages
 
     import mmdiag.sglang.apply
-    from mmdiag.analysis.verify import verify
+    from mmdiag.workflows.verify import verify
     from mmdiag.errors import MmdiagError
     from mmdiag.sglang.detect import detect
     from mmdiag.sglang.errors import ReadOnlyInstall

@@ -12,7 +12,7 @@ import traceback
 
 import pytest
 
-from mmdiag.analysis import threshold as T
+from mmdiag.strategies import cond_threshold as T
 from mmdiag.analysis.costmodel import CostModel, fit
 from mmdiag.errors import MmdiagError
 from mmdiag.strategies.cond import Cond, feature_nbytes
@@ -215,7 +215,7 @@ def test_threshold_option_forms_and_mistakes(tmp_path):
     crossover = _measured_run(run_file)
     assert 0 < crossover < math.inf
     assert T.from_option("2M").bytes == 2e6 and T.from_option("never").never
-    th = T.from_option(str(run_file))
+    th = T.from_option(str(run_file), fit)
     assert (th.bytes, th.source) == (crossover, "measured") and str(run_file) in th.text
     trace = make_trace(tmp_path / "t.jsonl", n=2, rows=8)
     notes = tmp_path / "notes.txt"

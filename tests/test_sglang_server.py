@@ -19,7 +19,7 @@ from sglang_wheels import site_packages  # noqa: F401
 import mmdiag.sglang.apply as A
 from mmdiag.cli import main
 from mmdiag.sglang.locate import locate
-from mmdiag.sglang.server import header_lines, read_server
+from mmdiag.live.server import header_lines, read_server
 
 pytestmark = pytest.mark.slow  # real processes: a server and its scheduler ranks
 

@@ -45,10 +45,8 @@ def mm_share(rank: RankResult) -> float:
 
 
 def cpu_pct(rank: RankResult) -> float:
-    """Scheduler CPU of the rank as a percent of one core (nan when unknown)."""
-    if rank.profile is not None and rank.profile.cpu_pct is not None:
-        return float(rank.profile.cpu_pct)
-    return 100.0 * rank.cpu_s / rank.wall_s if rank.wall_s else math.nan
+    """Scheduler CPU of the rank as a percent of one core (nan when unknown): RankResult.cpu_pct."""
+    return rank.cpu_pct
 
 
 def gil(rank: RankResult, key: str) -> float | None:

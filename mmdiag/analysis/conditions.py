@@ -18,13 +18,9 @@ commands that would measure it (`remeasure`), never a fail.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..run import Run
+from ..run import RankResult, Run, StrategyResult
 from ..strategies import BASELINE
-
-if TYPE_CHECKING:
-    from .report import Side
 
 SATURATION, EQUAL_LOAD, PER_REQUEST, ANY = "saturation", "equal_load", "per_request", "any"
 # An open loop is sustained when the achieved throughput is at least this share of the
@@ -32,6 +28,40 @@ SATURATION, EQUAL_LOAD, PER_REQUEST, ANY = "saturation", "equal_load", "per_requ
 SUSTAINED_SHARE = 0.9
 # The rate to replay at, as a share of what "before" carried at saturation: under it.
 REPLAY_RATE_SHARE = 0.8
+
+
+@dataclass
+class Side:
+    """One Run of a before/after pair, as a report and its conditions read it."""
+    label: str              # before | after
+    path: str
+    run: Run
+    strategy: str | None
+    result: StrategyResult | None
+
+    @property
+    def ranks(self) -> list[RankResult]:
+        if self.result is not None:
+            return self.result.ranks
+        return self.run.ranks or []
+
+    @property
+    def is_replay(self) -> bool:
+        return self.run.is_replay
+
+    @property
+    def has_requests(self) -> bool:
+        """Served counted requests: a replay, or a live profile with bench_serving runs attached."""
+        return self.result is not None and (self.is_replay or self.result.requests > 0)
+
+    @property
+    def load(self) -> Load:
+        rps = self.result.throughput_rps if self.result is not None else None
+        return load_of(self.run, rps if rps is not None and rps == rps else None)  # nan: not measured
+
+    def describe(self) -> str:
+        name = f"`{self.strategy}`" if self.strategy else "profile"
+        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
 
 
 @dataclass
@@ -83,7 +113,7 @@ def same_trace(before: Run, after: Run) -> bool:
     return before is after or all(before.trace.get(k) == after.trace.get(k) for k in keys)
 
 
-def judgeable(condition: str, before: "Side", after: "Side") -> str | None:
+def judgeable(condition: str, before: Side, after: Side) -> str | None:
     """None when the two sides measured under `condition`; else why not (for an n/a)."""
     if condition in (ANY, PER_REQUEST) or not before.run.trace.get("arrival"):
         return None
@@ -106,14 +136,14 @@ def judgeable(condition: str, before: "Side", after: "Side") -> str | None:
     return None
 
 
-def _rate(before: "Side") -> float:
+def _rate(before: Side) -> float:
     """A rate "before" carries: under its saturated throughput (or under what it served)."""
     rps = before.result.throughput_rps if before.result is not None else None
     rps = rps if rps and rps == rps else 1.0
     return float(f"{REPLAY_RATE_SHARE * rps:.2g}")
 
 
-def remeasure(condition: str, before: "Side", after: "Side") -> str:
+def remeasure(condition: str, before: Side, after: Side) -> str:
     """The commands that would measure the two sides under `condition`."""
     run = before.run
     if run.is_profile and run.config.bench_serving:   # a live server measured with bench_serving: re-run that

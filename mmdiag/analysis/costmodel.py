@@ -48,7 +48,7 @@ from typing import Any
 
 from ..run import Run, StrategyResult
 from ..units import MB
-from ..vocab import TRANSPORTS
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM, TRANSPORTS
 
 # cost class -> (who materializes: every rank / the entry rank / the tokenizer, and how often
 # the strategy's own collective sits on the loop's critical path: per request / per iteration).
@@ -99,7 +99,7 @@ class TransportCosts:
         return d is not None and d <= 0
 
     def _raw_saving(self) -> float | None:
-        p, m = self.recv_ms_per_mb.get("pickle"), self.recv_ms_per_mb.get("shm")
+        p, m = self.recv_ms_per_mb.get(TRANSPORT_PICKLE), self.recv_ms_per_mb.get(TRANSPORT_SHM)
         return None if p is None or m is None else p - m
 
 
@@ -128,7 +128,7 @@ def fit_transport(replays: list[Run], k_ms_per_mb: float | None) -> TransportCos
     for tr in TRANSPORTS:
         if recv.get(tr):
             costs[tr], source[tr] = sum(recv[tr]) / len(recv[tr]), "measured"
-        elif tr == "pickle" and k_ms_per_mb is not None:
+        elif tr == TRANSPORT_PICKLE and k_ms_per_mb is not None:
             costs[tr], source[tr] = k_ms_per_mb, "model (k)"
         else:
             costs[tr], source[tr] = None, "not measured"
@@ -256,7 +256,9 @@ def _comm_point(name: str, s: StrategyResult) -> tuple[str, float, float] | None
 
 
 def _fit(points: list[tuple[str, float, float]]) -> tuple[float | None, float | None, bool, list[str]]:
-    """Least squares ms = c + k * MB, both clamped at >= 0. Returns (c, k, separable, notes)."""
+    """Least squares ms = c + k * MB, both clamped at >= 0. Returns (c, k, separable, notes).
+    The closed form of a line (numpy.linalg.lstsq solves it by SVD: the same fit up to the
+    last digits, which would move the crossover cond's patch bakes in and recommend's JSON)."""
     notes: list[str] = []
     if not points:
         return None, None, False, ["no strategy with its own collectives was replayed (replay commit and batch)"]

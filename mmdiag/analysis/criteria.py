@@ -19,13 +19,12 @@ sign are errors naming the file and the key.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ProfileError
-from ..tables import PROFILES_DIR
+from ..tables import PROFILES_DIR, load_table
 from .conditions import ANY, EQUAL_LOAD, PER_REQUEST, SATURATION
 
 DEFAULT_FILE = PROFILES_DIR / "criteria" / "default.toml"
@@ -63,20 +62,10 @@ class Criterion:
 def load_criteria(path: str | os.PathLike | None = None) -> list[Criterion]:
     p = Path(path) if path else DEFAULT_FILE
     where = str(p)
-    try:
-        with open(p, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ProfileError("no such criteria file", where=where,
-                           fix="check the path (the bundled file: profiles/criteria/default.toml)") from None
-    except IsADirectoryError:
-        raise ProfileError("is a directory, not a criteria file", where=where,
-                           fix="give a .toml criteria file (the bundled one: profiles/criteria/default.toml)") from None
-    except OSError as e:
-        raise ProfileError(f"cannot read ({e.strerror})", where=where) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"invalid TOML ({e})", where=where) from None
-    return parse_criteria(data, where=where)
+    return parse_criteria(load_table(p, "criteria file",
+                                     missing_fix="check the path (the bundled file: profiles/criteria/default.toml)",
+                                     folder_fix="give a .toml criteria file (the bundled one: "
+                                                "profiles/criteria/default.toml)"), where=where)
 
 
 def parse_criteria(data: dict[str, Any], *, where: str = "<criteria>") -> list[Criterion]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,12 @@ from .. import units
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from ..strategies import REGISTRY as STRATEGY_REGISTRY
-from ..vocab import STRATEGIES
+from ..vocab import STRATEGIES, TRANSPORT_SHM
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
-from ..tables import PROFILES_DIR
-from . import threshold
+from ..tables import PROFILES_DIR, load_table
+from ..strategies import cond_threshold as threshold
 from .costmodel import CostModel, _transport_of, fit
 from .merge import label, merge_replays
 from . import release_steps as RS
@@ -49,13 +48,7 @@ INSUFFICIENT = "insufficient evidence"
 
 def load_rules(path: str | os.PathLike | None = None) -> dict[str, Any]:
     p = Path(path) if path else RULES_FILE
-    try:
-        with open(p, "rb") as f:
-            rules = tomllib.load(f)
-    except FileNotFoundError:
-        raise ProfileError("no such file", where=str(p)) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"invalid TOML ({e})", where=str(p)) from None
+    rules = load_table(p)
     for sect in ("thresholds", "candidates", "not_a_fix", "live"):
         if sect not in rules:
             raise ProfileError(f"missing section [{sect}]", where=str(p))
@@ -267,7 +260,7 @@ _RESEND_NOTE = ("replayed on the shared-memory transport: its broadcast pickles 
 def _resends_on_shm(run: Run, name: str) -> bool:
     """A strategy whose collective pickles the features again (Strategy.resends_features), replayed
     where they reach every rank by shared memory: never the patch to apply there."""
-    return _transport_of(run, name) == "shm" and STRATEGY_REGISTRY[name].resends_features
+    return _transport_of(run, name) == TRANSPORT_SHM and STRATEGY_REGISTRY[name].resends_features
 
 
 def _cost_reason(model: CostModel) -> str | None:

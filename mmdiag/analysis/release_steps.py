@@ -19,6 +19,8 @@ from ..sglang.facts import (Launch, at_least, default_transport, effective_trans
 from ..run import Run
 from .costmodel import CostModel, _transport_of
 from .merge import TRACE_KEYS
+from ..vocab import STRATEGY_PRECOMPUTE as PRECOMPUTE, STRATEGY_REVERT as REVERT, STRATEGY_SHM as SHM
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 
 @dataclass
@@ -52,31 +54,31 @@ def plan(version: str, launch: Launch | None = None) -> list[Step]:
     cmd = f"{env} python -m sglang.launch_server ..."
     reads_skip = at_least(version, since("skip_hash_family"))
     if rust_hashes(version, launch):  # the Rust front end hashes before the scheduler, as precompute does
-        return [Step("as it is", f"SGLang {version} with SGLANG_RUST_SERVER=1 (items arrive hashed)", "precompute", tr)]
+        return [Step("as it is", f"SGLang {version} with SGLANG_RUST_SERVER=1 (items arrive hashed)", PRECOMPUTE, tr)]
     steps = [Step("as it is", f"SGLang {version}", current_path(version), tr)]
     if at_least(version, since("hash_env_family")):
-        steps.append(Step(f"set {env}", cmd, "precompute", tr))
+        steps.append(Step(f"set {env}", cmd, PRECOMPUTE, tr))
         if reads_skip:
             steps.append(Step(f"set {env} and {skip}", f"{env} {skip} python -m sglang.launch_server ...",
-                              "precompute", tr, skip_hash=True))
+                              PRECOMPUTE, tr, skip_hash=True))
     # mmdiag's `shm` patch writes code only where the release has no shared-memory transport,
     # and its segments only on one node
-    if default_transport(version) == "pickle" and launch.nnodes == 1:
-        steps += [Step("apply shm", "mmdiag apply shm", "shm", "shm")]
+    if default_transport(version) == TRANSPORT_PICKLE and launch.nnodes == 1:
+        steps += [Step("apply shm", "mmdiag apply shm", SHM, TRANSPORT_SHM)]
         if reads_skip:
-            steps.append(Step(f"apply shm and set {skip}", f"mmdiag apply shm, then {skip}", "shm", "shm",
+            steps.append(Step(f"apply shm and set {skip}", f"mmdiag apply shm, then {skip}", SHM, TRANSPORT_SHM,
                               skip_hash=True))
     up = first_shm_release(launch)
-    if tr == "pickle" and up is not None:
-        steps += [Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", "revert", "shm"),
-                  Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", "shm", "shm"),
+    if tr == TRANSPORT_PICKLE and up is not None:
+        steps += [Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", REVERT, TRANSPORT_SHM),
+                  Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", SHM, TRANSPORT_SHM),
                   Step(f"upgrade to {up}+ and set {env} and {skip}", f"pip install 'sglang>={up}', then {env} {skip}",
-                       "shm", "shm", skip_hash=True)]
+                       SHM, TRANSPORT_SHM, skip_hash=True)]
     return steps
 
 
 # On the shm transport, `precompute` and `shm` are the same configuration.
-_SAME = {("precompute", "shm"): ("shm", "shm"), ("shm", "shm"): ("precompute", "shm")}
+_SAME = {(PRECOMPUTE, TRANSPORT_SHM): (SHM, TRANSPORT_SHM), (SHM, TRANSPORT_SHM): (PRECOMPUTE, TRANSPORT_SHM)}
 
 
 def _lookup(table: dict, strategy: str, transport: str, skip_hash: bool) -> float | None:
@@ -101,17 +103,17 @@ def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> t
     """From the same strategy on the other transport and the per-MB transport saving."""
     tc = model.transport if model else None
     saving = tc.shm_saving_ms_per_mb if tc else None
-    other = "pickle" if step.transport == "shm" else "shm"
+    other = TRANSPORT_PICKLE if step.transport == TRANSPORT_SHM else TRANSPORT_SHM
     rps = _lookup(table, step.strategy, other, step.skip_hash)
     if rps is None or saving is None or not model.workload_mb:
         return None
     mm_share = (target.trace.get("mm_requests") or 0) / max(target.trace.get("requests") or 1, 1)
-    delta = saving * model.workload_mb * mm_share * (1 if step.transport == "shm" else -1)
+    delta = saving * model.workload_mb * mm_share * (1 if step.transport == TRANSPORT_SHM else -1)
     loop_ms = max(1000.0 / rps - delta, 1e-3)
     per_mb = ("shm's per-MB saving on the receive path below resolution, taken as 0" if tc.saving_below_resolution
               else f"shm saves {saving:.2f} ms per MB on the receive path")
     return 1000.0 / loop_ms, (f"model: {rps:.1f} req/s measured on {other}, {per_mb} "
-                              f"({tc.source['pickle']} pickle, {tc.source['shm']} shm)")
+                              f"({tc.source[TRANSPORT_PICKLE]} pickle, {tc.source[TRANSPORT_SHM]} shm)")
 
 
 def advise(version: str, runs: list[Run], target: Run, model: CostModel | None,

@@ -26,6 +26,7 @@ from ..vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA
 from . import breakdown as B
 from .breakdown import json_safe
 from . import conditions as L
+from .conditions import Side
 from .compare import NOT_JUDGED, Comparison, compare_samples
 from .criteria import Criterion
 
@@ -34,39 +35,6 @@ PASS, FAIL, NA = "pass", "fail", "n/a"
 
 class ReportError(MmdiagError):
     """Two Runs that cannot be compared, or a strategy that is not in a Run."""
-
-
-@dataclass
-class Side:
-    label: str              # before | after
-    path: str
-    run: Run
-    strategy: str | None
-    result: StrategyResult | None
-
-    @property
-    def ranks(self) -> list[RankResult]:
-        if self.result is not None:
-            return self.result.ranks
-        return self.run.ranks or []
-
-    @property
-    def is_replay(self) -> bool:
-        return self.run.is_replay
-
-    @property
-    def has_requests(self) -> bool:
-        """Served counted requests: a replay, or a live profile with bench_serving runs attached."""
-        return self.result is not None and (self.is_replay or self.result.requests > 0)
-
-    @property
-    def load(self) -> L.Load:
-        rps = self.result.throughput_rps if self.result is not None else None
-        return L.load_of(self.run, rps if rps is not None and not _nan(rps) else None)
-
-    def describe(self) -> str:
-        name = f"`{self.strategy}`" if self.strategy else "profile"
-        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
 
 
 @dataclass

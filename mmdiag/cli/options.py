@@ -26,7 +26,7 @@ REQ_PER_S = click.FloatRange(0, 1_000_000, min_open=True)
 REPEAT_HELP_VERDICT = ("repeats per strategy; 2 by default because the verdict needs the repeats' noise "
                        "(a single replay cannot say whether a difference is significant)")
 
-# cond's threshold: one wording for replay and apply (mmdiag.analysis.threshold says where it comes from).
+# cond's threshold: one wording for replay and apply (mmdiag.strategies.cond_threshold says where it comes from).
 THRESHOLD_HELP = ("cond's threshold: bytes (100000, 100k, 2M), never, or a Run file whose measured crossover "
                   "to use [default: SGLANG_MM_BROADCAST_THRESHOLD, else {measured}, else the seed's 100 KB example]")
 

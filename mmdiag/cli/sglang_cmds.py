@@ -34,9 +34,8 @@ def doctor_command(sglang_path, pid, as_json, output, launch):
         if launch is not None:
             raise MmdiagError("--pid reads the launch settings from the server's command line and environment",
                               fix="leave out --dist-init-addr, --skip-tokenizer-init, --nnodes and --rust-server")
-        from ..sglang.server import header_text
         srv = api.doctor_server(pid, sglang_path)
-        click.echo(out.render(srv.to_dict(), "json") if as_json else header_text(srv), nl=False)
+        click.echo(out.render(srv.to_dict(), "json") if as_json else out.render(srv, "text"), nl=False)
         return
     if output:
         out.check_output(output, "Detection", "-o")

@@ -172,7 +172,6 @@ def with_bench(profile: Any, paths: list[str], where: str) -> Any:
     import copy
     import statistics
 
-    from ..analysis import breakdown as B
     from ..run import StrategyResult
 
     if not profile.is_profile:
@@ -189,7 +188,7 @@ def with_bench(profile: Any, paths: list[str], where: str) -> Any:
     dur = mean("duration")
     for r in ranks:
         # The profile's CPU share over a bench run, so CPU-ms per request = share x duration / completed.
-        pct = B.cpu_pct(r)
+        pct = r.cpu_pct
         if not math.isnan(pct):
             r.cpu_s, r.wall_s = pct / 100.0 * dur, dur
     latency = {"p50": mean("median_e2e_latency_ms"), "p99": mean("p99_e2e_latency_ms"),

@@ -211,7 +211,7 @@ class Converter:
     """Turns dump entries into compact trace requests, counting what it leaves out."""
 
     def __init__(self, model: dict[str, Any], default_size: tuple[int, int] | None, conv: Conversion):
-        from ..workloads import feature_shape, sampled_frames
+        from ..geometry import feature_shape, sampled_frames
         self.model, self.default_size, self.conv = model, default_size, conv
         self._shape = lambda w, h: feature_shape(model, {"modality": "image", "width": w, "height": h})
         self._frames = lambda m: sampled_frames(model, m.frames, m.seconds) if "video" in model else None
@@ -289,7 +289,7 @@ SKIP_WORDS = {
 
 def geometry_for(model_path: str | None, where: str) -> str:
     """The profiles/models geometry whose `model_paths` patterns match server_args.model_path."""
-    from ..workloads import load_model, model_names
+    from ..geometry import load_model, model_names
     if not isinstance(model_path, str) or not model_path:
         raise DumpError("the dump has no server_args.model_path (SGLang stores None when they would not pickle)",
                         where=where, fix=f"name the geometry with --model ({', '.join(model_names())})")
@@ -346,7 +346,7 @@ def convert(paths: list[str], out: str, *, model: str | None = None,
     """Read dump files one at a time (a folder is never held whole), keep a compact
     record per request, then write the trace sorted by created_time."""
     from ..fileio import check_writable
-    from ..workloads import header_model, load_model
+    from ..geometry import header_model, load_model
 
     check_writable(out, "-o")   # before reading a folder of dumps, not after
     conv, records, seen = Conversion(), [], set()

@@ -1,5 +1,5 @@
 """The configuration a live view measured, in a few lines: for an SGLang server,
-what `mmdiag doctor --pid` reads from its live processes (mmdiag.sglang.server);
+what `mmdiag doctor --pid` reads from its live processes (server.py);
 for an mmdiag replay, its own command line (TP size, implementation, strategies,
 the broadcast flag) and the SGLang variables in its ranks' environment."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def config_lines(disc: Discovery) -> list[str]:
     argv = _argv(owner)
     if any(a == "replay" or a.endswith("mmdiag.replay.worker") for a in argv[:4]):
         return [_replay_line(disc, argv)]
-    from ..sglang.server import header_lines
+    from .server import header_lines
     try:
         return header_lines(disc.target_pid)
     except MmdiagError as e:

@@ -176,23 +176,25 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
 def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_RATE_HZ, *,
             pyspy: str | None = None, raw_dir: str | None = None, rules: str | None = None,
             gil: bool = True, on_window: Callable[[str], None] | None = None,
-            speedscope: str | None = None, log: Callable[[str], None] | None = None,
-            block_s: float = DEFAULT_BLOCK_S) -> Run:
+            on_stacks: Callable[[list[RankSamples]], None] | None = None,
+            log: Callable[[str], None] | None = None, block_s: float = DEFAULT_BLOCK_S) -> Run:
     """Attach to `pid` (server main process, one scheduler, or an mmdiag replay),
     sample every scheduler rank for `duration` seconds at `rate` Hz, return a Run.
 
     raw_dir: keep py-spy's raw files there (rank{r}.pid{p}.b{k}.raw, .gil.raw), for --from-raw.
     on_window: called with "start" / "end" as the common window opens and closes.
+    on_stacks: called with every rank's sampled stacks (with line numbers) before the Run is
+    built (api writes them as a speedscope file).
     Ctrl-C ends the window early and keeps what was sampled, as py-spy record does (the CLI
     shows and writes it, exit 0); a Ctrl-C before the window opens, or a second one, raises
     KeyboardInterrupt (nothing written, exit 130). SIGTERM (in the main thread) stops py-spy,
     removes the temporary files and raises Terminated (exit 143).
     """
     with on_sigterm(TERMINATED):
-        return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s)
+        return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, on_stacks, log, block_s)
 
 
-def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s) -> Run:
+def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, on_stacks, log, block_s) -> Run:
     _check_args(duration, rate)
     log = log or (lambda s: None)
     # The intervals' t quantile imports scipy.stats: seconds, up to 15 on a loaded 2-core host.
@@ -218,7 +220,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
         if on_window:
             on_window(w)
     try:
-        sampler = Sampler(spy, disc.processes, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=bool(speedscope))
+        sampler = Sampler(spy, disc.processes, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=on_stacks is not None)
         cpus = {r.rank: CpuMeter(r.pid) for r in disc.processes}
         try:
             counting = bool(disc.tokenizers) and counter.start()
@@ -245,8 +247,8 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
         raise LiveError(f"no samples were taken in the {window:.1f} s window"
                         + (" (every rank exited)" if len(exited) == len(samples) else ""),
                         fix="check the server is running and rerun")
-    if speedscope:
-        _write_speedscope(speedscope, samples)
+    if on_stacks:
+        on_stacks(samples)
     notes = _window_notes(disc, duration, window, interrupted, sampler.start_skew()["max_s"], rate)
     requests = counted["end"] - counted["start"] if counting and "end" in counted else None
     if disc.tokenizers and not requests:
@@ -268,15 +270,6 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
 def _config(disc) -> dict[str, Any]:
     lines = config_lines(disc)
     return {"summary": "; ".join(lines), "lines": lines}
-
-
-def _write_speedscope(path: str, samples: list[RankSamples]) -> None:
-    from .speedscope import write_speedscope
-    try:
-        write_speedscope(path, samples)
-    except OSError as e:
-        raise LiveError(f"cannot write the speedscope file ({e.strerror or e})", where=f"--speedscope {path}",
-                        fix="free space or choose another path") from None
 
 
 def _window_notes(disc, duration, window, interrupted, skew, rate) -> list[str]:

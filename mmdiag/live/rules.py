@@ -4,11 +4,11 @@ from __future__ import annotations
 import ast
 import glob
 import os
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 
 from ..vocab import PHASES, TOKENIZER_PHASES
+from ..tables import parse_table
 from .errors import LiveError
 
 RULE_PHASES = PHASES + TOKENIZER_PHASES
@@ -122,15 +122,15 @@ def _classify(rules: RuleSet, frames: tuple[Frame, ...]) -> tuple[str, bool]:
     return rules._classify(frames)
 
 
+RULES_FIX = "fix the rules file (format: see the comments in mmdiag/live/rules.toml)"
+
+
 def _fail(source: str, what: str) -> LiveError:
-    return LiveError(what, where=source, fix="fix the rules file (format: see the comments in mmdiag/live/rules.toml)")
+    return LiveError(what, where=source, fix=RULES_FIX)
 
 
 def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
-    try:
-        d = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise _fail(source, f"not TOML ({e})") from None
+    d = parse_table(text, source, error=LiveError, invalid="not TOML", fix=RULES_FIX)
     rules = []
     for k, r in enumerate(d.get("rule", []), 1):
         phase = r.get("phase")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MmdiagError
-from ..vocab import TRANSPORTS
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM, TRANSPORTS
 from . import shm
 from .items import mm_items
 
@@ -45,11 +45,11 @@ class Transport:
 
 
 class PickleTransport(Transport):
-    name = "pickle"
+    name = TRANSPORT_PICKLE
 
 
 class ShmTransport(Transport):
-    name = "shm"
+    name = TRANSPORT_SHM
 
     def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False):
         self.prefix = prefix
@@ -122,12 +122,8 @@ class ShmTransport(Transport):
 
 
 def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False) -> Transport:
-    if name == "pickle":
+    if name == PickleTransport.name:
         return PickleTransport()
-    if name == "shm":
+    if name == ShmTransport.name:
         return ShmTransport(prefix, segments, pool_bytes, clone)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
-
-
-# What a release implies (variants.toml [defaults]); torch-free, so `recommend` reads them too.
-from ..sglang.facts import default_tokenizer_workers, default_transport, shm_clones  # noqa: E402,F401

@@ -50,12 +50,12 @@ class Renderer:
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (
     Renderer("text", (".txt",), {
         "Run": ".text:render_run", "Recommendation": ".recommend_text:render_recommendation",
-        "Report": ".report_md:render_text", "Detection": ".text:render_doctor", "dict": ".text:render_mapping",
-        "Catalog": ".text:render_catalog"}),
+        "Report": ".report_md:render_text", "Detection": ".doctor:doctor_text", "dict": ".text:render_mapping",
+        "Catalog": ".text:render_catalog", "ServerSettings": ".doctor:server_text"}),
     Renderer("json", (".json",), {ANY: ".json_:render_json"}),
     Renderer("markdown", (".md", ".markdown"), {"Report": ".report_md:render_markdown", "Run": ".text:render_run_md",
                                                 "Catalog": ".text:render_catalog_md"}),
-    Renderer("html", (".html", ".htm"), {"Report": ".report_html:render_html", "Run": ".stages:render_run_html"}),
+    Renderer("html", (".html", ".htm"), {"Report": ".report_html:render_html", "Run": ".run_html:render_run_html"}),
     Renderer("speedscope", (".speedscope.json",), {"SampledStacks": ".json_:render_speedscope"}),
     Renderer("chrome", (".trace.json",), {"RankTimelines": ".timeline:render_chrome"}),
 )}

@@ -80,11 +80,6 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
     return out
 
 
-def render_doctor(det: Any) -> str:
-    from ..sglang.report import doctor_text  # one home for doctor's rows (the release facts)
-    return doctor_text(det)
-
-
 def render_mapping(d: dict[str, Any]) -> str:
     """key  value lines; a nested mapping as `k=v, ...` (never a Python dict's repr)."""
     def words(v: Any) -> str:

@@ -30,7 +30,7 @@ from ..run import Run
 from ..trace import scan
 from ..units import MB, fmt_gb, fmt_mb
 from ..mmpath import shm
-from ..vocab import TRANSPORTS
+from ..vocab import TRANSPORT_SHM, TRANSPORTS
 from . import heartbeat
 from .options import JOB_ENV, RankJob, ReplayOptions
 
@@ -135,9 +135,12 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
-def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None) -> Run:
-    """Replay `trace` through opts.tp rank processes; return the Run (and write
-    opts.timeline if asked). Raises ReplayError naming the rank that failed."""
+def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | None = None,
+           timelines: Callable[[list[str]], None] | None = None) -> Run:
+    """Replay `trace` through opts.tp rank processes; return the Run. With opts.timeline,
+    every rank logs its phases to viztracer and `timelines` is called with the rank files
+    while they exist (api renders them into opts.timeline; a failure there is a warning:
+    the measurements stand without the picture). Raises ReplayError naming the rank that failed."""
     if opts.transport is not None and opts.transport not in TRANSPORTS:
         raise MmdiagError(f"unknown transport {opts.transport!r}", where="--transport",
                           fix=f"choose from: {', '.join(TRANSPORTS)}")
@@ -197,10 +200,9 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         finally:
             shm.sweep(prefix)  # what a killed rank left in /dev/shm
         run = Run.load(out)
-        if tl_dir:
-            from ..render.timeline import combine_timeline
+        if tl_dir and timelines:
             try:
-                combine_timeline([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)], opts.timeline)
+                timelines([os.path.join(tl_dir, f"rank{r}.json") for r in range(opts.tp)])
             except MmdiagError as e:  # the measurements stand without the picture
                 warnings.warn(f"no timeline: {e.one_line()}", stacklevel=2)
         return run
@@ -214,7 +216,7 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
     from ..replay.scheduler import MAX_PENDING
     from ..strategies import REGISTRY
     background = [n for n in opts.strategies if getattr(REGISTRY.get(n), "cost_class", None) == "background"]
-    shared = "shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies))
+    shared = TRANSPORT_SHM in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies))
 
     def at(tp: int, recv: int, conc, backlog: int) -> memory.MemoryEstimate:
         return memory.estimate(tp, stats.mm_bytes, stats.max_request_bytes, recv, conc,

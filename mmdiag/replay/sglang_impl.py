@@ -16,6 +16,7 @@ from ..mmpath.items import mm_items
 from ..mmpath.timers import PhaseTimers
 from ..sglang.facts import variant
 from ..strategies.base import Ready, Strategy
+from ..vocab import STRATEGY_PRECOMPUTE, TRANSPORT_SHM
 
 
 def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
@@ -24,7 +25,7 @@ def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
     if path.patched:
         return path.patched
     if path.variant == "broadcast-flag" and not enable_broadcast_flag and path.release_precompute_on():
-        return "precompute"  # 0.5.7+: SGLANG_MM_PRECOMPUTE_HASH=1 in the ranks' environment, the release's own
+        return STRATEGY_PRECOMPUTE  # 0.5.7+: SGLANG_MM_PRECOMPUTE_HASH=1 in the ranks' environment, the release's own
     v = variant(path.variant)
     name = v.get("strategy_flag_on", v["strategy"]) if enable_broadcast_flag else v["strategy"]
     return strategy_registry.get(name).name
@@ -43,9 +44,13 @@ class InstalledPath(Strategy):
         self.flag = enable_broadcast_flag
         self.name = strategy_name(path, enable_broadcast_flag)
         self.summary = f"installed SGLang {path.install.version or ''} ({path.variant}, patch: {path.patched or 'none'})"
-        self.hashes_in_tokenizer = path.patched in ("precompute", "shm") or path.release_precompute_on()
+        # What the install's mmdiag patch does is said by its strategy's properties.
+        patched = strategy_registry.REGISTRY.get(path.patched) if path.patched else None
+        self.hashes_in_tokenizer = bool(patched and patched.hashes_in_tokenizer) or path.release_precompute_on()
+        # Features by shared memory: the patch writes segments in the tokenizer and maps them on every rank.
+        self.moves_by_shm = bool(patched and patched.transport == TRANSPORT_SHM)
         # Hashing runs before the window (hash_request); the shm patch's segment write stays in it.
-        self.tokenizer_phase = "tokenizer_shm" if path.patched == "shm" else "tokenizer_hash"
+        self.tokenizer_phase = "tokenizer_shm" if self.moves_by_shm else "tokenizer_hash"
 
     @staticmethod
     def pad_value_ok(item_hash: int, pad_value) -> bool:
@@ -88,14 +93,14 @@ class InstalledPath(Strategy):
     def tokenizer_step(self, raw_mm_inputs: dict) -> float:
         """What is left of the install's tokenizer step inside the window once hash_request
         ran: the shm patch's segment write (its hashing skips hashed items); seconds."""
-        return tokenizer_side(self.path, raw_mm_inputs) if self.path.patched == "shm" else 0.0
+        return tokenizer_side(self.path, raw_mm_inputs) if self.moves_by_shm else 0.0
 
     def process(self, s, reqs) -> Ready:
         mm = self.mm_reqs(reqs)
         if not mm:
             return []
         reqs = [self.path.generate_req(r.rid, r.mm_inputs) for r in mm]
-        if self.path.patched == "shm":  # the rest of its recv_requests: every rank maps the segments
+        if self.moves_by_shm:  # the rest of its recv_requests: every rank maps the segments
             with s.timers.phase("shm_map"):
                 reqs = self.path.finish_recv(self.sched, reqs)
         out = self.path.process_input_requests(self.sched, reqs)

@@ -28,10 +28,11 @@ from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
 from ..run import SGLangConfig
-from ..sglang.facts import at_least, since
+# What a release implies (variants.toml [defaults]): its transport and tokenizer workers.
+from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, shm_clones, since
 from ..trace import scan
 from ..units import MB
-from ..vocab import REPLAY_RANK_TITLE
+from ..vocab import REPLAY_RANK_TITLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -90,13 +91,17 @@ def _warm_up(rank: int, group, nbytes: int) -> None:
 
 def _make_strategy(name, rank, group, results, world, job, header, stats):
     """A strategy that configures itself from what this replay measured so far (cond's
-    threshold: the crossover of the strategies before it) gets a provisional Run on rank 0
-    and agrees with the other ranks itself; the others take no arguments."""
+    threshold: the crossover of the strategies before it) gets, on rank 0, the cost model
+    fitted on a provisional Run, and agrees with the other ranks itself; the others take no
+    arguments."""
     cls = strategy_registry.get(name)
     if not hasattr(cls, "for_replay"):
         return cls()
-    measured = assemble_run(results, world, job, header, stats) if rank == 0 and results else None
-    return cls.for_replay(rank, group, measured)
+    model = None
+    if rank == 0 and results:
+        from ..analysis.costmodel import fit  # the one cost model; cond is handed it, not importing analysis
+        model = fit([assemble_run(results, world, job, header, stats)])
+    return cls.for_replay(rank, group, model)
 
 
 class _Plan:
@@ -127,11 +132,11 @@ class _Plan:
             version = got[0]
         # Features travel as the release moves them: pickled in the recv broadcast to 0.5.9,
         # by shared memory from 0.5.10 (mmdiag's segments standing in for the release's own).
-        self.transport = o.transport or transport_mod.default_transport(version)
-        self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
+        self.transport = o.transport or default_transport(version)
+        self.workers = o.tokenizer_workers or default_tokenizer_workers(version)
         # The release's own segments: copied out per rank to 0.5.20, mapped copy-on-write after (with
         # no release known, mapped). mmdiag's `shm` patch on a pickling release always maps.
-        self.shm_map = o.shm_map or ("clone" if version is not None and transport_mod.shm_clones(version) else "cow")
+        self.shm_map = o.shm_map or ("clone" if version is not None and shm_clones(version) else "cow")
         port = os.environ.get("MASTER_PORT", "0")
         self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
@@ -145,7 +150,7 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
     # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
     transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o.segments, 2 * int(o.max_recv_mb * MB),
-                                   clone=plan.transport == "shm" and plan.shm_map == "clone")
+                                   clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],
@@ -243,7 +248,7 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     cfg = run.config
     cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
     # None like a Run from before the option (they all mapped copy-on-write): merges with them
-    cfg.shm_map = "clone" if plan.transport == "shm" and plan.shm_map == "clone" else None
+    cfg.shm_map = "clone" if plan.transport == TRANSPORT_SHM and plan.shm_map == "clone" else None
     cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
     cfg.hash, cfg.segments = job.options.hash, job.options.segments
     if plan.installed is not None:

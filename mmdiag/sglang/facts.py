@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import functools
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..tables import load_table
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 FACTS_PATH = Path(__file__).with_name("variants.toml")
 
 
 @functools.lru_cache(maxsize=1)
 def facts() -> dict[str, Any]:
-    with open(FACTS_PATH, "rb") as f:
-        return tomllib.load(f)
+    return load_table(FACTS_PATH, "SGLang facts file")
 
 
 def file_rel(key: str) -> str:
@@ -116,7 +117,7 @@ def at_least(version: str | None, first: str) -> bool:
 
 def default_transport(version: str | None) -> str:
     """What a release implies; with no release known, `pickle` (every release up to 0.5.9)."""
-    return "shm" if at_least(version, since("shm_family")) else "pickle"
+    return TRANSPORT_SHM if at_least(version, since("shm_family")) else TRANSPORT_PICKLE
 
 
 def default_tokenizer_workers(version: str | None) -> int:
@@ -157,12 +158,12 @@ def pickle_reasons(version: str | None, launch: Launch) -> list[str]:
 def effective_transport(version: str | None, code_transport: str, launch: Launch) -> tuple[str, str]:
     """(transport, why): the code's transport (probed, or the release's default), unless the
     launch turns a shared-memory release back to pickling features."""
-    if code_transport != "shm":
+    if code_transport != TRANSPORT_SHM:
         return code_transport, "the release's CPU transport"
     why = pickle_reasons(version, launch)
     if why:
-        return "pickle", "shared-memory release, pickled because of " + "; ".join(why)
-    return "shm", "the release's CPU transport"
+        return TRANSPORT_PICKLE, "shared-memory release, pickled because of " + "; ".join(why)
+    return TRANSPORT_SHM, "the release's CPU transport"
 
 
 def rust_hashes(version: str | None, launch: Launch) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import astutil
 from .facts import checked_span, facts, families, version_fit
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 Where = str  # "srt/managers/scheduler.py:1404"
 
@@ -40,7 +41,7 @@ class ReleaseFacts:
     precompute_default: str | None = None
     precompute_hashing: str | None = None  # "tokenizer loop" | "thread pool (N workers)"
     precompute_at: Where | None = None
-    transport: str = "pickle"  # vocab transport: how features reach the ranks
+    transport: str = TRANSPORT_PICKLE  # vocab transport: how features reach the ranks
     transport_detail: str = "features pickled inside the recv broadcast (broadcast_pyobj)"
     transport_at: Where | None = None
     shm_barrier: bool = False
@@ -223,11 +224,11 @@ def probe_transport(rf: ReleaseFacts, pkg: Path) -> None:
             rf.transport_at = f"{rel}:{fn.name}:{at[0]}"
             bcast = [ln for ln, f in calls if f.endswith("broadcast_pyobj")]
             if bcast and min(at) < max(bcast) and not any(f.endswith("barrier") for _, f in calls):
-                rf.transport = "pickle"
+                rf.transport = TRANSPORT_PICKLE
                 rf.transport_detail = ("shared-memory handles unwrapped on the entry rank before "
                                        "broadcast_pyobj: features still pickled inside the recv broadcast")
                 return
-            rf.transport = "shm"
+            rf.transport = TRANSPORT_SHM
             rf.shm_barrier = any(f.split(".")[-1] == "barrier" for _, f in calls)
             rf.shm_failure_agreement = any(f.split(".")[-1] == "all_reduce" for _, f in calls)
             rf.transport_detail = ("shared-memory handles (name, shape, dtype) in the recv broadcast; every rank "

@@ -10,14 +10,15 @@ the same collectives in the same order.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from ..mmpath.items import MultimodalDataItem, MultimodalInputs
 
-if TYPE_CHECKING:
-    from ..replay.scheduler import ReplayRequest, ReplayScheduler
-
-Ready = list[tuple["ReplayRequest", "MultimodalInputs"]]
+# The replay's ReplayScheduler and ReplayRequest (mmdiag.replay.scheduler) as the hooks see
+# them: a strategy is the replay's plug-in and names them without importing the floor above.
+Scheduler = Any
+Request = Any
+Ready = list[tuple[Request, MultimodalInputs]]
 
 
 class Strategy:
@@ -61,23 +62,23 @@ class Strategy:
         (Hashing runs before the window instead: see replay.scheduler.tokenizer_prepass.)"""
         return 0.0
 
-    def setup(self, s: "ReplayScheduler") -> None:
+    def setup(self, s: Scheduler) -> None:
         pass
 
-    def process(self, s: "ReplayScheduler", reqs: list["ReplayRequest"]) -> Ready:
+    def process(self, s: Scheduler, reqs: list[Request]) -> Ready:
         raise NotImplementedError
 
-    def poll(self, s: "ReplayScheduler") -> Ready:
+    def poll(self, s: Scheduler) -> Ready:
         return []
 
     def pending(self) -> int:
         return 0
 
-    def teardown(self, s: "ReplayScheduler") -> None:
+    def teardown(self, s: Scheduler) -> None:
         pass
 
     @staticmethod
-    def mm_reqs(reqs: list["ReplayRequest"]) -> list["ReplayRequest"]:
+    def mm_reqs(reqs: list[Request]) -> list[Request]:
         return [r for r in reqs if r.mm_inputs is not None]
 
     def describe(self) -> dict[str, Any]:

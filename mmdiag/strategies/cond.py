@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-from ..analysis import threshold as T
+from . import cond_threshold as T
 from ..mmpath.collectives import broadcast_pyobj
 from .base import Ready, Strategy
 from .commit import _process_and_broadcast_mm_inputs
@@ -52,16 +52,15 @@ class Cond(Strategy):
         self.sent = self.local = 0
 
     @classmethod
-    def for_replay(cls, rank: int, group: Any, measured_run: Any) -> "Cond":
-        """Rank 0 resolves the threshold (environment, else the crossover fitted on the
-        strategies this replay measured so far) and every rank adopts rank 0's: nodes
-        whose environments differ still agree."""
-        from ..analysis.costmodel import fit
+    def for_replay(cls, rank: int, group: Any, model: Any) -> "Cond":
+        """Rank 0 resolves the threshold (environment, else the crossover of `model`: the
+        cost model the caller fitted on the strategies this replay measured so far) and
+        every rank adopts rank 0's: nodes whose environments differ still agree."""
         from ..errors import MmdiagError
         th = None
         if rank == 0:
             try:
-                th = T.resolve(env=os.environ, model=fit([measured_run]) if measured_run is not None else None)
+                th = T.resolve(env=os.environ, model=model)
             except MmdiagError as e:  # a bad value: every rank fails alike, none waits
                 th = e
         th, _ = broadcast_pyobj(th, rank, group)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .. import astutil
 from ..errors import NotApplicable, UnknownLayout
 from ..facts import layouts
+from ...vocab import TRANSPORT_SHM
 
 MARK = "# mmdiag-patch:"
 
@@ -219,7 +220,7 @@ def refuse_resend_on_shm(det, strategy: str) -> None:
     """A strategy whose broadcast pickles the features again from the entry rank
     (Strategy.resends_features) is refused where they already reach every rank by shared memory."""
     from ...strategies import REGISTRY
-    if det.facts.transport == "shm" and REGISTRY[strategy].resends_features:
+    if det.facts.transport == TRANSPORT_SHM and REGISTRY[strategy].resends_features:
         raise not_applicable(
             strategy, f"{det.facts.family or det.variant} (shared-memory transport)",
             f"its features already reach every rank through shared memory; `{strategy}`'s broadcast would pickle "

@@ -13,14 +13,14 @@ the request itself (raising the same error everywhere, as the per-rank path woul
 No cache: nothing outlives the call, so an aborted request leaves nothing behind.
 
 The threshold: SGLANG_MM_BROADCAST_THRESHOLD (bytes) read at server start, else the
-value baked in at apply time (mmdiag.analysis.threshold.for_patch: `--threshold`, the
+value baked in at apply time (mmdiag.strategies.cond_threshold.for_patch: `--threshold`, the
 environment of `mmdiag apply`, the crossover in the Run `mmdiag recommend` kept last,
 else the seed's 100 KB example; `mmdiag recommend` prints the measured crossover and the
 command, or says that no threshold pays).
 """
 from __future__ import annotations
 
-from ...analysis import threshold as T
+from ...strategies import cond_threshold as T
 from .common import MARK, Collective, Plan, patch_broadcast_path, refuse_resend_on_shm
 
 STRATEGY = "cond"

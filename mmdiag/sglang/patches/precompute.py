@@ -14,13 +14,14 @@ no code is written, the plan says what to set (the variable, the flag off) and w
 from __future__ import annotations
 
 from ..detect import tokenizer_mm_statement
+from ...vocab import STRATEGY_PRECOMPUTE
 from ..errors import UnknownLayout
 from ..facts import layouts
 from .. import astutil
 from .common import MARK, Plan, append_module_code, flag_off, insert_after_statement
 from .common import per_rank_method, replace_method, require_layout
 
-STRATEGY = "precompute"
+STRATEGY = STRATEGY_PRECOMPUTE
 DESCRIPTION = "tokenizer manager hashes items once; ranks skip hashing; no collective"
 
 CALL = f'''

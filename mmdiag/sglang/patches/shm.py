@@ -29,13 +29,14 @@ On broadcast-always releases the 17a57fd broadcast is reverted to per-rank too
 from __future__ import annotations
 
 from ...mmpath.shm import SHM_DIR_ENV
+from ...vocab import STRATEGY_SHM, TRANSPORT_SHM
 from ..errors import UnknownLayout
 from ..facts import layouts
 from .. import astutil
 from .common import (MARK, Plan, append_module_code, flag_off, insert_after_method, insert_after_statement,
                      per_rank_method, rename_method, replace_method, require_layout)
 
-STRATEGY = "shm"
+STRATEGY = STRATEGY_SHM
 DESCRIPTION = "tokenizer hashes once and writes features to shared memory; ranks map them, no pickle"
 TAG = "mmdiag-shm/1"      # first field of a handle tuple
 PREFIX = "mmdiag-shm-"    # segment names: PREFIX<pid>-<random>
@@ -318,7 +319,7 @@ def release_settings(det, plan: Plan) -> Plan:
 
 def build(det, texts: dict[str, str]) -> Plan:
     plan = Plan(STRATEGY, det.variant)
-    if det.facts.transport == "shm":
+    if det.facts.transport == TRANSPORT_SHM:
         return release_settings(det, plan)
     plan.new_texts["tokenizer_manager"] = _tokenizer(det, texts["tokenizer_manager"])
     plan.new_texts["scheduler"] = _scheduler(det, texts["scheduler"])

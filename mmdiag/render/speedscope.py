@@ -1,24 +1,22 @@
-"""Write the sampled stacks as a speedscope file (https://www.speedscope.app)."""
+"""The sampled stacks as a speedscope file (https://www.speedscope.app): the `speedscope` renderer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from .. import fileio, render
-from .attribute import RankSamples
-
 
 @dataclass
 class SampledStacks:
-    """Every rank's sampled stacks: what the `speedscope` renderer shows."""
-    ranks: list[RankSamples]
+    """Every rank's sampled stacks (mmdiag.live.attribute.RankSamples): what the `speedscope`
+    renderer shows; the live profiler hands them up, api writes them."""
+    ranks: list[Any]
     noun = "speedscope file"
 
     def to_speedscope(self) -> dict[str, Any]:
         return to_speedscope(self.ranks)
 
 
-def to_speedscope(ranks: list[RankSamples], name: str = "mmdiag profile") -> dict[str, Any]:
+def to_speedscope(ranks: list[Any], name: str = "mmdiag profile") -> dict[str, Any]:
     frames: list[dict[str, Any]] = []
     index: dict[tuple, int] = {}
     profiles = []
@@ -43,7 +41,3 @@ def to_speedscope(ranks: list[RankSamples], name: str = "mmdiag profile") -> dic
                              "samples": samples, "weights": weights})
     return {"$schema": "https://www.speedscope.app/file-format-schema.json", "name": name,
             "exporter": "mmdiag", "activeProfileIndex": 0, "shared": {"frames": frames}, "profiles": profiles}
-
-
-def write_speedscope(path: str, ranks: list[RankSamples]) -> None:
-    fileio.write_text_atomic(path, render.render(SampledStacks(ranks), "speedscope"))

@@ -30,8 +30,8 @@ from typing import Any, Callable
 from .. import render
 from ..errors import MmdiagError
 from ..run import Run
-from .criteria import Criterion, load_criteria
-from .report import Report, build_report
+from ..analysis.criteria import Criterion, load_criteria
+from ..analysis.report import Report, build_report
 
 
 @dataclass

@@ -28,8 +28,9 @@ from typing import Any
 
 import psutil
 
-from .errors import SGLangError
-from .facts import Launch, at_least, effective_transport, facts, rust_hashes, since
+from ..sglang.errors import SGLangError
+from ..sglang.facts import Launch, at_least, effective_transport, facts, rust_hashes, since
+from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -85,8 +86,8 @@ def _int(argv, *names, default: int) -> int | None:
 
 def server_process(pid: int):
     """(server psutil.Process, [(rank pid, title)]): the PID itself or, for a scheduler
-    PID, its parent; ranks by their titles (mmdiag.live.discover)."""
-    from ..live.discover import discover, parse_title, title_of
+    PID, its parent; ranks by their titles (discover.py)."""
+    from .discover import discover, parse_title, title_of
     disc = discover(pid)  # LiveError (an MmdiagError) when PID is neither a server nor a rank
     proc = psutil.Process(pid)
     if disc.how == "scheduler":
@@ -159,7 +160,7 @@ def sglang_dir_of(proc) -> str | None:
 
 
 def _sizes(argv, ranks) -> tuple[int, int]:
-    from ..live.discover import parse_title
+    from .discover import parse_title
     parts = [parse_title(t) or {} for _, t in ranks]
     tp_titles = max((p.get("TP", 0) for p in parts), default=0) + 1
     dp_titles = max((p.get("DP", 0) for p in parts), default=0) + 1
@@ -168,8 +169,8 @@ def _sizes(argv, ranks) -> tuple[int, int]:
 
 def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     """The effective settings of the server behind PID (see the module docstring)."""
-    from .detect import detect
-    from .locate import locate
+    from ..sglang.detect import detect
+    from ..sglang.locate import locate
     try:
         proc, ranks = server_process(pid)
         argv, env, t0 = proc.cmdline(), proc.environ(), proc.create_time()
@@ -238,7 +239,9 @@ def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) 
     safe where that happens once (the tokenizer, or the entry rank before 17a57fd's
     broadcast), a divergence where every TP rank materializes on its own (measured:
     `replay --impl sglang` on 0.5.9 ends with ranks disagreeing on hashes and pad values)."""
-    once = pre_effective or patch in ("precompute", "shm")
+    from .. import strategies
+    patched = strategies.REGISTRY.get(patch) if patch else None
+    once = pre_effective or bool(patched and patched.hashes_in_tokenizer)
     per_rank = not once and det is not None and (
         patch in ("revert", "dict") or det.variant == "per-rank"
         or (det.variant == "broadcast-flag" and not flag_on and patch is None))
@@ -289,17 +292,13 @@ def _transport(argv, env, f, version: str | None, launch: Launch) -> tuple[str, 
         return "cuda_ipc", "SGLANG_USE_CUDA_IPC_TRANSPORT=1"
     if f is None:
         return "unknown", "release not found"
-    return effective_transport(version, "shm" if f.transport == "shm" else "pickle", launch)
+    return effective_transport(version, TRANSPORT_SHM if f.transport == TRANSPORT_SHM else TRANSPORT_PICKLE, launch)
 
 
 def header_lines(pid: int, sglang_path: str | None = None) -> list[str]:
     """A few lines naming the configuration a server runs: for `doctor --pid` and the
     head of `mmdiag profile`. Raises an MmdiagError when PID is not a server or rank."""
     return settings_lines(read_server(pid, sglang_path))
-
-
-def header_text(s: ServerSettings) -> str:
-    return "\n".join(settings_lines(s)) + "\n"
 
 
 def settings_lines(s: ServerSettings) -> list[str]:

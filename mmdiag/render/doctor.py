@@ -1,4 +1,5 @@
-"""Text of `mmdiag doctor`: one row per fact, each with the file:line that says so."""
+"""Text of `mmdiag doctor`: one row per fact, each with the file:line that says so; and of
+`mmdiag doctor --pid` (a running server's settings, mmdiag.live.server)."""
 from __future__ import annotations
 
 from typing import Any
@@ -75,3 +76,9 @@ def doctor_text(det) -> str:
     out = [f"{k.ljust(width)}  {v}" for k, v in rows]
     out += [f"note: {n}" for n in det.notes]
     return "\n".join(out) + "\n"
+
+
+def server_text(s) -> str:
+    """`doctor --pid`: the lines a profile's header also carries (one home: live.server)."""
+    from ..live.server import settings_lines
+    return "\n".join(settings_lines(s)) + "\n"

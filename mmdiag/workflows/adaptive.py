@@ -22,9 +22,9 @@ from typing import Callable
 from ..errors import MmdiagError
 from ..progress import Lines as Progress  # noqa: F401 - the one progress line (mmdiag.progress)
 from ..run import Run
-from . import threshold
-from .merge import merge_replays
-from .recommend import INSUFFICIENT, Recommendation, recommend
+from ..strategies import cond_threshold as threshold
+from ..analysis.merge import merge_replays
+from ..analysis.recommend import INSUFFICIENT, Recommendation, recommend
 from ..fileio import check_writable
 
 UNDECIDED = (INSUFFICIENT, "low")
@@ -94,7 +94,7 @@ def recommend_default(*, tp: int | None = None, n: int | None = None, profile: s
     from ..replay import ReplayOptions, replay
     from ..strategies import BASELINE, resolve
     from ..workloads import defaults, synth_to_file
-    from .recommend import load_rules
+    from ..analysis.recommend import load_rules
 
     d = defaults()
     quick = d.get("quick", {})

@@ -5,7 +5,9 @@ materializes, one broadcast), a smaller one materializes on every rank. The
 threshold is, in order: an explicit option, the seed's environment variable
 (SGLANG_MM_BROADCAST_THRESHOLD, bytes), the crossover the cost model measured
 for this deployment (mmdiag.analysis.costmodel: B* = c / (m_all - m_one - k),
-one collective per request). When broadcasting never pays (sending costs more
+one collective per request). The cost model is the caller's: this module sits with the
+strategy, below analysis, and is handed a fitted model (or `fit`, Runs -> model, where
+Run files are named by the user) instead of importing analysis. When broadcasting never pays (sending costs more
 per MB than every rank hashing, as on the CPU transports so far) the threshold
 is infinite and `cond` is `revert`; mmdiag says so rather than invent a number.
 
@@ -22,7 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import MmdiagError
 from ..units import MB
@@ -86,10 +88,12 @@ def from_model(model) -> Threshold:
                      f"the measured crossover at tp {model.tp}")
 
 
-def from_runs(paths: Sequence[str], where: str = "--threshold") -> Threshold:
-    """The crossover measured in these Runs (recommend's cost model); an error when they do not place it."""
+Fit = Callable[[list[Any]], Any]   # Runs -> CostModel (mmdiag.analysis.costmodel.fit)
+
+
+def from_runs(paths: Sequence[str], fit: Fit, where: str = "--threshold") -> Threshold:
+    """The crossover measured in these Runs (`fit`: recommend's cost model); an error when they do not place it."""
     from ..run import Run
-    from .costmodel import fit
     th = from_model(fit([Run.load(p) for p in paths]))
     if th.bytes is None:
         raise MmdiagError(f"the Run does not place the crossover: {th.text}", where=f"{where} {', '.join(paths)}",
@@ -97,27 +101,29 @@ def from_runs(paths: Sequence[str], where: str = "--threshold") -> Threshold:
     return Threshold(th.bytes, "measured", f"{th.text} (measured in {', '.join(paths)})")
 
 
-def from_option(value: str | float) -> Threshold:
-    """--threshold: bytes, 'never', or a Run file whose measured crossover to use."""
+def from_option(value: str | float, fit: Fit | None = None) -> Threshold:
+    """--threshold: bytes, 'never', or a Run file whose measured crossover to use (fitted by `fit`)."""
     text = str(value).strip()
     if isinstance(value, str) and text.lower() not in NEVER_WORDS and os.path.isfile(text):
-        return from_runs([text])
+        if fit is None:
+            raise TypeError("from_option: a Run file needs the caller's cost model fit")
+        return from_runs([text], fit)
     return Threshold(parse_bytes(value, "--threshold"), "option", f"threshold {text} from the option")
 
 
-def kept_recommend_run(runs_dir: str) -> Threshold | None:
+def kept_recommend_run(runs_dir: str, fit: Fit) -> Threshold | None:
     """The crossover in the newest Run `mmdiag recommend` kept (None: no such Run, or it places none)."""
     kept = sorted(glob.glob(os.path.join(runs_dir, "recommend-*.json")))
     if not kept:
         return None
     try:
-        return from_runs(kept[-1:], "the Run mmdiag recommend kept")
+        return from_runs(kept[-1:], fit, "the Run mmdiag recommend kept")
     except MmdiagError:
         return None
 
 
 def resolve(option: str | float | Threshold | None = None, env: Mapping[str, str] | None = None,
-            model=None, fallback: Threshold | None = None) -> Threshold:
+            model=None, fallback: Threshold | None = None, fit: Fit | None = None) -> Threshold:
     """Option, then the environment variable, then the measured crossover (`model`, else
     `fallback`); the seed's example value only when nothing was given or measured (and
     labelled as such)."""
@@ -125,7 +131,7 @@ def resolve(option: str | float | Threshold | None = None, env: Mapping[str, str
     if isinstance(option, Threshold):
         return option
     if option is not None:
-        return from_option(option)
+        return from_option(option, fit)
     if env.get(OPTION_ENV):      # a replay rank: the launcher's resolved --threshold
         return Threshold.from_dict(json.loads(env[OPTION_ENV]))
     if env.get(ENV, "").strip():
@@ -154,13 +160,14 @@ def given(th: Threshold | None):
         _GIVEN.reset(token)
 
 
-def for_patch(runs_dir: str | None = None, option: str | None = None) -> Threshold:
+def for_patch(runs_dir: str | None = None, option: str | None = None, fit: Fit | None = None) -> Threshold:
     """What `mmdiag apply cond` bakes in: the option, the environment, the Run recommend kept, the seed's example."""
     if _GIVEN.get() is not None and option is None:
         return _GIVEN.get()
     env = {k: v for k, v in os.environ.items() if k != OPTION_ENV}
-    kept = kept_recommend_run(runs_dir) if runs_dir and option is None and not env.get(ENV, "").strip() else None
-    return resolve(option, env=env, fallback=kept)
+    kept = (kept_recommend_run(runs_dir, fit) if runs_dir and fit and option is None and not env.get(ENV, "").strip()
+            else None)
+    return resolve(option, env=env, fallback=kept, fit=fit)
 
 
 def recommend_note(model) -> str:
