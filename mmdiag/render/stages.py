@@ -1,7 +1,6 @@
 """A live profile's stage part (Run.stages, Run.bottleneck: mmdiag.live.stages) as text,
-Markdown and HTML, and a profile Run as one HTML page."""
+Markdown and HTML (the page of a whole Run: render.run_html)."""
 from __future__ import annotations
-
 
 from tabulate import tabulate
 
