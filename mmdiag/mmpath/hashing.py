@@ -35,6 +35,13 @@ assert tuple(FUNCTIONS) == HASHES, "hash functions and vocabulary disagree"
 # (SGLANG_MM_SKIP_COMPUTE_HASH) is not a content hash: repeated images stop matching.
 PREFIX_CACHE = {"sha256": "content hash kept", "xxh3": "content hash kept", "random": "random: repeated images miss"}
 
+# Each hash as an incremental hasher (module, constructor): objects with update() and
+# digest(), whose first 8 digest bytes are the hash. `mmdiag apply NAME` puts NAME's in place
+# of sha256 where an SGLang install hashes; SGLang's own (the default) needs no patch.
+HASHERS = {"sha256": ("hashlib", "sha256"), "xxh3": ("xxhash", "xxh3_128")}
+assert tuple(HASHERS) == HASHES, "hashers and vocabulary disagree"
+PATCHABLE = tuple(h for h in HASHES if h != DEFAULT_HASH)
+
 _current = DEFAULT_HASH
 
 
