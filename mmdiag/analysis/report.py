@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MmdiagError
+from ..mmpath.hashing import prefix_cache_of
 from ..run import RankResult, Run, StrategyResult
 from ..strategies import BASELINE
 from ..units import MB
@@ -64,9 +65,15 @@ class Side:
         rps = self.result.throughput_rps if self.result is not None else None
         return L.load_of(self.run, rps if rps is not None and not _nan(rps) else None)
 
+    @property
+    def prefix_cache(self) -> str | None:
+        """Content hash kept (which), or random (replay --skip-hash); None for a live profile."""
+        return prefix_cache_of(self.run.config) if self.is_replay else None
+
     def describe(self) -> str:
         name = f"`{self.strategy}`" if self.strategy else "profile"
-        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
+        pc = f"; prefix cache: {self.prefix_cache}" if self.prefix_cache else ""
+        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp}{pc})"
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         def side(s: Side) -> dict[str, Any]:
             return {"path": s.path, "schema": s.run.schema, "tp": s.run.tp, "strategy": s.strategy,
-                    "trace": s.run.trace, "created": s.run.created}
+                    "prefix_cache": s.prefix_cache, "trace": s.run.trace, "created": s.run.created}
         return json_safe({
             "schema": "mmdiag.report/1", "verdict": self.verdict, "passed": self.passed,
             "before": side(self.before), "after": side(self.after),
