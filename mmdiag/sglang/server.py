@@ -10,7 +10,9 @@ read from its live processes (never from a text someone pasted):
 - the SGLang package that process imports: found by its own interpreter with its own
   environment and working directory (importlib.util.find_spec: nothing is imported),
   then probed like `mmdiag doctor` (release, defaults, transport);
-- whether an mmdiag patch on disk is newer than the server's start (not picked up yet).
+- whether an mmdiag patch on disk is newer than the server's start (not picked up yet);
+- the content hash it runs: the install's (sha256, or what `mmdiag apply xxh3` wrote, once
+  the server started after it), or random under SGLANG_MM_SKIP_COMPUTE_HASH.
 
 `header_lines(pid)` gives the same in a few lines for other views (`mmdiag profile`).
 """
@@ -24,6 +26,8 @@ from typing import Any
 
 import psutil
 
+from ..mmpath.hashing import PREFIX_CACHE
+from ..vocab import DEFAULT_HASH
 from .errors import SGLangError
 from .facts import at_least, since
 
@@ -52,6 +56,8 @@ class ServerSettings:
     patch: str | None  # the mmdiag strategy applied on disk
     patch_pending: bool  # the patch was written after the server started: not running yet
     skip_hash_env: str | None = None  # SGLANG_MM_SKIP_COMPUTE_HASH as the server's environment has it
+    # the content hash the running server uses (vocab.HASHES, or "random" under SGLANG_MM_SKIP_COMPUTE_HASH)
+    content_hash: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,8 +159,12 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
                      "(`mmdiag apply precompute` patches it in)")
     transport, tsrc = _transport(argv, env, f)
     patch, pending = None, False
+    content_hash = det.content_hash if det is not None else None
     if det is not None and det.manifest:
-        patch = det.manifest["strategy"]
+        patch = "+".join(det.manifest.get("patches") or [det.manifest["strategy"]])
+        mm_utils = det.install.path("mm_utils")
+        if content_hash != DEFAULT_HASH and mm_utils.exists() and os.stat(mm_utils).st_mtime > t0:
+            content_hash = DEFAULT_HASH  # the server imported SGLang's own before the patch
         written = max((os.stat(det.install.package_dir / rel).st_mtime for rel in det.manifest["files"]
                        if (det.install.package_dir / rel).exists()), default=0.0)
         pending = written > t0
@@ -167,12 +177,13 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
             notes.append(f"SGLANG_MM_SKIP_COMPUTE_HASH is set but this release does not read it "
                          f"(from {since('skip_hash_family')})")
         else:
+            content_hash = "random"
             notes.append(_skip_hash_note(det, patch, flag_on, pre_effective))
     started = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds")
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
                           det.install.version if det else None, f.family if f else None, patch, pending,
-                          skip, notes)
+                          skip, content_hash, notes)
 
 
 def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) -> str:
@@ -180,10 +191,11 @@ def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) 
     safe where that happens once (the tokenizer, or the entry rank before 17a57fd's
     broadcast), a divergence where every TP rank materializes on its own (measured:
     `replay --impl sglang` on 0.5.9 ends with ranks disagreeing on hashes and pad values)."""
-    once = pre_effective or patch in ("precompute", "shm")
+    strategy = det.manifest.get("strategy") if det is not None and det.manifest else None
+    once = pre_effective or strategy in ("precompute", "shm")
     per_rank = not once and det is not None and (
-        patch in ("revert", "dict") or det.variant == "per-rank"
-        or (det.variant == "broadcast-flag" and not flag_on and patch is None))
+        strategy in ("revert", "dict") or det.variant == "per-rank"
+        or (det.variant == "broadcast-flag" and not flag_on and strategy is None))
     if per_rank:
         return ("SGLANG_MM_SKIP_COMPUTE_HASH=1 while every TP rank materializes on its own: each rank draws its "
                 "own random hash, so the ranks disagree on pad values and prefix-cache keys; set "
@@ -224,6 +236,8 @@ def settings_lines(s: ServerSettings) -> list[str]:
         f"broadcast flag {'on' if s.broadcast_flag else 'off'} ({s.broadcast_flag_source}); "
         f"SGLANG_MM_PRECOMPUTE_HASH {pre}; feature transport {s.feature_transport} ({s.feature_transport_source})",
         f"mmdiag patch: {s.patch or 'none'}" + (" (written after the server started: not running yet)"
-                                                 if s.patch_pending else ""),
+                                                 if s.patch_pending else "")
+        + f"; content hash {s.content_hash or 'unknown'}"
+        + (f" ({PREFIX_CACHE[s.content_hash]})" if s.content_hash in PREFIX_CACHE else ""),
     ]
     return lines + [f"note: {n}" for n in s.notes]
