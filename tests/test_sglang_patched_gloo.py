@@ -336,10 +336,11 @@ def _pooled(raw):
 
 
 def test_shm_patch_reuses_pooled_segments_bounded_and_safely(installs, tmp_path, monkeypatch):
-    """The pool in one process (a group of one): a segment a rank has copied is free again
-    and the next feature is written into it (same file, no new one); what a rank received
-    keeps its bytes when the segment is rewritten; the pool stays within its bound (beyond
-    it a new segment per feature); the exit removes it."""
+    """The pool in one process (a group of one): a segment is not rewritten while a rank
+    still maps it (the next feature goes to a new segment, the bound being reached), and is
+    rewritten (same file, no new one) once that map is gone; a cancelled request gives its
+    segment back; the exit removes the pool."""
+    import gc
     import torch
     from mmdiag.sglang.runtime import load_sglang_mm_path
     seg = tmp_path / "shm"
@@ -355,25 +356,34 @@ def test_shm_patch_reuses_pooled_segments_bounded_and_safely(installs, tmp_path,
         path.tokenizer_side(raw)
         return raw, f
 
+    def received(raw, rid):
+        path.finish_recv(sched, [path.generate_req(rid, raw)])
+        return raw["mm_items"][0].feature
+
     raw1, f1 = written(1)
     assert _pooled(raw1)
     slot = raw1["mm_items"][0].feature[1]
+    held = os.path.basename(slot) + ".held"
     inode = os.stat(slot).st_ino
-    path.finish_recv(sched, [path.generate_req("a", raw1)])
-    got1 = raw1["mm_items"][0].feature
-    assert torch.equal(got1, f1)
-    assert sorted(os.listdir(seg)) == [os.path.basename(slot) + ".free"]  # every rank copied it: free
-    raw2, f2 = written(2)
-    assert _pooled(raw2) and raw2["mm_items"][0].feature[1] == slot and os.stat(slot).st_ino == inode
-    assert torch.equal(got1, f1)  # rewritten under it: what the rank received is its own copy
-    raw3, _ = written(3)  # the slot is in flight and the bound is reached: a new segment
-    assert not _pooled(raw3) and len(os.listdir(seg)) == 2
-    path.finish_recv(sched, [path.generate_req("b", raw2), path.generate_req("c", raw3)])
-    assert torch.equal(raw2["mm_items"][0].feature, f2)
-    assert sorted(os.listdir(seg)) == [os.path.basename(slot) + ".free"]  # the new one unlinked, the slot free
+    got1 = received(raw1, "a")
+    assert torch.equal(got1, f1) and sorted(os.listdir(seg)) == [held]  # mapped, not unlinked
+    raw2, f2 = written(2)  # the rank still maps the slot, and the bound is reached: a new segment
+    assert not _pooled(raw2) and len(os.listdir(seg)) == 2
+    assert torch.equal(received(raw2, "b"), f2) and sorted(os.listdir(seg)) == [held]
+    assert torch.equal(got1, f1)  # never rewritten under a live map
+    del got1, raw1
+    gc.collect()  # the rank's map (and with it its lock) is gone
+    raw3, f3 = written(3)
+    assert _pooled(raw3) and raw3["mm_items"][0].feature[1] == slot and os.stat(slot).st_ino == inode
+    assert torch.equal(received(raw3, "c"), f3)
+    del raw3
+    gc.collect()
     raw4, _ = written(4)
+    assert _pooled(raw4)
     path.ns["_mmdiag_shm_discard"](raw4)  # a cancelled request gives its slot back
-    assert sorted(os.listdir(seg)) == [os.path.basename(slot) + ".free"]
+    assert sorted(os.listdir(seg)) == [held]
+    raw5, _ = written(5)
+    assert raw5["mm_items"][0].feature[1] == slot
     path.ns["_mmdiag_shm_pool_close"]()  # what atexit runs
     path.ns["_mmdiag_shm_reclaim"](float("inf"))
     assert os.listdir(seg) == []

@@ -31,13 +31,15 @@ of /dev/shm up to 4 GiB; 0 turns it off): writing into a new segment costs its p
 faults (27-34 ms for 18.8 MB), into a reused, still-mapped one a copy (2-2.6 ms). The
 tokenizer keeps each pooled segment mapped and grows the pool only when no free one is
 large enough (whole MB, so it is sized to the features in flight); beyond the bound it
-writes new segments as above. A pooled handle carries a sixth field, True. Ranks copy a
-pooled segment instead of mapping it (a private map would show the tokenizer's next
-write on every page the rank never wrote), the entry rank does not unlink it, and after
-the all_reduce (every rank has copied or given up) renames it to `<name>.free`; the
-tokenizer takes it back by renaming it to its busy name, atomically, so no writer and
-reader ever share it. A pooled segment no scheduler took is dropped from the pool (never
-rewritten: a late reader may still open it). Exit removes the pool; a tokenizer that
+writes new segments as above. A pooled handle carries a sixth field, True. A private
+map shows the file's later bytes on every page the rank never wrote, so a segment is
+rewritten only once no rank maps it: each rank takes a shared flock on the fd it opens,
+and its map keeps a duplicate of that fd, so the lock lives exactly as long as the map
+(the feature and every view of it; a dead rank's goes with it). After the barrier (every
+rank holds its lock) the entry rank renames the segment `<name>.held` instead of
+unlinking it; the tokenizer takes it back when its exclusive test finds no shared lock
+left, by renaming it to its own name, atomically. A pooled segment no scheduler took is
+dropped from the pool (never rewritten: a late reader may still open it). Exit removes the pool; a tokenizer that
 died (kill -9) leaves segments named by its pid, which the next one removes at its
 first write.
 """
@@ -180,21 +182,36 @@ def _mmdiag_shm_pool_bytes():
     return min(st.f_frsize * st.f_blocks // 4, {POOL_MAX_MB} << 20)
 
 
+def _mmdiag_shm_take(path, fd):
+    """Take a slot back if no rank maps it any more: its name is `<path>.held` (every rank
+    of the call took its shared lock before the entry rank renamed it so) and no shared
+    lock is left (a rank's lock lives as long as its map). The rename back is atomic."""
+    import fcntl
+    if not os.path.exists(path + ".held"):
+        return False  # in flight: not every rank has locked it yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a rank still maps it
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    try:
+        os.rename(path + ".held", path)
+    except OSError:
+        return False
+    return True
+
+
 def _mmdiag_shm_acquire(folder, nbytes):
     """(path, map) of a pooled segment of at least nbytes, now reserved for one feature;
-    None: the pool has none free and may not grow. A slot is free when its name ends in
-    `.free`: the entry rank renames it so once every rank has copied its bytes, and the
-    rename back is atomic, so no two writers take it and no reader sees it rewritten."""
+    None: the pool has none free and may not grow."""
     import mmap
     import secrets
     import threading
     with _MMDIAG_SHM_STATE.setdefault("lock", threading.Lock()):
         by_size = sorted(_MMDIAG_SHM_POOL.items(), key=lambda kv: kv[1][1])
-        for path, (mm, size) in by_size:
+        for path, (mm, size, fd) in by_size:
             if size >= nbytes:
-                try:
-                    os.rename(path + ".free", path)
-                except OSError:
+                if not _mmdiag_shm_take(path, fd):
                     continue
                 import time
                 _MMDIAG_SHM_WRITTEN[path] = time.monotonic()  # under the lock: reclaim sees it in flight
@@ -202,15 +219,12 @@ def _mmdiag_shm_acquire(folder, nbytes):
         size = -(-nbytes // (1 << 20)) << 20  # whole MB: a slot serves features of nearby sizes
         cap = _mmdiag_shm_pool_bytes()
         held = sum(v[1] for v in _MMDIAG_SHM_POOL.values())
-        for path, (mm, old) in by_size:  # make room: drop free slots too small to serve
+        for path, (mm, old, fd) in by_size:  # make room: drop free slots too small to serve
             if held + size <= cap:
                 break
-            try:
-                os.rename(path + ".free", path)
-            except OSError:
-                continue
-            _mmdiag_shm_drop(path)
-            held -= old
+            if _mmdiag_shm_take(path, fd):
+                _mmdiag_shm_drop(path)
+                held -= old
         if size > cap - held:
             return None
         path = os.path.join(folder, f"{PREFIX}{{os.getpid()}}-p{{secrets.token_hex(8)}}")
@@ -222,10 +236,9 @@ def _mmdiag_shm_acquire(folder, nbytes):
             os.posix_fallocate(fd, 0, size)  # the pages exist from here on: no fault, no SIGBUS later
             mm = mmap.mmap(fd, size)
         except (OSError, ValueError):
+            os.close(fd)
             _mmdiag_shm_unlink(path)
             return None
-        finally:
-            os.close(fd)
         import time
         _MMDIAG_SHM_WRITTEN[path] = time.monotonic()  # under the lock: reclaim sees it in flight
         if hasattr(mmap, "MADV_POPULATE_WRITE"):  # fault this map's pages in now, once
@@ -236,17 +249,19 @@ def _mmdiag_shm_acquire(folder, nbytes):
         if not _MMDIAG_SHM_POOL:
             import atexit
             atexit.register(_mmdiag_shm_pool_close)
-        _MMDIAG_SHM_POOL[path] = (mm, size)
+        _MMDIAG_SHM_POOL[path] = (mm, size, fd)  # fd: this process's side of the ranks' locks
         return path, mm
 
 
 def _mmdiag_shm_drop(path):
-    """Take a slot out of the pool: unlink both its names, close this process's map."""
+    """Take a slot out of the pool: unlink both its names, close this process's map and fd
+    (never rewritten again: a rank that still maps it keeps its bytes)."""
     slot = _MMDIAG_SHM_POOL.pop(path, None)
     _mmdiag_shm_unlink(path)
-    _mmdiag_shm_unlink(path + ".free")
+    _mmdiag_shm_unlink(path + ".held")
     _MMDIAG_SHM_WRITTEN.pop(path, None)
     if slot is not None:
+        os.close(slot[2])
         try:
             slot[0].close()
         except BufferError:
@@ -293,7 +308,7 @@ def _mmdiag_shm_reclaim_locked(before):
     for path, when in list(_MMDIAG_SHM_WRITTEN.items()):
         pooled = path in _MMDIAG_SHM_POOL
         if when < before:
-            if pooled and os.path.exists(path + ".free"):
+            if pooled and os.path.exists(path + ".held"):
                 _MMDIAG_SHM_WRITTEN.pop(path, None)
             elif pooled:
                 _mmdiag_shm_drop(path)
@@ -301,19 +316,19 @@ def _mmdiag_shm_reclaim_locked(before):
                 _mmdiag_shm_unlink(path)
         elif os.path.exists(path):
             continue
-        elif pooled and not os.path.exists(path + ".free"):
+        elif pooled and not os.path.exists(path + ".held"):
             _mmdiag_shm_drop(path)  # unlinked by a scheduler whose collective failed
         _MMDIAG_SHM_WRITTEN.pop(path, None)
 
 
 def _mmdiag_shm_discard(mm_inputs):
-    """The request will not be sent: remove its segments (a pooled one is free again)."""
+    """The request will not be sent: remove its segments (no rank locks a pooled one: free again)."""
     for item in _mmdiag_shm_items(mm_inputs):
         handle = getattr(item, "feature", None)
         if isinstance(handle, tuple) and handle and handle[0] == _MMDIAG_SHM_TAG:
             if len(handle) > 5 and handle[5]:
                 try:
-                    os.rename(handle[1], handle[1] + ".free")
+                    os.rename(handle[1], handle[1] + ".held")
                 except OSError:
                     pass
             else:
@@ -349,15 +364,15 @@ def _mmdiag_shm_found(recv_reqs):
 
 @staticmethod
 def _mmdiag_shm_map(fd, handle):
-    """Map the segment copy-on-write (no copy of its bytes) and close the fd. A pooled
-    segment is copied out instead: the tokenizer rewrites it once every rank is done, and
-    a private map still shows the file's later bytes on pages it never wrote."""
+    """Map the segment copy-on-write (no copy of its bytes) and close the fd. The map keeps
+    its own duplicate of the fd, and with it a pooled segment's shared lock: the tokenizer
+    rewrites the segment only once every rank's map is gone (a private map shows the file's
+    later bytes on every page the rank never wrote)."""
     import mmap
     _tag, _path, shape, dtype, nbytes = handle[:5]
     try:
         mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)
-        t = torch.frombuffer(mm, dtype=getattr(torch, dtype)).reshape(shape)
-        return t.clone() if len(handle) > 5 and handle[5] else t
+        return torch.frombuffer(mm, dtype=getattr(torch, dtype)).reshape(shape)
     except (OSError, ValueError, TypeError, AttributeError, RuntimeError):
         return None
     finally:
@@ -365,13 +380,23 @@ def _mmdiag_shm_map(fd, handle):
 
 @staticmethod
 def _mmdiag_shm_open(handles):
-    """An fd per handle, None where the segment cannot be opened."""
+    """An fd per handle, None where the segment cannot be opened; a pooled segment's fd
+    holds a shared lock (flock), which the tokenizer's exclusive test sees."""
+    import fcntl
     fds = []
     for h in handles:
         try:
-            fds.append(os.open(h[1], os.O_RDONLY))
+            fd = os.open(h[1], os.O_RDONLY)
         except OSError:
             fds.append(None)
+            continue
+        if len(h) > 5 and h[5]:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:
+                os.close(fd)
+                fd = None
+        fds.append(fd)
     return fds
 
 @staticmethod
@@ -383,11 +408,11 @@ def _mmdiag_shm_unlink(handles):
             pass
 
 @staticmethod
-def _mmdiag_shm_free(handles):
-    """Pooled segments back to their tokenizer's pool (every rank has copied them)."""
+def _mmdiag_shm_hold(handles):
+    """Pooled segments: every rank holds its lock, so the tokenizer may test them now."""
     for h in handles:
         try:
-            os.rename(h[1], h[1] + ".free")
+            os.rename(h[1], h[1] + ".held")
         except OSError:
             pass
 
@@ -402,10 +427,10 @@ def _mmdiag_shm_finalize(self, recv_reqs):
     try:
         fds = self._mmdiag_shm_open(handles)
         if world > 1:
-            torch.distributed.barrier(group=group)  # every rank holds its fds: unlinking is safe
-        pooled = [h for h in handles if len(h) > 5 and h[5]]
+            torch.distributed.barrier(group=group)  # every rank holds its fds (and locks): unlinking is safe
         if entry:
             self._mmdiag_shm_unlink([h for h in handles if not (len(h) > 5 and h[5])])
+            self._mmdiag_shm_hold([h for h in handles if len(h) > 5 and h[5]])
         failed = torch.zeros(len(found), dtype=torch.int32)
         for k, ((_, _, item), fd) in enumerate(zip(found, fds)):
             fds[k] = None  # _mmdiag_shm_map closes it
@@ -418,8 +443,6 @@ def _mmdiag_shm_finalize(self, recv_reqs):
             torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=group)
         if bool(failed.any()):
             self._mmdiag_shm_resend(found, failed, group, world)
-        if entry:  # past the all_reduce every rank has copied (or given up on) each segment
-            self._mmdiag_shm_free(pooled)
         done = True
     finally:
         for fd in fds:
