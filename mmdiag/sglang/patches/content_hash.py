@@ -52,8 +52,8 @@ def {HASHER}(*data):
 
 
 def _functions(text: str) -> dict[str, ast.FunctionDef]:
-    tree = astutil.parse(text, "mm_utils.py")
-    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in FUNCTIONS}
+    """mm_utils' hashing functions (variants.toml [layouts] targets of the same names)."""
+    return {name: node for name in FUNCTIONS if (node := astutil.target_node(text, name, "mm_utils.py")) is not None}
 
 
 def _sha256_sites(fn: ast.FunctionDef) -> list[ast.Attribute]:
@@ -172,7 +172,7 @@ def build(det, texts: dict[str, str], name: str) -> Plan:
         if fn is None:
             raise UnknownLayout(f"mm_utils.{fn_name} not found", where=where, fix="nothing was changed")
         fp = astutil.fingerprint(fn)
-        known = layouts(f"mm_utils.{fn_name}")
+        known = layouts(fn_name)
         if fp not in known:
             raise UnknownLayout(f"mm_utils.{fn_name} (line {fn.lineno}) matches no known layout (fingerprint {fp})",
                                 where=where, fix="this code was changed from any release mmdiag knows; "
