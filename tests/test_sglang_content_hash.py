@@ -172,3 +172,33 @@ def test_patched_release_hashes_with_xxh3_in_every_process(version, tmp_path):
     assert c["ref"] != a["ref"] and c["item"] != a["item"]  # different bytes, different hash
     A.undo(locate(str(pkg)))
     assert _probe(pkg, 1) == plain
+
+
+def test_a_stacked_apply_that_fails_midway_leaves_the_prior_patch_and_its_record(tmp_path, monkeypatch):
+    """xxh3 applied, then `shm` fails writing its second file (no space): its first file is put
+    back, the manifest and backups are xxh3's as before, and one undo restores the wheel's bytes."""
+    import errno
+    import json
+    pkg = _install("0.5.9", tmp_path)
+    before = tree_bytes(pkg)
+    assert A.apply(locate(str(pkg)), "xxh3").status == "applied"
+    with_xxh3 = tree_bytes(pkg)
+    manifest = (state_of(pkg) / "manifest.json").read_bytes()
+    backups = sorted(p.relative_to(state_of(pkg)) for p in state_of(pkg).rglob("*") if p.is_file())
+    scheduler = pkg / "srt/managers/scheduler.py"
+    real = os.replace
+
+    def flaky(src, dst):
+        if str(dst) == str(scheduler):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(A.os, "replace", flaky)
+    r = run("apply", "shm", "--sglang", pkg, "--yes")
+    monkeypatch.setattr(A.os, "replace", real)
+    assert r.exit_code != 0 and f"{scheduler}: no space left" in r.output, r.output
+    assert tree_bytes(pkg) == with_xxh3
+    assert json.loads((state_of(pkg) / "manifest.json").read_bytes()) == json.loads(manifest)
+    assert sorted(p.relative_to(state_of(pkg)) for p in state_of(pkg).rglob("*") if p.is_file()) == backups
+    assert run("apply", "--undo", "--sglang", pkg, "--yes").exit_code == 0
+    assert tree_bytes(pkg) == before

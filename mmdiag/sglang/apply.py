@@ -337,8 +337,9 @@ def _undo_state(install: SGLangInstall, prior: dict | None, prior_patched: dict[
         _cleanup_state(install)
         return
     for rel in fresh:  # backups of files the prior stack did not hold
-        with contextlib.suppress(OSError):
-            _backup_path(install, rel).unlink()
+        for name in (rel, rel + ".patched"):
+            with contextlib.suppress(OSError):
+                _backup_path(install, name).unlink()
     for rel, data in prior_patched.items():
         with contextlib.suppress(OSError):
             write_bytes_atomic(_backup_path(install, rel + ".patched"), data)
