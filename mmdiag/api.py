@@ -21,6 +21,7 @@ from . import strategies as registry
 from .errors import MmdiagError
 from .fileio import check_writable
 from .run import Run
+from .vocab import DEFAULT_HASH
 
 Progress = Callable[[dict], None]
 Log = Callable[[str], None]
@@ -83,7 +84,7 @@ def trace_info(path: str) -> dict[str, Any]:
     header, st = scan(path)
     return {"schema": header.schema, "source": header.source, "arrival": header.arrival,
             "model": header.model.get("name"), "requests": st.requests, "mm_requests": st.mm_requests,
-            "items": st.items, "modalities": st.modalities, "mm_gb": round(st.mm_bytes / 1e9, 3),
+            "items": st.items, "modalities": st.modalities, "mm_mb": round(mb(st.mm_bytes), 1),
             "max_request_mb": round(mb(st.max_request_bytes), 1), "span_s": st.duration_s}
 
 
@@ -111,6 +112,12 @@ def replay_options(**kw: Any):
         raise MmdiagError("--strategy does not apply with --impl sglang",
                           fix="the install's own code decides; use `mmdiag apply STRATEGY` to change it")
     kw["strategies"] = [] if kw.get("impl") == "sglang" else registry.resolve(list(kw.get("strategies") or []))
+    if kw.get("hash") not in (None, DEFAULT_HASH):
+        if kw.get("impl") == "sglang":
+            raise MmdiagError(f"--hash {kw['hash']} with --impl sglang: the install hashes with its own code",
+                              where="--hash", fix=f"leave --hash out; `mmdiag apply {kw['hash']}` changes the install's hash")
+        from .mmpath import hashing
+        hashing.check(kw["hash"])
     if kw.get("skip_hash"):
         per_rank = [n for n in kw["strategies"] if not registry.get(n).hashes_in_tokenizer]
         if per_rank:
@@ -178,10 +185,14 @@ def default_run_path(what: str) -> str:
 
 def demo(profile: str | None = None, n: int | None = None, *, log: Log = _quiet,
          progress: Progress | None = None, **options: Any) -> Run:
-    """Synthesize a workload profile (default: the default one; [quick] requests unless `n`)
-    and replay it."""
+    """Synthesize a workload profile (default: the default one; [demo] requests unless `n`)
+    and replay it ([demo] repeats unless `repeat`: the table shows each strategy's noise)."""
+    from .workloads import defaults
+    demo_cfg = defaults().get("demo", {})
     profile = profile or default_profile()
-    n = n or quick().get("requests")   # about a minute on 2 cores, not five
+    n = n or demo_cfg.get("requests") or quick().get("requests")   # minutes on 2 cores, not ten
+    if options.get("repeat") is None:
+        options["repeat"] = int(demo_cfg.get("repeat", 1))
     with tempfile.TemporaryDirectory(prefix="mmdiag-demo-") as tmp:
         path = os.path.join(tmp, "trace.jsonl")
         count, _ = synth_trace(path, profile, n)
@@ -235,11 +246,12 @@ def load_runs(runs: Iterable[Run | str]) -> list[Run]:
     return [r if isinstance(r, Run) else Run.load(r) for r in runs]
 
 
-def recommend(runs: Iterable[Run | str], release: str | None = None):
+def recommend(runs: Iterable[Run | str], release: str | None = None, launch=None):
     """The patch to apply for the measured workload (a Recommendation); for `release`
-    (default: the trace's SGLang version) also which release step pays."""
+    (default: the trace's SGLang version) also which release step pays, as the server is
+    launched (`launch`: mmdiag.sglang.facts.Launch, one node by default)."""
     from .analysis.recommend import recommend as _recommend
-    return _recommend(load_runs(runs), release=release)
+    return _recommend(load_runs(runs), release=release, launch=launch)
 
 
 def report(before: Run | str, after: Run | str, criteria: str | None = None, *, output: str | None = None,
@@ -288,11 +300,12 @@ def verify(strategy: str, *, sglang_path: str | None = None, trace: str | None =
 
 # --- the installed SGLang ----------------------------------------------------------------
 
-def doctor(sglang_path: str | None = None):
-    """Which multimodal path an SGLang install runs, and any mmdiag patch (a Detection)."""
-    from .sglang.detect import detect
+def doctor(sglang_path: str | None = None, launch=None):
+    """Which multimodal path an SGLang install runs, and any mmdiag patch (a Detection); with
+    `launch` (mmdiag.sglang.facts.Launch), the transport and hashing that launch gets."""
+    from .sglang.detect import detect, with_launch
     from .sglang.locate import locate
-    return detect(locate(sglang_path))
+    return with_launch(detect(locate(sglang_path)), launch)
 
 
 def doctor_server(pid: int, sglang_path: str | None = None):

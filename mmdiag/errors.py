@@ -22,6 +22,12 @@ class MmdiagError(Exception):
         return "; ".join(parts)
 
 
+def json_error(e) -> str:
+    """A json.JSONDecodeError in words: "Expecting value at column 5", "Unterminated string
+    starting at column 5" (its message may already end in "at")."""
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.pos + 1}"
+
+
 class TraceError(MmdiagError):
     """A trace file is unreadable or malformed."""
 

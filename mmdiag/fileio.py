@@ -35,7 +35,8 @@ def check_writable(path: str, what: str | None = None) -> None:
     if os.path.isdir(path):
         raise MmdiagError("is a directory", where=where, fix="give a file name")
     if not os.path.isdir(d):
-        raise MmdiagError("directory does not exist", where=where)
+        raise MmdiagError("directory does not exist", where=where,
+                          fix="create it first (mkdir -p), or choose another path")
     # Create a file as the write will (os.access says yes to root, also where the file system refuses).
     try:
         fd, probe = tempfile.mkstemp(prefix=".mmdiag-", dir=d)

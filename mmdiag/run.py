@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import RunFileError
 from .fileio import jsonable, write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
-from .vocab import PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA, TRACE_SCHEMA
+from .vocab import DEFAULT_HASH, DEFAULT_SEGMENTS, PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA, TRACE_SCHEMA
 
 # Schemas read and converted on load to the current one.
 OLD_SCHEMAS = {"mmdiag.replay/1": REPLAY_SCHEMA, "mmdiag.profile/1": PROFILE_SCHEMA}
@@ -187,7 +187,18 @@ class ReplayConfig:
     transport: str | None = None
     tokenizer_workers: int | None = None
     skip_hash: bool | None = field(default=None, metadata=_OMIT_NONE)  # SGLANG_MM_SKIP_COMPUTE_HASH replayed
+    # The content hash (vocab.HASHES) and the shm writer's segments (vocab.SEGMENTS) replayed; a file
+    # from before these options lacks them and ran sha256 and fresh segments (`setting` says so).
+    hash: str | None = field(default=None, metadata=_OMIT_NONE)
+    segments: str | None = field(default=None, metadata=_OMIT_NONE)
+    # "clone": the release's shm transport copied each feature out per rank (0.5.10 .. 0.5.20); None: mapped
+    shm_map: str | None = field(default=None, metadata=_OMIT_NONE)
     sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
+
+    def setting(self, name: str) -> Any:
+        """A setting as it was replayed, an older file's missing one read as what it ran."""
+        v = getattr(self, name)
+        return {"hash": DEFAULT_HASH, "segments": DEFAULT_SEGMENTS}.get(name) if v is None else v
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReplayConfig":

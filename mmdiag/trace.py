@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import TraceError
+from .errors import TraceError, json_error
 from .run import write_lines_atomic
 from .vocab import TRACE_SCHEMA
 
@@ -166,7 +166,8 @@ class TraceReader:
         except FileNotFoundError:
             raise TraceError("no such trace file", where=path, fix="check the path, or make one with `mmdiag trace synth`") from None
         except IsADirectoryError:
-            raise TraceError("is a directory, not a trace file", where=path) from None
+            raise TraceError("is a directory, not a trace file", where=path,
+                             fix="give the trace's .jsonl file in it, or make one with `mmdiag trace synth`") from None
         except OSError as e:
             raise TraceError(f"cannot read trace ({e.strerror})", where=path) from None
         first = self._readline()
@@ -191,7 +192,7 @@ class TraceReader:
             return json.loads(text)
         except json.JSONDecodeError as e:
             cut = " (the line ends before the JSON value does: truncated?)" if e.pos >= len(text) else ""
-            raise _fail(self.path, lineno, f"invalid JSON ({e.msg} at column {e.pos + 1}){cut}") from None
+            raise _fail(self.path, lineno, f"invalid JSON ({json_error(e)}){cut}") from None
 
     def __iter__(self) -> Iterator[TraceRequest]:
         last_t = 0.0
@@ -255,7 +256,8 @@ def write_trace(path: str, header: TraceHeader, requests: Iterator[TraceRequest]
     """Write a trace atomically (temp file + rename); returns the request count."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
-        raise TraceError("output directory does not exist", where=path)
+        raise TraceError("output directory does not exist", where=path,
+                         fix="create it first (mkdir -p), or write the trace elsewhere")
     n = 0
 
     def lines() -> Iterator[str]:

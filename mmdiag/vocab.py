@@ -26,7 +26,8 @@ PHASES = CONTRACT_PHASES + ("forward", "other", "idle")
 #   shm_open   opening each feature's segment (ShmPointerMMData's handle -> fd)
 #   shm_sync   the barrier until every rank has opened, and the all_reduce(MAX) that
 #              makes every rank reject the same failed requests (_finalize_shm_features)
-#   shm_map    mapping the pages copy-on-write, and unlinking the segment (materialize)
+#   shm_map    mapping the pages copy-on-write, or copying them out (0.5.10 .. 0.5.20's clone),
+#              and unlinking the segment (materialize)
 SHM_PHASES = ("shm_open", "shm_sync", "shm_map")
 PHASES = PHASES + SHM_PHASES
 
@@ -41,12 +42,21 @@ TOKENIZER_PHASES = ("tokenizer_hash", "tokenizer_shm")
 #   shm     written once into a POSIX shared segment by the tokenizer; the recv broadcast
 #           carries a handle (name, shape, dtype), every rank maps the pages (0.5.10+)
 TRANSPORTS = ("pickle", "shm")
+# How a rank takes a feature out of the release's segment: clone (a copy per rank, 0.5.10 ..
+# 0.5.20) or cow (a copy-on-write map, 0.5.21+).
+SHM_MAPS = ("clone", "cow")
 
 # Content hashes: what turns a feature's bytes into its item hash (mmdiag.mmpath.hashing).
 #   sha256  SGLang's (every release 0.5.4-0.5.23), 0.5-0.8 GB/s on these CPUs
 #   xxh3    xxh3_128 (the xxhash package), memory speed; a content hash all the same
 HASHES = ("sha256", "xxh3")
 DEFAULT_HASH = "sha256"
+
+# How the shm transport's writer gets a segment for each feature (mmdiag.mmpath.shm):
+#   fresh  a new segment per feature, as every release 0.5.10-0.5.23 writes them (page faults)
+#   pool   reused, pre-faulted segments, released when every rank has let go (mmdiag's remedy)
+SEGMENTS = ("fresh", "pool")
+DEFAULT_SEGMENTS = "fresh"
 
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.

@@ -220,3 +220,56 @@ def test_replay_suggests_recommend_only_on_a_file_it_reads(monkeypatch, tmp_path
     assert named == [str(path)], r.stdout
     rec = CliRunner().invoke(main, ["recommend", named[0], "--json"])
     assert rec.exit_code == 0, rec.output
+
+
+def test_file_errors_say_what_to_do_and_trace_info_speaks_mb(tmp_path):
+    """Issue 20 (also seen): each of these errors has its "what to do" half after the "; ", a
+    JSON error is never "at at column", and `trace info` prints sizes in MB and no Python dict."""
+    import re
+
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    cases = [
+        (["trace", "info", str(folder)], "is a directory, not a trace file"),
+        (["trace", "synth", "-n", "2", "-o", str(tmp_path / "missing" / "t.jsonl")], "directory does not exist"),
+        (["trace", "from-dump", str(tmp_path / "nothing"), "-o", str(tmp_path / "t.jsonl")], "no such file or folder"),
+        (["replay", str(tmp_path / "t.jsonl"), "-o", str(tmp_path / "missing" / "run.json")], "directory does not exist"),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"schema": "mmdiag.trace/1", "model": "unterminated}\n')
+    cases.append((["trace", "info", str(bad)], "Unterminated string starting at column"))
+    for argv, what in cases:
+        r = CliRunner().invoke(main, argv)
+        line = r.output.strip().splitlines()[-1]
+        assert r.exit_code == 2 and what in line, (argv, r.output)
+        assert re.search(r"; \S.{8,}$", line.split(what, 1)[1]), f"no what-to-do: {line}"
+        assert "at at" not in line
+    trace = tmp_path / "t.jsonl"
+    assert CliRunner().invoke(main, ["trace", "synth", "-n", "3", "-o", str(trace)]).exit_code == 0
+    text = CliRunner().invoke(main, ["trace", "info", str(trace)]).output
+    assert "{" not in text and "_gb" not in text and re.search(r"^mm_mb\s+56\.4$", text, re.M), text
+    assert re.search(r"^modalities\s+image=3$", text, re.M)
+
+
+def test_readme_claims_follow_the_code():
+    """Issue 20 (also seen): the benchmark table has a column for every strategy but the baseline
+    (from the registry), the block rule's example is what block_length gives, and the stopping
+    rule's numbers are profiles/defaults.toml's [quick]."""
+    import os
+    import re
+
+    from mmdiag import api
+    from mmdiag.live.profile import block_length
+    from mmdiag.strategies import BASELINE, catalog
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    header = next(ln for ln in readme.splitlines() if ln.startswith("| profile | revert"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [s["name"] for s in catalog()
+                                                                      if s["name"] != BASELINE]
+    flat = " ".join(readme.split())
+    d, blk = re.search(r"`--duration (\d+)` samples in ([\d.]+) s blocks", flat).groups()
+    assert block_length(float(d)) == pytest.approx(float(blk))
+    q = api.quick()
+    said = re.search(r"significant or (\d+) repeats; no further round starts that would take the replay past "
+                     r"(\d+) s", flat)
+    assert said and (int(said.group(1)), int(said.group(2))) == (q["max_repeats"], q["budget_s"])

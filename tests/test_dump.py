@@ -217,7 +217,7 @@ def test_cli_converts_and_reports_what_it_left_out(tmp_path):
     out = tmp_path / "t.jsonl"
     r = _cli(dump, "-o", str(out))
     assert r.exit_code == 0, r.stderr
-    assert "wrote 1 requests" in r.stdout and "1 image whose size could not be read" in r.stdout
+    assert "wrote 1 request from" in r.stdout and "image whose size could not be read: 1" in r.stdout
     r = _cli(dump, "-o", str(out), "--default-size", "12")
     assert r.exit_code == 2 and "WxH" in r.stderr
     assert os.path.getsize(out) > 0
@@ -244,3 +244,14 @@ def test_a_gap_a_replay_would_wait_out_is_refused_or_shortened(tmp_path):
     assert _cli(dump, "-o", str(out), "--max-gap", "0").exit_code == 2
     r = _cli(dump, "-o", str(tmp_path / "no" / "t.jsonl"))   # the output is checked before the dumps are read
     assert r.exit_code == 2 and "directory does not exist" in r.stderr and "'late'" not in r.stderr, r.stderr
+
+
+def test_left_out_counts_read_right_for_many():
+    """Each reason is worded for one request: the count follows it ("...: 50"), never "50 entry"."""
+    from collections import Counter
+
+    from mmdiag.ingest.dump import Conversion, skipped_text
+    conv = Conversion(skipped=Counter({"entry that is not (GenerateReqInput, output, created, finished)": 50,
+                                       "request without a created_time": 1}))
+    assert skipped_text(conv) == ("entry that is not (GenerateReqInput, output, created, finished): 50; "
+                                  "request without a created_time: 1")

@@ -237,21 +237,47 @@ def test_cli_json_speedscope_and_nothing_left(replay, tmp_path):
 
 
 def test_ctrl_c_keeps_what_was_sampled(replay, tmp_path):
-    out = tmp_path / "p.json"
-    p = subprocess.Popen([PY, "-m", "mmdiag.live", "--pid", str(replay["ranks"][0]), "--duration", "60",
-                          "--rate", "100", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and not _pyspy_left(replay["ranks"][:1]):
+    """Issue 20.5: Ctrl-C while `mmdiag profile` samples does what README and --help say (py-spy
+    record's convention): py-spy stopped, what was sampled shown and written, said so, exit 0."""
+    out, tmpdir = tmp_path / "p.json", tmp_path / "tmp"
+    tmpdir.mkdir()
+    p = subprocess.Popen([PY, "-m", "mmdiag", "profile", "--pid", str(replay["ranks"][0]), "--duration", "60",
+                          "--rate", "100", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, TMPDIR=str(tmpdir)))
+    deadline = time.time() + 60
+    while time.time() < deadline and not _sampling(tmpdir):
         time.sleep(0.1)
     time.sleep(2.0)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=30)
     assert p.returncode == 0, stderr
     assert "Traceback" not in stderr
+    assert "interrupted: ended the window early, keeping what was sampled" in stderr
+    assert "interrupted after" in stdout and f"Run written to {out}" in stdout
     d = json.loads(out.read_text())
     run = Run.from_dict(d)
     assert run.ranks[0].profile.samples > 50 and run.live.interrupted is True
     assert not _pyspy_left(replay["ranks"])
+    # and the documentation says so
+    readme = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    assert "Ctrl-C while `profile` or `top` samples ends the window as `py-spy record` does" in readme
+    assert "the exit code is 0" in readme
+    helptext = " ".join(_cli("--help").stdout.split())
+    assert "Ctrl-C ends the window early, as py-spy record does: what was sampled is shown and written, " \
+           "with a note, exit 0" in helptext
+
+
+def test_the_window_never_ends_waiting_for_an_import(replay, tmp_path):
+    """Issue 20.5: the intervals' scipy.stats (up to 15 s to import on a loaded host) is loaded
+    before the window opens, so a Ctrl-C's end waits for no import."""
+    code = ("import sys, importlib\n"
+            "P = importlib.import_module('mmdiag.live.profile')\n"
+            "seen = {}\n"
+            "P.profile(int(sys.argv[1]), duration=2, rate=50, on_window=lambda w: seen.setdefault(w, 'scipy.stats' in sys.modules))\n"
+            "print(seen['start'])\n")
+    r = subprocess.run([PY, "-c", code, str(replay["launcher"])], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
 
 
 def _sampling(tmpdir) -> bool:

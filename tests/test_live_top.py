@@ -119,3 +119,21 @@ def test_top_in_a_terminal(replay, tmp_path):
     assert run["live"]["source"] == "top" and run["live"]["duration_s"] > 3
     assert "tp 2" in run["live"]["config"]["summary"]
     assert all(r["profile"]["samples"] > 100 and r["profile"]["phases_ci"] for r in ranks)
+
+
+def test_the_window_never_covers_more_than_it_says():
+    """Issue 20 (also seen): top's header said "window 11 s of 10 s": blocks of 1 s were kept
+    until their end left the window, so the figures spanned a block more than the window."""
+    from collections import deque
+
+    from mmdiag.live.sampler import Block
+    from mmdiag.live.top import slide
+
+    win, window_s = deque(), 10.0
+    for k in range(30):                     # 1 s blocks, each read 0.05 s after it ended
+        t0 = 100.0 + 1.05 * k
+        slide(win, [Block(k, t0, t0 + 1.0, {}, None)], t0 + 1.05, window_s)
+        span = win[-1].t1 - win[0].t0
+        assert span <= window_s and (k < 10 or span > window_s - 1.1), (k, span)
+    slide(win, [], 1e6, window_s)           # long after: the latest block stays to show
+    assert len(win) == 1

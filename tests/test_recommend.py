@@ -120,6 +120,17 @@ def test_large_video_with_broadcast_paying_does_not_get_revert():
     assert pre.expected_rps == pytest.approx(1.5) and "tokenizer" in pre.note
 
 
+def test_batch_replayed_on_shared_memory_is_not_recommended():
+    """The same measurements on the shm transport: batch (fastest patch) would pickle the features
+    again from the entry rank, which apply refuses on shared-memory releases: never the pick."""
+    run = video_run()
+    run.config.transport = "shm"
+    rec = recommend([run])
+    assert rec.recommended != "batch"
+    batch = next(o for o in rec.runners_up if o.name == "batch")
+    assert not batch.patchable and "pickles the features again from the entry rank" in batch.note
+
+
 def test_commit_and_async_are_never_recommended_even_when_fastest():
     run = video_run()
     run.strategies["async"] = strategy("async", [6.0, 6.1, 5.9], run.strategies["commit"].ranks)
@@ -247,6 +258,69 @@ def test_repeats_of_one_strategy_in_two_runs_pool():
         run.strategies["commit"].repeats_rps = reps
     rec = recommend([a, b])
     assert next(o for o in rec.runners_up if o.name == "commit").repeats == 3
+
+
+def test_two_runs_show_the_pooled_figure_the_verdict_uses(tmp_path):
+    """Issue 20.1: `recommend r1.json r2.json` with one repeat each (revert 3.86 and 2.53 req/s)
+    shows revert's pooled figure (the median of its pooled repeats, as one Run shows its own
+    repeats') with both repeats, never the first Run's figure alone."""
+    from dataclasses import replace
+    paths = []
+    for i, reps in enumerate(([3.86], [2.53])):
+        run = video_run()
+        for s in run.strategies.values():
+            s.repeats_rps = s.repeats_rps[i:i + 1]
+            s.throughput_rps = s.repeats_rps[0]
+        run.strategies["revert"] = replace(run.strategies["revert"], repeats_rps=reps, throughput_rps=reps[0])
+        paths.append(str(tmp_path / f"r{i + 1}.json"))
+        run.save(paths[-1])
+    r = CliRunner().invoke(main, ["recommend", *paths, "--json"])
+    assert r.exit_code == 0, r.output
+    revert = next(o for o in json.loads(r.output)["runners_up"] if o["name"] == "revert")
+    pooled = (3.86 + 2.53) / 2                    # the median of two: what the first Run alone is not
+    assert revert["repeats"] == 2 and revert["expected_rps"] == pytest.approx(pooled)
+    # one Run holding both repeats shows the same figure: pooling and repeating agree
+    one = video_run()
+    one.strategies["revert"].repeats_rps = [3.86, 2.53]
+    from mmdiag.replay.assemble import merge_repeats
+    rs = [replace(one.strategies["revert"], throughput_rps=x, repeats_rps=[x], latency_ms={"p99": 1.0}) for x in (3.86, 2.53)]
+    assert merge_repeats(rs).throughput_rps == pytest.approx(pooled)
+    # with three repeats over two Runs the figure is their median, which no single Run measured
+    a, b = video_run(), video_run()
+    a.strategies["commit"].repeats_rps, a.strategies["commit"].throughput_rps = [1.50], 1.50
+    b.strategies["commit"].repeats_rps, b.strategies["commit"].throughput_rps = [1.70, 1.60], 1.70
+    commit = next(o for o in recommend([a, b]).runners_up if o.name == "commit")
+    assert commit.repeats == 3 and commit.expected_rps == pytest.approx(1.60)
+
+
+def test_no_baseline_measured_names_no_patch_and_says_what_to_replay(tmp_path):
+    """Issue 20.2: a Run without `commit` (revert and precompute, one repeat) never gets a patch,
+    not even at low confidence: insufficient evidence, and the replay of `commit` that merges
+    with it (same trace, tp and settings) is named."""
+    run = video_run()
+    for name in ("commit", "batch", "dict"):
+        run.strategies.pop(name)
+    for s in run.strategies.values():
+        s.repeats_rps = s.repeats_rps[:1]
+    run.config.transport = "shm"
+    p = str(tmp_path / "nocommit.json")
+    run.save(p)
+    rec = recommend([run.load(p)])
+    _consistent(rec)
+    assert rec.recommended is None and rec.chosen is None and rec.confidence == "insufficient evidence"
+    assert rec.leading == "precompute"        # 1.5 req/s (its tokenizer cap) against revert's 1.0
+    assert "`commit` (the current path) was not replayed" in rec.reasons[0]
+    cmd = rec.measure_next[0]
+    assert "mmdiag replay /synthetic/trace.jsonl --tp 4 --strategy commit --transport shm" in cmd
+    assert f"mmdiag recommend {p} commit.json" in cmd
+    # with three repeats each it is still no answer: the baseline is what a patch must beat
+    run = video_run()
+    run.strategies.pop("commit")
+    rec = recommend([run])
+    assert rec.recommended is None and rec.leading == "batch" and "--strategy commit" in rec.measure_next[0]
+    text = render_recommendation(rec)
+    assert text.startswith("recommended: nothing yet, insufficient evidence (`batch` leads")
+    assert "confidence:  insufficient evidence" in text
 
 
 def test_cond_replayed_with_another_threshold_is_not_pooled():

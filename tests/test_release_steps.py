@@ -189,3 +189,36 @@ def test_each_configuration_states_its_prefix_cache_and_xxh3_steps_show_once_mea
     for run, said in ((s, "content hash kept (sha256)"), (k, "random: repeated images miss")):
         opts = recommend([run]).to_dict()  # the strategies table of one Run
         assert (opts["chosen"] or opts["runners_up"][0])["prefix_cache"] == said
+
+
+def test_the_launch_decides_the_transport_of_the_steps(tmp_path):
+    """recommend --release with the server's launch settings: 0.5.12.post1 with --dist-init-addr
+    pickles, so its steps are priced on pickle and upgrading to the first release that keeps shared
+    memory with that address (0.5.19) is a step; on several nodes no release moves features by shared
+    memory and mmdiag's shm patch does not write segments: neither step is offered; with
+    SGLANG_RUST_SERVER=1 on 0.5.23 items arrive hashed (priced as hashing once before the scheduler)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mmdiag.cli import main
+
+    paths = []
+    for name, run in (("p", _pickle_run()), ("s", _shm_run())):
+        paths.append(str(tmp_path / f"{name}.json"))
+        run.save(paths[-1])
+
+    def steps(*args):
+        r = CliRunner().invoke(main, ["recommend", *paths, "--json", *args])
+        assert r.exit_code == 0, r.output
+        return [(x["step"], x["strategy"], x["transport"]) for x in json.loads(r.output)["release_steps"]]
+
+    assert steps("--release", "0.5.12.post1")[0] == ("as it is", "revert", "shm")
+    addr = steps("--release", "0.5.12.post1", "--dist-init-addr", "127.0.0.1:5000")
+    assert addr[0] == ("as it is", "revert", "pickle") and ("upgrade to 0.5.19+", "revert", "shm") in addr
+    assert not any(s[0] == "apply shm" for s in addr)  # the release has its own transport: no code to write
+    nodes = steps("--release", "0.5.9", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000")
+    assert nodes[0][2] == "pickle" and not any(s[2] == "shm" for s in nodes)
+    assert steps("--release", "0.5.23", "--rust-server") == [("as it is", "precompute", "shm")]
+    bad = CliRunner().invoke(main, ["recommend", *paths, "--nnodes", "0"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

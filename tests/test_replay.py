@@ -190,3 +190,21 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
             assert r.stderr.strip() == f"mmdiag: error: {err['error']}" + (f"; {err['fix']}" if err["fix"] else "")
         assert text in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_demo_repeats_so_its_table_shows_the_noise(tmp_path):
+    """Issue 20 (also seen): one repeat swung revert from 0.82x to 1.41x commit between demos;
+    the demo now replays [demo] repeats (profiles/defaults.toml) and shows each one's spread."""
+    from mmdiag.workloads import defaults
+
+    want = defaults()["demo"]["repeat"]
+    assert want >= 2
+    out = tmp_path / "demo.json"
+    r = mmdiag_cli("demo", "-n", "4", "--tp", "2", "--strategy", "commit", "--strategy", "revert", "-q",
+                   "-o", str(out), cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = Run.load(str(out))
+    assert {n: len(s.repeats_rps) for n, s in run.strategies.items()} == {"commit": want, "revert": want}
+    import re
+    for name in ("commit", "revert"):
+        assert re.search(rf"^{name}\s+[\d.,]+ ±[\d.]+\s", r.stdout, re.M), r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,11 +108,14 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
 @pytest.mark.slow
 def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path, monkeypatch):
     """SIGKILL of the launcher: its ranks die with it (PDEATHSIG), so nobody removes its job folder
-    or its shared-memory segments; the next replay's sweep does, and leaves a live launcher's."""
+    or its shared-memory segments; the next replay's sweep does at once (the owner named in the
+    segment prefix is gone: no waiting for its ranks' last beats to age), and leaves a live
+    launcher's."""
     import json
     import tempfile
 
     from mmdiag.mmpath.shm import SHM_DIR_ENV
+    from mmdiag.mmpath.shm import owner_prefix as shm_owner_prefix
     from mmdiag.replay import launcher
 
     tmpdir, shmdir = tmp_path / "tmp", tmp_path / "shm"
@@ -120,7 +124,8 @@ def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path
     proc, ranks = _long_replay(tmp_path, "--transport", "shm", env={"TMPDIR": str(tmpdir), SHM_DIR_ENV: str(shmdir)})
     live = tmpdir / "mmdiag-replay-live"   # a running launcher's (pytest's parent: alive)
     live.mkdir()
-    (live / "job.json").write_text(json.dumps({"shm_prefix": f"mmdiag-{os.getppid()}-1-", "options": {"tp": 1}}))
+    (live / "job.json").write_text(json.dumps({"shm_prefix": shm_owner_prefix(1, pid=os.getppid()),
+                                               "options": {"tp": 1}}))
     proc.kill()
     proc.wait()
     _assert_gone(ranks)
@@ -129,7 +134,31 @@ def test_what_a_sigkilled_launcher_left_is_swept_before_the_next_replay(tmp_path
     (shmdir / f"{prefix}9").write_bytes(b"\0" * 4096)   # one segment in flight at the kill, for sure
     monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
     monkeypatch.setenv(SHM_DIR_ENV, str(shmdir))
-    monkeypatch.setattr(launcher, "ORPHAN_S", 0.0)   # the ranks beat until the kill, a moment ago
+    beats = heartbeat.read(os.path.join(job, "heartbeat"), 2)
+    assert any(time.monotonic() - b < launcher.ORPHAN_S for b in beats if b)   # the ranks beat a moment ago
     assert launcher.sweep_orphans() == 1
     assert not os.path.exists(job) and live.is_dir()
     assert not [n for n in os.listdir(shmdir) if n.startswith(prefix)]
+
+
+def test_a_refused_replay_suggests_only_what_can_help(tmp_path):
+    """`--tp 1024 --strategy commit` is not told to leave out an async strategy it does not run,
+    and names a --tp that fits; one request larger than the machine is told that no option helps."""
+    import json
+
+    trace = tmp_path / "t.jsonl"
+    assert mmdiag_cli("trace", "synth", "-n", "16", "-o", str(trace)).returncode == 0
+    r = mmdiag_cli("replay", str(trace), "--tp", "1024", "--strategy", "commit", "-q", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "async" not in r.stderr and re.search(r"lower --tp \(to \d+ or less\)", r.stderr), r.stderr
+    r = mmdiag_cli("replay", str(trace), "--tp", "1024", "--strategy", "async", "-q", timeout=60)
+    assert r.returncode == 2 and "leave out async" in r.stderr, r.stderr
+    big = tmp_path / "big.jsonl"     # one 18.8 TB image
+    big.write_text(json.dumps({"schema": "mmdiag.trace/1", "arrival": {"mode": "closed", "max_concurrency": 4}}) + "\n"
+                   + json.dumps({"rid": "r0", "t": 0.0, "prompt_len": 10,
+                                 "mm": [{"modality": "image", "shape": [4_000_000, 1_176_000], "dtype": "float32"}]}) + "\n")
+    r = mmdiag_cli("replay", str(big), "--tp", "2", "-q", timeout=60)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "largest request alone carries 18,816,000.0 MB" in err and "smaller features" in err
+    assert "--tp" not in err.split("available;")[1] and "--max-recv-mb" not in err and "async" not in err.split("available;")[1]

@@ -34,12 +34,14 @@ EXPECT = {
              "shm": _T + _S},
     "0.5.9": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S,
              "shm": _T + _S},
-    # shared-memory transport: features already reach every rank, dict would pickle them again
-    "0.5.13": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
-    "0.5.17": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
-    "0.5.19": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
-    "0.5.21": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
-    "0.5.23": {"revert": "flag", "dict": None, "batch": _S, "precompute": "env", "cond": None, "shm": "env"},
+    # a release candidate, taken by its code: the 0.5.9 family's (features pickled in the recv broadcast)
+    "0.5.10rc0": {"revert": "flag", "dict": _S, "batch": _S, "precompute": "env", "cond": _S, "shm": _T + _S},
+    # shared-memory transport: features already reach every rank; dict, batch and cond would pickle them again
+    "0.5.13": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.17": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.19": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.21": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
+    "0.5.23": {"revert": "flag", "dict": None, "batch": None, "precompute": "env", "cond": None, "shm": "env"},
 }
 FILES = {"scheduler": "srt/managers/scheduler.py", "tokenizer_manager": "srt/managers/tokenizer_manager.py"}
 
@@ -418,21 +420,40 @@ def test_stale_record_after_reinstall_is_dropped(tmp_path):
     assert detect(locate(str(pkg))).patched == "batch"
 
 
-def test_batch_wrapper_keeps_the_stage_timer_of_process_input_requests(tmp_path):
-    """0.5.23 times process_input_requests as a scheduler stage (scheduler_stage_seconds_total,
-    NVTX): after `batch`, the decorator sits on the wrapper, so the prepare step (the entry
-    rank's materialization and the one broadcast) is booked to that stage, not to `other`."""
-    import ast
+@pytest.mark.parametrize("strategy", ["batch", "dict", "cond"])
+def test_resending_strategies_refused_on_shared_memory_releases(strategy, tmp_path):
+    """On a shared-memory release the features already reach every rank; batch, dict and cond
+    would pickle them again from the entry rank: refused alike, with that reason, nothing written."""
     pkg = site_packages("0.5.23", tmp_path / "site")
-    before = {n.name: [ast.unparse(d) for d in n.decorator_list] for n in _scheduler_methods(pkg)}
-    assert A.apply(locate(str(pkg)), "batch").status == "applied"
-    after = {n.name: [ast.unparse(d) for d in n.decorator_list] for n in _scheduler_methods(pkg)}
-    assert before["process_input_requests"] and after["process_input_requests"] == before["process_input_requests"]
-    assert after["_mmdiag_orig_process_input_requests"] == []
+    before = tree_bytes(pkg)
+    r = run(strategy, "--sglang", pkg, "--yes")
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"`{strategy}` does not apply" in r.output and "pickle them again from the entry rank" in r.output
+    assert "use `precompute`" in r.output and tree_bytes(pkg) == before
 
 
-def _scheduler_methods(pkg):
-    import ast
-    tree = ast.parse((pkg / "srt/managers/scheduler.py").read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Scheduler")
-    return [n for n in cls.body if isinstance(n, ast.FunctionDef)]
+def test_undo_hints_work_as_printed_for_an_install_named_by_path(tmp_path):
+    """Issue 20.3: an install named with --sglang PATH gets undo hints that name it again (doctor,
+    apply's own lines, the refusal of a second strategy), and the printed command, run as printed,
+    restores it; "already applied" is said once."""
+    import shlex
+    pkg = site_packages("0.5.9", tmp_path)
+    before = tree_bytes(pkg)
+    hint = f"mmdiag apply --undo --sglang {shlex.quote(str(pkg))}"
+    r = run("batch", "--sglang", pkg, "--yes")
+    assert r.exit_code == 0 and r.output.rstrip().endswith(f"undo: {hint}"), r.output
+    again = run("batch", "--sglang", pkg, "--yes")
+    assert again.exit_code == 0 and again.output.count("already applied") == 1, again.output
+    assert f"(undo: {hint})" in again.output
+    other = run("dict", "--sglang", pkg, "--yes")
+    assert other.exit_code != 0 and f"run `{hint}` first" in other.output, other.output
+    doc = CliRunner().invoke(main, ["doctor", "--sglang", str(pkg)])
+    printed = re.search(r"undo: (mmdiag apply --undo[^)]*)\)", doc.output).group(1)
+    assert printed == hint
+    argv = shlex.split(printed)[2:] + ["--yes"]     # as printed, less the program name
+    u = run(*argv)
+    assert u.exit_code == 0 and "undone `batch`" in u.output, u.output
+    assert tree_bytes(pkg) == before
+    # an install found through the interpreter needs no path
+    from dataclasses import replace
+    assert replace(locate(str(pkg)), found_by="interpreter").undo_command == "mmdiag apply --undo"

@@ -150,7 +150,8 @@ def test_unchecked_release_keeps_its_family_and_says_so(tmp_path):
     ("0.5.22", "0.5.22 .. 0.5.23", "in range"), ("0.5.23.dev4", "0.5.22 .. 0.5.23", "in range"),
     ("0.5.23.post1", "0.5.22 .. 0.5.23", "newer"), ("0.6.0", "0.5.22 .. 0.5.23", "newer"),
     ("0.5.3", "0.5.4 .. 0.5.4.post1", "older"), ("0.5.15.post2", "0.5.16", "unchecked"),
-    ("0.5.9", "0.5.22 .. 0.5.23", "other family"), ("main", "0.5.19", "unknown"), (None, "0.5.19", "unknown")])
+    ("0.5.9", "0.5.22 .. 0.5.23", "other family"), ("main", "0.5.19", "unknown"), (None, "0.5.19", "unknown"),
+    ("0.5.10rc0", "0.5.9", "pre-release")])
 def test_version_fit(version, releases, fit):
     from mmdiag.sglang.facts import version_fit
     assert version_fit(version, releases) == fit
@@ -208,6 +209,21 @@ def test_unknown_layout_reports_markers(tmp_path):
     assert r.exit_code == 1 and "unknown" in r.output
 
 
+def test_a_renamed_method_is_reported_under_its_own_name(tmp_path):
+    """Issue 20 (also seen): `_process_and_broadcast_mm_inputs_v2` is no
+    `_process_and_broadcast_mm_inputs`: the unknown layout's note names what the code spells."""
+    pkg = site_packages("0.5.6.post2", tmp_path)
+    sched = pkg / "srt/managers/scheduler.py"
+    text = sched.read_text()
+    assert "_process_and_broadcast_mm_inputs(" in text
+    sched.write_text(text.replace("_process_and_broadcast_mm_inputs(", "_process_and_broadcast_mm_inputs_v2("))
+    det = detect(locate(str(pkg)))
+    assert det.variant is None and "markers found" in det.notes[0]
+    assert "_process_and_broadcast_mm_inputs_v2 (line" in det.notes[0]
+    assert "_process_and_broadcast_mm_inputs (line" not in det.notes[0], det.notes[0]
+    assert set(det.markers) >= {"_process_and_broadcast_mm_inputs_v2", "broadcast_object_list"}
+
+
 def test_sglang_folder_without_scheduler(tmp_path):
     pkg = tmp_path / "sglang"
     pkg.mkdir()
@@ -244,3 +260,13 @@ def test_runtime_runs_every_family_own_mm_path(precompute_env, monkeypatch):
         assert [it.hash for it in out["r"].mm_items] == [want] and out["t"] is None, v
         assert in_tokenizer == (precompute_env == "1" and path.detection.facts.precompute_env is not None), v
         assert path.stats.hash_calls == (0 if in_tokenizer else 1), v
+
+
+def test_release_candidate_is_taken_by_its_code(tmp_path):
+    """0.5.10rc0 is not 0.5.10: its multimodal path is the 0.5.9 family's, features pickled in the
+    recv broadcast. doctor says so, and why it does not take the version's word."""
+    pkg = site_packages("0.5.10rc0", tmp_path)
+    d = json.loads(CliRunner().invoke(main, ["doctor", "--sglang", str(pkg), "--json"]).output)
+    assert d["install"]["version"] == "0.5.10rc0" and d["family"] == "shm-unwrap-first"
+    assert d["facts"]["family_fit"] == "pre-release" and d["facts"]["transport"] == "pickle"
+    assert d["facts"]["family_note"].startswith("0.5.10rc0 is a pre-release of 0.5.10") and d["variant"]

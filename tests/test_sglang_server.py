@@ -140,7 +140,91 @@ def test_content_hash_the_server_runs(server):
     time.sleep(1.0)  # process start times are read to about 10 ms, and boot time less exactly
     p2, _, _ = server("0.5.23", titles, ["--tp", "2"], {}, pkg=pkg)  # restarted on the patched install
     assert read_server(p2.pid).content_hash == "xxh3"
-    assert "content hash xxh3 (content hash kept)" in header_lines(p2.pid)[2]
+    assert any("content hash xxh3 (content hash kept)" in line for line in header_lines(p2.pid))
     p3, _, _ = server("0.5.23", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"}, pkg=pkg)
     s3 = read_server(p3.pid)
-    assert s3.content_hash == "random" and "random: repeated images miss" in header_lines(p3.pid)[2]
+    assert s3.content_hash == "random" and any("random: repeated images miss" in line for line in header_lines(p3.pid))
+
+
+def test_server_in_a_venv_reads_the_venvs_release(tmp_path):
+    """A server started from a venv's python: /proc/PID/exe resolves to the base interpreter,
+    which has no sglang; doctor --pid must still read the venv's (sys.prefix as the process sees it)."""
+    import shutil
+    import sysconfig
+    from sglang_wheels import pristine
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert site.startswith(str(venv)) and sysconfig.get_paths()["purelib"] != site
+    shutil.copytree(pristine("0.5.23"), os.path.join(site, "sglang"))
+    # ranks run the test's own interpreter (it has setproctitle); the server is the venv's python
+    server = SERVER.replace("[sys.executable, ", f"[{sys.executable!r}, ")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_", "PYTHON", "VIRTUAL_ENV"))}
+    p = subprocess.Popen([str(py), "-c", server, "sglang::scheduler_TP0,sglang::scheduler_TP1", "-m",
+                          "sglang.launch_server", "--tp-size", "2"], env=e, cwd=tmp_path, stdout=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == b"up"
+        kids = _titles_ready(p, 2)
+        assert not psutil.Process(p.pid).exe().startswith(str(venv))  # the resolved binary is the base's
+        s = read_server(kids[0].pid)
+        assert s.version == "0.5.23" and s.sglang_dir.startswith(str(venv.resolve())), (s.sglang_dir, s.notes)
+        assert s.feature_transport == "shm" and s.family == "private-handler"
+        r = CliRunner().invoke(main, ["doctor", "--pid", str(p.pid)])
+        assert r.exit_code == 0 and "SGLang 0.5.23 (private-handler)" in r.output, r.output
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.mark.parametrize("version, args, env, transport, why", [
+    # 0.5.10 .. 0.5.18 take any --dist-init-addr for a multi-node launch, and pickle
+    ("0.5.12.post1", ["--dist-init-addr", "127.0.0.1:5757"], {}, "pickle", "--dist-init-addr 127.0.0.1:5757"),
+    ("0.5.12.post1", ["--skip-tokenizer-init"], {}, "pickle", "--skip-tokenizer-init"),
+    ("0.5.12.post1", ["--nnodes", "1"], {}, "shm", "the release's CPU transport"),
+    # 0.5.19+ ask the node count, not the address
+    ("0.5.23", ["--dist-init-addr", "127.0.0.1:5757"], {}, "shm", "the release's CPU transport"),
+    ("0.5.23", ["--dist-init-addr", "10.0.0.1:5757", "--nnodes", "2", "--node-rank", "0"], {}, "pickle",
+     "--nnodes 2"),
+    ("0.5.23", ["--skip-tokenizer-init"], {}, "pickle", "--skip-tokenizer-init"),
+    ("0.5.23", ["--mm-feature-transport", "cpu", "--nnodes=2"], {}, "pickle", "--nnodes 2"),
+])
+def test_launch_flags_decide_the_effective_transport(server, version, args, env, transport, why):
+    p, _, _ = server(version, ["sglang::scheduler_TP0", "sglang::scheduler_TP1"], ["--tp-size", "2", *args], env)
+    s = read_server(p.pid)
+    assert (s.feature_transport, why in s.feature_transport_source) == (transport, True), s.feature_transport_source
+    assert f"feature transport {transport} (" in header_lines(p.pid)[1]
+
+
+@pytest.mark.parametrize("version, rust", [("0.5.23", True), ("0.5.12.post1", False)])
+def test_rust_server_hands_items_over_hashed(server, version, rust):
+    """SGLANG_RUST_SERVER=1: from 0.5.18 the Rust front end's workers hash; before, the variable
+    does not touch images and every rank still hashes."""
+    p, _, _ = server(version, ["sglang::scheduler_TP0", "sglang::scheduler_TP1"], ["--tp-size", "2"],
+                     {"SGLANG_RUST_SERVER": "1"})
+    s = read_server(p.pid)
+    assert s.launch["rust_server"]
+    lines = header_lines(p.pid)
+    if rust:
+        assert "Rust front end" in s.hashing and "every" not in " ".join(lines)
+    else:
+        assert s.hashing.startswith("every TP rank") and "hashing: every TP rank" in lines[2]
+        assert any("takes no images (from 0.5.18)" in n for n in s.notes)
+
+
+def test_doctor_options_where_no_server_runs():
+    """doctor without --pid takes the launch settings as options; with --pid it reads them."""
+    from sglang_wheels import pristine
+    pkg = str(pristine("0.5.23"))
+    r = CliRunner().invoke(main, ["doctor", "--sglang", pkg, "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000"])
+    assert r.exit_code == 0 and "with this launch" in r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("with this launch"))
+    assert "feature transport pickle" in row and "--nnodes 2" in row and "--dist-init-addr" not in row
+    d = json.loads(CliRunner().invoke(main, ["doctor", "--sglang", pkg, "--rust-server", "--json"]).output)
+    assert d["launch"]["transport"] == "shm" and "Rust front end" in d["launch"]["hashing"]
+    plain = CliRunner().invoke(main, ["doctor", "--sglang", pkg])
+    assert plain.exit_code == 0 and "with this launch" not in plain.output
+    r = CliRunner().invoke(main, ["doctor", "--pid", str(os.getpid()), "--nnodes", "2"])
+    assert r.exit_code == 2 and r.output.startswith("mmdiag: error: --pid reads the launch settings")

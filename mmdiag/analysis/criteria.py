@@ -67,9 +67,11 @@ def load_criteria(path: str | os.PathLike | None = None) -> list[Criterion]:
         with open(p, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ProfileError("no such criteria file", where=where) from None
+        raise ProfileError("no such criteria file", where=where,
+                           fix="check the path (the bundled file: profiles/criteria/default.toml)") from None
     except IsADirectoryError:
-        raise ProfileError("is a directory, not a criteria file", where=where) from None
+        raise ProfileError("is a directory, not a criteria file", where=where,
+                           fix="give a .toml criteria file (the bundled one: profiles/criteria/default.toml)") from None
     except OSError as e:
         raise ProfileError(f"cannot read ({e.strerror})", where=where) from None
     except tomllib.TOMLDecodeError as e:

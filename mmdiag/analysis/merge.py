@@ -9,12 +9,14 @@ with the reason, and the merged Run describes each strategy as it was measured.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field, replace
 
 from ..run import Run, StrategyResult
 
 # Replay settings that change what a strategy measures.
-SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash")
+SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash", "hash",
+            "segments", "shm_map")
 # A strategy's own settings, in config.strategies.<name>: what its measurement depends on.
 STRATEGY_SETTINGS = {"cond": ("threshold", "bytes")}
 # What makes two traces the same workload (the file may have moved).
@@ -48,7 +50,7 @@ def _differs(ref: Run, run: Run) -> str | None:
     if run.host.get("hostname") != ref.host.get("hostname"):
         return f"measured on host {run.host.get('hostname')!r}, not {ref.host.get('hostname')!r}"
     for k in SETTINGS:
-        mine, theirs = getattr(run.config, k), getattr(ref.config, k)
+        mine, theirs = run.config.setting(k), ref.config.setting(k)
         if mine != theirs:
             return f"replayed with another {k} ({mine!r}, not {theirs!r})"
     return None
@@ -65,13 +67,17 @@ def _setting(run: Run, name: str):
 
 
 def pool(results: list[StrategyResult]) -> StrategyResult:
-    """One strategy replayed in several Runs: every repeat counts; the Run whose own
-    (median) throughput is the median stands for the per-rank figures."""
+    """One strategy replayed in several Runs: every repeat counts, and the throughput is the
+    pooled repeats' median (as one Run's is its own repeats': replay.assemble.merge_repeats), so
+    the figure shown is the one the verdict ranks, not one Run's; the Run whose own throughput
+    is the median stands for the per-rank figures."""
     if len(results) == 1:
         return results[0]
     rep = sorted(results, key=lambda s: s.throughput_rps if s.throughput_rps is not None else 0.0)[len(results) // 2]
     agree = [s.ranks_agree for s in results]
-    return replace(rep, repeats_rps=_finite(x for s in results for x in (s.repeats_rps or [s.throughput_rps])),
+    repeats = _finite(x for s in results for x in (s.repeats_rps or [s.throughput_rps]))
+    return replace(rep, repeats_rps=repeats, throughput_rps=statistics.median(repeats) if repeats
+                   else rep.throughput_rps,
                    repeats_p99_ms=_finite(x for s in results for x in s.repeats_p99_ms),
                    ranks_agree=None if None in agree else all(agree))
 

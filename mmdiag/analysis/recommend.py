@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,14 @@ from ..mmpath.hashing import PATCHABLE as PATCHABLE_HASHES
 from ..mmpath.hashing import prefix_cache_of
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
+from ..strategies import REGISTRY as STRATEGY_REGISTRY
 from ..vocab import STRATEGIES
 from . import breakdown as B
 from .breakdown import json_safe
 from .compare import NOT_JUDGED, Comparison, compare_samples, relative_noise
 from ..tables import PROFILES_DIR
 from . import threshold
-from .costmodel import CostModel, fit
+from .costmodel import CostModel, _transport_of, fit
 from .merge import label, merge_replays
 from . import release_steps as RS
 from .release_steps import Step
@@ -156,11 +157,13 @@ def _samples(s: StrategyResult, expected: float) -> list[float]:
     return xs
 
 
-def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str | None = None) -> Recommendation:
+def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str | None = None,
+              launch: Any = None) -> Recommendation:
     """Recommend from the replay Runs of one workload (every Run of the first one's trace, rank
     count, host and settings is merged; the rest say why they were left out, and feed only the
     cost model); with only live profiles, from the first profile's phase shares. For `release`
-    (default: the trace's SGLang version) it also says which release step pays."""
+    (default: the trace's SGLang version) it also says which release step pays, as the server is
+    launched (`launch`, mmdiag.sglang.facts.Launch: one node by default)."""
     if not runs:
         raise MmdiagError("no Runs to recommend from")
     rules = rules or load_rules()
@@ -174,18 +177,19 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str
         for prof in (r for r in runs if r.is_profile and r.ranks):
             dx = diagnose(prof.ranks, rules)
             rec.notes.append(f"the live profile points to {dx.points_to!r}: " + "; ".join(dx.reasons[:2]))
-        _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run)
+        _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run,
+                       launch)
         return rec
     return _from_profile(runs[0], rules)
 
 
-def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run) -> None:
+def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run, launch: Any = None) -> None:
     """Which step pays on the release: upgrading, the hash variable, or `shm` (with figures)."""
     if not version:
         rec.notes.append("name the SGLang release (--release X) to see whether upgrading, setting "
                          "SGLANG_MM_PRECOMPUTE_HASH=1 or applying shm pays on it")
         return
-    rec.release, rec.release_steps = version, RS.advise(version, runs, target, rec.cost_model)
+    rec.release, rec.release_steps = version, RS.advise(version, runs, target, rec.cost_model, launch)
     top = RS.best(rec.release_steps)
     if top is not None:
         rec.reasons.append(f"on SGLang {version} the step that pays most is `{top.step}` ({top.how}): "
@@ -198,7 +202,7 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
             rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "
                                     f"--transport {st.transport}")
     # the skip-hash steps show only when measured: say how to measure them
-    unmeasured = {st.transport for st in RS.plan(version) if st.skip_hash} - {
+    unmeasured = {st.transport for st in RS.plan(version, launch) if st.skip_hash} - {
         st.transport for st in rec.release_steps if st.skip_hash}
     for tr in sorted(unmeasured):
         rec.measure_next.append(f"for SGLANG_MM_SKIP_COMPUTE_HASH=1 on SGLang {version} (no hashing; repeated images "
@@ -225,9 +229,20 @@ def _options(run: Run, base_rps: float | None, rules: dict[str, Any]) -> tuple[d
             vs_baseline=exp / base_rps if base_rps else None,
             max_cpu_pct=B.max_or_nan(B.cpu_pct(r) for r in s.ranks), p99_ms=s.latency_ms.get("p99"),
             noise_pct=100 * noise if noise is not None else None, repeats=len(s.repeats_rps) or 1,
-            patchable=name in PATCHABLE_STRATEGIES, prefix_cache=prefix_cache_of(run.config),
-            note=note or rules["not_a_fix"].get(name, ""))
+            patchable=name in PATCHABLE_STRATEGIES and not _resends_on_shm(run, name),
+            prefix_cache=prefix_cache_of(run.config),
+            note=note or rules["not_a_fix"].get(name, "") or (_RESEND_NOTE if _resends_on_shm(run, name) else ""))
     return options, samples
+
+
+_RESEND_NOTE = ("replayed on the shared-memory transport: its broadcast pickles the features again from the entry "
+                "rank, which that transport exists to avoid (`mmdiag apply` refuses it on such releases)")
+
+
+def _resends_on_shm(run: Run, name: str) -> bool:
+    """A strategy whose collective pickles the features again (Strategy.resends_features), replayed
+    where they reach every rank by shared memory: never the patch to apply there."""
+    return _transport_of(run, name) == "shm" and STRATEGY_REGISTRY[name].resends_features
 
 
 def _cost_reason(model: CostModel) -> str | None:
@@ -309,6 +324,8 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.reasons.append("the Runs have no strategy with a measured throughput")
         rec.measure_next.append("replay with --strategy all")
         return rec
+    if baseline_name != BASELINE:
+        return _without_baseline(rec, run, rules)
     base = run.strategies[baseline_name]
     dx = diagnose(base.ranks, rules) if base.ranks else None
     share = dx.mm_share_pct if dx else math.nan
@@ -325,7 +342,7 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
         rec.reasons.insert(0, f"{share_words} (under {th['min_mm_share_pct']}%): no patch is worth it")
         rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
         return rec
-    cands = [n for n in cand["order"] if n in options]
+    cands = [n for n in cand["order"] if n in options and options[n].patchable]
     if not cands:
         rec.reasons.append(f"none of the patchable strategies ({', '.join(PATCHABLE_STRATEGIES)}) was replayed")
         rec.measure_next.append("replay with --strategy all (or at least revert, batch and precompute)")
@@ -356,6 +373,48 @@ def _from_replay(run: Run, runs: list[Run], rules: dict[str, Any]) -> Recommenda
             "arrival", {}).get("mode") == "closed":
         rec.notes.append("closed-loop replay: every strategy runs the ranks flat out, so CPU per rank compares "
                          "efficiency; replay Poisson arrivals (trace synth --request-rate) to check the 60% target")
+    return rec
+
+
+def _replay_command(run: Run, strategies: list[str], output: str) -> str:
+    """The `mmdiag replay` that measures `strategies` as `run` was measured (its trace, rank count
+    and every setting merge_replays compares), so its Run pools with this one."""
+    from ..replay.options import ReplayOptions, option_flag
+    from .merge import SETTINGS
+    flags = {f.name: option_flag(f) for f in fields(ReplayOptions) if f.metadata["cli"]}
+    cmd = [f"mmdiag replay {run.trace.get('path') or 'TRACE'} --tp {run.tp}"]
+    cmd += [f"--strategy {n}" for n in strategies]
+    for k in SETTINGS:
+        v, default = getattr(run.config, k), getattr(ReplayOptions, k, None)
+        if k not in flags or v is None or v == default or (k == "impl" and v == "mmdiag"):
+            continue
+        cmd.append(flags[k] if v is True else f"{flags[k]} {v:g}" if isinstance(v, float) else f"{flags[k]} {v}")
+    if run.config.sglang is not None and getattr(run.config.sglang, "path", None):
+        cmd.append(f"--sglang {run.config.sglang.path}")
+    return " ".join(cmd + ["--repeat 2", f"-o {output}"])
+
+
+def _without_baseline(rec: Recommendation, run: Run, rules: dict[str, Any]) -> Recommendation:
+    """No `commit` in the Runs: no patch is shown faster than the current path, so none is named;
+    the answer is what to replay (a Run of the same trace and settings merges with these)."""
+    options, _ = _options(run, None, rules)
+    rec.baseline = BASELINE
+    rec.recommended, rec.confidence, rec.chosen = None, INSUFFICIENT, None
+    rec.runners_up = sorted(options.values(), key=lambda o: -(o.expected_rps or 0))
+    cands = [n for n in rules["candidates"]["order"] if n in options]
+    if cands:
+        rec.leading = max(cands, key=lambda n: options[n].expected_rps or 0.0)
+        lead = options[rec.leading]
+        rec.reasons.insert(0, f"insufficient evidence: `{rec.leading}` leads at {_f(lead.expected_rps)} req/s, but "
+                              f"`{BASELINE}` (the current path) was not replayed, so no patch is shown faster than "
+                              "it: keep the current path until it is")
+    else:
+        rec.reasons.insert(0, f"insufficient evidence: neither `{BASELINE}` (the current path) nor a patch was "
+                              "replayed: keep the current path")
+    missing = [] if cands else [n for n in rules["candidates"]["order"]]
+    rec.measure_next.insert(0, f"replay the baseline: {_replay_command(run, [BASELINE, *missing], 'commit.json')}, "
+                               f"then mmdiag recommend {run.path or 'RUN.json'} commit.json (Runs of one trace and "
+                               "settings merge)")
     return rec
 
 

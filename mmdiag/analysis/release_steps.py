@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from ..mmpath.hashing import PATCHABLE as PATCHABLE_HASHES
 from ..mmpath.hashing import prefix_cache
-from ..sglang.facts import at_least, default_transport, since
+from ..sglang.facts import (Launch, at_least, default_transport, effective_transport, first_shm_release, rust_hashes,
+                            since)
 from ..vocab import DEFAULT_HASH
 from ..run import Run
 from .costmodel import CostModel, _transport_of
@@ -47,25 +48,34 @@ def current_path(version: str) -> str:
     return "revert"  # per-rank before 17a57fd; the broadcast flag is off by default after it
 
 
-def plan(version: str) -> list[Step]:
-    """The steps open on `version`. Those with SGLANG_MM_SKIP_COMPUTE_HASH (no hashing at all:
-    a random hash drawn once, so repeated images share no prefix-cache entry) only where the
-    hash is drawn once (never alone: every rank would draw its own) and the release reads it."""
-    tr, env, skip = default_transport(version), "SGLANG_MM_PRECOMPUTE_HASH=1", "SGLANG_MM_SKIP_COMPUTE_HASH=1"
-    launch = f"{env} python -m sglang.launch_server ..."
+def plan(version: str, launch: Launch | None = None) -> list[Step]:
+    """The steps open on `version` as the server is launched (`launch`: one node by default; a
+    shared-memory release pickles the features under some launches: facts.effective_transport).
+    Those with SGLANG_MM_SKIP_COMPUTE_HASH (no hashing at all: a random hash drawn once, so
+    repeated images share no prefix-cache entry) only where the hash is drawn once (never
+    alone: every rank would draw its own) and the release reads it."""
+    launch = launch or Launch()
+    tr = effective_transport(version, default_transport(version), launch)[0]
+    env, skip = "SGLANG_MM_PRECOMPUTE_HASH=1", "SGLANG_MM_SKIP_COMPUTE_HASH=1"
+    cmd = f"{env} python -m sglang.launch_server ..."
     reads_skip = at_least(version, since("skip_hash_family"))
+    if rust_hashes(version, launch):  # the Rust front end hashes before the scheduler, as precompute does
+        return [Step("as it is", f"SGLang {version} with SGLANG_RUST_SERVER=1 (items arrive hashed)", "precompute", tr)]
     steps = [Step("as it is", f"SGLang {version}", current_path(version), tr)]
     if at_least(version, since("hash_env_family")):
-        steps.append(Step(f"set {env}", launch, "precompute", tr))
+        steps.append(Step(f"set {env}", cmd, "precompute", tr))
         if reads_skip:
             steps.append(Step(f"set {env} and {skip}", f"{env} {skip} python -m sglang.launch_server ...",
                               "precompute", tr, skip_hash=True))
-    if tr == "pickle":
-        up = since("shm_family")
+    # mmdiag's `shm` patch writes code only where the release has no shared-memory transport,
+    # and its segments only on one node
+    if default_transport(version) == "pickle" and launch.nnodes == 1:
         steps += [Step("apply shm", "mmdiag apply shm", "shm", "shm")]
         if reads_skip:
             steps.append(Step(f"apply shm and set {skip}", f"mmdiag apply shm, then {skip}", "shm", "shm",
                               skip_hash=True))
+    up = first_shm_release(launch)
+    if tr == "pickle" and up is not None:
         steps += [Step(f"upgrade to {up}+", f"pip install 'sglang>={up}'", "revert", "shm"),
                   Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", "shm", "shm"),
                   Step(f"upgrade to {up}+ and set {env} and {skip}", f"pip install 'sglang>={up}', then {env} {skip}",
@@ -117,9 +127,10 @@ def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> t
                               f"({tc.source['pickle']} pickle, {tc.source['shm']} shm)")
 
 
-def advise(version: str, runs: list[Run], target: Run, model: CostModel | None) -> list[Step]:
+def advise(version: str, runs: list[Run], target: Run, model: CostModel | None,
+           launch: Launch | None = None) -> list[Step]:
     table = _measured(runs, target)
-    steps = plan(version)
+    steps = plan(version, launch)
     for st in steps:
         rps = _lookup(table, st.strategy, st.transport, st.skip_hash, st.hash)
         if rps is not None:

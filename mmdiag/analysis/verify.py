@@ -59,7 +59,7 @@ def check_applicable(inst: Any, strategy: str) -> Any:
         raise MmdiagError(
             f"mmdiag strategy `{det.patched or '?'}` is already applied to this install: the \"before\" replay "
             "would measure patched code as the installed one", where=str(inst.package_dir),
-            fix="nothing was replayed or changed; run `mmdiag apply --undo` first, then verify again")
+            fix=f"nothing was replayed or changed; run `{inst.undo_command}` first, then verify again")
     dry = apply_patch(inst, strategy, dry_run=True)
     if dry.status == "settings" and not dry.settings.get("env"):
         dry.status = "nothing-to-do"  # only the flag's default (off): what is installed already runs

@@ -25,7 +25,8 @@ from .app import EXIT_ACCEPTANCE_FAILED, json_switch, output_option, show
 @click.option("--release", default=None, metavar="VERSION",
               help="the SGLang release to advise: whether upgrading, SGLANG_MM_PRECOMPUTE_HASH=1 or `mmdiag apply "
                    "shm` pays on it [default: the trace's source.sglang_version]")
-def recommend_command(runs, as_json, output, tp, repeat, n, profile, save, release):
+@o.launch_options("with --release")
+def recommend_command(runs, as_json, output, tp, repeat, n, profile, save, release, launch):
     """Recommend the patch for the measured workload: revert, dict, batch, precompute, cond, shm, or none.
 
     \b
@@ -50,7 +51,7 @@ def recommend_command(runs, as_json, output, tp, repeat, n, profile, save, relea
             out.check_output(save, "Run", "--save")
         log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
         loaded = [api.replay_default(tp=tp, repeat=repeat, n=n, profile=profile, save=save, log=log)]
-    rec = api.recommend(loaded, release=release)
+    rec = api.recommend(loaded, release=release, launch=launch)
     if not runs and loaded[0].path:
         rec.notes.append(f"the replayed Run is kept in {loaded[0].path}")
     if output:

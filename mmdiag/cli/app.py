@@ -167,5 +167,6 @@ def main():
     {output_formats}.
     Exit codes: 0 ok, 1 acceptance failed (report, apply --verify), 2 bad input,
     3 a replay fault or a busy lock, 4 a profiled rank exited, 5 ptrace refused,
-    6 py-spy failed, 130 Ctrl-C, 143 SIGTERM (nothing left running or half-written).
+    6 py-spy failed, 130 Ctrl-C, 143 SIGTERM (nothing left running or half-written);
+    Ctrl-C while profile or top samples keeps what was sampled, as py-spy does (exit 0).
     """

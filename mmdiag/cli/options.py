@@ -55,3 +55,31 @@ def threshold_option(measured: str, prefix: str = "") -> Callable:
     """--threshold (cond's): `measured` says which measured crossover is the default."""
     return click.option("--threshold", default=None, metavar="BYTES|never|RUN.json",
                         help=prefix + THRESHOLD_HELP.format(measured=measured))
+
+
+def launch_options(what: str) -> Callable:
+    """SGLang's own launch settings that decide a release's effective transport and who hashes
+    (mmdiag.sglang.facts.Launch), for commands with no running server to read them from; the
+    command gets them as one `launch` argument (None: none given)."""
+    import functools
+
+    def deco(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*a: Any, dist_init_addr, skip_tokenizer_init, nnodes, rust_server, **kw: Any):
+            from ..sglang.facts import Launch
+            given = dist_init_addr is not None or skip_tokenizer_init or nnodes is not None or rust_server
+            kw["launch"] = Launch(dist_init_addr, skip_tokenizer_init, nnodes or 1, rust_server) if given else None
+            return f(*a, **kw)
+        for opt in reversed([
+            click.option("--dist-init-addr", metavar="HOST:PORT", default=None,
+                         help=f"{what}: the server's --dist-init-addr (0.5.10 .. 0.5.18 then pickle the features)"),
+            click.option("--skip-tokenizer-init", is_flag=True,
+                         help=f"{what}: the server runs with --skip-tokenizer-init (features pickled)"),
+            click.option("--nnodes", type=click.IntRange(1, 4096), default=None,
+                         help=f"{what}: the server's --nnodes (0.5.19+ pickle the features above 1)"),
+            click.option("--rust-server", is_flag=True,
+                         help=f"{what}: the server runs with SGLANG_RUST_SERVER=1 (0.5.18+: items arrive hashed)"),
+        ]):
+            wrapper = opt(wrapper)
+        return wrapper
+    return deco

@@ -46,12 +46,16 @@ def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, 
       mmdiag profile --from-raw rank0.raw rank0.gil.raw rank1.raw ...
     \b
     Samples with py-spy (non-blocking, every thread, plus a --gil recorder) on all
-    ranks over the same window, in 2 s blocks; psutil gives CPU%. Phases: recv,
+    ranks over the same window, in 2 s blocks (at least 5 blocks of 1 s or more: a
+    6 s window uses 1.2 s blocks); psutil gives CPU%. Phases: recv,
     from_dict, pickle, broadcast, unpickle, forward, other, idle, and shm_open /
     shm_sync / shm_map on 0.5.10+ (rules: mmdiag/live/rules.toml). Every share comes
     with its 95% interval: the defaults (100 Hz, 30 s) keep it near +/-2 points on a
     host with cores to spare; a shorter --duration widens it as 1/sqrt(duration), and
     the profile says which --duration would bring it back to +/-2.
+    Ctrl-C ends the window early, as py-spy record does: what was sampled is
+    shown and written, with a note, exit 0 (a Ctrl-C before sampling begins, or
+    a second one: exit 130, nothing written).
     Exit codes: 4 a rank exited during the window (what was sampled is kept),
     5 ptrace refused, 6 py-spy missing or failed, 2 bad input.
     """

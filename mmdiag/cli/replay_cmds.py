@@ -33,14 +33,15 @@ def legacy_json(what: str, arg: str | None = None):
                              + ". `--json FILE` is the deprecated spelling of -o FILE")
 
 
-def replay_options(f, arg: str | None = None):
+def replay_options(f, arg: str | None = None, overrides: dict | None = None):
     """Every ReplayOptions field `mmdiag replay` offers, and the command's own options
-    (output, cond's threshold, quiet) after the field they follow in --help."""
+    (output, cond's threshold, quiet) after the field they follow in --help; `overrides`:
+    a field's default and help where a command differs (demo's repeats)."""
     after = {"strategies": [legacy_json(f"the Run (schema {REPLAY_SCHEMA})", arg), output_option("Run", "run", "write the Run")],
              "repeat": [o.threshold_option("the crossover of the strategies replayed before cond")]}
     opts = []
     for name in o.REPLAY_CLI:
-        opts += [o.replay_option(name), *after.get(name, [])]
+        opts += [o.replay_option(name, **(overrides or {}).get(name, {})), *after.get(name, [])]
     opts.append(click.option("--quiet", "-q", is_flag=True, help="no progress on stderr"))
     for opt in reversed(opts):
         f = opt(f)
@@ -125,8 +126,10 @@ def replay_cmd(trace_file, **kw):
 @click.command("demo", epilog=strategies_help())
 @click.option("--profile", default=None, metavar="NAME", help="workload profile [default: profiles/defaults.toml]")
 @click.option("-n", "n", type=o.COUNT, default=None,
-              help="requests to synthesize [default: [quick] requests in profiles/defaults.toml]")
-@replay_options
+              help="requests to synthesize [default: [demo] requests in profiles/defaults.toml]")
+@functools.partial(replay_options, overrides={"repeat": {
+    "default": None, "help": "run each strategy N times [default: [demo] repeat in profiles/defaults.toml, 2: "
+                             "the table shows each strategy's +/- noise]"}})
 def demo_cmd(profile, n, **kw):
     """Synthesize the default workload and replay it over every strategy (the README's first command).
     The Run is kept (-o, default ./mmdiag-runs/demo-<time>.json)."""

@@ -23,7 +23,8 @@ SGLANG_PATH_HELP = "site-packages `sglang` folder or a git checkout's python/ (d
               help="a running server's PID (or one of its scheduler processes): its effective settings")
 @json_switch("the detection")
 @output_option("Detection", "doctor", "write the detection")
-def doctor_command(sglang_path, pid, as_json, output):
+@o.launch_options("without --pid")
+def doctor_command(sglang_path, pid, as_json, output, launch):
     """Find SGLang and report its multimodal path variant and any mmdiag patch.
     With --pid: the running server's release, TP/DP sizes, broadcast flag,
     SGLANG_MM_PRECOMPUTE_HASH, feature transport, and whether a patch on disk is
@@ -31,13 +32,16 @@ def doctor_command(sglang_path, pid, as_json, output):
     if pid is not None:
         if output:
             raise MmdiagError("-o goes with doctor without --pid; use --json and redirect")
+        if launch is not None:
+            raise MmdiagError("--pid reads the launch settings from the server's command line and environment",
+                              fix="leave out --dist-init-addr, --skip-tokenizer-init, --nnodes and --rust-server")
         from ..sglang.server import header_text
         srv = api.doctor_server(pid, sglang_path)
         click.echo(out.render(srv.to_dict(), "json") if as_json else header_text(srv), nl=False)
         return
     if output:
         out.check_output(output, "Detection", "-o")
-    det = api.doctor(sglang_path)
+    det = api.doctor(sglang_path, launch)
     if output:
         out.write(det, output, what="-o")
     show(det, as_json)
@@ -47,8 +51,8 @@ def doctor_command(sglang_path, pid, as_json, output):
 
 _STATUS = {
     "dry-run": "dry run: nothing was written",
-    "applied": "applied `{strategy}` to {files}; manifest {manifest}",
-    "already-applied": "`{strategy}` already applied: nothing to do",
+    "applied": "applied `{strategy}` to {files}; manifest {manifest}; undo: {undo}",
+    "already-applied": "`{strategy}` already applied: nothing to do (undo: {undo})",
     "nothing-to-do": "nothing to patch",
     "undone": "undone `{strategy}`: original bytes restored",
     "declined": "declined: nothing was written",
@@ -110,7 +114,7 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
                              repeat=repeat, threshold=threshold, confirm=_confirm(yes), progress=bar,
                              log=lambda s: click.echo(s, err=True))
         show_report(res.report, output, False,
-                    failed_note="; the patch stays applied (mmdiag apply --undo restores)")
+                    failed_note=f"; the patch stays applied ({res.applied.undo or 'mmdiag apply --undo'} restores)")
         return
     if undo:
         if threshold is not None:
@@ -122,6 +126,7 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
         click.echo(res.diff, nl=False)
     for n in res.notes:
         click.echo(f"note: {n}")
-    click.echo(_STATUS[res.status].format(strategy=res.strategy, files=", ".join(res.files), manifest=res.manifest))
+    click.echo(_STATUS[res.status].format(strategy=res.strategy, files=", ".join(res.files), manifest=res.manifest,
+                                          undo=res.undo))
     if res.status == "declined":
         raise click.exceptions.Exit(1)

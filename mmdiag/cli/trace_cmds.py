@@ -92,7 +92,7 @@ def trace_from_dump(paths, output, model, default_size, max_gap):
     from ..ingest.dump import skipped_text
 
     conv = api.trace_from_dump(list(paths), output, model=model, default_size=default_size, max_gap=max_gap)
-    click.echo(f"wrote {conv.requests} requests from {conv.files} dump file(s) to {output} "
+    click.echo(f"wrote {conv.requests} request{'' if conv.requests == 1 else 's'} from {conv.files} dump file(s) to {output} "
                f"(model {conv.model_path or '?'}, geometry {conv.model})")
     if conv.defaulted:
         click.echo(f"  {conv.defaulted} image(s) given as URLs took --default-size")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ..errors import ProfileError
+from ..errors import ProfileError, json_error
 from ..tables import PROFILES_DIR, load_table
 
 
@@ -129,7 +129,7 @@ def _result_line(line: str, where: str) -> dict[str, Any]:
     try:
         d = json.loads(line)   # Python's json: bench_serving writes request_rate inf as Infinity
     except json.JSONDecodeError as e:
-        raise ProfileError(f"not a bench_serving result line ({e.msg} at column {e.pos + 1})", where=where) from None
+        raise ProfileError(f"not a bench_serving result line ({json_error(e)})", where=where) from None
     if not isinstance(d, dict):
         raise ProfileError("not a bench_serving result line (not a JSON object)", where=where)
     for key in RESULT_KEYS:

@@ -159,7 +159,9 @@ def dump_files(paths: list[str]) -> Iterator[str]:
         elif os.path.isfile(p):
             yield p
         else:
-            raise DumpError("no such file or folder", where=p)
+            raise DumpError("no such file or folder", where=p,
+                            fix="give SGLang dump files (*.pkl) or the folders it dumped them to "
+                                "(--dump-requests-folder, --crash-dump-folder)")
 
 
 # --- conversion ---------------------------------------------------------------
@@ -382,4 +384,5 @@ def convert(paths: list[str], out: str, *, model: str | None = None,
 
 
 def skipped_text(conv: Conversion) -> str:
-    return "; ".join(f"{n} {why}" for why, n in conv.skipped.most_common())
+    # "reason: count", as each reason is worded for one request
+    return "; ".join(f"{why}: {n}" for why, n in conv.skipped.most_common())

@@ -38,7 +38,7 @@ from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
 from .rules import RuleSet, load_rules
 from .sampler import REGISTRY, CpuMeter, Sampler, rank_samples, reattach_gaps_s, span_s
-from .stats import duration_for
+from .stats import duration_for, t95
 
 # Defaults chosen so every phase share's 95% interval is within +/-2 points (README,
 # "How precise a profile is"): 100 Hz for 30 s is 3000 samples per rank, +/-1.8 points
@@ -55,6 +55,10 @@ PYSPY_DEFAULT_RATE_HZ = 100  # py-spy record's own default (for --from-raw files
 PROBE_TRIES = 3  # py-spy dump attempts per rank before the window
 ATTACH_TIMEOUT_S = 60.0  # a loaded host can take long to let py-spy in
 CPU_POLL_S = 0.5
+# Ctrl-C ends the window as py-spy record does (stop, keep what was sampled, say so, exit 0);
+# the block in flight is kept only if py-spy writes it within this, so a loaded host still
+# ends in a few seconds (the window's end otherwise waits up to Sampler.stop's 10 s).
+INTERRUPT_GRACE_S = 2.0
 _REGISTRY = REGISTRY  # live recorders' pids (for tests: nothing left behind)
 TERMINATED = "terminated by SIGTERM; py-spy was stopped and nothing was written"
 
@@ -156,7 +160,8 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
     t1 = time.monotonic()
     if on_window:
         on_window("end")
-    sampler.stop()
+    # a second Ctrl-C while the last block is collected ends mmdiag with nothing written (exit 130)
+    sampler.stop(grace=INTERRUPT_GRACE_S) if interrupted else sampler.stop()
     return t1 - t0, interrupted
 
 
@@ -170,8 +175,10 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
 
     raw_dir: keep py-spy's raw files there (rank{r}.pid{p}.b{k}.raw, .gil.raw), for --from-raw.
     on_window: called with "start" / "end" as the common window opens and closes.
-    Ctrl-C ends the window early and keeps what was sampled; SIGTERM (in the main
-    thread) stops py-spy, removes the temporary files and raises Terminated (exit 143).
+    Ctrl-C ends the window early and keeps what was sampled, as py-spy record does (the CLI
+    shows and writes it, exit 0); a Ctrl-C before the window opens, or a second one, raises
+    KeyboardInterrupt (nothing written, exit 130). SIGTERM (in the main thread) stops py-spy,
+    removes the temporary files and raises Terminated (exit 143).
     """
     with on_sigterm(TERMINATED):
         return _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s)
@@ -180,6 +187,10 @@ def profile(pid: int, duration: float = DEFAULT_DURATION_S, rate: int = DEFAULT_
 def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedscope, log, block_s) -> Run:
     _check_args(duration, rate)
     log = log or (lambda s: None)
+    # The intervals' t quantile imports scipy.stats: seconds, up to 15 on a loaded 2-core host.
+    # Import it while the ranks are found and probed, never after the window (Ctrl-C would wait).
+    stats_ready = threading.Thread(target=t95, args=(MIN_BLOCKS - 1,), daemon=True)
+    stats_ready.start()
     spy = find_pyspy(pyspy)
     w = check_version(spy)
     if w:
@@ -188,6 +199,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
     disc = discover(pid)
     log(disc.describe())
     _probe(spy, disc.ranks)
+    stats_ready.join()
     block_s = block_length(duration, block_s)
     tmp = tempfile.mkdtemp(prefix="mmdiag-profile-")
     try:

@@ -322,7 +322,8 @@ def read_raw(path: str, version: str | None = None) -> dict[int, ThreadSamples]:
         with open(path, encoding="utf-8", errors="strict") as f:
             text = f.read()
     except FileNotFoundError:
-        raise RawParseError("no such file", where=path) from None
+        raise RawParseError("no such file", where=path,
+                            fix="give py-spy raw files (py-spy record --format raw, or mmdiag profile --raw-dir DIR)") from None
     except UnicodeDecodeError:
         raise RawParseError("not text: not a py-spy raw file", where=path,
                             fix="record with `py-spy record --format raw --threads --idle -o FILE`") from None

@@ -86,10 +86,7 @@ class TopSession:
         """Take the blocks that ended; forget those older than the window."""
         now = time.monotonic()
         for rank, blocks in self.sampler.poll().items():
-            win = self.windows[rank]
-            win.extend(blocks)
-            while win and now - win[0].t1 > self.window_s and len(win) > 1:
-                win.popleft()
+            slide(self.windows[rank], blocks, now, self.window_s)
         if not self.keep_all:
             for ch in self.sampler.chains:
                 ch.blocks = ch.blocks[-1:]  # the chain's history is only needed for a Run
@@ -145,6 +142,14 @@ class Snapshot:
     span_s: float
     path: str
     taken: str
+
+
+def slide(win: deque, blocks: list, now: float, window_s: float) -> None:
+    """Add the blocks that ended; drop those that began more than `window_s` ago (the latest
+    stays), so the figures cover at most the window the header names, never a block more."""
+    win.extend(blocks)
+    while len(win) > 1 and now - win[0].t0 > window_s:
+        win.popleft()
 
 
 def snapshot(sess: TopSession) -> Snapshot:

@@ -31,6 +31,12 @@ def _xxh3(data) -> int:
 FUNCTIONS: dict[str, Callable[[object], int]] = {"sha256": _sha256, "xxh3": _xxh3}
 assert tuple(FUNCTIONS) == HASHES, "hash functions and vocabulary disagree"
 
+# How a tensor's bytes reach the hash. sha256 as the releases feed it: 0.5.4-0.5.22 flatten,
+# concatenate and copy through .tobytes() (two copies of every feature, page faults included);
+# xxh3 as mmdiag's patch feeds it: a zero-copy uint8 view (as 0.5.23 feeds its sha256).
+ZERO_COPY = {"sha256": False, "xxh3": True}
+assert tuple(ZERO_COPY) == HASHES
+
 # What each hash keeps of the prefix cache, for recommend and the report. A random hash
 # (SGLANG_MM_SKIP_COMPUTE_HASH) is not a content hash: repeated images stop matching.
 PREFIX_CACHE = {"sha256": "content hash kept", "xxh3": "content hash kept", "random": "random: repeated images miss"}
@@ -80,6 +86,10 @@ def use(name: str) -> None:
 
 def current() -> str:
     return _current
+
+
+def zero_copy() -> bool:
+    return ZERO_COPY[_current]
 
 
 def data_hash(data) -> int:

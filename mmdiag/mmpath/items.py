@@ -36,6 +36,9 @@ def data_hash(data: bytes) -> int:
 
 
 def tensor_hash(tensors: list[torch.Tensor]) -> int:
+    if hashing.zero_copy() and len(tensors) == 1 and tensors[0].is_contiguous():
+        # mmdiag's xxh3 hashes the bytes where they lie (the same digest as the concatenation).
+        return data_hash(memoryview(tensors[0].detach().reshape(-1).view(torch.uint8).numpy()))
     # Same copies as SGLang: flatten+concat, then .tobytes() of the numpy view.
     flat = torch.concat([t.flatten() for t in tensors]).detach().contiguous()
     if flat.dtype == torch.bfloat16:

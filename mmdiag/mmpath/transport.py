@@ -39,6 +39,10 @@ class Transport:
     def close(self) -> None:
         pass
 
+    def facts(self) -> dict[str, int]:
+        """What the Run records of this transport beyond its name (the segment pool's counts)."""
+        return {}
+
 
 class PickleTransport(Transport):
     name = "pickle"
@@ -47,11 +51,22 @@ class PickleTransport(Transport):
 class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False):
         self.prefix = prefix
+        # Copy each feature out of its map on every rank (ShmPointerMMData.materialize()'s clone,
+        # 0.5.10 .. 0.5.20) instead of keeping the copy-on-write map (0.5.21+): facts.shm_clones.
+        self.clone = clone
         self._seq = itertools.count()
         self.fallbacks = 0  # features kept inline: shared memory unavailable or full
         self.rejected = 0   # requests every rank rejected (a segment failed on some rank)
+        # vocab.SEGMENTS: "fresh" (a new segment per feature, as every release writes them) or
+        # "pool" (reused, pre-faulted segments: mmdiag's remedy for the write's page faults).
+        self.pool = shm.SegmentPool(prefix, pool_bytes) if segments == "pool" else None
+
+    def _write(self, feature) -> "shm.ShmHandle | None":
+        if self.pool is not None:
+            return self.pool.write(feature)
+        return shm.write_segment(f"{self.prefix}{next(self._seq)}", feature)
 
     def encode(self, s, mm_inputs) -> float:
         if mm_inputs is None:
@@ -59,7 +74,7 @@ class ShmTransport(Transport):
         t0 = time.perf_counter()
         for item in mm_items(mm_inputs):
             if isinstance(item.feature, torch.Tensor):
-                h = shm.write_segment(f"{self.prefix}{next(self._seq)}", item.feature)
+                h = self._write(item.feature)
                 if h is None:
                     self.fallbacks += 1
                 else:
@@ -81,10 +96,15 @@ class ShmTransport(Transport):
             for (i, it), fd in zip(items, fds):
                 h = it.feature
                 it.feature = shm.map_segment(fd, h) if fd is not None else None
+                if self.clone and it.feature is not None:
+                    it.feature = it.feature.clone()
                 if it.feature is None:
                     failed[i] = 1
                 if s.is_entry_rank:
-                    shm.unlink_segment(h)
+                    if h.pooled:
+                        self.pool.settle(h)  # every rank holds it: reusable once they all let go
+                    else:
+                        shm.unlink_segment(h)
         with t.phase("shm_sync"):
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=s.cpu_group)
         for i in failed.nonzero().flatten().tolist():
@@ -93,16 +113,21 @@ class ShmTransport(Transport):
         return reqs
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         shm.sweep(self.prefix)
 
+    def facts(self) -> dict[str, int]:
+        return self.pool.stats() if self.pool is not None else {}
 
-def make(name: str, prefix: str) -> Transport:
+
+def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False) -> Transport:
     if name == "pickle":
         return PickleTransport()
     if name == "shm":
-        return ShmTransport(prefix)
+        return ShmTransport(prefix, segments, pool_bytes, clone)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")
 
 
 # What a release implies (variants.toml [defaults]); torch-free, so `recommend` reads them too.
-from ..sglang.facts import default_tokenizer_workers, default_transport  # noqa: E402,F401
+from ..sglang.facts import default_tokenizer_workers, default_transport, shm_clones  # noqa: E402,F401

@@ -79,7 +79,14 @@ def render_doctor(det: Any) -> str:
 
 
 def render_mapping(d: dict[str, Any]) -> str:
-    return "\n".join(f"{k:15} {v}" for k, v in d.items()) + "\n"
+    """key  value lines; a nested mapping as `k=v, ...` (never a Python dict's repr)."""
+    def words(v: Any) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={words(x)}" for k, x in v.items()) or "-"
+        if isinstance(v, (list, tuple)):
+            return ", ".join(words(x) for x in v) or "-"
+        return "-" if v is None else str(v)
+    return "\n".join(f"{k:15} {words(v)}" for k, v in d.items()) + "\n"
 
 
 def _catalog_rows(cat: list[dict[str, Any]], code: str = "") -> list[list[str]]:

@@ -7,7 +7,7 @@ its own session (Ctrl-C reaches only this launcher, which then stops them in
 order) and dies with the launcher even if the launcher is SIGKILLed
 (PR_SET_PDEATHSIG, set in the worker). Nothing then cleans up after them, so each
 replay first removes what a SIGKILLed launcher left: its job folder and its
-shared-memory segments (sweep_orphans).
+shared-memory segments (sweep_orphans), as soon as the launcher that owned them is gone.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..proc import on_sigterm
 from ..mmpath import memory
 from ..run import Run
 from ..trace import scan
-from ..units import MB, fmt_gb
+from ..units import MB, fmt_gb, fmt_mb
 from ..mmpath import shm
 from ..vocab import TRANSPORTS
 from . import heartbeat
@@ -36,8 +36,8 @@ from .options import JOB_ENV, RankJob, ReplayOptions
 
 GRACE_S = 5.0
 JOB_DIR_PREFIX = "mmdiag-replay-"
-# A job folder whose launcher is gone and whose ranks have not beaten for this long is an orphan
-# (the beat guards a launcher this PID namespace cannot see, on a shared /tmp).
+# A job folder whose owner cannot be judged (a launcher in another PID namespace on a shared /tmp,
+# or an older mmdiag's folder) is an orphan only when its ranks have not beaten for this long.
 ORPHAN_S = 60.0
 # Arrivals spread over longer than this: say up front that the replay waits them out.
 LONG_SPAN_S = 600.0
@@ -51,8 +51,9 @@ def _launcher_pid(prefix: str) -> int | None:
 
 def sweep_orphans() -> int:
     """Remove the job folders (and their segments) of launchers that no longer run: a SIGKILLed
-    launcher's ranks die with it (PDEATHSIG) before they can. A live launcher's are left alone.
-    Returns how many folders were removed."""
+    launcher's ranks die with it (PDEATHSIG) before they can. The owner named in the segment
+    prefix (shm.owner_prefix) decides at once; a live launcher's are left alone. Returns how
+    many folders were removed."""
     import glob
     import shutil
     n = 0
@@ -64,8 +65,12 @@ def sweep_orphans() -> int:
             beats = heartbeat.read(os.path.join(d, "heartbeat"), tp)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue   # another user's, or a launcher still writing it
-        pid = _launcher_pid(prefix)
-        if pid is None or pid == os.getpid() or _alive(pid) or any(time.monotonic() - b < ORPHAN_S for b in beats if b):
+        gone = shm.owner_gone(prefix)
+        if gone is None:   # cannot be judged here: the launcher's PID and its ranks' beats
+            pid = (shm.owner_of(prefix) or (None,))[0] or _launcher_pid(prefix)
+            gone = not (pid is None or pid == os.getpid() or _alive(pid)
+                        or any(time.monotonic() - b < ORPHAN_S for b in beats if b))
+        if not gone:
             continue
         shm.sweep(prefix)
         shutil.rmtree(d, ignore_errors=True)
@@ -156,13 +161,14 @@ def replay(trace: str, opts: ReplayOptions, progress: Callable[[dict], None] | N
         check_port(opts.port)
     port = opts.port or free_port()
     sweep_orphans()
+    shm.sweep_dead_owners()   # segments of a dead replay whose job folder is gone (or never was: torchrun)
     with _sigterm_as_error(), tempfile.TemporaryDirectory(prefix=JOB_DIR_PREFIX) as tmp:
         out = os.path.join(tmp, "run.json")
         prog = os.path.join(tmp, "progress.json")
         tl_dir = os.path.join(tmp, "timeline") if opts.timeline else None
         if tl_dir:
             os.makedirs(tl_dir)
-        prefix = f"mmdiag-{os.getpid()}-{port}-"
+        prefix = shm.owner_prefix(port)
         job = RankJob(trace=os.path.abspath(trace), out=out, options=opts, progress_file=prog,
                       timeline_dir=tl_dir, heap_ceiling=est.heap_ceiling, shm_prefix=prefix)
         job.save(os.path.join(tmp, "job.json"))
@@ -207,16 +213,37 @@ def check_memory(opts: ReplayOptions, header, stats) -> memory.MemoryEstimate:
         conc = int(header.arrival["max_concurrency"])
     from ..replay.scheduler import MAX_PENDING
     from ..strategies import REGISTRY
-    background = any(getattr(REGISTRY.get(n), "cost_class", None) == "background" for n in opts.strategies)
-    est = memory.estimate(opts.tp, stats.mm_bytes, stats.max_request_bytes, int(opts.max_recv_mb * MB),
-                          conc, backlog_requests=MAX_PENDING if background else 0,
-                          shared_copy="shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies)))
+    background = [n for n in opts.strategies if getattr(REGISTRY.get(n), "cost_class", None) == "background"]
+    shared = "shm" in (opts.transport, *(REGISTRY[n].transport for n in opts.strategies))
+
+    def at(tp: int, recv: int, conc, backlog: int) -> memory.MemoryEstimate:
+        return memory.estimate(tp, stats.mm_bytes, stats.max_request_bytes, recv, conc,
+                               backlog_requests=backlog, shared_copy=shared)
+    est = at(opts.tp, int(opts.max_recv_mb * MB), conc, MAX_PENDING if background else 0)
     avail = memory.available_bytes()
     if est.total > avail:
         raise MmdiagError(f"this replay needs {est.explain()}, more than the {fmt_gb(avail)} "
                           "this machine has available", where=f"--tp {opts.tp}",
-                          fix="lower --tp, --max-recv-mb or --max-concurrency, or leave out the async strategy")
+                          fix=_memory_fix(opts.tp, est, avail, stats.max_request_bytes, background, at))
     return est
+
+
+def _memory_fix(tp: int, est: memory.MemoryEstimate, avail: int, max_request: int, background: list[str], at) -> str:
+    """Only the changes that can help: a single request too large for the machine is beyond every option."""
+    if at(1, max_request, 1, 0).total > avail:
+        return (f"the trace's largest request alone carries {fmt_mb(max_request)} of features, more than any "
+                "setting fits here: replay a trace with smaller features, or on a machine with more memory")
+    fixes = []
+    fits = [t for t in range(tp - 1, 0, -1) if at(t, est.in_flight, None, est.backlog).total <= avail]
+    if fits:
+        fixes.append(f"lower --tp (to {fits[0]} or less)")
+    elif tp > 1:
+        fixes.append("lower --tp")
+    if est.in_flight > max_request:
+        fixes.append("lower --max-recv-mb or --max-concurrency")
+    if background:
+        fixes.append(f"leave out {' and '.join(background)} (a background strategy queues a backlog)")
+    return ", or ".join(fixes) or "replay on a machine with more memory"
 
 
 def _sigterm_as_error():

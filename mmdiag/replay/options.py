@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ..vocab import STRATEGIES, TRANSPORTS
+from ..vocab import DEFAULT_HASH, DEFAULT_SEGMENTS, HASHES, SEGMENTS, SHM_MAPS, STRATEGIES, TRANSPORTS
 
 JOB_ENV = "MMDIAG_REPLAY_JOB"
 
@@ -75,13 +75,30 @@ class ReplayOptions:
     transport: str | None = _opt(None, "how features reach the ranks: pickle (in the recv broadcast, SGLang <= 0.5.9) "
                                        "or shm (shared-memory handles, 0.5.10+) [default: what the trace's or "
                                        "installed release implies]", type=click.Choice(TRANSPORTS))
+    # How every rank takes a feature out of the release's own segment (the shm transport): None,
+    # as the release does (variants.toml [shm_materialize]).
+    shm_map: str | None = _opt(None, "with the release's shm transport, how every rank takes each feature out of its "
+                                     "segment: clone (copy it, ShmPointerMMData.materialize of 0.5.10 .. 0.5.20) or "
+                                     "cow (copy-on-write map, 0.5.21+) [default: the trace's or installed release's]",
+                               type=click.Choice(SHM_MAPS))
     # SGLANG_MM_SKIP_COMPUTE_HASH=1 (0.5.8+): a random hash instead of sha256 where items are hashed.
     skip_hash: bool = _opt(False, "replay SGLANG_MM_SKIP_COMPUTE_HASH=1: strategies that hash before the scheduler "
                                   "(precompute, shm) draw a random hash instead of hashing (repeated images then "
                                   "share no prefix-cache entry); with --impl sglang the ranks get the variable")
+    # The shm transport's segments (vocab.SEGMENTS): fresh as the releases write them, or mmdiag's pool.
+    segments: str = _opt(DEFAULT_SEGMENTS, "with the shm transport: fresh (a new segment per feature, as every release "
+                                           "writes them; each write pays its page faults) or pool (reused, "
+                                           "pre-faulted segments, as `mmdiag apply` installs them)",
+                         type=click.Choice(SEGMENTS))
+    # The content hash (vocab.HASHES): sha256 is SGLang's; xxh3 is what `mmdiag apply xxh3` installs.
+    hash: str = _opt(DEFAULT_HASH, "content hash of every feature, wherever it is hashed (tokenizer stage and "
+                                   "ranks): sha256 (SGLang's) or xxh3 (xxh3_128, memory speed; still a content "
+                                   "hash, so repeated images keep their prefix-cache entries)",
+                     type=click.Choice(HASHES))
     # Tokenizer workers that hash (SGLang 0.5.21+ hashes in a pool of 2); None: the release's.
-    tokenizer_workers: int | None = _opt(None, "tokenizer-side hashing workers (default: the release's)",
-                                         cli=False)
+    tokenizer_workers: int | None = _opt(None, "tokenizer-side hashing threads, to see the tokenizer stage's "
+                                               "capacity with N of them [default: the release's: 1, 2 from 0.5.21]",
+                                         type=click.IntRange(1, 256), metavar="N")
     extra_env: dict[str, str] = _opt({}, "environment for the ranks", worker=False, cli=False)
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import strategies as strategy_registry
 from ..errors import MmdiagError
-from ..mmpath import memory, shm
+from ..mmpath import hashing, memory, shm
 from ..mmpath import transport as transport_mod
 from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
@@ -103,7 +103,7 @@ class _Plan:
     """What this replay runs: the strategies and how each is made (mmdiag's models, or
     the installed SGLang as a plug-in), the transport, the tokenizer's workers."""
 
-    def __init__(self, job, rank: int, header):
+    def __init__(self, job, rank: int, header, group=None):
         o = job.options
         self.installed = None
         if o.impl == "sglang":
@@ -120,13 +120,20 @@ class _Plan:
         else:
             self.make = _make_strategy
             self.names = strategy_registry.resolve(o.strategies)
-            version = (header.source.get("sglang_version") if header is not None else None)
+            # Only rank 0 read the trace: every rank takes its release, so all move features alike.
+            got = [header.source.get("sglang_version") if header is not None else None]
+            if group is not None:
+                dist.broadcast_object_list(got, src=0, group=group)
+            version = got[0]
         # Features travel as the release moves them: pickled in the recv broadcast to 0.5.9,
         # by shared memory from 0.5.10 (mmdiag's segments standing in for the release's own).
         self.transport = o.transport or transport_mod.default_transport(version)
         self.workers = o.tokenizer_workers or transport_mod.default_tokenizer_workers(version)
+        # The release's own segments: copied out per rank to 0.5.20, mapped copy-on-write after (with
+        # no release known, mapped). mmdiag's `shm` patch on a pickling release always maps.
+        self.shm_map = o.shm_map or ("clone" if version is not None and transport_mod.shm_clones(version) else "cow")
         port = os.environ.get("MASTER_PORT", "0")
-        self.prefix = job.shm_prefix or f"mmdiag-{port}-{os.getpid()}-"
+        self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
     def transport_of(self, strategy) -> str:
         return strategy.transport or self.transport
@@ -136,7 +143,9 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     """One replay of one strategy; returns rank 0's StrategyResult (None elsewhere)."""
     o = job.options
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
-    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix)
+    # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
+    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o.segments, 2 * int(o.max_recv_mb * MB),
+                                   clone=plan.transport == "shm" and plan.shm_map == "clone")
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],
@@ -179,13 +188,14 @@ def run_rank(job) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _set_title(rank)
     o = job.options
+    hashing.use(o.hash)  # process-wide, as SGLang's data_hash: the tokenizer stage and every rank hash alike
     timeout = timedelta(seconds=o.timeout)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     group = dist.group.WORLD
     header = stats = None
     if rank == 0:
         header, stats = scan(job.trace)
-    plan = _Plan(job, rank, header)
+    plan = _Plan(job, rank, header, group)
     tracer = None
     if job.timeline_dir:
         from viztracer import VizTracer
@@ -232,7 +242,10 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     run = assemble_run(results, world, job, header, stats)
     cfg = run.config
     cfg.strategies, cfg.transport, cfg.tokenizer_workers = described, plan.transport, plan.workers
+    # None like a Run from before the option (they all mapped copy-on-write): merges with them
+    cfg.shm_map = "clone" if plan.transport == "shm" and plan.shm_map == "clone" else None
     cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
+    cfg.hash, cfg.segments = job.options.hash, job.options.segments
     if plan.installed is not None:
         det = plan.installed.detection
         cfg.impl = "sglang"

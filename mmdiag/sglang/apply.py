@@ -53,6 +53,7 @@ class ApplyResult:
     notes: list[str] = field(default_factory=list)
     manifest: str | None = None
     settings: dict = field(default_factory=dict)  # {"env": {VAR: value}, "flags": {option: on?}}
+    undo: str | None = None   # applied, already applied: the command that restores (SGLangInstall.undo_command)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -272,16 +273,15 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         names = applied(manifest)
         if strategy in names and all(s == "after" for _, s in states):
             return ApplyResult(strategy, "already-applied", manifest.get("variant"),
-                               files=list(manifest["files"]),
-                               notes=[f"`{strategy}` is already applied: nothing to do"],
-                               manifest=str(_manifest_path(install)))
+                               files=list(manifest["files"]), manifest=str(_manifest_path(install)),
+                               undo=install.undo_command)
         if any(s == "step" for _, s in states):
             raise ChangedSinceApply(f"an apply of `{'+'.join(names)}` was interrupted midway",
-                                    where=str(install.package_dir), fix="run `mmdiag apply --undo` first")
+                                    where=str(install.package_dir), fix=f"run `{install.undo_command}` first")
         if axis_of(strategy) in {axis_of(n) for n in names}:
             raise AlreadyPatched(f"mmdiag strategy `{'+'.join(names)}` is applied to this install",
                                  where=str(install.package_dir),
-                                 fix="run `mmdiag apply --undo` first")
+                                 fix=f"run `{install.undo_command}` first")
         # else: the other axis (a content hash on a strategy, or the reverse) stacks on it
     if det.patch_markers and not manifest:
         raise UnknownLayout("mmdiag patch markers found but no manifest", where=str(install.package_dir),
@@ -302,7 +302,8 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
         return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
 
     mpath = _write_patch(install, strategy, det, p, manifest)
-    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings)
+    return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings,
+                       undo=install.undo_command)
 
 
 
@@ -404,7 +405,7 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p, prior
                     f"writing the patched {file_rel(current)} failed{why}, and restoring {rels} failed too: "
                     "the install is partly patched", where=str(install.path(not_restored[0])),
                     fix=f"the backups and manifest are kept in {state_dir_of(install)}; "
-                    "run `mmdiag apply --undo` to restore the original bytes") from None
+                    f"run `{install.undo_command}` to restore the original bytes") from None
             _undo_state(install, prior, prior_patched, fresh)
             if isinstance(e, OSError):
                 raise _oserror(e, install.path(current), "writing the patched file") from None
@@ -414,7 +415,7 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p, prior
             write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
         except OSError as e:
             raise SGLangError(f"the patch was written but its manifest could not be updated ({e.strerror or e})",
-                              where=str(mpath), fix="`mmdiag apply --undo` still restores the original bytes") from None
+                              where=str(mpath), fix=f"`{install.undo_command}` still restores the original bytes") from None
     return mpath
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import astutil
 from .errors import UnknownLayout
-from .facts import facts, file_rel, layouts, release, variants
+from .facts import effective_transport, facts, file_rel, layouts, release, rust_hashes, variants
 from .locate import SGLangInstall
 from .probes import ReleaseFacts, match_family, probe
 
@@ -41,6 +41,8 @@ class Detection:
     flag: dict[str, Any] | None  # where --enable-broadcast-mm-inputs-process is defined
     facts: ReleaseFacts = field(default_factory=ReleaseFacts)
     notes: list[str] = field(default_factory=list)
+    # With launch settings given (doctor's options): {"launch", "transport", "why", "hashing"}.
+    launch: dict[str, Any] | None = None
 
     @property
     def family(self) -> str | None:
@@ -144,6 +146,20 @@ def _match_variant(methods: dict[str, Any], rf: ReleaseFacts, patched: bool):
     return None
 
 
+def _find_markers(lines: list[str], names: list[str]) -> dict[str, list[int]]:
+    """marker -> lines, under the name the code really spells: a marker that starts a longer
+    identifier (`_process_and_broadcast_mm_inputs_v2`, a renamed method) is reported as that
+    identifier, never under the marker's own name."""
+    found: dict[str, list[int]] = {}
+    for m in names:
+        pat = re.compile(("(?<!\\w)" if m[0].isidentifier() else "") + re.escape(m)
+                         + ("\\w*" if (m[-1].isalnum() or m[-1] == "_") else ""))
+        for i, line in enumerate(lines, 1):
+            for name in dict.fromkeys(pat.findall(line)):
+                found.setdefault(name, []).append(i)
+    return found
+
+
 def detect(install: SGLangInstall) -> Detection:
     text = _read(install, "scheduler")
     if text is None:
@@ -155,11 +171,7 @@ def detect(install: SGLangInstall) -> Detection:
                             where=str(install.path("scheduler")),
                             fix="restore the file (pip install --force-reinstall, git checkout)") from None
     lines = text.splitlines()
-    markers = {
-        m: [i for i, line in enumerate(lines, 1) if m in line]
-        for m in facts()["markers"]["scheduler_text"]
-    }
-    markers = {k: v for k, v in markers.items() if v}
+    markers = _find_markers(lines, facts()["markers"]["scheduler_text"])
     interesting = ("_process_and_broadcast_mm_inputs", "_get_multimodal_inputs",
                    "process_input_requests", "_mmdiag_orig_process_input_requests",
                    "handle_generate_request", "_handle_generate_request", "abort_request")
@@ -223,3 +235,16 @@ def detect(install: SGLangInstall) -> Detection:
                      "mmdiag or its state folder was removed; undo is not possible automatically")
     return Detection(install, vname, summary, len(lines), markers, methods, mm_call, lay,
                      patched, patch_markers, manifest, rel, flag, rf, notes)
+
+
+def with_launch(det: Detection, launch) -> Detection:
+    """`det` with what a launch (facts.Launch; None: none given) makes of the release: its
+    effective transport and, where SGLANG_RUST_SERVER takes images, who hashes."""
+    if launch is None:
+        return det
+    version = det.install.version
+    tr, why = effective_transport(version, det.facts.transport, launch)
+    hashing = (f"the Rust front end's workers ({facts()['rust_server']['env']}=1): items arrive hashed"
+               if rust_hashes(version, launch) else None)
+    det.launch = {"launch": asdict(launch), "transport": tr, "why": why, "hashing": hashing}
+    return det

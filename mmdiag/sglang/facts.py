@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,16 @@ def checked_span() -> tuple[str, str]:
 
 def version_fit(version: str | None, releases: str) -> str:
     """Where `version` stands against a family's range and every release mmdiag checked:
-    "in range"; "other family" (inside another family's range); "newer" / "older" than every
-    checked release; "unchecked" (between checked ranges); "unknown" (no usable version)."""
+    "in range"; "other family" (inside another family's range); "pre-release" (a release
+    candidate, alpha or beta of a release: not in the matrix, read by its code); "newer" / "older"
+    than every checked release; "unchecked" (between checked ranges); "unknown" (no usable version)."""
     inside = in_releases(version, releases)
     if inside is None:
         return "unknown"
     if inside:
         return "in range"
+    if _version(version).pre is not None:
+        return "pre-release"
     if any(in_releases(version, f["releases"]) for f in families()):
         return "other family"
     first, last = checked_span()
@@ -118,3 +122,64 @@ def default_transport(version: str | None) -> str:
 def default_tokenizer_workers(version: str | None) -> int:
     d = facts()["defaults"]
     return d["hash_pool_workers"] if at_least(version, since("hash_pool_family")) else 1
+
+
+# ---- how the server was launched: what turns a shared-memory release back to pickling
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The launch settings that decide a release's effective transport and who hashes
+    (read from a live server's command line and environment, or given as options)."""
+    dist_init_addr: str | None = None  # --dist-init-addr
+    skip_tokenizer_init: bool = False  # --skip-tokenizer-init
+    nnodes: int = 1                    # --nnodes
+    rust_server: bool = False          # SGLANG_RUST_SERVER=1
+
+
+_HOLDS = {"set": lambda v: v not in (None, ""), "on": bool, "above 1": lambda v: (v or 0) > 1}
+
+
+def _in_span(version: str | None, first: str, last: str | None) -> bool:
+    v = _version(version)
+    return v is not None and v >= _version(first) and (last is None or v <= _version(last))
+
+
+def pickle_reasons(version: str | None, launch: Launch) -> list[str]:
+    """Why this release pickles the features despite its shared-memory transport: one phrase
+    per rule of variants.toml [[pickle_when]] that holds (empty: it uses shared memory)."""
+    return [f"{r['flag']}" + (f" {getattr(launch, r['setting'])}" if r["holds"] != "on" else "")
+            + f" ({r['where']}, {r['from']}" + (f" .. {r['to']})" if r.get("to") else "+)")
+            for r in facts()["pickle_when"]
+            if _in_span(version, r["from"], r.get("to")) and _HOLDS[r["holds"]](getattr(launch, r["setting"]))]
+
+
+def effective_transport(version: str | None, code_transport: str, launch: Launch) -> tuple[str, str]:
+    """(transport, why): the code's transport (probed, or the release's default), unless the
+    launch turns a shared-memory release back to pickling features."""
+    if code_transport != "shm":
+        return code_transport, "the release's CPU transport"
+    why = pickle_reasons(version, launch)
+    if why:
+        return "pickle", "shared-memory release, pickled because of " + "; ".join(why)
+    return "shm", "the release's CPU transport"
+
+
+def rust_hashes(version: str | None, launch: Launch) -> bool:
+    """SGLANG_RUST_SERVER=1 on a release whose Rust front end takes images: items arrive hashed."""
+    return launch.rust_server and at_least(version, facts()["rust_server"]["images_from"])
+
+
+def shm_clones(version: str | None) -> bool:
+    """Whether the release's ranks copy each feature out of its segment (materialize() clones,
+    0.5.10 .. 0.5.20) instead of mapping it copy-on-write (variants.toml [shm_materialize])."""
+    return not at_least(version, facts()["shm_materialize"]["cow_from"])
+
+
+def first_shm_release(launch: Launch) -> str | None:
+    """The first release (a family's first) that moves features by shared memory under `launch`;
+    None on several nodes (shared memory is one node's)."""
+    if launch.nnodes > 1:
+        return None
+    firsts = sorted({release_range(f["releases"])[0] for f in families()}, key=_version)
+    return next((v for v in firsts if at_least(v, since("shm_family")) and not pickle_reasons(v, launch)), None)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,12 @@ class SGLangInstall:
         package tree (so undo leaves the install exactly as it was and `pip uninstall`
         never meets mmdiag's files), one folder per install path."""
         return state_root() / hashlib.sha256(str(self.package_dir).encode()).hexdigest()[:16]
+
+    @property
+    def undo_command(self) -> str:
+        """The undo that works as printed: an install named by --sglang PATH is named again."""
+        return "mmdiag apply --undo" + (f" --sglang {shlex.quote(str(self.package_dir))}"
+                                        if self.found_by == "path" else "")
 
     @property
     def legacy_state_dir(self) -> Path:

@@ -279,6 +279,10 @@ def _fit_note(version: str | None, fam: dict[str, Any], fit: str) -> str | None:
         other = next(f for f in families() if version_fit(version, f["releases"]) == "in range")
         return (f"version {version} is a release of the {other['releases']} family ({other['name']}), but "
                 f"{matches} (a modified install or checkout): the code wins")
+    if fit == "pre-release":
+        base = _base_version(version)
+        return (f"{version} is a pre-release of {base} (release candidates are outside the releases mmdiag checked); "
+                f"{matches}: mmdiag takes it by its code, and by version as a release before {base} (PEP 440)")
     if fit == "unknown":
         return (f"version {version or 'unknown'} cannot be compared with the releases mmdiag checked "
                 f"({first} .. {last}); {matches}, named from its code alone")
@@ -287,6 +291,11 @@ def _fit_note(version: str | None, fam: dict[str, Any], fit: str) -> str | None:
              "unchecked": f"mmdiag checked {first} .. {last}, not this one"}[fit]
     return (f"{version} is not a release mmdiag has checked ({where}); {matches}: "
             "the facts above are read from its code, not assumed from its version")
+
+
+def _base_version(version: str) -> str:
+    from packaging.version import Version
+    return Version(version).base_version
 
 
 def probe(pkg: Path, variant: str | None) -> ReleaseFacts:

@@ -39,6 +39,9 @@ def fact_rows(det) -> list[tuple[str, str]]:
     rows.append(("content hash", describe(det.content_hash)))
     rows.append(("feature transport", f"{f.transport}: {f.transport_detail}"
                  + (f" ({f.transport_at})" if f.transport_at else "")))
+    if det.launch:
+        rows.append(("with this launch", f"feature transport {det.launch['transport']} ({det.launch['why']})"
+                     + (f"; hashing: {det.launch['hashing']}" if det.launch["hashing"] else "")))
     cuda = []
     if f.feature_transport_option:
         cuda.append(f"--mm-feature-transport {{{','.join(f.feature_transport_option)}}} ({f.feature_transport_at})")
@@ -64,8 +67,8 @@ def doctor_text(det) -> str:
         rows.append((target, lay or "unknown layout"))
     if det.manifest:
         m = det.manifest
-        rows.append(("mmdiag patch", f"{'+'.join(m.get('patches') or [m['strategy']])} ({m.get('status')}, {m.get('created')}; "
-                                     f"files: {', '.join(m['files'])}; undo: mmdiag apply --undo)"))
+        rows.append(("mmdiag patch", f"{'+'.join(m.get('patches') or [m['strategy']])} ({m.get('status')}, "
+                                     f"{m.get('created')}; files: {', '.join(m['files'])}; undo: {i.undo_command})"))
     elif det.patch_markers:
         rows.append(("mmdiag patch", f"markers {det.patch_markers} but no manifest"))
     else:

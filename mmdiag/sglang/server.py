@@ -3,12 +3,15 @@ read from its live processes (never from a text someone pasted):
 
 - the server process (the PID, or the parent of the scheduler PID given): its command
   line (`--tp-size`, `--dp-size`, `--enable-broadcast-mm-inputs-process`,
-  `--mm-feature-transport`) and `/proc/PID/environ` (SGLANG_MM_PRECOMPUTE_HASH, SGLANG_MM_SKIP_COMPUTE_HASH,
-  SGLANG_USE_CUDA_IPC_TRANSPORT), its start time;
+  `--mm-feature-transport`, and `--dist-init-addr`, `--nnodes`, `--skip-tokenizer-init`, which
+  turn a shared-memory release back to pickling: facts.effective_transport) and
+  `/proc/PID/environ` (SGLANG_MM_PRECOMPUTE_HASH, SGLANG_MM_SKIP_COMPUTE_HASH,
+  SGLANG_USE_CUDA_IPC_TRANSPORT, SGLANG_RUST_SERVER), its start time; who hashes;
 - its scheduler ranks by process title (`sglang::scheduler_TP1`, ...), for TP/DP sizes
   when the command line leaves them at their defaults;
-- the SGLang package that process imports: found by its own interpreter with its own
-  environment and working directory (importlib.util.find_spec: nothing is imported),
+- the SGLang package that process imports: found by its own interpreter (the path it was
+  started by, not /proc/PID/exe's resolved binary: a venv's), with its own environment and
+  working directory (importlib.util.find_spec: nothing is imported),
   then probed like `mmdiag doctor` (release, defaults, transport);
 - whether an mmdiag patch on disk is newer than the server's start (not picked up yet);
 - the content hash it runs: the install's (sha256, or what `mmdiag apply xxh3` wrote, once
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,7 +33,7 @@ import psutil
 from ..mmpath.hashing import PREFIX_CACHE
 from ..vocab import DEFAULT_HASH
 from .errors import SGLangError
-from .facts import at_least, since
+from .facts import Launch, at_least, effective_transport, facts, rust_hashes, since
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -56,6 +60,8 @@ class ServerSettings:
     patch: str | None  # the mmdiag strategy applied on disk
     patch_pending: bool  # the patch was written after the server started: not running yet
     skip_hash_env: str | None = None  # SGLANG_MM_SKIP_COMPUTE_HASH as the server's environment has it
+    launch: dict[str, Any] = field(default_factory=dict)  # facts.Launch: what decides transport and hashing
+    hashing: str = ""  # who hashes each item, once or on every rank
     # the content hash the running server uses (vocab.HASHES, or "random" under SGLANG_MM_SKIP_COMPUTE_HASH)
     content_hash: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -98,19 +104,64 @@ def server_process(pid: int):
     return proc, sorted(ranks)
 
 
-def sglang_dir_of(proc) -> str | None:
-    """The `sglang` package the server imports: its own interpreter, environment and
-    working directory answer find_spec (no import of SGLang)."""
+def _interpreters(proc, argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
+    """The interpreter paths that give the process its sys.prefix, un-resolved: a venv's
+    bin/python is a symlink to the base interpreter, and only the link's own path leads
+    Python to the pyvenv.cfg beside it (so /proc/PID/exe, resolved, finds the base's
+    packages, not the venv's). argv[0] (found on the process's PATH when bare), then the
+    environment's VIRTUAL_ENV / CONDA_PREFIX interpreters, then /proc/PID/exe."""
+    out = []
+    a0 = argv[0] if argv else ""
+    if os.path.basename(a0).startswith("python"):  # not a title that setproctitle wrote
+        if os.sep in a0:
+            out.append(os.path.join(cwd, a0))
+        else:
+            found = shutil.which(a0, path=env.get("PATH", ""))
+            out += [found] if found else []
+    for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+        if env.get(var):
+            out += [os.path.join(env[var], "bin", n) for n in ("python3", "python")]
     try:
-        exe, env, cwd = proc.exe(), proc.environ(), proc.cwd()
+        out.append(proc.exe())
+    except psutil.Error:
+        pass
+    seen: set[str] = set()
+    return [p for p in out if os.path.isfile(p) and not (p in seen or seen.add(p))]
+
+
+def _mapped_sglang(proc) -> str | None:
+    """An `sglang` package under a site-packages folder the process has mapped (its
+    extension modules: torch's, SGLang's Rust parts) or holds open."""
+    paths = []
+    try:
+        paths = [m.path for m in proc.memory_maps(grouped=True)] + [f.path for f in proc.open_files()]
+    except psutil.Error:
+        pass
+    for p in paths:
+        i = p.find(f"{os.sep}site-packages{os.sep}")
+        if i >= 0:
+            cand = os.path.join(p[:i], "site-packages", "sglang")
+            if os.path.isfile(os.path.join(cand, "__init__.py")):
+                return cand
+    return None
+
+
+def sglang_dir_of(proc) -> str | None:
+    """The `sglang` package the server imports: its own interpreter, as the process started
+    it (un-resolved path), with its environment and working directory, answers find_spec (no
+    import of SGLang); else a site-packages `sglang` the process has mapped."""
+    try:
+        argv, env, cwd = proc.cmdline(), proc.environ(), proc.cwd()
     except psutil.Error:
         return None
-    try:
-        r = subprocess.run([exe, "-c", _FIND], env=env, cwd=cwd, capture_output=True,
-                           text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None
+    for exe in _interpreters(proc, argv, env, cwd):
+        try:
+            r = subprocess.run([exe, "-c", _FIND], env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.stdout.strip():
+            return r.stdout.strip()
+    return _mapped_sglang(proc)
 
 
 def _sizes(argv, ranks) -> tuple[int, int]:
@@ -157,7 +208,9 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     if pre_on and f is not None and f.precompute_env is None:
         notes.append("SGLANG_MM_PRECOMPUTE_HASH is set but this release does not read it "
                      "(`mmdiag apply precompute` patches it in)")
-    transport, tsrc = _transport(argv, env, f)
+    launch = launch_of(argv, env)
+    version = det.install.version if det else None
+    transport, tsrc = _transport(argv, env, f, version, launch)
     patch, pending = None, False
     content_hash = det.content_hash if det is not None else None
     if det is not None and det.manifest:
@@ -179,11 +232,17 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
         else:
             content_hash = "random"
             notes.append(_skip_hash_note(det, patch, flag_on, pre_effective))
+    strategy = det.manifest.get("strategy") if det is not None and det.manifest else None
+    hashing = who_hashes(det, version, launch, strategy, flag_on, pre_effective)
+    if launch.rust_server and det is not None and not rust_hashes(version, launch):
+        first = facts()["rust_server"]["images_from"]
+        notes.append(f"SGLANG_RUST_SERVER=1 is set but this release's Rust front end takes no images (from {first}): "
+                     "the Python tokenizer manager handles multimodal requests")
     started = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds")
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
                           det.install.version if det else None, f.family if f else None, patch, pending,
-                          skip, content_hash, notes)
+                          skip, asdict(launch), hashing, content_hash, notes)
 
 
 def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) -> str:
@@ -205,15 +264,45 @@ def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) 
             "), so repeated images no longer share prefix-cache entries")
 
 
-def _transport(argv, env, f) -> tuple[str, str]:
+def launch_of(argv: list[str], env: dict[str, str]) -> Launch:
+    """The launch settings (facts.Launch) from a server's command line and environment."""
+    return Launch(dist_init_addr=_opt(argv, "--dist-init-addr"),
+                  skip_tokenizer_init="--skip-tokenizer-init" in argv,
+                  nnodes=_int(argv, "--nnodes", default=1),
+                  rust_server=(env.get(facts()["rust_server"]["env"]) or "").strip().lower() in _TRUE)
+
+
+def who_hashes(det, version: str | None, launch: Launch, patch: str | None, flag_on: bool,
+               pre_effective: bool) -> str:
+    """Who computes each item's hash: the Rust front end, the tokenizer once, the entry rank
+    once (then broadcast), or every TP rank on its own."""
+    from ..strategies import REGISTRY
+    if rust_hashes(version, launch):
+        return (f"the Rust front end's workers ({facts()['rust_server']['env']}=1), before the scheduler: items "
+                "arrive hashed, no rank hashes")
+    if pre_effective:
+        how = det.facts.precompute_hashing if det is not None else None
+        return "the tokenizer, once (SGLANG_MM_PRECOMPUTE_HASH=1" + (f"; {how})" if how else ")")
+    cls = REGISTRY.get(patch) if patch else None
+    if cls is not None and cls.hashes_in_tokenizer:
+        return f"the tokenizer, once (mmdiag patch `{patch}`)"
+    variant = det.variant if det is not None else None
+    entry = (cls is not None and cls.collectives != "none") or (cls is None and (
+        variant == "broadcast-always" or (variant == "broadcast-flag" and flag_on)))
+    if entry:
+        return "the entry rank, once, then broadcast to the others"
+    return "every TP rank, each on its own" if det is not None else "unknown (release not found)"
+
+
+def _transport(argv, env, f, version: str | None, launch: Launch) -> tuple[str, str]:
     opt = _opt(argv, "--mm-feature-transport")
-    if opt:
+    if opt and opt != "cpu":
         return opt, "--mm-feature-transport"
     if (env.get("SGLANG_USE_CUDA_IPC_TRANSPORT") or "").strip().lower() in _TRUE:
         return "cuda_ipc", "SGLANG_USE_CUDA_IPC_TRANSPORT=1"
     if f is None:
         return "unknown", "release not found"
-    return ("shm" if f.transport == "shm" else "pickle"), "the release's CPU transport"
+    return effective_transport(version, "shm" if f.transport == "shm" else "pickle", launch)
 
 
 def header_lines(pid: int, sglang_path: str | None = None) -> list[str]:
@@ -228,13 +317,14 @@ def header_text(s: ServerSettings) -> str:
 
 def settings_lines(s: ServerSettings) -> list[str]:
     pre = ("on" if s.precompute_effective else f"set to {s.precompute_env!r}, not read by this release"
-           if s.precompute_env else "unset (every rank hashes)")
+           if s.precompute_env else "unset")
     lines = [
         f"server pid {s.pid}, started {s.started}; SGLang {s.version or 'unknown'} "
         f"({s.family or 'unknown family'}) at {s.sglang_dir or '?'}",
         f"TP {s.tp_size}, DP {s.dp_size}, {len(s.ranks)} scheduler process(es); "
         f"broadcast flag {'on' if s.broadcast_flag else 'off'} ({s.broadcast_flag_source}); "
         f"SGLANG_MM_PRECOMPUTE_HASH {pre}; feature transport {s.feature_transport} ({s.feature_transport_source})",
+        f"hashing: {s.hashing}",
         f"mmdiag patch: {s.patch or 'none'}" + (" (written after the server started: not running yet)"
                                                  if s.patch_pending else "")
         + f"; content hash {s.content_hash or 'unknown'}"

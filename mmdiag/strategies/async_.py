@@ -22,6 +22,7 @@ class Async(Strategy):
     name = "async"
     summary = "17a57fd's per-request broadcast moved to a background thread on its own gloo group; the loop does not block"
     collectives = "per request"
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "background"   # mmdiag.analysis.costmodel.COST_CLASSES
     live_markers = ("_async_broadcast_worker+_process_and_broadcast_mm_inputs",)
     # What the background thread does for each request, on the strategy's own group.

@@ -39,6 +39,9 @@ class Strategy:
     patch: ClassVar[str | None] = None
     # The current upstream path every patch is measured against (exactly one strategy).
     baseline: ClassVar[bool] = False
+    # Its own collective pickles the features again from the entry rank: where they already reach
+    # every rank by shared memory that undoes the transport, so apply and recommend refuse it there.
+    resends_features: ClassVar[bool] = False
     # A feature transport it brings whatever the replay's (vocab.TRANSPORTS); None: the replay's.
     transport: ClassVar[str | None] = None
     # The model's image token (set by the replay from the trace).

@@ -24,6 +24,7 @@ class Batch(Strategy):
     name = "batch"
     summary = "entry rank materializes all of a loop iteration's multimodal requests, one broadcast_object_list for the lot"
     collectives = "per iteration"
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "entry_per_iteration"   # mmdiag.analysis.costmodel.COST_CLASSES
     # The replay's function, then the methods mmdiag's SGLang patch adds.
     live_markers = ("_batch_process_mm_inputs", "_mmdiag_batch_prepare", "_mmdiag_orig_process_input_requests")

@@ -22,6 +22,7 @@ class Commit(Strategy):
     name = "commit"
     summary = "17a57fd: entry rank materializes, one blocking broadcast_object_list per multimodal request"
     collectives = "per request"
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "entry_per_request"   # mmdiag.analysis.costmodel.COST_CLASSES
     baseline = True
     # 17a57fd's method (the replay's and SGLang's own name) entering the collective;

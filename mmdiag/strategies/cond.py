@@ -38,6 +38,7 @@ class Cond(Strategy):
                "smaller ones materialize on every rank (threshold: option, SGLANG_MM_BROADCAST_THRESHOLD, "
                "or the measured crossover)")
     collectives = "per request"  # per request above the threshold
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "conditional"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "cond"
     # The replay's method; the SGLang patch keeps 17a57fd's method name, and materializes a

@@ -19,6 +19,7 @@ class Dict(Strategy):
     name = "dict"
     summary = "broadcast the raw mm_inputs dict per request, then every rank materializes"
     collectives = "per request"
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "every_rank_resend"   # mmdiag.analysis.costmodel.COST_CLASSES
     patch = "dict"
     # The replay's function; the SGLang patch keeps 17a57fd's method name but materializes

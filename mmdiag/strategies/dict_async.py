@@ -19,6 +19,7 @@ class DictAsync(Async):
     summary = ("the raw dict broadcast per request (dict) on a background thread with its own gloo group (async); "
                "every rank materializes, the loop does not block")
     collectives = "per request"
+    resends_features = True   # its broadcast_object_list pickles the features again
     cost_class = "background"   # mmdiag.analysis.costmodel.COST_CLASSES
     live_markers = ("_async_broadcast_worker+_broadcast_raw_mm_inputs",)
     materialize = staticmethod(_broadcast_raw_mm_inputs)

@@ -19,8 +19,8 @@ requests in that call), dropped by abort_request, and cleared when the call ends
 """
 from __future__ import annotations
 
-from .common import (MARK, Collective, Plan, insert_after_method, patch_broadcast_path, rename_method, require_layout,
-                     take_decorators)
+from .common import (MARK, Collective, Plan, insert_after_method, patch_broadcast_path, refuse_resend_on_shm,
+                     rename_method, require_layout, take_decorators)
 
 STRATEGY = "batch"
 DESCRIPTION = "entry rank materializes all of a call's multimodal requests; one broadcast per call"
@@ -135,6 +135,8 @@ def abort_request(self, recv_req):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
+    refuse_resend_on_shm(det, STRATEGY)
+
     def prepare(s: str, where: str, c: Collective) -> str:
         require_layout(s, "Scheduler", "process_input_requests", where)  # presence (no fingerprints listed)
         require_layout(s, "Scheduler", "abort_request", where)

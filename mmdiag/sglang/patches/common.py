@@ -215,6 +215,17 @@ def not_applicable(strategy: str, variant: str, why: str) -> NotApplicable:
                          fix="nothing was changed")
 
 
+def refuse_resend_on_shm(det, strategy: str) -> None:
+    """A strategy whose broadcast pickles the features again from the entry rank
+    (Strategy.resends_features) is refused where they already reach every rank by shared memory."""
+    from ...strategies import REGISTRY
+    if det.facts.transport == "shm" and REGISTRY[strategy].resends_features:
+        raise not_applicable(
+            strategy, f"{det.facts.family or det.variant} (shared-memory transport)",
+            f"its features already reach every rank through shared memory; `{strategy}`'s broadcast would pickle "
+            "them again from the entry rank (use `precompute`)")
+
+
 # The per-rank body, shared by `revert` and `precompute` (which also reverts the
 # entry-rank broadcast of broadcast-always releases, so no collective remains).
 def per_rank_method(strategy: str, why: str) -> str:

@@ -21,7 +21,7 @@ command, or says that no threshold pays).
 from __future__ import annotations
 
 from ...analysis import threshold as T
-from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
+from .common import MARK, Collective, Plan, patch_broadcast_path, refuse_resend_on_shm
 
 STRATEGY = "cond"
 DESCRIPTION = "broadcast the materialized inputs only for requests above a feature-size threshold"
@@ -81,11 +81,7 @@ def _mmdiag_cond_agree_limit(self, group):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    if det.facts.transport == "shm":
-        raise not_applicable(
-            STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
-            "its large features already reach every rank through shared memory; broadcasting them would "
-            "pickle them again from the entry rank (use `precompute`)")
+    refuse_resend_on_shm(det, STRATEGY)
     th = T.for_patch()
     default = 'float("inf")' if th.never else repr(float(th.bytes))
     plan = patch_broadcast_path(det, texts, STRATEGY, lambda c: method(c).replace("{default}", default))

@@ -1,7 +1,7 @@
 """`dict`: broadcast the raw mm_inputs dict from the entry rank; every rank materializes."""
 from __future__ import annotations
 
-from .common import MARK, Collective, Plan, not_applicable, patch_broadcast_path
+from .common import MARK, Collective, Plan, patch_broadcast_path, refuse_resend_on_shm
 
 STRATEGY = "dict"
 DESCRIPTION = "entry rank broadcasts the raw dict per request; every rank materializes"
@@ -25,9 +25,5 @@ def _process_and_broadcast_mm_inputs(self, raw_mm_inputs):
 
 
 def build(det, texts: dict[str, str]) -> Plan:
-    if det.facts.transport == "shm":
-        raise not_applicable(
-            STRATEGY, f"{det.facts.family or det.variant} (shared-memory transport)",
-            "its features already reach every rank through shared memory; broadcasting the raw dict "
-            "would pickle them again from the entry rank (use `precompute`, or `batch` for the broadcast path)")
+    refuse_resend_on_shm(det, STRATEGY)
     return patch_broadcast_path(det, texts, STRATEGY, method)
