@@ -73,6 +73,41 @@ def _swap(text: str, sites: list[ast.Attribute], name: str) -> str:
     return "".join(lines)
 
 
+def zero_copy_tensor_hash(name: str) -> str:
+    """tensor_hash for releases whose CPU path concatenates and copies through tobytes()
+    (0.5.4 .. 0.5.9: two copies of every feature, which cost more than xxh3 itself): the
+    tensors' uint8 views are fed one after another instead, as 0.5.10+ feed sha256. The same
+    bytes in the same order, minus 0.5.9's bfloat16-to-float32 widening (hashed as stored)."""
+    return f'''def tensor_hash(tensor_list) -> int:
+    """
+    hash a tensor or a tensor list
+    """
+    {MARK} {name} -- zero-copy uint8 views fed in order (was: concat, tobytes, data_hash)
+    if isinstance(tensor_list, list):
+        tensors = [x.flatten() if isinstance(x, torch.Tensor) else x for x in flatten_nested_list(tensor_list)]
+    else:
+        tensors = [tensor_list]
+    if any(t.is_cuda for t in tensors):
+        return gpu_tensor_hash(torch.concat(tensors).cuda())
+    hasher = {HASHER}()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        hasher.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return int.from_bytes(hasher.digest()[:8], byteorder="big", signed=False)
+'''
+
+
+def _copies(fn: ast.FunctionDef) -> bool:
+    """The release's tensor_hash copies the bytes it hashes (tobytes)."""
+    return any(isinstance(n, ast.Attribute) and n.attr == "tobytes" for n in ast.walk(fn))
+
+
+def _replace_function(text: str, fn: ast.FunctionDef, source: str) -> str:
+    lines = text.splitlines(keepends=True)
+    start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+    return "".join(lines[:start - 1]) + source + "".join(lines[fn.end_lineno:])
+
+
 def hash_of(text: str | None) -> str | None:
     """The content hash a mm_utils.py text hashes features with (vocab.HASHES); None: unknown."""
     if text is None:
@@ -179,7 +214,12 @@ def build(det, texts: dict[str, str], name: str) -> Plan:
                                 "nothing was changed")
         sites += _sha256_sites(fn)
     check_importable(det.install, name)
-    plan.new_texts["mm_utils"] = append_module_code(_swap(text, sites, name), helper(name))
+    new = _swap(text, sites, name)
+    if _copies(fns["tensor_hash"]):  # swap first (lines stay put), then replace the copying function
+        new = _replace_function(new, _functions(new)["tensor_hash"], zero_copy_tensor_hash(name))
+        plan.notes.append("tensor_hash feeds the hash zero-copy views instead of concatenating and copying "
+                          "through tobytes()")
+    plan.new_texts["mm_utils"] = append_module_code(new, helper(name))
     plan.notes.append(f"features are hashed with {HASHERS[name][0]}.{HASHERS[name][1]} by the tokenizer and every "
                       f"rank ({len(sites)} sha256 call(s) in {', '.join(FUNCTIONS)}); {PREFIX_CACHE[name]}; "
                       "restart the server to use it")
