@@ -158,6 +158,48 @@ class LiveInfo:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class StageServer:
+    """Threads of one stage that take its requests in turn (a server of the queue): the
+    tokenizer's main thread, its hash pool (`threads` workers), one scheduler rank. Shares
+    are of the group's thread time (a pool's, averaged over its threads), 95% half-widths."""
+    name: str
+    pid: int | None = None
+    tids: list[int] = field(default_factory=list)
+    threads: int = 1
+    samples: int = 0
+    phases_pct: dict[str, float] = field(default_factory=dict)
+    phases_ci: dict[str, float | None] = field(default_factory=dict)
+    busy_pct: float = 0.0                 # 100 - idle: the utilization of each of its threads
+    busy_ci: float | None = None
+
+
+@dataclass
+class Stage:
+    """One stage of the server's pipeline (vocab.STAGES), over the profile's window. Its
+    phase shares are those of the server that bounds it (`bound_by`); service time and
+    capacity come from that server's busy share and the requests counted (None: no count,
+    mmdiag.live.stages says how they are counted)."""
+    role: str
+    pids: list[int] = field(default_factory=list)
+    servers: list[StageServer] = field(default_factory=list)
+    bound_by: str = ""
+    phases_pct: dict[str, float] = field(default_factory=dict)
+    phases_ci: dict[str, float | None] = field(default_factory=dict)
+    busy_pct: float = 0.0
+    busy_ci: float | None = None
+    service_ms: float | None = None       # per multimodal request, of the bounding server's thread time
+    service_ci: float | None = None
+    capacity_rps: float | None = None     # the request rate that would keep it busy all the time
+    capacity_ci: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stage":
+        st = _known(cls, d)
+        st.servers = [_known(StageServer, x) for x in d.get("servers", [])]
+        return st
+
+
 _OMIT_NONE = {"omit_none": True}   # a key written only when set (older files lack it)
 
 
@@ -236,6 +278,11 @@ class Run:
     config: ReplayConfig | ProfileConfig | dict[str, Any] | None = None
     # A live profile's collection (None in a replay).
     live: LiveInfo | None = None
+    # A live profile of the whole server: its pipeline's stages, and which bounds throughput
+    # (mmdiag.live.stages: stage, capacity_rps, capacity_ci, ratio, requests, text, ...).
+    # Additive to mmdiag.profile/2: written only when set, a file without them reads as none.
+    stages: list[Stage] = field(default_factory=list)
+    bottleneck: dict[str, Any] | None = None
     # Where it was loaded from (not saved): how recommend and report name it.
     path: str = field(default="", compare=False, repr=False)
 
@@ -270,6 +317,9 @@ class Run:
         d["config"] = _config_dict(self.config)
         if d["live"] is None:
             del d["live"]
+        for k in ("stages", "bottleneck"):
+            if not d[k]:
+                del d[k]
         for s in d["strategies"].values():
             for r in s["ranks"]:
                 for part in ("replay", "profile"):
@@ -304,6 +354,8 @@ class Run:
                 trace=d.get("trace", {}),
                 config=d.get("config", {}),
                 live=_known(LiveInfo, live) if live is not None else None,
+                stages=[Stage.from_dict(x) for x in d.get("stages") or []],
+                bottleneck=d.get("bottleneck"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RunFileError(f"not a valid Run ({type(e).__name__}: {e})", where=source) from None

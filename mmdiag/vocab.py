@@ -37,6 +37,15 @@ PHASES = PHASES + SHM_PHASES
 # is tokenizer-side too.
 TOKENIZER_PHASES = ("tokenizer_hash", "tokenizer_shm")
 
+# The server as a pipeline of stages (a live profile's `stages[]`, mmdiag.live.stages):
+#   tokenizer  the server's main process (TokenizerManager), its tokenizer_worker processes
+#              and the hash pool's threads (0.5.21+): tokenizer_hash, tokenizer_shm,
+#              other (the rest of its preprocessing: processor, tokenizing, sending) and
+#              idle (waiting for work in its event loop or pool queue)
+#   scheduler  the scheduler loop: the TP ranks, in PHASES
+STAGES = ("tokenizer", "scheduler")
+STAGE_PHASES = {"tokenizer": TOKENIZER_PHASES + ("other", "idle"), "scheduler": PHASES}
+
 # How feature bytes reach the TP ranks:
 #   pickle  inside the recv broadcast (broadcast_pyobj pickles every request), SGLang <= 0.5.9
 #   shm     written once into a POSIX shared segment by the tokenizer; the recv broadcast
@@ -74,4 +83,7 @@ TRACE_SCHEMA = "mmdiag.trace/1"
 # Process titles: SGLang's scheduler ranks and mmdiag's replay ranks. The live
 # profiler discovers ranks by these prefixes.
 SGLANG_SCHEDULER_TITLE = "sglang::scheduler"
+# The tokenizer side: with --tokenizer-worker-num > 1, workers titled
+# sglang::tokenizer_worker:{pid}; else the server's main process is the TokenizerManager.
+SGLANG_TOKENIZER_WORKER_TITLE = "sglang::tokenizer_worker"
 REPLAY_RANK_TITLE = "mmdiag::scheduler"

@@ -106,7 +106,9 @@ def local_defs() -> dict[str, Def]:
     except ImportError:
         pass
     std = Path(sysconfig.get_paths()["stdlib"])
-    roots.append((std, ["threading.py", "queue.py", "concurrent/futures/_base.py", "pickle.py"]))
+    roots.append((std, ["threading.py", "queue.py", "concurrent/futures/_base.py", "pickle.py",
+                        # the tokenizer side's event loop and hash pool (waiting for work)
+                        "selectors.py", "asyncio/runners.py", "asyncio/base_events.py", "concurrent/futures/thread.py"]))
     out: dict[str, Def] = {}
     for root, pats in roots:
         for p in _files(root, pats):

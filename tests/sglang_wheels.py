@@ -40,7 +40,7 @@ KEEP = ("sglang/__init__.py", "sglang/version.py", "sglang/_version.py", "sglang
         "sglang/srt/server_args.py", "sglang/srt/utils/common.py", "sglang/srt/environ.py", "sglang/srt/constants.py",
         "sglang/srt/arg_groups/fields/", "sglang/srt/multimodal/processors/hash_executor.py",
         "sglang/srt/multimodal/cache/identity.py", "sglang/srt/multimodal/cache/__init__.py",
-        "sglang/srt/multimodal/modality.py", "sglang/srt/observability/scheduler_stage_metrics.py")
+        "sglang/srt/multimodal/modality.py", "sglang/srt/utils/stale_shm_cleanup.py", "sglang/srt/observability/scheduler_stage_metrics.py")
 
 
 def wheel(version: str) -> Path:

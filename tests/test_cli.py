@@ -112,8 +112,10 @@ def test_json_is_strict_and_files_follow_their_extension(tmp_path, raw_profile):
     r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(md)])
     assert r.exit_code == 0 and md.read_text().count("|") > 10, r.output
     r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(tmp_path / "p.html")])
-    assert r.exit_code == 2 and "p.html" in r.stderr and "run.json" in r.stderr, r.output
-    assert not (tmp_path / "p.html").exists()
+    assert r.exit_code == 0 and "<table" in (tmp_path / "p.html").read_text(), r.output  # a page of the Run
+    r = CliRunner().invoke(main, ["profile", "--from-raw", str(raw_profile), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 2 and "p.csv" in r.stderr and "run.json" in r.stderr, r.output
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_old_json_file_form_still_writes_with_a_deprecation_line(tmp_path, raw_profile):

@@ -321,3 +321,30 @@ def test_shared_memory_frames(rules):
     assert rules.phase_of(deliver + (mm("map_segment", "shm.py"),)) == "shm_map"
     assert rules.phase_of(deliver) == "shm_sync"
     assert rules.phase_of((mm("ShmTransport.encode", "transport.py"), mm("write_segment", "shm.py"))) == "tokenizer_shm"
+
+
+def test_tokenizer_side_waits_and_work(rules):
+    """The tokenizer side (mmdiag.live.stages): its event loop waiting in the selector, or under
+    uvloop with nothing above asyncio's runner, waits for work; a coroutine running above the
+    runner works; a hash pool thread waits in its worker and hashes in _set_pad_values; the
+    segment write is tokenizer_shm."""
+    aio = "/usr/lib/python3.11/asyncio/"
+    loop = (F("main", "sglang/launch_server.py"), F("run", aio + "runners.py"), F("Runner.run", aio + "runners.py"))
+    assert rules.classify(loop) == ("idle", True)          # uvloop: the loop itself runs in C
+    sel = loop + (F("BaseEventLoop.run_until_complete", aio + "base_events.py"),
+                  F("BaseEventLoop._run_once", aio + "base_events.py"),
+                  F("_PollLikeSelector.select", "/usr/lib/python3.11/selectors.py"))
+    assert rules.classify(sel) == ("idle", True)
+    mm = "sglang/srt/managers/mm_utils.py"
+    work = loop + (F("TokenizerManager._send_one_request", "sglang/srt/managers/tokenizer_manager.py"),
+                   F("wrap_shm_features", mm), F("_wrap_shm_or_inline", mm), F("ShmPointerMMData.__init__", mm))
+    assert rules.classify(work) == ("tokenizer_shm", False)
+    assert rules.classify(loop + (F("TokenizerManager._tokenize_one_request", "x.py"),))[1] is False
+    th = "/usr/lib/python3.11/threading.py"
+    worker = (F("Thread._bootstrap", th), F("Thread.run", th), F("_worker", "/usr/lib/python3.11/concurrent/futures/thread.py"))
+    assert rules.classify(worker) == ("idle", True)
+    hashing = worker + (F("_WorkItem.run", "concurrent/futures/thread.py"),
+                        F("_set_pad_values", "sglang/srt/multimodal/processors/hash_executor.py"),
+                        F("MultimodalDataItem.set_pad_value", "sglang/srt/managers/schedule_batch.py"),
+                        F("hash_feature", mm), F("tensor_hash", mm))
+    assert rules.classify(hashing) == ("tokenizer_hash", False)

@@ -476,3 +476,33 @@ def test_cost_model_reads_each_strategy_module_and_a_new_one_plugs_in(monkeypatc
         name, cost_class = "twice", "entry_per_request"
     monkeypatch.setitem(strategies.REGISTRY, "twice", Twice)
     assert m.predicted_ms("twice") == pytest.approx(pred["commit"])
+
+
+def test_where_the_tokenizer_bounds_no_scheduler_patch_is_recommended():
+    """The phase shares point to revert, but the stage verdict (mmdiag.live.stages) says the
+    tokenizer stage saturates first: revert would speed up a stage that does not bound the
+    server, so the remedy for the tokenizer's dominant phase is named instead; where the
+    scheduler loop bounds, the phase shares' pick stands."""
+    from mmdiag.live.stages import bottleneck
+    from mmdiag.run import Stage, StageServer
+
+    def with_tokenizer(busy_shm: float) -> "Run":
+        run = profile_run([{"recv": 20, "from_dict": 10, "pickle": 5, "broadcast": 5, "forward": 30, "idle": 30},
+                           {"recv": 20, "broadcast": 40, "unpickle": 5, "forward": 30, "idle": 5}])
+        idle = 100.0 - busy_shm - 5.0
+        tok = StageServer("main thread", 1, phases_pct={"tokenizer_hash": 0.0, "tokenizer_shm": busy_shm,
+                                                       "other": 5.0, "idle": idle},
+                          busy_pct=100.0 - idle, busy_ci=1.0)
+        sched = [StageServer(f"rank {r.rank}", r.rank + 2, phases_pct=dict(r.profile.phases_pct),
+                             busy_pct=100.0 - r.profile.phases_pct["idle"], busy_ci=1.0) for r in run.ranks]
+        run.stages = [Stage("tokenizer", [1], [tok], tok.name, dict(tok.phases_pct), busy_pct=tok.busy_pct, busy_ci=1.0),
+                      Stage("scheduler", [2, 3], sched, "rank 1", dict(sched[1].phases_pct),
+                            busy_pct=sched[1].busy_pct, busy_ci=1.0)]
+        run.bottleneck = bottleneck(run.stages, None, None)
+        return run
+
+    rec = recommend([with_tokenizer(94.5)])
+    assert rec.recommended == "none" and "segment" in rec.remedy
+    assert rec.reasons[0].startswith("the tokenizer stage bounds throughput")
+    assert any("'revert'" in n and "not recommended" in n for n in rec.notes)
+    assert recommend([with_tokenizer(50.0)]).recommended == "revert"   # the scheduler loop bounds

@@ -106,6 +106,7 @@ class Recommendation:
     command: str | None = None        # how to apply the recommended patch
     release: str | None = None        # the SGLang release the steps below are for
     release_steps: list[Step] = field(default_factory=list)  # mmdiag.analysis.release_steps
+    remedy: str | None = None         # the tokenizer stage bounds throughput: its remedy, not a scheduler patch
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -121,6 +122,7 @@ class Recommendation:
             "cost_model": json_safe(self.cost_model.to_dict()) if self.cost_model else None,
             "release": self.release, "release_steps": [json_safe({**asdict(x), "prefix_cache": x.prefix_cache})
                                                         for x in self.release_steps],
+            "remedy": self.remedy,
         }
         return d
 
@@ -179,8 +181,42 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str
             rec.notes.append(f"the live profile points to {dx.points_to!r}: " + "; ".join(dx.reasons[:2]))
         _release_steps(rec, release or (merged.run.trace.get("source") or {}).get("sglang_version"), runs, merged.run,
                        launch)
+        bound = next((r for r in runs if tokenizer_bound(r)), None)
+        if bound is not None:
+            _tokenizer_remedy(rec, bound, rules)
         return rec
-    return _from_profile(runs[0], rules)
+    rec = _from_profile(runs[0], rules)
+    if tokenizer_bound(runs[0]):
+        _tokenizer_remedy(rec, runs[0], rules)
+    return rec
+
+
+def tokenizer_bound(run: Run) -> bool:
+    """A live profile whose stage verdict says the tokenizer stage bounds throughput."""
+    b = run.bottleneck if run.is_profile else None
+    return bool(b) and b.get("stage") == "tokenizer"
+
+
+def _tokenizer_remedy(rec: Recommendation, run: Run, rules: dict[str, Any]) -> None:
+    """The tokenizer bounds throughput: a scheduler-side patch speeds up a stage that is not the
+    bound, so it is never the fix; the remedy for the tokenizer's dominant phase is."""
+    b = run.bottleneck
+    st = next((s for s in run.stages if s.role == "tokenizer"), None)
+    shares = {k: v for k, v in (st.phases_pct if st else {}).items() if k != "idle"}
+    phase = max(shares, key=shares.get) if shares else "other"
+    remedy = (rules.get("tokenizer_bound") or {}).get(phase) or {}
+    scheduler_pick = rec.recommended if rec.recommended not in (None, NONE) else None
+    patch = remedy.get("patch") or ""
+    rec.recommended = patch if patch in PATCHABLE_STRATEGIES else NONE
+    rec.command = f"mmdiag apply {patch}" if rec.recommended == patch and patch else None
+    rec.chosen, rec.leading, rec.tied = None, None, []
+    rec.remedy = remedy.get("remedy") or f"a tokenizer-side remedy for its {phase}"
+    why = f"the tokenizer stage bounds throughput: {b.get('text')}"
+    rec.reasons = [why, f"its bounding server ({b.get('server')}) spends most of its busy time in {phase} "
+                        f"({shares.get(phase, 0.0):.0f}%): {remedy.get('remedy') or 'a tokenizer-side remedy'}"]
+    if scheduler_pick:
+        rec.notes.append(f"{scheduler_pick!r} (a scheduler-side patch) is not recommended: it would speed up the "
+                         "scheduler loop, which does not bound this server")
 
 
 def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], target: Run, launch: Any = None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from ..vocab import REPLAY_RANK_TITLE, SGLANG_SCHEDULER_TITLE
+from ..vocab import REPLAY_RANK_TITLE, SGLANG_SCHEDULER_TITLE, SGLANG_TOKENIZER_WORKER_TITLE
 from .errors import LiveError
 
 TITLE_PREFIXES = (SGLANG_SCHEDULER_TITLE, REPLAY_RANK_TITLE)
@@ -25,8 +25,9 @@ _PART = re.compile(r"_(DP|TP|EP|PP)(\d+)")
 class RankProcess:
     pid: int
     title: str
-    rank: int           # TP rank (unique index when DP > 1, see parse_title)
+    rank: int           # TP rank (unique index when DP > 1, see parse_title); a tokenizer: -1, -2, ...
     parts: dict[str, int] = field(default_factory=dict)
+    role: str = "scheduler"  # a vocab.STAGES name: what the process does in the server's pipeline
 
 
 @dataclass
@@ -36,12 +37,20 @@ class Discovery:
     how: str                      # "scheduler" | "parent"
     ranks: list[RankProcess]
     seen: list[tuple[int, str]]   # every process looked at (pid, title), for messages
+    # The tokenizer side sampled in the same window (the main process, tokenizer workers).
+    tokenizers: list[RankProcess] = field(default_factory=list)
+
+    @property
+    def processes(self) -> list[RankProcess]:
+        """Everything to sample: the ranks, then the tokenizer side."""
+        return self.ranks + self.tokenizers
 
     def describe(self) -> str:
         who = ", ".join(f"{r.title} (pid {r.pid})" for r in self.ranks)
         if self.how == "scheduler":
             return f"PID {self.target_pid} is a scheduler rank: {who}"
-        return f"PID {self.target_pid} ({self.target_title}): {len(self.ranks)} scheduler rank(s): {who}"
+        tok = "".join(f"; tokenizer: pid {t.pid}" for t in self.tokenizers)
+        return f"PID {self.target_pid} ({self.target_title}): {len(self.ranks)} scheduler rank(s): {who}{tok}"
 
 
 def title_of(p: psutil.Process) -> str:
@@ -141,7 +150,7 @@ def discover(pid: int) -> Discovery:
     if ranks:
         if pid not in owners and not is_server(title):
             raise _not_a_server(pid, title, owners)
-        return Discovery(pid, title, "parent", _number(ranks), seen)
+        return Discovery(pid, title, "parent", _number(ranks), seen, tokenizer_side(pid, title, seen))
     if not is_python(pid):
         raise LiveError(f"PID {pid} ({_clip(title)}) is not a Python process and has no scheduler children",
                         fix="pass the SGLang server's PID (python -m sglang.launch_server), one of its "
@@ -150,6 +159,20 @@ def discover(pid: int) -> Discovery:
     raise LiveError(f"no scheduler ranks found under PID {pid}: no process titled "
                     f"{SGLANG_SCHEDULER_TITLE}* or {REPLAY_RANK_TITLE}*; found: {found}",
                     fix="pass the server's main PID or a scheduler's PID (see `ps -eo pid,args | grep scheduler`)")
+
+
+def tokenizer_side(pid: int, title: str, seen: list[tuple[int, str]]) -> list[RankProcess]:
+    """The server's tokenizer processes: its sglang::tokenizer_worker:{pid} children
+    (--tokenizer-worker-num > 1), else the main process itself (it runs the
+    TokenizerManager). An mmdiag replay or torchrun has none: its ranks tokenize."""
+    workers = [(p, t) for p, t in seen if t.split()[0:1] and t.split()[0].startswith(SGLANG_TOKENIZER_WORKER_TITLE)]
+    if not workers and not _NO_TOKENIZER.search(title) and is_python(pid):
+        workers = [(pid, title)]
+    return [RankProcess(p, t, -1 - i, {}, "tokenizer") for i, (p, t) in enumerate(workers)]
+
+
+# Launchers whose main process tokenizes nothing (an mmdiag replay's rank 0 does it).
+_NO_TOKENIZER = re.compile(r"(mmdiag(\.__main__)? replay|-m mmdiag replay|torchrun|torch\.distributed\.run)")
 
 
 # What runs scheduler ranks as its children: SGLang's server (python -m

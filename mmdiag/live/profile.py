@@ -12,6 +12,10 @@ threads). A live profile measures no requests: `requests` is 0 and
 `throughput_rps` null. How it was taken (py-spy version, window, processes found,
 ranks that exited, the collection's notes) is `live` (mmdiag.run.LiveInfo).
 Findings are computed from the Run when shown (mmdiag.analysis.findings).
+
+From a server's main PID the tokenizer side (the main process or its tokenizer workers,
+discover.tokenizer_side) is sampled in the same window, and the multimodal requests of the
+window are counted (requests.py): the Run's `stages` and `bottleneck` (stages.py).
 """
 from __future__ import annotations
 
@@ -36,8 +40,10 @@ from .discover import discover
 from .errors import LiveError, PySpyError, RawParseError
 from .header import config_lines
 from .pyspy import check_version, dump, find_pyspy, read_raw
+from .requests import SegmentCounter
 from .rules import RuleSet, load_rules
 from .sampler import REGISTRY, CpuMeter, Sampler, rank_samples, reattach_gaps_s, span_s
+from .stages import bottleneck, build_stages
 from .stats import duration_for, t95
 
 # Defaults chosen so every phase share's 95% interval is within +/-2 points (README,
@@ -135,7 +141,7 @@ def _out_dir(raw_dir: str | None, tmp: str) -> str:
 
 
 def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
-                   on_window: Callable[[str], None] | None) -> tuple[float, bool]:
+                   on_window: Callable[[str], None] | None, tick: Callable[[], Any] | None = None) -> tuple[float, bool]:
     """Run the window: poll the chains (each block is read as it ends) and CPU
     times until `duration` is up, every rank exited, or Ctrl-C. Returns (seconds, interrupted)."""
     for c in cpus.values():
@@ -152,6 +158,8 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
             if time.monotonic() >= next_poll:
                 for c in cpus.values():
                     c.poll()
+                if tick:
+                    tick()
                 next_poll += CPU_POLL_S
     except KeyboardInterrupt:
         interrupted = True
@@ -198,20 +206,30 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
     ruleset = load_rules(rules)
     disc = discover(pid)
     log(disc.describe())
-    _probe(spy, disc.ranks)
+    _probe(spy, disc.processes)
     stats_ready.join()
     block_s = block_length(duration, block_s)
     tmp = tempfile.mkdtemp(prefix="mmdiag-profile-")
+    counter = SegmentCounter([t.pid for t in disc.tokenizers])
+    counted: dict[str, int] = {}
+
+    def window_edge(w: str) -> None:  # the request count over exactly the sampled window
+        counted[w] = counter.read()
+        if on_window:
+            on_window(w)
     try:
-        sampler = Sampler(spy, disc.ranks, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=bool(speedscope))
-        cpus = {r.rank: CpuMeter(r.pid) for r in disc.ranks}
+        sampler = Sampler(spy, disc.processes, rate, block_s, _out_dir(raw_dir, tmp), tmp, gil, lines=bool(speedscope))
+        cpus = {r.rank: CpuMeter(r.pid) for r in disc.processes}
         try:
+            counting = bool(disc.tokenizers) and counter.start()
             sampler.start(ATTACH_TIMEOUT_S)
-            log(f"sampling {len(disc.ranks)} rank(s) at {rate} Hz for {duration:g} s in blocks of "
+            log(f"sampling {len(disc.ranks)} rank(s)" + (f" and {len(disc.tokenizers)} tokenizer process(es)"
+                if disc.tokenizers else "") + f" at {rate} Hz for {duration:g} s in blocks of "
                 f"{block_s:g} s (py-spy {spy.version}, non-blocking)")
-            window, interrupted = _sample_window(sampler, cpus, duration, on_window)
+            window, interrupted = _sample_window(sampler, cpus, duration, window_edge, counter.read)
         finally:
             sampler.kill()
+            counter.close()
         if interrupted:
             log("interrupted: ended the window early, keeping what was sampled")
         samples, exited = [], []
@@ -230,6 +248,11 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
     if speedscope:
         _write_speedscope(speedscope, samples)
     notes = _window_notes(disc, duration, window, interrupted, sampler.start_skew()["max_s"], rate)
+    requests = counted["end"] - counted["start"] if counting and "end" in counted else None
+    if disc.tokenizers and not requests:
+        notes.append("no multimodal requests counted in the window (no shared-memory segment created by the "
+                     "tokenizer side" + (f": {counter.error}" if counter.error else "") + "): the stage verdict "
+                     "compares busy shares only")
     live = {"source": "live", "target_pid": disc.target_pid, "target_title": disc.target_title,
             "config": _config(disc), "found": [{"pid": p, "title": t} for p, t in disc.seen],
             "duration_s": round(window, 3), "requested_duration_s": duration, "rate_hz": rate,
@@ -239,7 +262,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, speedsc
             "reattach_gaps_s": {str(ch.rank.rank): round(reattach_gaps_s(ch.blocks), 3) for ch in sampler.chains},
             "pyspy": {"path": spy.path, "version": spy.version}, "exited": exited, "interrupted": interrupted,
             "recorder_start_skew": sampler.start_skew()}
-    return build_run(samples, ruleset, window, cpus, live, notes, exited, gil=gil)
+    return build_run(samples, ruleset, window, cpus, live, notes, exited, gil=gil, requests=requests or None)
 
 
 def _config(disc) -> dict[str, Any]:
@@ -293,13 +316,18 @@ def precision_notes(profiles: list[RankProfile], window: float | None) -> list[s
 
 def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None,
               cpus: dict[int, CpuMeter] | None, live: dict[str, Any], notes: list[str],
-              exited: list[dict] | None = None, gil: bool = False) -> Run:
-    """gil: GIL figures were recorded (or given): say which ranks lack them, and why."""
+              exited: list[dict] | None = None, gil: bool = False, requests: int | None = None) -> Run:
+    """gil: GIL figures were recorded (or given): say which ranks lack them, and why.
+    Samples of negative rank are the tokenizer side (stages.py); requests: multimodal
+    requests counted over the window (mmdiag.live.requests), for the stage verdict."""
+    tokenizers = [s for s in samples if s.rank < 0]
+    samples = [s for s in samples if s.rank >= 0]
     profiles: list[RankProfile] = [attribute(s, ruleset) for s in sorted(samples, key=lambda s: s.rank)]
     gil_missing, gnotes = gil_notes(profiles, gil)
     live = dict(live, gil_missing=gil_missing)
     notes = list(notes) + gnotes + move_entry_idle(profiles) + precision_notes(profiles, window)
-    strategy = detect_strategy(profiles, ruleset)
+    # The tokenizer side's frames count too: where it hashes (SGLANG_MM_PRECOMPUTE_HASH), the path is precompute.
+    strategy = detect_strategy(profiles + [attribute(t, ruleset) for t in tokenizers], ruleset)
     cpu_pct = {p.rank: (cpus[p.rank].cpu_pct() if cpus else None) for p in profiles}
     ranks: list[RankResult] = []
     for p in profiles:
@@ -321,8 +349,9 @@ def build_run(samples: list[RankSamples], ruleset: RuleSet, window: float | None
     tp = max(len(ranks), max((r.rank for r in ranks), default=-1) + 1)
     info = LiveInfo(**{k: v for k, v in live.items() if k in LiveInfo.__dataclass_fields__},
                     strategy_detected=strategy, rules=ruleset.source, notes=notes)
+    stages = build_stages(tokenizers, profiles, ruleset, requests, dur) if tokenizers else []
     return Run(schema=PROFILE_SCHEMA, tp=tp, strategies={strategy: strat}, created=_now_iso(), host=_host(),
-               live=info)
+               live=info, stages=stages, bottleneck=bottleneck(stages, requests, dur))
 
 
 _GIL_NAME = re.compile(r"[._-]gil(?=[._-]|$)", re.I)
@@ -349,7 +378,12 @@ def from_raw(files: list[str], rate: int = PYSPY_DEFAULT_RATE_HZ, rules: str | N
         raise RawParseError("only --gil recordings given; the phase shares need the --idle recording of each rank",
                             where=files[0], fix="add rank<N>.raw next to rank<N>.gil.raw")
     by_rank: dict[int, list[str]] = {}
+    tok: dict[int, list[str]] = {}  # tokenizer<K> files (--raw-dir keeps the tokenizer side so)
     for i, f in enumerate(main_files):
+        t = re.match(r"tokenizer(\d+)\.", os.path.basename(f))
+        if t:
+            tok.setdefault(-1 - int(t.group(1)), []).append(f)
+            continue
         m = re.search(r"rank(\d+)", os.path.basename(f)) or re.search(r"TP(\d+)", os.path.basename(f))
         by_rank.setdefault(int(m.group(1)) if m else -1 - i, []).append(f)
     samples = []
@@ -369,5 +403,9 @@ def from_raw(files: list[str], rate: int = PYSPY_DEFAULT_RATE_HZ, rules: str | N
         # --raw-dir has one every GIL_EVERY blocks): the GIL figures come from them.
         samples.append(RankSamples.from_blocks(rank, int(pm.group(1)) if pm else None, title, blocks,
                                                gil_planned=sum(g is not None for _, g in blocks)))
+    for rank, fs in sorted(tok.items(), reverse=True):
+        pm = re.search(r"pid(\d+)", os.path.basename(fs[0]))
+        samples.append(RankSamples.from_blocks(rank, int(pm.group(1)) if pm else None, "tokenizer",
+                                               [(read_raw(f), None) for f in sorted(fs)]))
     live = {"source": "raw", "files": list(files), "rate_hz": rate, "target_pid": None}
     return build_run(samples, ruleset, None, None, live, [], gil=bool(gil_files))

@@ -52,6 +52,7 @@ class WaitRule:
     files: tuple[str, ...] = ()
     phase: str | None = None
     work: frozenset[str] = frozenset()
+    leaf: bool = False  # only as the innermost frame (an event loop or pool worker whose wait runs in C)
 
     def matches(self, frame: Frame) -> bool:
         if frame.name not in self.functions and frame.short not in self.functions:
@@ -83,7 +84,7 @@ class RuleSet:
     def _classify(self, frames: tuple[Frame, ...]) -> tuple[str, bool]:
         for i in range(len(frames) - 1, -1, -1):
             for w in self.waits:
-                if w.matches(frames[i]):
+                if w.matches(frames[i]) and not (w.leaf and i != len(frames) - 1):
                     if w.work and any(g.name in w.work or g.short in w.work for g in frames[i + 1:]):
                         return self.phase_of(frames), False
                     return (w.phase or self.phase_of(frames)), True
@@ -149,7 +150,8 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
             raise _fail(source, f"wait {k}: `functions` must be a non-empty list of names")
         if w.get("phase") is not None and w["phase"] not in PHASES:
             raise _fail(source, f"wait {k}: phase {w['phase']!r} is not one of {', '.join(PHASES)}")
-        waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase"), frozenset(w.get("work", ()))))
+        waits.append(WaitRule(frozenset(fns), tuple(w.get("files", ())), w.get("phase"), frozenset(w.get("work", ())),
+                              bool(w.get("leaf", False))))
     listed = tuple(d.get("strategy", {}).get("order", ()))
     markers = strategy_markers()
     unknown = [n for n in listed if n not in markers]

@@ -105,7 +105,8 @@ class RankChain:
         self.failures = 0  # consecutive recordings that never started
 
     def _path(self, k: int, gil: bool) -> str:
-        base = f"rank{self.rank.rank}.pid{self.rank.pid}.b{k:04d}"
+        who = f"rank{self.rank.rank}" if self.rank.rank >= 0 else f"tokenizer{-1 - self.rank.rank}"
+        base = f"{who}.pid{self.rank.pid}.b{k:04d}"
         return os.path.join(self.out_dir, base + (".gil.raw" if gil else ".raw"))
 
     def start(self) -> None:

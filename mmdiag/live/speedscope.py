@@ -38,7 +38,7 @@ def to_speedscope(ranks: list[RankSamples], name: str = "mmdiag profile") -> dic
                     ids.append(index[key])
                 samples.append(ids)
                 weights.append(n)
-            profiles.append({"type": "sampled", "name": f"rank {rs.rank} {rs.title or ''} thread {t.name or tid}".strip(),
+            profiles.append({"type": "sampled", "name": f"{f'rank {rs.rank}' if rs.rank >= 0 else 'tokenizer'} {rs.title or ''} thread {t.name or tid}".strip(),
                              "unit": "none", "startValue": 0, "endValue": sum(weights),
                              "samples": samples, "weights": weights})
     return {"$schema": "https://www.speedscope.app/file-format-schema.json", "name": name,

@@ -32,7 +32,10 @@ from .pyspy import check_version, find_pyspy
 from .rules import load_rules
 from .sampler import CpuMeter, Sampler, rank_samples
 from .stats import pm
+from ..render.stages import stage_lines
 from ..render.text import shown_phases
+from .requests import SegmentCounter
+from .stages import bottleneck, build_stages
 from ..vocab import PHASES
 
 BLOCK_S = 1.0
@@ -66,12 +69,12 @@ class TopSession:
             log(f"warning: {w}")
         self.ruleset = load_rules(self.rules)
         self.disc = discover(self.pid)
-        _probe(self.spy, self.disc.ranks)
+        _probe(self.spy, self.disc.processes)   # the ranks and the tokenizer side, in the same window
         self.tmp = tempfile.mkdtemp(prefix="mmdiag-top-")
-        self.sampler = Sampler(self.spy, self.disc.ranks, self.rate, BLOCK_S, self.tmp, self.tmp, self.gil)
-        self.windows = {r.rank: deque() for r in self.disc.ranks}
-        self.cpus = {r.rank: CpuMeter(r.pid) for r in self.disc.ranks}
-        self.whole = {r.rank: CpuMeter(r.pid) for r in self.disc.ranks}
+        self.sampler = Sampler(self.spy, self.disc.processes, self.rate, BLOCK_S, self.tmp, self.tmp, self.gil)
+        self.windows = {r.rank: deque() for r in self.disc.processes}
+        self.cpus = {r.rank: CpuMeter(r.pid) for r in self.disc.processes}
+        self.whole = {r.rank: CpuMeter(r.pid) for r in self.disc.processes}
         for c in list(self.cpus.values()) + list(self.whole.values()):
             c.poll(first=True)
         self.config = _config(self.disc)
@@ -80,11 +83,20 @@ class TopSession:
         except BaseException:
             self.close()
             raise
+        # Multimodal requests, counted as the profile counts them (requests.py), with when.
+        self.counter = SegmentCounter([t.pid for t in self.disc.tokenizers])
+        self.counts: deque = deque()
+        if self.disc.tokenizers and self.counter.start():
+            self.counts.append((time.monotonic(), 0))
         self.started = time.monotonic()
 
     def poll(self) -> None:
         """Take the blocks that ended; forget those older than the window."""
         now = time.monotonic()
+        if self.counts:
+            self.counts.append((now, self.counter.read()))
+            while len(self.counts) > 2 and now - self.counts[1][0] > self.window_s + 2 * BLOCK_S:
+                self.counts.popleft()
         for rank, blocks in self.sampler.poll().items():
             slide(self.windows[rank], blocks, now, self.window_s)
         if not self.keep_all:
@@ -105,8 +117,24 @@ class TopSession:
         move_entry_idle(list(out.values()))  # as the profile does: waiting behind an idle entry rank is idle
         return out
 
+    def stages(self, profiles: dict[int, RankProfile]) -> tuple[list, dict | None]:
+        """The stages over the window and which bounds throughput (with req/s where requests were counted)."""
+        toks = [rank_samples(t, list(self.windows[t.rank]), self.rate) for t in self.disc.tokenizers
+                if self.windows[t.rank]]
+        blocks = [b for t in self.disc.tokenizers for b in self.windows[t.rank]]
+        n = span = None
+        if blocks and self.counts:  # the requests counted over the blocks' span
+            t0, t1 = min(b.t0 for b in blocks), max(b.t1 for b in blocks)
+            at = lambda t: next((c for w, c in reversed(self.counts) if w <= t), self.counts[0][1])  # noqa: E731
+            n, span = (at(t1) - at(t0)) or None, t1 - t0
+        st = build_stages(toks, list(profiles.values()), self.ruleset, n, span) if toks else []
+        return st, bottleneck(st, n, span)
+
     def path(self, profiles: dict[int, RankProfile]) -> str:
-        return detect_strategy(list(profiles.values()), self.ruleset) if profiles else "unknown"
+        # The tokenizer side's frames count too, as in a profile (where it hashes, the path is precompute).
+        toks = [attribute(rank_samples(t, list(self.windows[t.rank]), self.rate), self.ruleset)
+                for t in self.disc.tokenizers if self.windows[t.rank]]
+        return detect_strategy(list(profiles.values()) + toks, self.ruleset) if profiles else "unknown"
 
     def whole_run(self) -> Run:
         """A Run (schema mmdiag.profile/2) over every block of the watch."""
@@ -120,9 +148,12 @@ class TopSession:
                 "blocks": {str(ch.rank.rank): len(ch.blocks) for ch in self.sampler.chains},
                 "pyspy": {"path": self.spy.path, "version": self.spy.version}, "config": self.config,
                 "exited": [], "interrupted": False}
-        return build_run(samples, self.ruleset, watched, self.whole, live, [], gil=self.gil)
+        counted = self.counter.read() if self.counts else None  # since the watch began
+        return build_run(samples, self.ruleset, watched, self.whole, live, [], gil=self.gil, requests=counted or None)
 
     def close(self) -> None:
+        if getattr(self, "counter", None) is not None:
+            self.counter.close()
         if getattr(self, "sampler", None) is not None:
             try:
                 self.sampler.stop(grace=5.0)
@@ -142,6 +173,8 @@ class Snapshot:
     span_s: float
     path: str
     taken: str
+    stages: list = field(default_factory=list)
+    bottleneck: dict | None = None
 
 
 def slide(win: deque, blocks: list, now: float, window_s: float) -> None:
@@ -157,7 +190,7 @@ def snapshot(sess: TopSession) -> Snapshot:
     blocks = [b for w in sess.windows.values() for b in w]
     span = max((b.t1 for b in blocks), default=0.0) - min((b.t0 for b in blocks), default=0.0)
     return Snapshot(profiles, dict(sess.cpu_now), max(span, 0.0), sess.path(profiles),
-                    datetime.now().strftime("%H:%M:%S"))
+                    datetime.now().strftime("%H:%M:%S"), *sess.stages(profiles))
 
 
 @dataclass
@@ -232,7 +265,7 @@ def render(sess: TopSession, st: ViewState, snap: Snapshot, width: int = 80, hei
              f"path {snap.path}" + (f" | {sess.config['lines'][0]}" if len(sess.config["lines"]) == 1 else ""),
              *([f"  {ln}" for ln in sess.config["lines"][:3]] if len(sess.config["lines"]) > 1 else []),
              f"window {snap.span_s:.0f} s of {sess.window_s:g} s, {sess.rate} Hz, py-spy {sess.spy.version}; "
-             "+/- is the 95% interval", ""]
+             "+/- is the 95% interval", *stage_lines(snap.stages, snap.bottleneck), ""]
     if VIEWS[st.view] == "rank":
         tabs = " ".join(f"[{r}]" if r == sel else f" {r} " for r in ranks[:16])
         rp = next(r for r in sess.disc.ranks if r.rank == sel)

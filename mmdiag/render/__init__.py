@@ -55,7 +55,7 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
     Renderer("json", (".json",), {ANY: ".json_:render_json"}),
     Renderer("markdown", (".md", ".markdown"), {"Report": ".report_md:render_markdown", "Run": ".text:render_run_md",
                                                 "Catalog": ".text:render_catalog_md"}),
-    Renderer("html", (".html", ".htm"), {"Report": ".report_html:render_html"}),
+    Renderer("html", (".html", ".htm"), {"Report": ".report_html:render_html", "Run": ".stages:render_run_html"}),
     Renderer("speedscope", (".speedscope.json",), {"SampledStacks": ".json_:render_speedscope"}),
     Renderer("chrome", (".trace.json",), {"RankTimelines": ".timeline:render_chrome"}),
 )}

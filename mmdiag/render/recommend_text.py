@@ -17,6 +17,8 @@ def render_recommendation(rec: Recommendation) -> str:
         head = f"recommended: nothing yet, insufficient evidence (`{rec.leading}` leads; keep the current path)"
     elif rec.recommended is None:
         head = "recommended: cannot decide from these measurements (keep the current path)"
+    elif rec.remedy and rec.recommended in (None, NONE):
+        head = "recommended: no scheduler-side patch: the tokenizer stage bounds throughput (remedy below)"
     elif rec.recommended == NONE:
         head = "recommended: none (leave the multimodal path as it is)"
     else:

@@ -49,7 +49,8 @@ def _profile_head(run: Run, name: str) -> str:
     return f"profile from {len(live.files)} py-spy raw file(s); multimodal path: {name}"
 
 
-def render_profile(run: Run, fmt: str = "simple") -> str:
+def profile_table(run: Run, fmt: str = "simple") -> tuple[str, str]:
+    """(the profile's head lines, its rank table) in tabulate's `fmt`."""
     (name, _), = run.strategies.items()
     ranks = list(run.ranks or [])
     profs = [rank.profile or ProfileRank() for rank in ranks]
@@ -65,8 +66,14 @@ def render_profile(run: Run, fmt: str = "simple") -> str:
              ["CPU %"] + [_f(r.cpu_pct, "{:.0f}") for r in profs]]
     tab = tabulate(rows, headers=["rank"] + [str(rank.rank) for rank in ranks], tablefmt=fmt,
                    disable_numparse=True)
-    out = (_profile_head(run, name) + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
-           "how precise a profile is)\n\n" + tab + "\n" + _spread_line(run))
+    return _profile_head(run, name), tab
+
+
+def render_profile(run: Run, fmt: str = "simple") -> str:
+    from .stages import stage_text
+    head, tab = profile_table(run, fmt)
+    out = (head + "\n\nshares of wall time in percent, +/- the 95% interval (README: "
+           "how precise a profile is)\n\n" + tab + "\n" + _spread_line(run) + stage_text(run, fmt))
     found = findings(run)
     if found:
         out += "\nfindings:\n" + "\n".join(f"  - {f}" for f in found) + "\n"
