@@ -187,7 +187,8 @@ def layout_keys(versions: list[str]) -> None:
         seen: dict[str, list[str]] = {}
         for v in versions:
             pkg = unpacked(v)
-            texts = ((pkg / file_rel(k)).read_text(encoding="utf-8") for k in ("scheduler", "tokenizer_manager"))
+            texts = ((pkg / file_rel(k)).read_text(encoding="utf-8")
+                     for k in ("scheduler", "tokenizer_manager", "mm_utils"))
             node = next((n for n in (astutil.target_node(t, target) for t in texts) if n is not None), None)
             if node is not None:
                 seen.setdefault(astutil.fingerprint(node), []).append(v)

@@ -66,8 +66,10 @@ def test_the_step_that_pays_on_a_pickling_release():
     assert rec.release == "0.5.9"
     # every step of the plan, but those with SGLANG_MM_SKIP_COMPUTE_HASH: no Run replayed --skip-hash,
     # and recommend says how to measure them
-    assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9") if not x.skip_hash]
+    assert [x.step for x in rec.release_steps] == [x.step for x in RS.plan("0.5.9")
+                                                   if not x.skip_hash and x.hash == "sha256"]
     assert any("--skip-hash" in m for m in rec.measure_next)
+    assert any("--hash xxh3" in m and "mmdiag apply xxh3" in m for m in rec.measure_next)
     shm = _step(rec.release_steps, "shm", "shm")
     assert shm.expected_rps == s.strategies["shm"].throughput_rps and shm.source == "measured"
     assert _step(rec.release_steps, "precompute", "pickle").expected_rps == p.strategies["precompute"].throughput_rps
@@ -160,6 +162,33 @@ def test_skipping_the_hash_is_a_step_only_where_it_is_drawn_once_and_measured():
     # 0.5.7 does not read it: only the upgrade takes it there
     assert [x.step for x in RS.plan("0.5.7") if x.skip_hash] == [x.step for x in RS.plan("0.5.7")
                                                               if x.skip_hash and x.step.startswith("upgrade")]
+
+
+def test_each_configuration_states_its_prefix_cache_and_xxh3_steps_show_once_measured():
+    """A Run replayed with the xxh3 content hash adds the `apply xxh3` steps, measured; every
+    step and every replayed strategy says whether it keeps a content hash or draws a random one."""
+    p, s = _pickle_run(), _shm_run()
+    x = _run("shm", [strategy("shm", [40.0, 40.5, 39.5], [rank(r, recv=0.1 * TOTAL) for r in range(TP)],
+                              tokenizer={"tokenizer_hash": 0.6 * N, "tokenizer_shm": 10.1 * N, "capacity_rps": 90.0})])
+    x.config.hash = "xxh3"
+    k = _run("shm", [strategy("shm", [45.0, 45.5, 44.5], [rank(r, recv=0.1 * TOTAL) for r in range(TP)],
+                              tokenizer={"tokenizer_shm": 10.1 * N, "capacity_rps": 99.0})])
+    k.config.skip_hash = True
+    rec = recommend([p, s, x, k], release="0.5.9")
+    fast = [st for st in rec.release_steps if st.hash == "xxh3"]
+    assert fast and all("mmdiag apply xxh3" in st.how for st in fast)
+    up = next(st for st in fast if (st.strategy, st.transport) == ("shm", "shm") and st.source == "measured")
+    assert up.expected_rps == x.strategies["shm"].throughput_rps
+    assert up.prefix_cache == "content hash kept (xxh3)"
+    assert _step(rec.release_steps, "shm", "shm").prefix_cache == "content hash kept (sha256)"
+    assert _step(rec.release_steps, "shm", "shm", skip_hash=True).prefix_cache.startswith("random")
+    assert not any("--hash xxh3" in m for m in rec.measure_next)  # measured: nothing to ask for
+    text = render_recommendation(rec)
+    assert "prefix cache" in text and "content hash kept (xxh3)" in text and "random: repeated images miss" in text
+    assert rec.to_dict()["release_steps"][0]["prefix_cache"] == "content hash kept (sha256)"
+    for run, said in ((s, "content hash kept (sha256)"), (k, "random: repeated images miss")):
+        opts = recommend([run]).to_dict()  # the strategies table of one Run
+        assert (opts["chosen"] or opts["runners_up"][0])["prefix_cache"] == said
 
 
 def test_the_launch_decides_the_transport_of_the_steps(tmp_path):

@@ -1,6 +1,7 @@
 """`mmdiag replay --impl sglang`: the installed SGLang's own code in real gloo ranks,
 before and after `mmdiag apply`, on a real release wheel."""
 import json
+import os
 
 from sglang_wheels import site_packages
 from conftest import make_trace, mmdiag_cli
@@ -84,9 +85,12 @@ def test_the_installed_shm_patch_moves_features_by_shared_memory_in_the_replay(t
     rows = 256
     trace = make_trace(tmp_path / "t.jsonl", n=8, rows=rows)
     out = tmp_path / "run.json"
+    seg = tmp_path / "segments"
+    seg.mkdir()
     r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(out),
-                   env={"MMDIAG_STATE_DIR": str(tmp_path / "state")})
+                   env={"MMDIAG_STATE_DIR": str(tmp_path / "state"), "MMDIAG_SHM_DIR": str(seg)})
     assert r.returncode == 0, r.stderr
+    assert os.listdir(seg) == []  # the patch's reused segments went with the replay
     (s,) = json.loads(out.read_text())["strategies"].values()
     assert s["name"] == "shm" and s["ranks_agree"] is True
     tok = s["tokenizer_ms"]

@@ -484,3 +484,22 @@ def test_default_workload_a_real_win_passes_and_a_real_regression_fails(tmp_path
     assert crit["scheduler_cpu_pct"] == crit["p99_latency_ms"] == "n/a"
     loss = _cli(run, run, "--before-strategy", "precompute", "--after-strategy", "commit")
     assert loss.exit_code == 1 and "acceptance: FAIL" in loss.output and "throughput_ratio" in loss.stderr
+
+
+def test_each_side_states_its_prefix_cache(tmp_path):
+    """The report says, per configuration, whether repeated images keep sharing prefix-cache
+    entries: a content hash kept (which one), or random hashes (replay --skip-hash)."""
+    b, a = _pair()
+    a.config.skip_hash = True
+    md = render_markdown(build_report(b, a, load_criteria(), before_path="b.json", after_path="a.json"))
+    assert "prefix cache: content hash kept (sha256)" in md and "prefix cache: random: repeated images miss" in md
+    a.config.skip_hash, a.config.hash = None, "xxh3"
+    rep = build_report(b, a, load_criteria(), before_path="b.json", after_path="a.json")
+    assert rep.to_dict()["after"]["prefix_cache"] == "content hash kept (xxh3)"
+    a.config.hash = None
+    a.config.skip_hash = True
+    d = json.loads(_cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--json").output)
+    assert d["before"]["prefix_cache"] == "content hash kept (sha256)" and d["after"]["prefix_cache"].startswith("random")
+    live = build_report(profile_run([{"recv": 50, "from_dict": 50}]), profile_run([{"recv": 50, "idle": 50}]),
+                        load_criteria())
+    assert live.before.prefix_cache is None and "prefix cache" not in render_markdown(live)  # live: not stated

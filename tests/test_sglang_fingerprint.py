@@ -58,8 +58,8 @@ def interpreter(minor: int) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def jobs() -> list[tuple[str, str | None]]:
-    """(file, target) for every [layouts] target in each wheel's scheduler/tokenizer manager."""
-    files = [str(pristine(v) / file_rel(k)) for v in WHEELS for k in ("scheduler", "tokenizer_manager")]
+    """(file, target) for every [layouts] target in each wheel's scheduler, tokenizer manager, mm_utils."""
+    files = [str(pristine(v) / file_rel(k)) for v in WHEELS for k in ("scheduler", "tokenizer_manager", "mm_utils")]
     return [(f, t) for f in files for t in facts()["layouts"]] + [(SNIPPET, None)]
 
 

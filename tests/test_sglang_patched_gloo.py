@@ -23,6 +23,7 @@ from sglang_wheels import RELEASES, site_packages  # noqa: F401
 
 import mmdiag.sglang.apply as A
 from mmdiag.mmpath.shm import SHM_DIR_ENV
+from mmdiag.sglang.patches.shm import POOL_ENV
 from mmdiag.sglang.locate import locate
 
 JOIN_TIMEOUT_S = 240
@@ -295,6 +296,7 @@ def test_shm_patch_fallback_discard_and_a_lost_segment(installs, tmp_path, monke
     seg = tmp_path / "shm"
     seg.mkdir()
     monkeypatch.setenv(SHM_DIR_ENV, str(seg))
+    monkeypatch.setenv(POOL_ENV, "0")  # a new segment per feature (the pool: tests below)
     path = load_sglang_mm_path(next(d for n, d, _ in installs if n == "0.5.4.post1/shm"))
     sched = path.make_scheduler(None)
 
@@ -326,6 +328,110 @@ def test_shm_patch_fallback_discard_and_a_lost_segment(installs, tmp_path, monke
         assert item.feature is f and item.hash == expected_hash_of(f) and list(seg.iterdir()) == []
     finally:
         subprocess.run(["umount", str(seg)])
+
+
+def _pooled(raw):
+    h = raw["mm_items"][0].feature
+    return isinstance(h, tuple) and len(h) > 5 and h[5]
+
+
+def test_shm_patch_reuses_pooled_segments_bounded_and_safely(installs, tmp_path, monkeypatch):
+    """The pool in one process (a group of one): a segment is not rewritten while a rank
+    still maps it (the next feature goes to a new segment, the bound being reached), and is
+    rewritten (same file, no new one) once that map is gone; a cancelled request gives its
+    segment back; the exit removes the pool."""
+    import gc
+    import torch
+    from mmdiag.sglang.runtime import load_sglang_mm_path
+    seg = tmp_path / "shm"
+    seg.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(seg))
+    monkeypatch.setenv(POOL_ENV, "1")  # one whole-MB slot
+    path = load_sglang_mm_path(next(d for n, d, _ in installs if n == "0.5.9/shm"))
+    sched = path.make_scheduler(None)
+
+    def written(seed):
+        f = _feature(seed)
+        raw = path.make_mm_inputs([path.make_item(f)])
+        path.tokenizer_side(raw)
+        return raw, f
+
+    def received(raw, rid):
+        path.finish_recv(sched, [path.generate_req(rid, raw)])
+        return raw["mm_items"][0].feature
+
+    raw1, f1 = written(1)
+    assert _pooled(raw1)
+    slot = raw1["mm_items"][0].feature[1]
+    held = os.path.basename(slot) + ".held"
+    inode = os.stat(slot).st_ino
+    got1 = received(raw1, "a")
+    assert torch.equal(got1, f1) and sorted(os.listdir(seg)) == [held]  # mapped, not unlinked
+    raw2, f2 = written(2)  # the rank still maps the slot, and the bound is reached: a new segment
+    assert not _pooled(raw2) and len(os.listdir(seg)) == 2
+    assert torch.equal(received(raw2, "b"), f2) and sorted(os.listdir(seg)) == [held]
+    assert torch.equal(got1, f1)  # never rewritten under a live map
+    del got1, raw1
+    gc.collect()  # the rank's map (and with it its lock) is gone
+    raw3, f3 = written(3)
+    assert _pooled(raw3) and raw3["mm_items"][0].feature[1] == slot and os.stat(slot).st_ino == inode
+    assert torch.equal(received(raw3, "c"), f3)
+    del raw3
+    gc.collect()
+    raw4, _ = written(4)
+    assert _pooled(raw4)
+    path.ns["_mmdiag_shm_discard"](raw4)  # a cancelled request gives its slot back
+    assert sorted(os.listdir(seg)) == [held]
+    raw5, _ = written(5)
+    assert raw5["mm_items"][0].feature[1] == slot
+    path.ns["_mmdiag_shm_pool_close"]()  # what atexit runs
+    path.ns["_mmdiag_shm_reclaim"](float("inf"))
+    assert os.listdir(seg) == []
+
+
+TOKENIZER = r"""
+import os, signal, sys, torch
+from mmdiag.sglang.runtime import load_sglang_mm_path
+path = load_sglang_mm_path(sys.argv[1])
+for seed in range(3):
+    raw = path.make_mm_inputs([path.make_item(torch.randn(16, 24))])
+    path.tokenizer_side(raw)
+print(len(os.listdir(os.environ["MMDIAG_SHM_DIR"])), flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_shm_patch_pool_is_cleaned_at_exit_and_reclaimed_after_kill_9(installs, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from mmdiag.sglang.runtime import load_sglang_mm_path
+    seg = tmp_path / "shm"
+    seg.mkdir()
+    monkeypatch.setenv(SHM_DIR_ENV, str(seg))
+    monkeypatch.delenv(POOL_ENV, raising=False)  # the default bound
+    sglang_dir = next(d for n, d, _ in installs if n == "0.5.9/shm")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+
+    def tokenizer(how):
+        return subprocess.run([sys.executable, "-c", TOKENIZER, sglang_dir, how], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    r = tokenizer("exit")
+    assert r.returncode == 0 and r.stdout.split() == ["3"], r.stderr[-2000:]  # three pooled segments in flight
+    assert os.listdir(seg) == []  # removed at exit
+    r = tokenizer("kill")
+    assert r.returncode == -9 and r.stdout.split() == ["3"]
+    left = os.listdir(seg)
+    assert len(left) == 3  # a crash leaves them
+    path = load_sglang_mm_path(sglang_dir)  # the next server's tokenizer, at its first write
+    raw = path.make_mm_inputs([path.make_item(_feature(1))])
+    path.tokenizer_side(raw)
+    assert not set(left) & set(os.listdir(seg)) and len(os.listdir(seg)) == 1
+    path.ns["_mmdiag_shm_pool_close"]()
+    path.ns["_mmdiag_shm_reclaim"](float("inf"))
+    assert os.listdir(seg) == []
 
 
 # 0.5.19+: the release's error-broadcast protocol. A mixed call (multimodal, text-only, and a

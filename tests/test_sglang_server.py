@@ -46,8 +46,9 @@ def _titles_ready(proc, n):
 def server(tmp_path):
     started = []
 
-    def start(version, titles, args, env):
-        pkg = site_packages(version, tmp_path / f"{version}-{len(started)}")  # one unpacked copy per server
+    def start(version, titles, args, env, pkg=None):
+        if pkg is None:  # one unpacked copy per server, unless given one
+            pkg = site_packages(version, tmp_path / f"{version}-{len(started)}")
         e = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_")}
         e.update(PYTHONPATH=str(pkg.parent), **env)
         p = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(titles), "-m", "sglang.launch_server",
@@ -122,6 +123,27 @@ def test_skip_hash_without_hashing_once_is_called_a_divergence(server):
     assert not any("draws its own" in n for n in s.notes) and any("once, in the tokenizer" in n for n in s.notes)
     p, _, _ = server("0.5.7", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"})
     assert any("does not read it (from 0.5.8)" in n for n in read_server(p.pid).notes)
+
+
+def test_content_hash_the_server_runs(server):
+    """xxh3 applied after the server started is not running yet (sha256 until a restart); a
+    server started after it runs it; SGLANG_MM_SKIP_COMPUTE_HASH=1 makes it random."""
+    from test_sglang_content_hash import _with_xxhash
+    titles = ["sglang::scheduler_TP0", "sglang::scheduler_TP1"]
+    p, _, pkg = server("0.5.23", titles, ["--tp", "2"], {})
+    assert read_server(p.pid).content_hash == "sha256"
+    time.sleep(0.05)
+    _with_xxhash(pkg.parent)
+    A.apply(locate(str(pkg)), "xxh3")
+    s = read_server(p.pid)
+    assert s.patch == "xxh3" and s.patch_pending and s.content_hash == "sha256"
+    time.sleep(1.0)  # process start times are read to about 10 ms, and boot time less exactly
+    p2, _, _ = server("0.5.23", titles, ["--tp", "2"], {}, pkg=pkg)  # restarted on the patched install
+    assert read_server(p2.pid).content_hash == "xxh3"
+    assert any("content hash xxh3 (content hash kept)" in line for line in header_lines(p2.pid))
+    p3, _, _ = server("0.5.23", titles, ["--tp", "2"], {"SGLANG_MM_SKIP_COMPUTE_HASH": "1"}, pkg=pkg)
+    s3 = read_server(p3.pid)
+    assert s3.content_hash == "random" and any("random: repeated images miss" in line for line in header_lines(p3.pid))
 
 
 def test_server_in_a_venv_reads_the_venvs_release(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..mmpath.hashing import prefix_cache_of
 from ..run import RankResult, Run, StrategyResult
 from ..strategies import BASELINE
 
@@ -59,9 +60,15 @@ class Side:
         rps = self.result.throughput_rps if self.result is not None else None
         return load_of(self.run, rps if rps is not None and rps == rps else None)  # nan: not measured
 
+    @property
+    def prefix_cache(self) -> str | None:
+        """Content hash kept (which), or random (replay --skip-hash); None for a live profile."""
+        return prefix_cache_of(self.run.config) if self.run.is_replay else None
+
     def describe(self) -> str:
         name = f"`{self.strategy}`" if self.strategy else "profile"
-        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp})"
+        pc = f"; prefix cache: {self.prefix_cache}" if self.prefix_cache else ""
+        return f"{self.label}: {name} from {self.path} ({self.run.schema}, tp {self.run.tp}{pc})"
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Any
 from ..errors import MmdiagError, ProfileError
 from ..run import Run, StrategyResult
 from .. import units
+from ..mmpath.hashing import PATCHABLE as PATCHABLE_HASHES
+from ..mmpath.hashing import prefix_cache_of
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from ..strategies import REGISTRY as STRATEGY_REGISTRY
@@ -73,6 +75,7 @@ class Option:
     patchable: bool
     verdict: str = ""                 # against the recommended one
     note: str = ""
+    prefix_cache: str | None = None   # content hash kept (which), or random (mmdiag.mmpath.hashing)
 
 
 @dataclass
@@ -110,7 +113,8 @@ class Recommendation:
             "runners_up": [json_safe(asdict(o)) for o in self.runners_up],
             "measure_next": self.measure_next, "notes": self.notes,
             "cost_model": json_safe(self.cost_model.to_dict()) if self.cost_model else None,
-            "release": self.release, "release_steps": [json_safe(asdict(x)) for x in self.release_steps],
+            "release": self.release, "release_steps": [json_safe({**asdict(x), "prefix_cache": x.prefix_cache})
+                                                        for x in self.release_steps],
             "remedy": self.remedy,
         }
         return d
@@ -219,8 +223,9 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
     if top is not None:
         rec.reasons.append(f"on SGLang {version} the step that pays most is `{top.step}` ({top.how}): "
                            f"{top.expected_rps:.1f} req/s expected, {top.vs_current:.2f}x the release as it is "
-                           f"({top.source})" + ("; it skips hashing, so repeated images no longer share "
-                                                "prefix-cache entries: keep it off where they repeat" if top.skip_hash else ""))
+                           f"({top.source}); prefix cache: {top.prefix_cache}"
+                           + ("; it skips hashing, so repeated images no longer share "
+                              "prefix-cache entries: keep it off where they repeat" if top.skip_hash else ""))
     for st in rec.release_steps:
         if st.expected_rps is None:
             rec.measure_next.append(f"for `{st.step}` on SGLang {version}: replay --strategy {st.strategy} "
@@ -232,6 +237,11 @@ def _release_steps(rec: Recommendation, version: str | None, runs: list[Run], ta
         rec.measure_next.append(f"for SGLANG_MM_SKIP_COMPUTE_HASH=1 on SGLang {version} (no hashing; repeated images "
                                 f"then share no prefix-cache entry): replay --strategy precompute --strategy shm "
                                 f"--transport {tr} --skip-hash")
+    for h in PATCHABLE_HASHES:  # a faster content hash keeps the prefix cache: say how to measure it
+        if not any(st.hash == h for st in rec.release_steps):
+            rec.measure_next.append(f"for `mmdiag apply {h}` on SGLang {version} (content hash kept, repeated images "
+                                    f"still share prefix-cache entries): replay --strategy precompute --strategy shm "
+                                    f"--hash {h}")
 
 
 # --- replay --------------------------------------------------------------------
@@ -249,6 +259,7 @@ def _options(run: Run, base_rps: float | None, rules: dict[str, Any]) -> tuple[d
             max_cpu_pct=B.max_or_nan(B.cpu_pct(r) for r in s.ranks), p99_ms=s.latency_ms.get("p99"),
             noise_pct=100 * noise if noise is not None else None, repeats=len(s.repeats_rps) or 1,
             patchable=name in PATCHABLE_STRATEGIES and not _resends_on_shm(run, name),
+            prefix_cache=prefix_cache_of(run.config),
             note=note or rules["not_a_fix"].get(name, "") or (_RESEND_NOTE if _resends_on_shm(run, name) else ""))
     return options, samples
 

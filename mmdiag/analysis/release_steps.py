@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..mmpath.hashing import PATCHABLE as PATCHABLE_HASHES
+from ..mmpath.hashing import prefix_cache
 from ..sglang.facts import (Launch, at_least, default_transport, effective_transport, first_shm_release, rust_hashes,
                             since)
+from ..vocab import DEFAULT_HASH
 from ..run import Run
 from .costmodel import CostModel, _transport_of
 from .merge import TRACE_KEYS
@@ -33,6 +36,11 @@ class Step:
     source: str = "not measured"
     vs_current: float | None = None
     skip_hash: bool = False     # measured with SGLANG_MM_SKIP_COMPUTE_HASH=1 (replay --skip-hash)
+    hash: str = DEFAULT_HASH    # the content hash (`mmdiag apply xxh3`; replay --hash)
+
+    @property
+    def prefix_cache(self) -> str:
+        return prefix_cache(self.hash, self.skip_hash)
 
 
 def current_path(version: str) -> str:
@@ -74,6 +82,9 @@ def plan(version: str, launch: Launch | None = None) -> list[Step]:
                   Step(f"upgrade to {up}+ and set {env}", f"pip install 'sglang>={up}', then {env}", SHM, TRANSPORT_SHM),
                   Step(f"upgrade to {up}+ and set {env} and {skip}", f"pip install 'sglang>={up}', then {env} {skip}",
                        SHM, TRANSPORT_SHM, skip_hash=True)]
+    # each configuration that hashes, with a faster content hash patched in (shown once measured)
+    steps += [Step(f"{st.step}, apply {h}", f"{st.how}; mmdiag apply {h}", st.strategy, st.transport, hash=h)
+              for h in PATCHABLE_HASHES for st in list(steps) if not st.skip_hash]
     return steps
 
 
@@ -81,13 +92,14 @@ def plan(version: str, launch: Launch | None = None) -> list[Step]:
 _SAME = {(PRECOMPUTE, TRANSPORT_SHM): (SHM, TRANSPORT_SHM), (SHM, TRANSPORT_SHM): (PRECOMPUTE, TRANSPORT_SHM)}
 
 
-def _lookup(table: dict, strategy: str, transport: str, skip_hash: bool) -> float | None:
+def _lookup(table: dict, strategy: str, transport: str, skip_hash: bool, hash_: str = DEFAULT_HASH) -> float | None:
     same = _SAME.get((strategy, transport))
-    return table.get((strategy, transport, skip_hash)) or (table.get((*same, skip_hash)) if same else None)
+    return (table.get((strategy, transport, skip_hash, hash_))
+            or (table.get((*same, skip_hash, hash_)) if same else None))
 
 
-def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str, bool], float]:
-    """(strategy, transport, skip_hash) -> mean of the Runs' median throughputs, same trace and rank count."""
+def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str, bool, str], float]:
+    """(strategy, transport, skip_hash, hash) -> mean of the Runs' median throughputs, same trace and rank count."""
     got: dict[tuple[str, str, bool], list[float]] = {}
     for run in runs:
         if not run.is_replay or run.tp != target.tp or any(run.trace.get(k) != target.trace.get(k) for k in TRACE_KEYS):
@@ -95,7 +107,8 @@ def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str, bool], float
         for name, s in run.strategies.items():
             tr = _transport_of(run, name)
             if s.throughput_rps and tr:
-                got.setdefault((name, tr, bool(run.config.skip_hash)), []).append(s.throughput_rps)
+                key = (name, tr, bool(run.config.skip_hash), getattr(run.config, "hash", None) or DEFAULT_HASH)
+                got.setdefault(key, []).append(s.throughput_rps)
     return {k: sum(v) / len(v) for k, v in got.items()}
 
 
@@ -104,7 +117,7 @@ def _predict(step: Step, table: dict, model: CostModel | None, target: Run) -> t
     tc = model.transport if model else None
     saving = tc.shm_saving_ms_per_mb if tc else None
     other = TRANSPORT_PICKLE if step.transport == TRANSPORT_SHM else TRANSPORT_SHM
-    rps = _lookup(table, step.strategy, other, step.skip_hash)
+    rps = _lookup(table, step.strategy, other, step.skip_hash, step.hash)
     if rps is None or saving is None or not model.workload_mb:
         return None
     mm_share = (target.trace.get("mm_requests") or 0) / max(target.trace.get("requests") or 1, 1)
@@ -121,13 +134,13 @@ def advise(version: str, runs: list[Run], target: Run, model: CostModel | None,
     table = _measured(runs, target)
     steps = plan(version, launch)
     for st in steps:
-        rps = _lookup(table, st.strategy, st.transport, st.skip_hash)
+        rps = _lookup(table, st.strategy, st.transport, st.skip_hash, st.hash)
         if rps is not None:
             st.expected_rps, st.source = rps, "measured"
         elif (p := _predict(st, table, model, target)) is not None:
             st.expected_rps, st.source = p
-    # a skip-hash step nobody replayed (replay --skip-hash) is not shown: it is an option, not a default
-    steps = [st for st in steps if not st.skip_hash or st.expected_rps is not None]
+    # a skip-hash or xxh3 step nobody replayed (replay --skip-hash, --hash) is not shown: an option, not a default
+    steps = [st for st in steps if (not st.skip_hash and st.hash == DEFAULT_HASH) or st.expected_rps is not None]
     cur = steps[0].expected_rps
     for st in steps:
         st.vs_current = st.expected_rps / cur if cur and st.expected_rps else None

@@ -84,7 +84,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         def side(s: Side) -> dict[str, Any]:
             return {"path": s.path, "schema": s.run.schema, "tp": s.run.tp, "strategy": s.strategy,
-                    "trace": s.run.trace, "created": s.run.created}
+                    "prefix_cache": s.prefix_cache, "trace": s.run.trace, "created": s.run.created}
         return json_safe({
             "schema": "mmdiag.report/1", "verdict": self.verdict, "passed": self.passed,
             "before": side(self.before), "after": side(self.after),

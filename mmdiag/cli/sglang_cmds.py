@@ -8,6 +8,7 @@ import click
 from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
+from ..sglang.patches import PATCHES
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from . import options as o
 from .analysis_cmds import show_report
@@ -71,7 +72,7 @@ def _confirm(yes: bool):
 
 
 @click.command("apply")
-@click.argument("strategy", required=False, type=click.Choice(PATCHABLE_STRATEGIES))
+@click.argument("strategy", required=False, type=click.Choice(PATCHES))
 @click.option("--sglang", "sglang_path", metavar="PATH", help=SGLANG_PATH_HELP)
 @click.option("--dry-run", is_flag=True, help="show the diff, write nothing")
 @click.option("--yes", "-y", is_flag=True, help="do not ask before writing")
@@ -87,7 +88,9 @@ def _confirm(yes: bool):
 @output_option("Report", "report", "with --verify: write the acceptance report")
 @o.threshold_option("the crossover in the Run `mmdiag recommend` kept last", prefix="with cond: ")
 def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output, threshold):
-    """Patch the installed SGLang with STRATEGY, or --undo.
+    """Patch the installed SGLang with STRATEGY, or --undo. A content hash (xxh3) stacks
+    on a strategy: the install hashes features with it instead of sha256; one --undo
+    restores every file.
 
     With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
     the result against the acceptance criteria (exit 1 when it fails).
@@ -98,8 +101,11 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
       mmdiag apply --undo                   # byte-exact restore
     """
     if undo == (strategy is not None):
-        raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHABLE_STRATEGIES)}")
+        raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHES)}")
     if verify:
+        if strategy not in PATCHABLE_STRATEGIES:  # a content hash: `replay --hash` measures it
+            raise MmdiagError(f"--verify measures a strategy; `{strategy}` is a content hash",
+                              fix=f"apply it without --verify; `mmdiag replay --hash {strategy}` measures it")
         if undo or dry_run:
             raise MmdiagError("--verify applies a STRATEGY; it does not combine with --undo or --dry-run")
         with progress.stderr() as bar:

@@ -13,7 +13,9 @@ read from its live processes (never from a text someone pasted):
   started by, not /proc/PID/exe's resolved binary: a venv's), with its own environment and
   working directory (importlib.util.find_spec: nothing is imported),
   then probed like `mmdiag doctor` (release, defaults, transport);
-- whether an mmdiag patch on disk is newer than the server's start (not picked up yet).
+- whether an mmdiag patch on disk is newer than the server's start (not picked up yet);
+- the content hash it runs: the install's (sha256, or what `mmdiag apply xxh3` wrote, once
+  the server started after it), or random under SGLANG_MM_SKIP_COMPUTE_HASH.
 
 `header_lines(pid)` gives the same in a few lines for other views (`mmdiag profile`).
 """
@@ -30,7 +32,8 @@ import psutil
 
 from ..sglang.errors import SGLangError
 from ..sglang.facts import Launch, at_least, effective_transport, facts, rust_hashes, since
-from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM
+from ..mmpath.hashing import PREFIX_CACHE
+from ..vocab import DEFAULT_HASH, TRANSPORT_PICKLE, TRANSPORT_SHM
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -59,6 +62,8 @@ class ServerSettings:
     skip_hash_env: str | None = None  # SGLANG_MM_SKIP_COMPUTE_HASH as the server's environment has it
     launch: dict[str, Any] = field(default_factory=dict)  # facts.Launch: what decides transport and hashing
     hashing: str = ""  # who hashes each item, once or on every rank
+    # the content hash the running server uses (vocab.HASHES, or "random" under SGLANG_MM_SKIP_COMPUTE_HASH)
+    content_hash: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,8 +212,12 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     version = det.install.version if det else None
     transport, tsrc = _transport(argv, env, f, version, launch)
     patch, pending = None, False
+    content_hash = det.content_hash if det is not None else None
     if det is not None and det.manifest:
-        patch = det.manifest["strategy"]
+        patch = "+".join(det.manifest.get("patches") or [det.manifest["strategy"]])
+        mm_utils = det.install.path("mm_utils")
+        if content_hash != DEFAULT_HASH and mm_utils.exists() and os.stat(mm_utils).st_mtime > t0:
+            content_hash = DEFAULT_HASH  # the server imported SGLang's own before the patch
         written = max((os.stat(det.install.package_dir / rel).st_mtime for rel in det.manifest["files"]
                        if (det.install.package_dir / rel).exists()), default=0.0)
         pending = written > t0
@@ -221,8 +230,10 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
             notes.append(f"SGLANG_MM_SKIP_COMPUTE_HASH is set but this release does not read it "
                          f"(from {since('skip_hash_family')})")
         else:
+            content_hash = "random"
             notes.append(_skip_hash_note(det, patch, flag_on, pre_effective))
-    hashing = who_hashes(det, version, launch, patch, flag_on, pre_effective)
+    strategy = det.manifest.get("strategy") if det is not None and det.manifest else None
+    hashing = who_hashes(det, version, launch, strategy, flag_on, pre_effective)
     if launch.rust_server and det is not None and not rust_hashes(version, launch):
         first = facts()["rust_server"]["images_from"]
         notes.append(f"SGLANG_RUST_SERVER=1 is set but this release's Rust front end takes no images (from {first}): "
@@ -231,7 +242,7 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
                           det.install.version if det else None, f.family if f else None, patch, pending,
-                          skip, asdict(launch), hashing, notes)
+                          skip, asdict(launch), hashing, content_hash, notes)
 
 
 def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) -> str:
@@ -240,11 +251,12 @@ def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) 
     broadcast), a divergence where every TP rank materializes on its own (measured:
     `replay --impl sglang` on 0.5.9 ends with ranks disagreeing on hashes and pad values)."""
     from .. import strategies
-    patched = strategies.REGISTRY.get(patch) if patch else None
+    strategy = det.manifest.get("strategy") if det is not None and det.manifest else None
+    patched = strategies.REGISTRY.get(strategy) if strategy else None
     once = pre_effective or bool(patched and patched.hashes_in_tokenizer)
     per_rank = not once and det is not None and (
-        patch in ("revert", "dict") or det.variant == "per-rank"
-        or (det.variant == "broadcast-flag" and not flag_on and patch is None))
+        strategy in ("revert", "dict") or det.variant == "per-rank"
+        or (det.variant == "broadcast-flag" and not flag_on and strategy is None))
     if per_rank:
         return ("SGLANG_MM_SKIP_COMPUTE_HASH=1 while every TP rank materializes on its own: each rank draws its "
                 "own random hash, so the ranks disagree on pad values and prefix-cache keys; set "
@@ -312,6 +324,8 @@ def settings_lines(s: ServerSettings) -> list[str]:
         f"SGLANG_MM_PRECOMPUTE_HASH {pre}; feature transport {s.feature_transport} ({s.feature_transport_source})",
         f"hashing: {s.hashing}",
         f"mmdiag patch: {s.patch or 'none'}" + (" (written after the server started: not running yet)"
-                                                 if s.patch_pending else ""),
+                                                 if s.patch_pending else "")
+        + f"; content hash {s.content_hash or 'unknown'}"
+        + (f" ({PREFIX_CACHE[s.content_hash]})" if s.content_hash in PREFIX_CACHE else ""),
     ]
     return lines + [f"note: {n}" for n in s.notes]

@@ -41,6 +41,28 @@ assert tuple(ZERO_COPY) == HASHES
 # (SGLANG_MM_SKIP_COMPUTE_HASH) is not a content hash: repeated images stop matching.
 PREFIX_CACHE = {"sha256": "content hash kept", "xxh3": "content hash kept", "random": "random: repeated images miss"}
 
+
+def prefix_cache(name: str | None = None, skip: bool = False) -> str:
+    """A configuration's prefix-cache property: `content hash kept (xxh3)`, or random where
+    SGLANG_MM_SKIP_COMPUTE_HASH (replay --skip-hash) draws the hashes."""
+    if skip:
+        return PREFIX_CACHE["random"]
+    return f"{PREFIX_CACHE[name or DEFAULT_HASH]} ({name or DEFAULT_HASH})"
+
+
+def prefix_cache_of(config) -> str | None:
+    """The same for a Run's replay config (its `hash`, `skip_hash`); None where it is not a replay's."""
+    if config is None or not hasattr(config, "skip_hash"):
+        return None
+    return prefix_cache(getattr(config, "hash", None), bool(config.skip_hash))
+
+# Each hash as an incremental hasher (module, constructor): objects with update() and
+# digest(), whose first 8 digest bytes are the hash. `mmdiag apply NAME` puts NAME's in place
+# of sha256 where an SGLang install hashes; SGLang's own (the default) needs no patch.
+HASHERS = {"sha256": ("hashlib", "sha256"), "xxh3": ("xxhash", "xxh3_128")}
+assert tuple(HASHERS) == HASHES, "hashers and vocabulary disagree"
+PATCHABLE = tuple(h for h in HASHES if h != DEFAULT_HASH)
+
 _current = DEFAULT_HASH
 
 

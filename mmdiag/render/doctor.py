@@ -36,6 +36,8 @@ def fact_rows(det) -> list[tuple[str, str]]:
                      f"hashes on the {f.precompute_hashing} ({f.precompute_at})"))
     else:
         rows.append(("SGLANG_MM_PRECOMPUTE_HASH", "absent (every rank hashes; `mmdiag apply precompute` patches it in)"))
+    from .patches.content_hash import describe
+    rows.append(("content hash", describe(det.content_hash)))
     rows.append(("feature transport", f"{f.transport}: {f.transport_detail}"
                  + (f" ({f.transport_at})" if f.transport_at else "")))
     if det.launch:
@@ -66,8 +68,8 @@ def doctor_text(det) -> str:
         rows.append((target, lay or "unknown layout"))
     if det.manifest:
         m = det.manifest
-        rows.append(("mmdiag patch", f"{m['strategy']} ({m.get('status')}, {m.get('created')}; "
-                                     f"files: {', '.join(m['files'])}; undo: {i.undo_command})"))
+        rows.append(("mmdiag patch", f"{'+'.join(m.get('patches') or [m['strategy']])} ({m.get('status')}, "
+                                     f"{m.get('created')}; files: {', '.join(m['files'])}; undo: {i.undo_command})"))
     elif det.patch_markers:
         rows.append(("mmdiag patch", f"markers {det.patch_markers} but no manifest"))
     else:

@@ -33,16 +33,19 @@ def render_recommendation(rec: Recommendation) -> str:
             rows.append([mark + o.name, _f(o.expected_rps), f"{o.vs_baseline:.2f}x" if o.vs_baseline else "-",
                          _f(o.max_cpu_pct, 0), _f(o.p99_ms, 0), _f(o.noise_pct, 1), o.repeats,
                          o.verdict or ("(recommended)" if mark else "(baseline)" if o.name == rec.baseline
-                                       else "-"), o.note])
+                                       else "-"), o.prefix_cache or "-", o.note])
         out += ["", tabulate(rows, headers=["strategy", "expected req/s", f"vs {rec.baseline}", "max CPU %",
                                             "p99 ms", "noise %", "repeats",
-                                            "vs recommended" if rec.chosen else f"significance vs {rec.baseline}", "note"],
+                                            "vs recommended" if rec.chosen else f"significance vs {rec.baseline}",
+                                            "prefix cache", "note"],
                              tablefmt="simple", disable_numparse=True)]
     if rec.release_steps:
         rows = [[st.step, st.how, f"{st.strategy} on {st.transport}", _f(st.expected_rps),
-                 f"{st.vs_current:.2f}x" if st.vs_current else "-", st.source] for st in rec.release_steps]
+                 f"{st.vs_current:.2f}x" if st.vs_current else "-", st.prefix_cache, st.source]
+                for st in rec.release_steps]
         out += ["", f"on SGLang {rec.release}:",
-                tabulate(rows, headers=["step", "how", "replayed as", "expected req/s", "vs as it is", "from"],
+                tabulate(rows, headers=["step", "how", "replayed as", "expected req/s", "vs as it is", "prefix cache",
+                                        "from"],
                          tablefmt="simple", disable_numparse=True)]
     if rec.measure_next:
         out += ["", "to decide better, measure next:"] + [f"  - {m}" for m in rec.measure_next]

@@ -61,6 +61,13 @@ class InstalledPath(Strategy):
         self.sched = self.path.make_scheduler(s.cpu_group, enable_broadcast_mm_inputs_process=self.flag)
         time_with(self.path, s.timers)
 
+    def teardown(self, s) -> None:
+        # The shm patch's segment pool lives in this (entry-rank) process, whose exit skips
+        # atexit: remove it here (a rank's map of a segment outlives the name).
+        close = self.path.ns.get("_mmdiag_shm_pool_close")
+        if close is not None:
+            close()
+
     def raw_mm_inputs(self, modalities, features, hashes) -> dict:
         """The install's own raw mm_inputs dict for one request (what its tokenizer sends).
         Where the install hashes in its tokenizer, `hashes` are what its own step computed

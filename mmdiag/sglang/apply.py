@@ -9,7 +9,9 @@
   as it was, and `pip uninstall` never meets mmdiag's files), then each target via temp file +
   fsync + os.replace (mode kept); a failure midway restores what was replaced;
 - applying the same strategy twice is a no-op; undo restores the original bytes
-  exactly, after checking every file still has the bytes mmdiag wrote.
+  exactly, after checking every file still has the bytes mmdiag wrote;
+- a content hash (`xxh3`) stacks on a strategy, or a strategy on it: one manifest lists
+  both (`patches`), keeps each file's original bytes, and one undo restores them all.
 """
 from __future__ import annotations
 
@@ -27,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
-from .detect import MANIFEST_NAME, Detection, detect
+from .detect import MANIFEST_NAME, Detection, detect, read_manifest
 from .errors import (AlreadyPatched, ApplyLocked, ChangedSinceApply, NoManifest, ReadOnlyInstall,
                      SGLangError, UnknownLayout)
 from .facts import file_rel
 from .locate import SGLangInstall
-from .patches import strategy_module
+from .patches import PATCHES, axis_of, strategy_module
 
 LOCK_NAME = "apply.lock"
 BACKUP_DIR = "backup"
@@ -161,6 +162,11 @@ def install_lock(install: SGLangInstall) -> Iterator[Path]:
 
 # ------------------------------------------------------------------ manifest
 
+def applied(manifest: dict) -> list[str]:
+    """The patches a manifest records, in the order applied (a strategy, a content hash)."""
+    return list(manifest.get("patches") or [manifest["strategy"]])
+
+
 def _manifest_path(install: SGLangInstall) -> Path:
     return state_dir_of(install) / MANIFEST_NAME
 
@@ -170,7 +176,8 @@ def _backup_path(install: SGLangInstall, rel: str) -> Path:
 
 
 def _current_vs_manifest(install: SGLangInstall, manifest: dict) -> list[tuple[str, str]]:
-    """[(rel, state)] with state 'after' | 'before' | 'changed' | 'missing'."""
+    """[(rel, state)] with state 'after' | 'before' | 'step' | 'changed' | 'missing'
+    ('step': the bytes of an earlier patch of a stack, whose last write did not happen)."""
     out = []
     for rel, f in manifest["files"].items():
         p = install.package_dir / rel
@@ -179,7 +186,8 @@ def _current_vs_manifest(install: SGLangInstall, manifest: dict) -> list[tuple[s
         except FileNotFoundError:
             out.append((rel, "missing"))
             continue
-        out.append((rel, "after" if h == f["sha256_after"] else "before" if h == f["sha256_before"] else "changed"))
+        out.append((rel, "after" if h == f["sha256_after"] else "before" if h == f["sha256_before"]
+                    else "step" if h in f.get("sha256_steps", ()) else "changed"))
     return out
 
 
@@ -193,7 +201,7 @@ def _changed_error(install: SGLangInstall, manifest: dict, states, doing: str) -
         d = unified_diff(patched.read_text(encoding="utf-8"), p.read_text(encoding="utf-8"), rel)
         detail = d
     err = ChangedSinceApply(
-        f"{', '.join(bad)} changed since mmdiag applied `{manifest['strategy']}`",
+        f"{', '.join(bad)} changed since mmdiag applied `{'+'.join(applied(manifest))}`",
         where=str(p), fix=f"{doing} refused, nothing was changed; restore the file or reinstall SGLang",
     )
     err.detail = detail  # the difference, shown by the CLI under the one-line error
@@ -202,7 +210,7 @@ def _changed_error(install: SGLangInstall, manifest: dict, states, doing: str) -
 
 # --------------------------------------------------------------------- plan
 
-FILE_KEYS = ("scheduler", "tokenizer_manager")
+FILE_KEYS = ("scheduler", "tokenizer_manager", "mm_utils")
 
 
 def _decode(data: bytes) -> str:
@@ -224,9 +232,9 @@ def plan(install: SGLangInstall, strategy: str, det: Detection | None = None):
     The Plan records the sha256 of each target's bytes as read here
     (`planned_sha256`): apply refuses if a target differs under its lock.
     """
-    if strategy not in PATCHABLE_STRATEGIES:
+    if strategy not in PATCHES:
         raise SGLangError(f"unknown strategy {strategy!r}",
-                          fix=f"choose one of {', '.join(PATCHABLE_STRATEGIES)}")
+                          fix=f"choose one of {', '.join(PATCHES)}")
     det = det or detect(install)
     if det.variant is None:
         raise UnknownLayout(
@@ -255,21 +263,27 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     if manifest and all(s == "before" for _, s in _current_vs_manifest(install, manifest)):
         # Every file has its original bytes again (reinstalled, checked out): the record is stale.
         _cleanup_state(install)
-        stale = [f"dropped a stale record of `{manifest['strategy']}`: the files had their original bytes"]
+        stale = [f"dropped a stale record of `{'+'.join(applied(manifest))}`: the files had their original bytes"]
         det = detect(install)
         manifest = det.manifest
     if manifest:
         states = _current_vs_manifest(install, manifest)
         if any(s in ("changed", "missing") for _, s in states):
             raise _changed_error(install, manifest, states, "apply")
-        if manifest["strategy"] == strategy and all(s == "after" for _, s in states):
+        names = applied(manifest)
+        if strategy in names and all(s == "after" for _, s in states):
             return ApplyResult(strategy, "already-applied", manifest.get("variant"),
                                files=list(manifest["files"]), manifest=str(_manifest_path(install)),
                                undo=install.undo_command)
-        raise AlreadyPatched(f"mmdiag strategy `{manifest['strategy']}` is applied to this install",
-                             where=str(install.package_dir),
-                             fix=f"run `{install.undo_command}` first")
-    if det.patch_markers:
+        if any(s == "step" for _, s in states):
+            raise ChangedSinceApply(f"an apply of `{'+'.join(names)}` was interrupted midway",
+                                    where=str(install.package_dir), fix=f"run `{install.undo_command}` first")
+        if axis_of(strategy) in {axis_of(n) for n in names}:
+            raise AlreadyPatched(f"mmdiag strategy `{'+'.join(names)}` is applied to this install",
+                                 where=str(install.package_dir),
+                                 fix=f"run `{install.undo_command}` first")
+        # else: the other axis (a content hash on a strategy, or the reverse) stacks on it
+    if det.patch_markers and not manifest:
         raise UnknownLayout("mmdiag patch markers found but no manifest", where=str(install.package_dir),
                             fix="reinstall SGLang (or git checkout the files); nothing was changed")
     p, det, diff = plan(install, strategy, det)
@@ -287,18 +301,59 @@ def apply(install: SGLangInstall, strategy: str, *, dry_run: bool = False, confi
     if confirm is not None and not confirm(diff):
         return ApplyResult(strategy, "declined", det.variant, diff, files, p.notes)
 
-    mpath = _write_patch(install, strategy, det, p)
+    mpath = _write_patch(install, strategy, det, p, manifest)
     return ApplyResult(strategy, "applied", det.variant, diff, files, p.notes, str(mpath), p.settings,
                        undo=install.undo_command)
 
 
 
-def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Path:
+def _new_manifest(install: SGLangInstall, strategy: str, det: Detection, prior: dict | None,
+                  originals: dict[str, bytes], news: dict[str, bytes]) -> dict:
+    """The manifest after this apply. Stacked on `prior`, a file it already holds keeps its
+    original bytes (sha256_before, backup) and remembers the earlier patch's bytes as a step."""
+    m = json.loads(json.dumps(prior)) if prior else {
+        "schema": MANIFEST_SCHEMA, "strategy": None, "patches": [], "variant": det.variant,
+        "sglang_version": install.version, "layout": install.layout, "files": {}}
+    m.setdefault("patches", applied(m))
+    m["patches"].append(strategy)
+    if axis_of(strategy) == "strategy":
+        m["strategy"] = strategy
+    m["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    m["status"] = "applying"
+    for k, new in news.items():
+        f = m["files"].get(file_rel(k))
+        if f is None:
+            m["files"][file_rel(k)] = {"sha256_before": sha256(originals[k]), "sha256_after": sha256(new),
+                                       "backup": str(Path(BACKUP_DIR) / file_rel(k))}
+        else:
+            f["sha256_steps"] = f.get("sha256_steps", []) + [f["sha256_after"]]
+            f["sha256_after"] = sha256(new)
+    return m
+
+
+def _undo_state(install: SGLangInstall, prior: dict | None, prior_patched: dict[str, bytes | None],
+                fresh: list[str]) -> None:
+    """Put the state folder back as before this apply: none, or the prior stack's."""
+    if prior is None:
+        _cleanup_state(install)
+        return
+    for rel in fresh:  # backups of files the prior stack did not hold
+        for name in (rel, rel + ".patched"):
+            with contextlib.suppress(OSError):
+                _backup_path(install, name).unlink()
+    for rel, data in prior_patched.items():
+        with contextlib.suppress(OSError):
+            write_bytes_atomic(_backup_path(install, rel + ".patched"), data)
+    write_bytes_atomic(_manifest_path(install), (json.dumps(prior, indent=1) + "\n").encode())
+
+
+def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p, prior: dict | None = None) -> Path:
     """Under the lock: backups and manifest first, then each target atomically; a failure
-    midway puts back what was replaced. Returns the manifest path."""
+    midway puts back what was replaced (and the prior stack's record). Returns the manifest path."""
     with install_lock(install):
         # Re-read under the lock: another apply may have finished meanwhile.
-        if _manifest_path(install).exists():
+        on_disk = read_manifest(install) if _manifest_path(install).exists() else None
+        if on_disk != prior:
             raise AlreadyPatched("another mmdiag apply finished while this one waited",
                                  where=str(install.package_dir), fix="run `mmdiag doctor` to see its state")
         originals = {k: install.path(k).read_bytes() for k in p.new_texts}
@@ -307,27 +362,24 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Pa
             if sha256(originals[k]) != p.planned_sha256.get(k):
                 raise ChangedSinceApply("file changed since the diff was planned", where=str(install.path(k)),
                                         fix="nothing was changed; rerun `mmdiag apply` to see the new diff")
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "strategy": strategy,
-            "variant": det.variant,
-            "sglang_version": install.version,
-            "layout": install.layout,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "status": "applying",
-            "files": {file_rel(k): {"sha256_before": sha256(originals[k]), "sha256_after": sha256(news[k]),
-                                    "backup": str(Path(BACKUP_DIR) / file_rel(k))} for k in p.new_texts},
-        }
+        manifest = _new_manifest(install, strategy, det, prior, originals, news)
+        held = prior["files"] if prior else {}
+        fresh = [file_rel(k) for k in p.new_texts if file_rel(k) not in held]
+        prior_patched = {}
+        for rel in held:
+            with contextlib.suppress(OSError):
+                prior_patched[rel] = _backup_path(install, rel + ".patched").read_bytes()
         mpath = _manifest_path(install)
         try:
             for k in p.new_texts:  # backups first: the original bytes and the bytes we write
                 b = _backup_path(install, file_rel(k))
                 b.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes_atomic(b, originals[k])
+                if file_rel(k) not in held:  # a stacked file's backup keeps its original bytes
+                    write_bytes_atomic(b, originals[k])
                 write_bytes_atomic(b.with_name(b.name + ".patched"), news[k])
             write_bytes_atomic(mpath, (json.dumps(manifest, indent=1) + "\n").encode())
         except BaseException as e:  # Ctrl-C included: no partial backups left behind
-            _cleanup_state(install)
+            _undo_state(install, prior, prior_patched, fresh)
             if isinstance(e, OSError):
                 raise _oserror(e, state_dir_of(install), "writing the backup") from None
             raise
@@ -354,7 +406,7 @@ def _write_patch(install: SGLangInstall, strategy: str, det: Detection, p) -> Pa
                     "the install is partly patched", where=str(install.path(not_restored[0])),
                     fix=f"the backups and manifest are kept in {state_dir_of(install)}; "
                     f"run `{install.undo_command}` to restore the original bytes") from None
-            _cleanup_state(install)
+            _undo_state(install, prior, prior_patched, fresh)
             if isinstance(e, OSError):
                 raise _oserror(e, install.path(current), "writing the patched file") from None
             raise
@@ -416,16 +468,16 @@ def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> Appl
         if sha256(orig) != f["sha256_before"]:
             raise ChangedSinceApply("backup does not match the manifest", where=str(b),
                                     fix="reinstall SGLang to restore; nothing was changed")
-        if state == "after":
+        if state in ("after", "step"):
             cur = (install.package_dir / rel).read_text(encoding="utf-8")
             diffs.append(unified_diff(cur, orig.decode("utf-8"), rel))
             restore[rel] = orig
     diff = "".join(diffs)
     if dry_run:
-        return ApplyResult(manifest["strategy"], "dry-run", manifest.get("variant"), diff, list(restore))
+        return ApplyResult("+".join(applied(manifest)), "dry-run", manifest.get("variant"), diff, list(restore))
     check_writable([install.package_dir / r for r in restore] + [state_dir_of(install)])
     if confirm is not None and not confirm(diff):
-        return ApplyResult(manifest["strategy"], "declined", manifest.get("variant"), diff, list(restore))
+        return ApplyResult("+".join(applied(manifest)), "declined", manifest.get("variant"), diff, list(restore))
     with install_lock(install):
         for rel, data in restore.items():
             try:
@@ -433,5 +485,5 @@ def undo(install: SGLangInstall, *, dry_run: bool = False, confirm=None) -> Appl
             except OSError as e:
                 raise _oserror(e, install.package_dir / rel, "restoring the original") from None
         _cleanup_state(install)
-    return ApplyResult(manifest["strategy"], "undone", manifest.get("variant"), diff, list(restore),
+    return ApplyResult("+".join(applied(manifest)), "undone", manifest.get("variant"), diff, list(restore),
                        [f"restored the original bytes of {', '.join(restore) or 'nothing'}"])

@@ -99,10 +99,14 @@ def enclosing_awaits(func: ast.AST, var: str) -> ast.stmt | None:
 
 def target_node(text: str, target: str, filename: str = "<sglang>") -> ast.AST | None:
     """The node a variants.toml [layouts] target names in a source text: "Class.method",
-    "Class.method:var" for the `var = await ...` statement in that method, or
-    "Class.method:var*" for the statement holding all of them; None if absent."""
+    "Class.method:var" for the `var = await ...` statement in that method,
+    "Class.method:var*" for the statement holding all of them, or "function" for a
+    module-level function; None if absent."""
     qual, _, var = target.partition(":")
     cls_name, _, meth = qual.partition(".")
+    if not meth and not var:
+        return next((n for n in parse(text, filename).body
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == qual), None)
     cls = find_class(parse(text, filename), cls_name)
     span = methods(cls, text.splitlines(keepends=True)).get(meth) if cls is not None else None
     if span is None:

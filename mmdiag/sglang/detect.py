@@ -52,10 +52,18 @@ class Detection:
     def known(self) -> bool:
         return self.variant is not None
 
+    @property
+    def content_hash(self) -> str | None:
+        """What mm_utils hashes features with (vocab.HASHES: sha256, or a hash `mmdiag apply` put
+        there), read from the code; None: not found."""
+        from .patches.content_hash import hash_of
+        return hash_of(_read(self.install, "mm_utils"))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["install"] = self.install.to_dict()
         d["family"] = self.family
+        d["content_hash"] = self.content_hash
         return d
 
 
