@@ -134,3 +134,25 @@ def test_replay_with_xxh3_and_pooled_segments_agrees_records_both_and_leaves_not
         # 10 requests (15 features), one request in flight: a few segments serve them all
         assert facts["pool_created"] <= 4 and facts["pool_reused"] >= 11, facts
     assert set(glob.glob(os.path.join(shm.shm_dir(), "mmdiag-*"))) <= before
+
+
+@pytest.mark.parametrize("version", ["0.5.9", "0.5.10rc0", "0.5.12.post1", "0.5.23"])
+def test_the_replay_feeds_sha256_as_each_release_does(version):
+    """The model's sha256 copies the feature twice where the release's tensor_hash does (concat,
+    then .tobytes(): to 0.5.10rc0) and hashes it in place where the release does (0.5.10+): the
+    fact is read against the wheel's own tensor_hash."""
+    import ast
+    from sglang_wheels import pristine
+    from mmdiag.sglang.facts import hashes_in_place
+    tree = ast.parse((pristine(version) / "srt/managers/mm_utils.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "tensor_hash")
+    copies = any(isinstance(n, ast.Attribute) and n.attr == "tobytes" for n in ast.walk(fn))
+    assert hashes_in_place(version) is not copies
+    hashing.use("sha256", in_place=hashes_in_place(version))
+    try:
+        assert hashing.zero_copy() is not copies
+        t = torch.full((64, 1176), 2.0)
+        hashing.use("sha256", in_place=False)
+        assert items.hash_feature(t) == hashing.data_hash(t.numpy().tobytes())  # the same hash either way
+    finally:
+        hashing.use("sha256")

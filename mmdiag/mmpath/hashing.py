@@ -31,9 +31,10 @@ def _xxh3(data) -> int:
 FUNCTIONS: dict[str, Callable[[object], int]] = {"sha256": _sha256, "xxh3": _xxh3}
 assert tuple(FUNCTIONS) == HASHES, "hash functions and vocabulary disagree"
 
-# How a tensor's bytes reach the hash. sha256 as the releases feed it: 0.5.4-0.5.22 flatten,
-# concatenate and copy through .tobytes() (two copies of every feature, page faults included);
-# xxh3 as mmdiag's patch feeds it: a zero-copy uint8 view (as 0.5.23 feeds its sha256).
+# How a tensor's bytes reach the hash where no release says otherwise. sha256 as 0.5.4-0.5.9
+# feed it: flatten, concatenate and copy through .tobytes() (two copies of every feature, page
+# faults included; 0.5.10+ feed it a zero-copy uint8 view: `use(..., in_place=True)`); xxh3 as
+# mmdiag's patch feeds it on every release: a zero-copy view.
 ZERO_COPY = {"sha256": False, "xxh3": True}
 assert tuple(ZERO_COPY) == HASHES
 
@@ -64,6 +65,7 @@ assert tuple(HASHERS) == HASHES, "hashers and vocabulary disagree"
 PATCHABLE = tuple(h for h in HASHES if h != DEFAULT_HASH)
 
 _current = DEFAULT_HASH
+_in_place = ZERO_COPY[DEFAULT_HASH]
 
 
 def check(name: str, where: str = "--hash") -> str:
@@ -78,10 +80,12 @@ def check(name: str, where: str = "--hash") -> str:
     return name
 
 
-def use(name: str) -> None:
-    """Make `name` this process's content hash (every data_hash after this uses it)."""
-    global _current
+def use(name: str, in_place: bool = False) -> None:
+    """Make `name` this process's content hash (every data_hash after this uses it); in_place:
+    the release hashes a feature where it lies (sglang.facts.hashes_in_place)."""
+    global _current, _in_place
     _current = check(name)
+    _in_place = ZERO_COPY[name] or in_place
 
 
 def current() -> str:
@@ -89,7 +93,7 @@ def current() -> str:
 
 
 def zero_copy() -> bool:
-    return ZERO_COPY[_current]
+    return _in_place
 
 
 def data_hash(data) -> int:

@@ -29,7 +29,7 @@ from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
 from ..run import SGLangConfig
 # What a release implies (variants.toml [defaults]): its transport and tokenizer workers.
-from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, shm_clones, since
+from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, hashes_in_place, shm_clones, since
 from ..trace import scan
 from ..units import MB
 from ..vocab import REPLAY_RANK_TITLE, TRANSPORT_SHM
@@ -137,6 +137,9 @@ class _Plan:
         # The release's own segments: copied out per rank to 0.5.20, mapped copy-on-write after (with
         # no release known, mapped). mmdiag's `shm` patch on a pickling release always maps.
         self.shm_map = o.shm_map or ("clone" if version is not None and shm_clones(version) else "cow")
+        # Process-wide, as SGLang's data_hash: the tokenizer stage and every rank hash alike, and
+        # feed it as the release does (two copies to 0.5.9, in place from 0.5.10).
+        hashing.use(o.hash, in_place=hashes_in_place(version))
         port = os.environ.get("MASTER_PORT", "0")
         self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
@@ -193,7 +196,6 @@ def run_rank(job) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _set_title(rank)
     o = job.options
-    hashing.use(o.hash)  # process-wide, as SGLang's data_hash: the tokenizer stage and every rank hash alike
     timeout = timedelta(seconds=o.timeout)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     group = dist.group.WORLD

@@ -120,6 +120,11 @@ def default_transport(version: str | None) -> str:
     return TRANSPORT_SHM if at_least(version, since("shm_family")) else TRANSPORT_PICKLE
 
 
+def hashes_in_place(version: str | None) -> bool:
+    """Whether the release hashes a feature where it lies (no concat, no tobytes copy)."""
+    return at_least(version, since("hash_in_place_family"))
+
+
 def default_tokenizer_workers(version: str | None) -> int:
     d = facts()["defaults"]
     return d["hash_pool_workers"] if at_least(version, since("hash_pool_family")) else 1
