@@ -43,28 +43,39 @@ class ShmHandle:
     pooled: bool = False  # a SegmentPool's: the writer reuses it, nobody unlinks it after delivery
 
 
-def write_segment(name: str, feature: torch.Tensor) -> ShmHandle | None:
-    """Copy `feature` once into a new segment; None when shared memory is unavailable
-    or full (the caller keeps the bytes inline)."""
-    src = feature.detach().contiguous().reshape(-1).view(torch.uint8)
-    nbytes = int(src.numel())
+def _new_segment(name: str, nbytes: int, populate: bool = False) -> tuple[int, mmap.mmap] | None:
+    """Create segment `name` with its pages reserved (posix_fallocate: a full /dev/shm is an
+    ENOSPC now, never a SIGBUS on a later page fault) and map it shared; None when it cannot."""
     path = os.path.join(shm_dir(), name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:
         return None
     try:
-        os.posix_fallocate(fd, 0, nbytes)  # ENOSPC now, never SIGBUS on a later page fault
-        with mmap.mmap(fd, nbytes) as mm:
-            dst = torch.frombuffer(mm, dtype=torch.uint8)
-            dst.copy_(src)
-            del dst  # the mmap cannot close while a tensor still views it
+        os.posix_fallocate(fd, 0, nbytes)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return fd, mmap.mmap(fd, nbytes, flags=flags)
     except (OSError, ValueError):
+        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         return None
-    finally:
-        os.close(fd)
+
+
+def write_segment(name: str, feature: torch.Tensor) -> ShmHandle | None:
+    """Copy `feature` once into a new segment; None when shared memory is unavailable
+    or full (the caller keeps the bytes inline)."""
+    src = feature.detach().contiguous().reshape(-1).view(torch.uint8)
+    nbytes = int(src.numel())
+    made = _new_segment(name, nbytes)
+    if made is None:
+        return None
+    fd, mm = made
+    os.close(fd)
+    with mm:
+        dst = torch.frombuffer(mm, dtype=torch.uint8)
+        dst.copy_(src)
+        del dst  # the mmap cannot close while a tensor still views it
     return ShmHandle(name, tuple(feature.shape), str(feature.dtype).removeprefix("torch."), nbytes)
 
 
@@ -166,19 +177,10 @@ class SegmentPool:
     def _create(self, capacity: int) -> _Segment | None:
         name = f"{self.prefix}pool{self._seq}"
         self._seq += 1
-        path = os.path.join(shm_dir(), name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
+        made = _new_segment(name, capacity, populate=True)  # pre-faulted: the writer's page tables stay filled
+        if made is None:
             return None
-        try:
-            os.posix_fallocate(fd, 0, capacity)  # ENOSPC now, never SIGBUS later
-            mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        except (OSError, ValueError):
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return None
+        fd, mm = made
         g = _Segment(name, capacity, fd, mm)
         self.segments.append(g)
         self.created += 1
