@@ -38,10 +38,11 @@ from .replay_cmds import legacy_json
 def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, from_raw_flag, no_gil, pyspy,
                     rules, quiet, files):
     """Attach to a live SGLang server (or an mmdiag replay) and attribute each scheduler
-    rank's time to the multimodal phases, with GIL sampling.
+    rank's time to the multimodal phases, with GIL sampling; from the server's main PID,
+    the tokenizer side too, and name the stage that bounds throughput.
 
     \b
-      mmdiag profile --pid 1234                  # server main PID: finds sglang::scheduler* children
+      mmdiag profile --pid 1234                  # server main PID: scheduler ranks and tokenizer side
       mmdiag profile --pid 1234 -o prof.json --speedscope prof.speedscope.json
       mmdiag profile --from-raw rank0.raw rank0.gil.raw rank1.raw ...
     \b
@@ -53,6 +54,12 @@ def profile_command(pid, duration, rate, json_out, output, speedscope, raw_dir, 
     with its 95% interval: the defaults (100 Hz, 30 s) keep it near +/-2 points on a
     host with cores to spare; a shorter --duration widens it as 1/sqrt(duration), and
     the profile says which --duration would bring it back to +/-2.
+    The tokenizer side (the main process, or its sglang::tokenizer_worker processes,
+    and the hash pool's threads) is sampled in the same window, with phases
+    tokenizer_hash, tokenizer_shm, other, idle; each stage (tokenizer, scheduler) gets
+    its busy share, service time per multimodal request and capacity, and the Run's
+    bottleneck says which stage caps throughput (requests are counted from the
+    tokenizer's /dev/shm segments, 0.5.16+; elsewhere busy shares alone).
     Ctrl-C ends the window early, as py-spy record does: what was sampled is
     shown and written, with a note, exit 0 (a Ctrl-C before sampling begins, or
     a second one: exit 130, nothing written).
