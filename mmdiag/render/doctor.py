@@ -36,7 +36,7 @@ def fact_rows(det) -> list[tuple[str, str]]:
                      f"hashes on the {f.precompute_hashing} ({f.precompute_at})"))
     else:
         rows.append(("SGLANG_MM_PRECOMPUTE_HASH", "absent (every rank hashes; `mmdiag apply precompute` patches it in)"))
-    from .patches.content_hash import describe
+    from ..sglang.patches.content_hash import describe
     rows.append(("content hash", describe(det.content_hash)))
     rows.append(("feature transport", f"{f.transport}: {f.transport_detail}"
                  + (f" ({f.transport_at})" if f.transport_at else "")))
