@@ -124,12 +124,14 @@ def test_replay_with_xxh3_and_pooled_segments_agrees_records_both_and_leaves_not
     before = set(glob.glob(os.path.join(shm.shm_dir(), "mmdiag-*")))
     out = tmp_path / "run.json"
     r = mmdiag_cli("replay", trace, "--tp", "2", "--strategy", "shm", "--strategy", "precompute", "--transport", "shm",
-                   "--hash", "xxh3", "--segments", "pool", "-q", "-o", str(out))
+                   "--hash", "xxh3", "--segments", "pool", "--tokenizer-workers", "3", "-q", "-o", str(out))
     assert r.returncode == 0, r.stderr
     run = json.loads(out.read_text())
     assert run["config"]["hash"] == "xxh3" and run["config"]["segments"] == "pool"
+    assert run["config"]["tokenizer_workers"] == 3  # the stage's capacity is computed with 3 hashing threads
     for name, st in run["strategies"].items():
         assert st["ranks_agree"] is True, name
+        assert st["tokenizer_ms"]["workers"] == 3, name
         facts = run["config"]["strategies"][name]["transport"]
         # 10 requests (15 features), one request in flight: a few segments serve them all
         assert facts["pool_created"] <= 4 and facts["pool_reused"] >= 11, facts

@@ -71,12 +71,12 @@ _in_place = ZERO_COPY[DEFAULT_HASH]
 def check(name: str, where: str = "--hash") -> str:
     if name not in FUNCTIONS:
         raise MmdiagError(f"unknown content hash {name!r}", where=where, fix=f"choose from: {', '.join(HASHES)}")
-    if name == "xxh3":
-        try:
-            import xxhash  # noqa: F401
-        except ImportError:
-            raise MmdiagError("the xxh3 content hash needs the xxhash package, which this Python cannot import",
-                              where=where, fix="pip install xxhash, or use --hash sha256") from None
+    module = HASHERS[name][0]
+    try:
+        __import__(module)
+    except ImportError:
+        raise MmdiagError(f"the {name} content hash needs the {module} package, which this Python cannot import",
+                          where=where, fix=f"pip install {module}, or use --hash {DEFAULT_HASH}") from None
     return name
 
 
