@@ -486,11 +486,11 @@ def test_where_the_tokenizer_bounds_no_scheduler_patch_is_recommended():
     from mmdiag.live.stages import bottleneck
     from mmdiag.run import Stage, StageServer
 
-    def with_tokenizer(busy_shm: float) -> "Run":
+    def with_tokenizer(busy_shm: float, phase: str = "tokenizer_shm") -> "Run":
         run = profile_run([{"recv": 20, "from_dict": 10, "pickle": 5, "broadcast": 5, "forward": 30, "idle": 30},
                            {"recv": 20, "broadcast": 40, "unpickle": 5, "forward": 30, "idle": 5}])
         idle = 100.0 - busy_shm - 5.0
-        tok = StageServer("main thread", 1, phases_pct={"tokenizer_hash": 0.0, "tokenizer_shm": busy_shm,
+        tok = StageServer("main thread", 1, phases_pct={"tokenizer_hash": 0.0, "tokenizer_shm": 0.0, phase: busy_shm,
                                                        "other": 5.0, "idle": idle},
                           busy_pct=100.0 - idle, busy_ci=1.0)
         sched = [StageServer(f"rank {r.rank}", r.rank + 2, phases_pct=dict(r.profile.phases_pct),
@@ -506,3 +506,5 @@ def test_where_the_tokenizer_bounds_no_scheduler_patch_is_recommended():
     assert rec.reasons[0].startswith("the tokenizer stage bounds throughput")
     assert any("'revert'" in n and "not recommended" in n for n in rec.notes)
     assert recommend([with_tokenizer(50.0)]).recommended == "revert"   # the scheduler loop bounds
+    hashing = recommend([with_tokenizer(94.5, "tokenizer_hash")])  # hashing bounds: the content-hash patch
+    assert hashing.recommended == "xxh3" and hashing.command == "mmdiag apply xxh3"

@@ -200,7 +200,8 @@ def _tokenizer_remedy(rec: Recommendation, run: Run, rules: dict[str, Any]) -> N
     remedy = (rules.get("tokenizer_bound") or {}).get(phase) or {}
     scheduler_pick = rec.recommended if rec.recommended not in (None, NONE) else None
     patch = remedy.get("patch") or ""
-    rec.recommended = patch if patch in PATCHABLE_STRATEGIES else NONE
+    # a strategy or a content hash (`mmdiag apply xxh3` stacks on whatever strategy is applied)
+    rec.recommended = patch if patch in PATCHABLE_STRATEGIES + PATCHABLE_HASHES else NONE
     rec.command = f"mmdiag apply {patch}" if rec.recommended == patch and patch else None
     rec.chosen, rec.leading, rec.tied = None, None, []
     rec.remedy = remedy.get("remedy") or f"a tokenizer-side remedy for its {phase}"
