@@ -13,18 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import import_floors as F  # noqa: E402
 
 # Pairs of packages that still import each other, and why.
-TOP_SCREEN = ("live/top.py draws its own screen (view functions, and the curses and plain loops that poll "
-              "the sampler between frames) with render.text.shown_phases: render code that belongs in "
-              "render/top.py, left while issue 22's live/ work edits the same file")
 MUTUAL_OK: dict[tuple[str, str], str] = {
-    ("live", "render"): TOP_SCREEN,   # render -> live (stats.pm, server.settings_lines) runs down
     # analysis -> replay runs down; replay -> analysis is UP_OK's cond fit below.
     ("analysis", "replay"): "recommend spells the `mmdiag replay` that pools with a Run from ReplayOptions' flag "
                             "table (replay/options.py); the replay's rank 0 fits the cost model for cond",
 }
 # Package arrows that still run up the floors, and why.
 UP_OK: dict[tuple[str, str], str] = {
-    ("live", "render"): TOP_SCREEN,
     ("replay", "analysis"): "cond's threshold in a replay is the crossover of the strategies replayed before it: "
                             "rank 0 fits the one cost model (analysis.costmodel.fit) mid-run and hands it to cond",
 }

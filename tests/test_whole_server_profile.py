@@ -168,7 +168,8 @@ def test_tokenizer_workers_are_the_tokenizer_side_when_present():
 
 def test_top_watches_the_tokenizer_side_too(server):
     """`mmdiag top` samples the tokenizer side with the ranks and shows the stage verdict live."""
-    from mmdiag.live.top import TopSession, ViewState, render as render_top, snapshot as top_snapshot
+    from mmdiag.live.top import TopSession, snapshot as top_snapshot
+    from mmdiag.render.top import ViewState, render as render_top
     p, _ = server
     sess = TopSession(p.pid, window_s=6.0)
     try:
