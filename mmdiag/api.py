@@ -237,9 +237,9 @@ def profile(pid: int, duration: float | None = None, rate: int | None = None, *,
 
 
 def top(pid: int, *, log: Log = _quiet, **kw: Any) -> Run | None:
-    """The live per-rank view (mmdiag.live.top samples, mmdiag.render.top draws) until q, Ctrl-C or `duration`; a Run
-    of the whole watch when `output` is given (the caller writes it). `kw`: rate,
-    window_s, output, pyspy, rules, gil, duration."""
+    """The live per-rank view (mmdiag.live.top samples, mmdiag.render.top draws) until q,
+    Ctrl-C or `duration`; a Run of the whole watch when `output` is given (the caller writes
+    it). `kw`: rate, window_s, output, pyspy, rules, gil, duration."""
     from .live.top import top as live_top
     from .render.top import show
     return live_top(pid, show, log=log, **kw)
