@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import RunFileError
 from .fileio import jsonable, write_json_atomic, write_lines_atomic, write_text_atomic  # noqa: F401 - re-exported
-from .vocab import DEFAULT_HASH, DEFAULT_SEGMENTS, PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA, TRACE_SCHEMA
+from .vocab import AXES, PHASES, PROFILE_SCHEMA, REPLAY_SCHEMA, TRACE_SCHEMA
 
 # Schemas read and converted on load to the current one.
 OLD_SCHEMAS = {"mmdiag.replay/1": REPLAY_SCHEMA, "mmdiag.profile/1": PROFILE_SCHEMA}
@@ -239,22 +239,21 @@ class ReplayConfig:
     transport: str | None = None
     tokenizer_workers: int | None = None
     skip_hash: bool | None = field(default=None, metadata=_OMIT_NONE)  # SGLANG_MM_SKIP_COMPUTE_HASH replayed
-    # The content hash (vocab.HASHES) and the shm writer's segments (vocab.SEGMENTS) replayed; a file
-    # from before these options lacks them and ran sha256 and fresh segments (`setting` says so).
-    hash: str | None = field(default=None, metadata=_OMIT_NONE)
-    segments: str | None = field(default=None, metadata=_OMIT_NONE)
+    # The replay's axes (vocab.AXES: the content hash, the shm writer's segments), each written as
+    # a key of its own; a file from before an axis lacks its key and ran its default (`setting`).
+    axes: dict[str, Any] = field(default_factory=dict, metadata={"flat": True})
     # "clone": the release's shm transport copied each feature out per rank (0.5.10 .. 0.5.20); None: mapped
     shm_map: str | None = field(default=None, metadata=_OMIT_NONE)
     sglang: SGLangConfig | None = field(default=None, metadata=_OMIT_NONE)
 
     def setting(self, name: str) -> Any:
-        """A setting as it was replayed, an older file's missing one read as what it ran."""
-        v = getattr(self, name)
-        return {"hash": DEFAULT_HASH, "segments": DEFAULT_SEGMENTS}.get(name) if v is None else v
+        """A setting as it was replayed; an axis an older file lacks reads as what it ran."""
+        return self.axes.get(name, AXES[name]) if name in AXES else getattr(self, name)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReplayConfig":
         c = _known(cls, d)
+        c.axes = {k: d[k] for k in AXES if d.get(k) is not None}
         c.sglang = _known(SGLangConfig, c.sglang) if isinstance(c.sglang, dict) else c.sglang
         return c
 
@@ -272,8 +271,13 @@ class ProfileConfig:
 
 
 def _config_dict(config: ReplayConfig | ProfileConfig) -> dict[str, Any]:
-    d = asdict(config)
-    return {f.name: d[f.name] for f in fields(config) if not (f.metadata.get("omit_none") and d[f.name] is None)}
+    d, out = asdict(config), {}
+    for f in fields(config):
+        if f.metadata.get("flat"):  # the replay's axes: a key each, as the options are named
+            out.update({k: v for k, v in d[f.name].items() if v is not None})
+        elif not (f.metadata.get("omit_none") and d[f.name] is None):
+            out[f.name] = d[f.name]
+    return out
 
 
 @dataclass

@@ -69,6 +69,11 @@ DEFAULT_HASH = "sha256"
 SEGMENTS = ("fresh", "pool")
 DEFAULT_SEGMENTS = "fresh"
 
+# The replay's axes with a setting: each is a `mmdiag replay` option of the same name
+# (mmdiag.replay.options), recorded in a Run's config under that name, and compared when Runs
+# merge; the value is what a Run written before the axis existed ran.
+AXES = {"hash": DEFAULT_HASH, "segments": DEFAULT_SEGMENTS}
+
 # Strategy names, in the order they are shown. Descriptions live with each
 # strategy module (mmdiag.strategies); this tuple is the canonical order.
 STRATEGIES = ("revert", "commit", "dict", "batch", "precompute", "async", "cond", "dict_async", "shm")

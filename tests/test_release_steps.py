@@ -170,7 +170,7 @@ def test_each_configuration_states_its_prefix_cache_and_xxh3_steps_show_once_mea
     p, s = _pickle_run(), _shm_run()
     x = _run("shm", [strategy("shm", [40.0, 40.5, 39.5], [rank(r, recv=0.1 * TOTAL) for r in range(TP)],
                               tokenizer={"tokenizer_hash": 0.6 * N, "tokenizer_shm": 10.1 * N, "capacity_rps": 90.0})])
-    x.config.hash = "xxh3"
+    x.config.axes["hash"] = "xxh3"
     k = _run("shm", [strategy("shm", [45.0, 45.5, 44.5], [rank(r, recv=0.1 * TOTAL) for r in range(TP)],
                               tokenizer={"tokenizer_shm": 10.1 * N, "capacity_rps": 99.0})])
     k.config.skip_hash = True

@@ -493,10 +493,10 @@ def test_each_side_states_its_prefix_cache(tmp_path):
     a.config.skip_hash = True
     md = render_markdown(build_report(b, a, load_criteria(), before_path="b.json", after_path="a.json"))
     assert "prefix cache: content hash kept (sha256)" in md and "prefix cache: random: repeated images miss" in md
-    a.config.skip_hash, a.config.hash = None, "xxh3"
+    a.config.skip_hash, a.config.axes["hash"] = None, "xxh3"
     rep = build_report(b, a, load_criteria(), before_path="b.json", after_path="a.json")
     assert rep.to_dict()["after"]["prefix_cache"] == "content hash kept (xxh3)"
-    a.config.hash = None
+    a.config.axes.pop("hash", None)
     a.config.skip_hash = True
     d = json.loads(_cli(_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a), "--json").output)
     assert d["before"]["prefix_cache"] == "content hash kept (sha256)" and d["after"]["prefix_cache"].startswith("random")

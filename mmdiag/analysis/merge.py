@@ -13,10 +13,11 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from ..run import Run, StrategyResult
+from ..vocab import AXES
 
 # Replay settings that change what a strategy measures.
-SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash", "hash",
-            "segments", "shm_map")
+SETTINGS = ("impl", "forward_ms", "max_concurrency", "max_recv_mb", "transport", "tokenizer_workers", "skip_hash",
+            "shm_map", *AXES)
 # A strategy's own settings, in config.strategies.<name>: what its measurement depends on.
 STRATEGY_SETTINGS = {"cond": ("threshold", "bytes")}
 # What makes two traces the same workload (the file may have moved).

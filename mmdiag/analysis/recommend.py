@@ -415,7 +415,7 @@ def _replay_command(run: Run, strategies: list[str], output: str) -> str:
     cmd = [f"mmdiag replay {run.trace.get('path') or 'TRACE'} --tp {run.tp}"]
     cmd += [f"--strategy {n}" for n in strategies]
     for k in SETTINGS:
-        v, default = getattr(run.config, k), getattr(ReplayOptions, k, None)
+        v, default = run.config.setting(k), getattr(ReplayOptions, k, None)
         if k not in flags or v is None or v == default or (k == "impl" and v == "mmdiag"):
             continue
         cmd.append(flags[k] if v is True else f"{flags[k]} {v:g}" if isinstance(v, float) else f"{flags[k]} {v}")

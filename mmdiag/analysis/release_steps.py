@@ -107,7 +107,7 @@ def _measured(runs: list[Run], target: Run) -> dict[tuple[str, str, bool, str], 
         for name, s in run.strategies.items():
             tr = _transport_of(run, name)
             if s.throughput_rps and tr:
-                key = (name, tr, bool(run.config.skip_hash), getattr(run.config, "hash", None) or DEFAULT_HASH)
+                key = (name, tr, bool(run.config.skip_hash), run.config.setting("hash"))
                 got.setdefault(key, []).append(s.throughput_rps)
     return {k: sum(v) / len(v) for k, v in got.items()}
 

@@ -55,7 +55,7 @@ def prefix_cache_of(config) -> str | None:
     """The same for a Run's replay config (its `hash`, `skip_hash`); None where it is not a replay's."""
     if config is None or not hasattr(config, "skip_hash"):
         return None
-    return prefix_cache(getattr(config, "hash", None), bool(config.skip_hash))
+    return prefix_cache(config.setting("hash"), bool(config.skip_hash))
 
 # Each hash as an incremental hasher (module, constructor): objects with update() and
 # digest(), whose first 8 digest bytes are the hash. `mmdiag apply NAME` puts NAME's in place

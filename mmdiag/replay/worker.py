@@ -32,7 +32,7 @@ from ..run import SGLangConfig
 from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, hashes_in_place, shm_clones, since
 from ..trace import scan
 from ..units import MB
-from ..vocab import REPLAY_RANK_TITLE, TRANSPORT_SHM
+from ..vocab import AXES, REPLAY_RANK_TITLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -252,7 +252,7 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     # None like a Run from before the option (they all mapped copy-on-write): merges with them
     cfg.shm_map = "clone" if plan.transport == TRANSPORT_SHM and plan.shm_map == "clone" else None
     cfg.skip_hash = job.options.skip_hash or None  # None like a Run from before the option: merges with them
-    cfg.hash, cfg.segments = job.options.hash, job.options.segments
+    cfg.axes = {name: getattr(job.options, name) for name in AXES}
     if plan.installed is not None:
         det = plan.installed.detection
         cfg.impl = "sglang"
