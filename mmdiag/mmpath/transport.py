@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MmdiagError
-from ..vocab import TRANSPORT_PICKLE, TRANSPORT_SHM, TRANSPORTS
+from ..units import MB
+from ..vocab import DEFAULT_SEGMENTS, TRANSPORT_PICKLE, TRANSPORT_SHM, TRANSPORTS
 from . import shm
 from .items import mm_items
 
@@ -51,7 +52,7 @@ class PickleTransport(Transport):
 class ShmTransport(Transport):
     name = TRANSPORT_SHM
 
-    def __init__(self, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False):
+    def __init__(self, prefix: str, segments: str = DEFAULT_SEGMENTS, pool_bytes: int = 0, clone: bool = False):
         self.prefix = prefix
         # Copy each feature out of its map on every rank (ShmPointerMMData.materialize()'s clone,
         # 0.5.10 .. 0.5.20) instead of keeping the copy-on-write map (0.5.21+): facts.shm_clones.
@@ -121,9 +122,13 @@ class ShmTransport(Transport):
         return self.pool.stats() if self.pool is not None else {}
 
 
-def make(name: str, prefix: str, segments: str = "fresh", pool_bytes: int = 0, clone: bool = False) -> Transport:
+def make(name: str, prefix: str, options: Any = None, clone: bool = False) -> Transport:
+    """The transport `name`, configured from the replay's options (its axes: the segments)."""
     if name == PickleTransport.name:
         return PickleTransport()
     if name == ShmTransport.name:
+        # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
+        segments = getattr(options, "segments", DEFAULT_SEGMENTS)
+        pool_bytes = 2 * int(getattr(options, "max_recv_mb", 0.0) * MB)
         return ShmTransport(prefix, segments, pool_bytes, clone)
     raise MmdiagError(f"unknown transport {name!r}", where="--transport", fix=f"choose from: {', '.join(TRANSPORTS)}")

@@ -151,8 +151,7 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     """One replay of one strategy; returns rank 0's StrategyResult (None elsewhere)."""
     o = job.options
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
-    # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
-    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o.segments, 2 * int(o.max_recv_mb * MB),
+    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o,
                                    clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
