@@ -128,6 +128,39 @@ def test_a_shared_memory_release_is_replayed_with_its_transport(tmp_path):
     assert s["ranks"][1]["replay"]["recv_bytes"] < p["ranks"][1]["replay"]["recv_bytes"] / 4
 
 
+def test_each_release_moves_features_by_its_own_code_with_its_per_rank_clone(tmp_path):
+    """`--impl sglang` on a shared-memory release runs the release's own transport: its
+    ShmPointerMMData writes the segments, each rank opens them when it unpickles a handle, its
+    receive (0.5.12.post1: recv_requests' barrier and unwrap; 0.5.21: _finalize_shm_features)
+    and materialize take the features out. 0.5.10 .. 0.5.20 clone every feature on every rank,
+    0.5.21+ map it copy-on-write: the clone's CPU shows in shm_map per request on every rank of
+    0.5.12.post1 only. Nothing is left in /dev/shm; the release's way is not overridden."""
+    import glob
+    before = set(glob.glob("/dev/shm/*"))
+    trace = make_trace(tmp_path / "t.jsonl", n=6, rows=4000, concurrency=1, text_every=0)
+    runs = {}
+    for v in ("0.5.12.post1", "0.5.21"):
+        pkg = site_packages(v, tmp_path / v)
+        out = tmp_path / f"{v}.json"
+        r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[v] = json.loads(out.read_text())
+    assert set(glob.glob("/dev/shm/*")) <= before
+    map_ms = {}
+    for v, run in runs.items():
+        (s,) = run["strategies"].values()
+        assert s["ranks_agree"] is True
+        assert run["config"]["strategies"][s["name"]]["transport"]["code"] == "sglang"
+        map_ms[v] = [rk["phases_ms"]["shm_map"] / s["mm_requests"] for rk in s["ranks"]]
+    assert runs["0.5.12.post1"]["config"]["shm_map"] == "clone" and "shm_map" not in runs["0.5.21"]["config"]
+    # an 18.8 MB copy per rank against a map: an order of magnitude apart on any host
+    assert min(map_ms["0.5.12.post1"]) > 5 * max(map_ms["0.5.21"]), map_ms
+    # how the release takes its features out is its own: the model's setting is refused
+    r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(tmp_path / "0.5.21" / "site-packages" / "sglang"),
+                   "--shm-map", "clone", "-q", "-o", str(tmp_path / "x.json"))
+    assert r.returncode != 0 and "--shm-map" in r.stderr and not (tmp_path / "x.json").exists()
+
+
 def test_skipping_the_hash_is_safe_only_where_it_is_drawn_once(tmp_path):
     """SGLANG_MM_SKIP_COMPUTE_HASH draws a random hash where an item is hashed. On a release
     that materializes on every rank (0.5.9, flag off) each rank draws its own, and the ranks

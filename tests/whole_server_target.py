@@ -34,7 +34,6 @@ import signal
 import sys
 import threading
 import time
-import types
 
 import torch
 
@@ -50,38 +49,13 @@ def _write(path: str, d: dict) -> None:
 
 
 def load_release(pkg: str, tp_group=None):
-    """The release's mm path (mmdiag.sglang.runtime) plus its shared-memory transport: the real
-    ShmPointerMMData and its wrap / unwrap functions (mm_utils.py), make_shm_name, and the
-    receiver's _finalize_shm_features (request_receiver.py), compiled into the same module."""
-    from pathlib import Path
+    """The release's mm path (mmdiag.sglang.runtime) plus its shared-memory transport (the real
+    ShmPointerMMData, its wrap / unwrap functions and _finalize_shm_features), segments named
+    as the release names them (what the whole-server profile counts)."""
     from mmdiag.sglang import runtime as rt
 
     path = rt.load_sglang_mm_path(pkg)
-    ns, root = path.ns, Path(pkg)
-    tp = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
-    ns.update({  # stand-ins for a GPU server's state (what these functions read of it)
-        "_is_default_tensor_transport": False,    # the CPU shm transport (one node, tokenizer on)
-        "get_serving": lambda: types.SimpleNamespace(skip_tokenizer_init=False),
-        "get_parallel": lambda: types.SimpleNamespace(attn_dp_enabled=False, tp_size=tp,
-                                                      tp_group=types.SimpleNamespace(cpu_group=tp_group)),
-        "BaseBatchReq": rt.BatchTokenizedGenerateReqInput, "print_warning_once": rt.logger.warning,
-        "MMInputsProcessError": RuntimeError,
-        "barrier": torch.distributed.barrier, "all_reduce": torch.distributed.all_reduce,
-        "ReduceOp": torch.distributed.ReduceOp,
-    })
-    from multiprocessing import shared_memory  # what mm_utils imports for the transport
-    import mmap
-    ns.update({"shared_memory": shared_memory, "mmap": mmap})
-    mm = root / "srt" / "managers" / "mm_utils.py"
-    nodes = rt._extract(mm, ["ShmPointerMMData", "_get_is_default_transport", "_wrap_shm_or_inline",
-                             "_wrap_tensor_or_list", "wrap_shm_features", "_feature_has_shm", "has_shm_features",
-                             "_discard_tensor_or_list", "discard_shm_features", "_unwrap_tensor_or_list",
-                             "unwrap_shm_features"])
-    rr = root / "srt" / "managers" / "scheduler_components" / "request_receiver.py"
-    nodes += rt._extract(rr, ["_finalize_shm_features"], cls="SchedulerRequestReceiver")
-    path.resolver.add_file(mm)
-    path.resolver.add_file(root / "srt" / "utils" / "stale_shm_cleanup.py")
-    path._exec(path.resolver.closure(nodes), ns, str(mm))
+    path.shm_transport(tp_group)
     return path
 
 
@@ -123,8 +97,7 @@ def rank_main(r: int, tp: int, port: int, zmq_addr: str, pkg: str, stats: str, f
     shm.__setstate__ = _timed(shm.__setstate__, T, "shm_open")
     ns["unwrap_shm_features"] = _timed(ns["unwrap_shm_features"], T, "shm_map")
     sched = path.make_scheduler(group)
-    receiver = types.SimpleNamespace(model_config=types.SimpleNamespace(is_multimodal=True))
-    finalize = ns["_finalize_shm_features"]
+    receive = path.shm_transport().receive  # its _finalize_shm_features
     sock = poller = None
     if r == 0:
         ctx = zmq.Context()
@@ -166,7 +139,7 @@ def rank_main(r: int, tp: int, port: int, zmq_addr: str, pkg: str, stats: str, f
             break
         if reqs:
             t2 = time.perf_counter()
-            finalize(receiver, reqs)
+            receive(reqs)
             mapped = T.s.get("shm_map", 0.0) - mapped0
             ph["shm_map"] += mapped
             ph["shm_sync"] += time.perf_counter() - t2 - mapped

@@ -115,12 +115,13 @@ def unlink_segment(h: ShmHandle) -> None:
             raise
 
 
-def sweep(prefix: str) -> int:
-    """Remove every segment whose name starts with `prefix`; returns how many."""
+def sweep(prefix: str, folder: str | None = None) -> int:
+    """Remove every segment whose name starts with `prefix` (in `folder`, default shm_dir());
+    returns how many."""
     if not prefix:
         return 0
     n = 0
-    for path in glob.glob(os.path.join(shm_dir(), glob.escape(prefix) + "*")):
+    for path in glob.glob(os.path.join(folder or shm_dir(), glob.escape(prefix) + "*")):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             n += 1

@@ -27,6 +27,7 @@ from .items import mm_items
 
 class Transport:
     name: ClassVar[str]
+    code: ClassVar[str] = "mmdiag"  # whose code moves the bytes: mmdiag's model, or "sglang" (the release's own)
 
     def encode(self, s: Any, mm_inputs: dict | None) -> float:
         """Tokenizer side, on the entry rank: returns the seconds it took."""

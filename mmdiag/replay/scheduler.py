@@ -294,7 +294,8 @@ class ReplayScheduler:
             bytes_sent=t.sent_bytes, recv_bytes=self.recv_bytes, holds=self.holds, arrivals=self.arrivals,
             digest=digest, held=len(self.holds), batch_sizes=batch_sizes, invalid=self.invalid,
             cap_hits=intake.cap_hits if intake is not None else 0, tokenizer=self.tokenizer,
-            transport={"name": self.transport.name, **{k: getattr(self.transport, k, 0) for k in ("fallbacks", "rejected")},
+            transport={"name": self.transport.name, "code": self.transport.code,
+                       **{k: getattr(self.transport, k, 0) for k in ("fallbacks", "rejected")},
                        **self.transport.facts()})
 
     def recv_requests(self, intake: Intake | None) -> list[ReplayRequest]:

@@ -7,13 +7,18 @@ compares under the one vocabulary.
 from __future__ import annotations
 
 import functools
+import pickle
 import time
 from typing import Any
+
+import torch
 
 from .. import strategies as strategy_registry
 from ..mmpath.collectives import broadcast_object_list_timed
 from ..mmpath.items import mm_items
+from ..mmpath import shm as shm_segments
 from ..mmpath.timers import PhaseTimers
+from ..mmpath.transport import Transport
 from ..sglang.facts import variant
 from ..strategies.base import Ready, Strategy
 from ..vocab import STRATEGY_PRECOMPUTE, TRANSPORT_SHM
@@ -102,6 +107,13 @@ class InstalledPath(Strategy):
         ran: the shm patch's segment write (its hashing skips hashed items); seconds."""
         return tokenizer_side(self.path, raw_mm_inputs) if self.moves_by_shm else 0.0
 
+    def release_transport(self, cpu_group, timers: PhaseTimers, prefix: str) -> "ReleaseShmTransport | None":
+        """The install's own shared-memory transport, where it has one (0.5.10+, unpatched by
+        mmdiag's `shm`, which brings its own); None elsewhere."""
+        if self.moves_by_shm or self.path.detection.facts.transport != TRANSPORT_SHM:
+            return None
+        return ReleaseShmTransport(self.path.shm_transport(cpu_group, prefix), timers, prefix)
+
     def process(self, s, reqs) -> Ready:
         mm = self.mm_reqs(reqs)
         if not mm:
@@ -139,3 +151,88 @@ def tokenizer_side(path: Any, raw: dict) -> float:
     t0 = time.perf_counter()
     path.tokenizer_side(raw)
     return time.perf_counter() - t0
+
+
+class ReleaseShmTransport(Transport):
+    """The shm transport run by the install's own code (runtime.ReleaseShm), timed in the
+    phases of mmdiag's own (mmdiag.mmpath.transport): the release's wrap_shm_features
+    (ShmPointerMMData writes each segment) is tokenizer_shm; the open when a rank
+    unpickles a handle (__setstate__) is shm_open, taken out of `recv` where it runs; its
+    unwrap_shm_features (materialize: a clone per rank to 0.5.20, a copy-on-write map from
+    0.5.21) is shm_map; the rest of its receive (barrier, all_reduce) is shm_sync."""
+
+    name = TRANSPORT_SHM
+    code = "sglang"
+
+    def __init__(self, release, timers: PhaseTimers, prefix: str):
+        self.release, self.timers, self.prefix = release, timers, prefix
+        self.fallbacks = 0  # features the release kept inline (its /dev/shm-full fallback, 0.5.19+)
+        self.rejected = 0   # requests every rank rejected (its all_reduce of failures, 0.5.13+)
+        ns, cls = release.path.ns, release.ShmPointerMMData
+        # Installed once per process (the class and module are), reading the current timers.
+        if not getattr(cls, "_mmdiag_timed", False):
+            cls.__setstate__ = _moved_from_recv(cls.__setstate__, release, "shm_open")
+            ns["unwrap_shm_features"] = _timed_by(ns["unwrap_shm_features"], release, "shm_map")
+            cls._mmdiag_timed = True
+        release.timers = timers
+
+    def encode(self, s, mm_inputs) -> float:
+        if mm_inputs is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.release.wrap(mm_inputs)
+        dt = time.perf_counter() - t0
+        self.fallbacks += sum(1 for it in mm_items(mm_inputs) if isinstance(it.feature, torch.Tensor))
+        return dt
+
+    def deliver(self, s, reqs) -> list:
+        mm = [r for r in reqs if r.mm_inputs is not None]
+        if not mm:
+            return reqs
+        t = s.timers
+        if s.is_entry_rank:
+            # The tokenizer's zmq message, unpickled by the entry rank (recv_pyobj), opens the
+            # segments there: here the tokenizer side ran in this process, so round-trip it.
+            with t.phase("recv"):
+                for r in mm:
+                    r.mm_inputs = pickle.loads(pickle.dumps(r.mm_inputs))
+        path = self.release.path
+        rel = [path.generate_req(r.rid, r.mm_inputs) for r in mm]
+        t0, mapped0 = time.perf_counter(), t.get("shm_map")
+        rel = self.release.receive(rel)
+        t.add("shm_sync", time.perf_counter() - t0 - (t.get("shm_map") - mapped0))
+        delivered = (path.ProcessorOutput, path.MultimodalInputs)
+        for r, q in zip(mm, rel):
+            if isinstance(q.mm_inputs, delivered):
+                r.mm_inputs = q.mm_inputs
+            else:  # the release rejected it on every rank (its error object in mm_inputs' place)
+                r.mm_inputs = None
+                self.rejected += 1
+        return reqs
+
+    def close(self) -> None:
+        # What was written but never received (a replay cut short): the release names no owner,
+        # the replay named them (runtime._owned_shared_memory).
+        shm_segments.sweep(self.prefix, folder="/dev/shm")
+
+
+def _moved_from_recv(fn, release, phase: str):
+    """`fn` timed into `phase` and out of `recv`, the phase it runs inside (an unpickle)."""
+    @functools.wraps(fn)
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            dt = time.perf_counter() - t0
+            release.timers.add(phase, dt)
+            release.timers.add("recv", -dt)
+    return timed
+
+
+def _timed_by(fn, release, phase: str):
+    @functools.wraps(fn)
+    def timed(*a, **k):
+        with release.timers.phase(phase):
+            return fn(*a, **k)
+    return timed

@@ -32,7 +32,7 @@ from ..run import SGLangConfig
 from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, hashes_in_place, shm_clones, since
 from ..trace import scan
 from ..units import MB
-from ..vocab import AXES, REPLAY_RANK_TITLE, TRANSPORT_SHM
+from ..vocab import AXES, DEFAULT_SEGMENTS, REPLAY_RANK_TITLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -122,6 +122,13 @@ class _Plan:
                 raise MmdiagError(f"--skip-hash: SGLang {version} does not read SGLANG_MM_SKIP_COMPUTE_HASH "
                                   f"(from {since('skip_hash_family')})", where="--sglang",
                                   fix="leave --skip-hash out, or replay a release that reads it")
+            if self.installed.detection.facts.transport == TRANSPORT_SHM:  # its own code moves the features
+                for flag, given, what in (("--shm-map", o.shm_map, "its materialize takes each feature out (a clone "
+                                                                  "to 0.5.20, a copy-on-write map from 0.5.21)"),
+                                          ("--segments", o.segments != DEFAULT_SEGMENTS, "it writes its own segments")):
+                    if given:
+                        raise MmdiagError(f"{flag}: SGLang {version} moves features by its own code: {what}",
+                                          where=flag, fix=f"leave {flag} out, or model it with --impl mmdiag")
         else:
             self.make = _make_strategy
             self.names = strategy_registry.resolve(o.strategies)
@@ -131,7 +138,7 @@ class _Plan:
                 dist.broadcast_object_list(got, src=0, group=group)
             version = got[0]
         # Features travel as the release moves them: pickled in the recv broadcast to 0.5.9,
-        # by shared memory from 0.5.10 (mmdiag's segments standing in for the release's own).
+        # by shared memory from 0.5.10 (with --impl sglang the release's own code, else mmdiag's segments).
         self.transport = o.transport or default_transport(version)
         self.workers = o.tokenizer_workers or default_tokenizer_workers(version)
         # The release's own segments: copied out per rank to 0.5.20, mapped copy-on-write after (with
@@ -143,6 +150,12 @@ class _Plan:
         port = os.environ.get("MASTER_PORT", "0")
         self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
+    def release_transport(self, strategy, group, timers):
+        """With --impl sglang on a shared-memory release: its own transport, not mmdiag's segments."""
+        if self.installed is None or self.transport_of(strategy) != TRANSPORT_SHM:
+            return None
+        return strategy.release_transport(group, timers, self.prefix)
+
     def transport_of(self, strategy) -> str:
         return strategy.transport or self.transport
 
@@ -151,8 +164,8 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     """One replay of one strategy; returns rank 0's StrategyResult (None elsewhere)."""
     o = job.options
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
-    transport = transport_mod.make(plan.transport_of(strategy), plan.prefix, o,
-                                   clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
+    transport = plan.release_transport(strategy, group, timers) or transport_mod.make(
+        plan.transport_of(strategy), plan.prefix, o, clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],

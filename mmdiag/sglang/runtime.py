@@ -13,6 +13,10 @@ under a name derived from the install path, so objects pickle across ranks):
   from mm_utils.py       data_hash, tensor_hash, hash_feature
   from utils/common.py   flatten_nested_list, broadcast_pyobj
   from tokenizer_manager.py  the _mmdiag_* helpers of an applied `precompute` or `shm`
+  from mm_utils.py, and request_receiver.py or scheduler.py (0.5.10+, on request)
+                         ShmPointerMMData, wrap/unwrap_shm_features and their helpers, the
+                         receive after the recv broadcast (_finalize_shm_features, or to
+                         0.5.12 the statement of recv_requests that does its part)
 
 `from sglang... import` statements inside extracted functions are removed (the
 names they bind are module globals here). Stand-ins, each minimal and documented
@@ -31,7 +35,9 @@ API (what the replay calls, inside real gloo process groups):
                                                      # (hashing when `precompute` is applied)
     reqs = [path.generate_req(rid, raw), path.generate_req(rid2), path.abort_req(rid3), ...]
     reqs = path.broadcast_pyobj(reqs, group)         # SGLang's own recv_requests transport
-    reqs = path.finish_recv(sched, reqs)             # the rest of recv_requests (shm maps its segments)
+    reqs = path.finish_recv(sched, reqs)             # the rest of recv_requests (mmdiag's shm patch maps its segments)
+    shm = path.shm_transport(cpu_group, prefix)      # 0.5.10+: the release's own shm transport (ReleaseShm):
+    shm.wrap(raw); shm.receive(reqs)                 #   its segment write; its receive after broadcast_pyobj
     out = path.process_input_requests(sched, reqs)   # {rid: MultimodalInputs | None}
     path.stats                                       # RuntimeStats of this process
     path.dist.issue = fn                             # fn(obj_list, src=, group=) issues the
@@ -703,6 +709,14 @@ class SGLangMMPath:
         fin = getattr(sched, "_mmdiag_shm_finalize", None)
         return recv_reqs if fin is None else fin(recv_reqs)
 
+    def shm_transport(self, cpu_group=None, prefix: str | None = None) -> "ReleaseShm":
+        """The install's own shared-memory feature transport (0.5.10+), loaded once. `prefix`:
+        name the segments it creates so (a replay's, reclaimable after a kill); None: as
+        the release names them."""
+        if getattr(self, "_shm", None) is None:
+            self._shm = ReleaseShm(self, cpu_group, prefix)
+        return self._shm
+
     def process_input_requests(self, sched, recv_reqs) -> dict:
         """Run the install's process_input_requests; {rid: MultimodalInputs | None}."""
         sched.mm_results = {}
@@ -752,3 +766,137 @@ def _set_pad_values(mm_inputs) -> None:
         if feature is not None and getattr(item, "hash", None) is None \
                 and type(feature).__name__ != "CudaIpcTensorTransportProxy":
             item.set_pad_value()
+
+
+# ---- the install's own shared-memory feature transport (0.5.10+) ----------------------
+# mm_utils' transport: the write (ShmPointerMMData.__init__ via wrap_shm_features), the open
+# (__setstate__, when a rank unpickles a handle), the copy-out (materialize: a clone to
+# 0.5.20, a copy-on-write map from 0.5.21) and what wraps them; optional ones are later releases'.
+SHM_FUNCTIONS = ("ShmPointerMMData", "wrap_shm_features", "_feature_has_shm",
+                 "has_shm_features", "unwrap_shm_features")
+SHM_FUNCTIONS_LATER = ("_wrap_shm_or_inline", "_wrap_tensor_or_list", "_discard_tensor_or_list",
+                       "discard_shm_features", "_unwrap_tensor_or_list")
+RECEIVE = "_mmdiag_release_shm_receive"  # the receive's name here, whatever the release calls it
+
+
+def _owned_shared_memory(prefix: str):
+    """multiprocessing.shared_memory for the release's code, with two differences that
+    are the replay's, not the release's: a segment the release creates without a name
+    (0.5.10 .. 0.5.22; 0.5.23's make_shm_name is replaced the same way) is named
+    `prefix`+n, so mmdiag's sweep reclaims what a killed replay leaves; and Python's
+    resource tracker is not told of it (3.8 .. 3.12 register every attach, and at a rank's
+    exit the tracker would unlink, and warn of, segments another rank already unlinked)."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    seq = iter(range(1 << 62))
+
+    class SharedMemory(shared_memory.SharedMemory):
+        def __init__(self, name=None, create=False, size=0):
+            if create and name is None:
+                name = f"{prefix}{next(seq)}"
+            register, resource_tracker.register = resource_tracker.register, _untracked
+            try:
+                super().__init__(name=name, create=create, size=size)
+            finally:
+                resource_tracker.register = register
+
+        def unlink(self):
+            unregister, resource_tracker.unregister = resource_tracker.unregister, _untracked
+            try:
+                super().unlink()
+            finally:
+                resource_tracker.unregister = unregister
+
+    return types.SimpleNamespace(SharedMemory=SharedMemory), lambda kind="mm": f"{prefix}{kind}-{next(seq)}"
+
+
+def _untracked(name, rtype):
+    pass
+
+
+class ReleaseShm:
+    """The install's own shared-memory transport, compiled into its path's module (so
+    handles unpickle on every rank by the module's name):
+
+        shm = path.shm_transport(cpu_group, prefix)   # every rank, once (prefix: see there)
+        shm.wrap(mm_inputs)                           # tokenizer side: the release's segments
+        shm.receive(reqs)                             # every rank, after broadcast_pyobj
+
+    `receive` is the release's own code after its recv broadcast: from 0.5.13
+    SchedulerRequestReceiver._finalize_shm_features (barrier, unwrap_shm_features ->
+    materialize, an all_reduce(MAX) of per-request failures), to 0.5.12 the statement of
+    Scheduler.recv_requests that does its part of that (barrier, unwrap). Stand-ins are
+    only the server state it reads (one node, tokenizer on, no DP attention)."""
+
+    def __init__(self, path: "SGLangMMPath", cpu_group, prefix: str | None):
+        self.path = path
+        ns, pkg = path.ns, path.install.package_dir
+        where = path.detection.facts.transport_at  # "file:function:line" of its unwrap call
+        if path.detection.facts.transport != "shm" or not where:
+            raise UnknownLayout("this install moves no features by shared memory after its recv broadcast",
+                                where=str(pkg), fix="replay it with --transport pickle")
+        rel, fn_name, _ = where.split(":")
+        tp = torch.distributed.get_world_size(cpu_group) if cpu_group is not None else 1
+        server = types.SimpleNamespace(skip_tokenizer_init=False, enable_dp_attention=False)
+        # the parallel state: one TP group, no DP attention (named enable_dp_attention to 0.5.21, then attn_dp_enabled)
+        parallel = types.SimpleNamespace(enable_dp_attention=False, attn_dp_enabled=False, tp_size=tp,
+                                         tp_group=types.SimpleNamespace(cpu_group=cpu_group))
+        import mmap
+        from multiprocessing import shared_memory as as_released
+        # a replay names what it writes; None: the release's own names, as in its server
+        shared_memory, make_name = _owned_shared_memory(prefix) if prefix is not None else (as_released, None)
+        ns.update({  # what the transport reads of a one-node GPU server
+            # the transport the launch chose (doctor reads that from the server's flags): shm, not "default"
+            "_get_is_default_transport": lambda: False,
+            "get_serving": lambda: server, "get_global_server_args": lambda: server,
+            "get_parallel": lambda: parallel,
+            "BaseBatchReq": BatchTokenizedGenerateReqInput, "print_warning_once": logger.warning,
+            "MMInputsProcessError": RuntimeError,
+            "barrier": lambda group=None, **_: torch.distributed.barrier(group=group),
+            "all_reduce": torch.distributed.all_reduce, "ReduceOp": torch.distributed.ReduceOp,
+            "shared_memory": shared_memory, "mmap": mmap,
+        })
+        mm = path.install.path("mm_utils")
+        nodes = _extract(mm, list(SHM_FUNCTIONS)) + _extract(mm, list(SHM_FUNCTIONS_LATER), required=False)
+        path.resolver.add_file(mm)
+        nodes.append(_receive_node(pkg / rel, fn_name))
+        path.resolver.add_file(pkg / rel)
+        path._exec(path.resolver.closure(nodes), ns, str(mm))
+        if make_name is not None:  # after the release's make_shm_name (0.5.23) was extracted
+            ns["make_shm_name"] = make_name
+        self.ShmPointerMMData = ns["ShmPointerMMData"]
+        self._receive = ns[RECEIVE]
+        self.receiver = types.SimpleNamespace(  # `self` of the receive: the receiver (0.5.13+) or scheduler
+            model_config=types.SimpleNamespace(is_multimodal=True), server_args=server,
+            tp_size=tp, tp_cpu_group=cpu_group, ps=parallel)
+
+    def wrap(self, mm_inputs) -> None:
+        self.path.ns["wrap_shm_features"](types.SimpleNamespace(mm_inputs=mm_inputs))
+
+    def receive(self, reqs: list) -> list:
+        """The release's receive on the release's request objects; returns them."""
+        out = self._receive(self.receiver, reqs)
+        return reqs if out is None else out
+
+
+def _receive_node(path: Path, fn_name: str) -> ast.FunctionDef:
+    """The release's receive as `RECEIVE(self, recv_reqs)`: the method that unwraps
+    (_finalize_shm_features), or, where the unwrap sits in recv_requests itself (0.5.10 ..
+    0.5.12), the statement of it that does, ending in `return recv_reqs`."""
+    tree = astutil.parse(path.read_text(encoding="utf-8"), str(path))
+    fn = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn_name), None)
+    if fn is None:
+        raise UnknownLayout(f"{fn_name} not found", where=str(path), fix="mmdiag's runtime does not know this layout")
+    unwrap = facts()["probes"]["shm_unwrap"]
+    calls = lambda node: {ast.unparse(c.func).split(".")[-1] for c in ast.walk(node) if isinstance(c, ast.Call)}
+    if "broadcast_pyobj" not in calls(fn):
+        node = copy.deepcopy(fn)
+        node.name = RECEIVE
+        return node
+    stmt = next((s for s in fn.body if unwrap in calls(s)), None)
+    if stmt is None:
+        raise UnknownLayout(f"{fn_name} calls {unwrap} below its top level", where=str(path),
+                            fix="mmdiag's runtime does not know this layout")
+    node = ast.parse(f"def {RECEIVE}(self, recv_reqs):\n    return recv_reqs\n").body[0]
+    node.body.insert(0, copy.deepcopy(stmt))
+    return node
