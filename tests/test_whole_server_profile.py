@@ -161,6 +161,8 @@ def test_tokenizer_workers_are_the_tokenizer_side_when_present():
             time.sleep(0.2)
         assert [t.role for t in d.tokenizers] == ["tokenizer"]
         assert d.tokenizers[0].title.startswith("sglang::tokenizer_worker:") and d.tokenizers[0].pid != p.pid
+        # how messages (an exit during the window) name each: never "rank -1"
+        assert [r.label for r in d.processes] == ["rank 0", "rank 1", "tokenizer worker 1"]
         assert [r.pid for r in d.processes] == [r.pid for r in d.ranks] + [d.tokenizers[0].pid]
     finally:
         stop_group(p)

@@ -200,7 +200,7 @@ def rank_findings(profiles: list[RankProfile], strategy: str, cpu: dict[int, flo
             top = ", ".join(f"{n} ({c})" for n, c in p.unmatched_top[:3])
             out.append(f"rank {p.rank}: {ph(p, 'other'):.0f}% of samples match no phase rule (most in: {top})")
     for e in exited or []:
-        out.append(f"rank {e['rank']} (pid {e['pid']}) exited during the window; "
+        out.append(f"{e.get('who') or 'rank ' + str(e['rank'])} (pid {e['pid']}) exited during the window; "
                    f"kept its {e['samples']} samples (about {e['sampled_s']:.1f} s)")
     out.extend(notes or [])
     return out

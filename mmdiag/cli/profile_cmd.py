@@ -106,7 +106,8 @@ def _exited(run, written: list[str]) -> None:
     if exited:
         e = exited[0]
         more = f" (and {len(exited) - 1} more)" if len(exited) > 1 else ""
-        raise TargetExitedError(f"rank {e['rank']} (pid {e['pid']}) exited during the profile{more}; "
+        raise TargetExitedError(f"{e.get('who') or 'rank ' + str(e['rank'])} (pid {e['pid']}) exited during the "
+                                f"profile{more}; "
                                 f"what was sampled ({e['samples']} samples, about {e['sampled_s']:.1f} s) "
                                 "is reported above" + (f" and in {written[0]}" if written else ""))
 

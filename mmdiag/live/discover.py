@@ -29,6 +29,15 @@ class RankProcess:
     parts: dict[str, int] = field(default_factory=dict)
     role: str = "scheduler"  # a vocab.STAGES name: what the process does in the server's pipeline
 
+    @property
+    def label(self) -> str:
+        """How messages name it: "rank 1", "tokenizer (main process)", "tokenizer worker 2"."""
+        if self.rank >= 0:
+            return f"rank {self.rank}"
+        if self.title.startswith(SGLANG_TOKENIZER_WORKER_TITLE):
+            return f"{self.role} worker {-self.rank}"
+        return f"{self.role} (main process)"
+
 
 @dataclass
 class Discovery:

@@ -240,7 +240,7 @@ def _profile(pid, duration, rate, pyspy, raw_dir, rules, gil, on_window, on_stac
             samples.append(rank_samples(r, ch.blocks, rate))
             if ch.exited or not cpus[r.rank].alive:
                 n = max((t.samples for t in samples[-1].threads.values()), default=0)
-                exited.append({"rank": r.rank, "pid": r.pid, "samples": n, "sampled_s": n / rate})
+                exited.append({"rank": r.rank, "who": r.label, "pid": r.pid, "samples": n, "sampled_s": n / rate})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if all(sum(t.samples for t in s.threads.values()) == 0 for s in samples):
