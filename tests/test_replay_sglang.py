@@ -134,25 +134,35 @@ def test_each_release_moves_features_by_its_own_code_with_its_per_rank_clone(tmp
     receive (0.5.12.post1: recv_requests' barrier and unwrap; 0.5.21: _finalize_shm_features)
     and materialize take the features out. 0.5.10 .. 0.5.20 clone every feature on every rank,
     0.5.21+ map it copy-on-write: the clone's CPU shows in shm_map per request on every rank of
-    0.5.12.post1 only. Nothing is left in /dev/shm; the release's way is not overridden."""
+    0.5.12.post1 only. 0.5.9 writes segments too, but its entry rank copies each feature out
+    as it unpickles it and the recv broadcast pickles the bytes. Nothing is left in /dev/shm;
+    the release's way is not overridden."""
     import glob
-    before = set(glob.glob("/dev/shm/*"))
+
+    def segments():  # the replay's names, and the release's own (psm_: Python's; sgl_shm_: 0.5.23's)
+        return {p for pat in ("mmdiag-*", "psm_*", "sgl_shm_*") for p in glob.glob(f"/dev/shm/{pat}")}
+    before = segments()
     trace = make_trace(tmp_path / "t.jsonl", n=6, rows=4000, concurrency=1, text_every=0)
     runs = {}
-    for v in ("0.5.12.post1", "0.5.21"):
+    for v in ("0.5.9", "0.5.12.post1", "0.5.21"):
         pkg = site_packages(v, tmp_path / v)
         out = tmp_path / f"{v}.json"
         r = mmdiag_cli("replay", trace, "--tp", "2", "--impl", "sglang", "--sglang", str(pkg), "-q", "-o", str(out))
         assert r.returncode == 0, r.stderr
         runs[v] = json.loads(out.read_text())
-    assert set(glob.glob("/dev/shm/*")) <= before
+    assert segments() <= before
     map_ms = {}
     for v, run in runs.items():
         (s,) = run["strategies"].values()
         assert s["ranks_agree"] is True
         assert run["config"]["strategies"][s["name"]]["transport"]["code"] == "sglang"
         map_ms[v] = [rk["phases_ms"]["shm_map"] / s["mm_requests"] for rk in s["ranks"]]
+        assert s["tokenizer_ms"]["tokenizer_shm"] > 0  # the release's own segment write, every one of them
     assert runs["0.5.12.post1"]["config"]["shm_map"] == "clone" and "shm_map" not in runs["0.5.21"]["config"]
+    assert runs["0.5.9"]["config"]["transport"] == "pickle"
+    (old,) = runs["0.5.9"]["strategies"].values()
+    assert old["ranks"][0]["phases_ms"]["shm_map"] > 0 and old["ranks"][1]["phases_ms"]["shm_map"] == 0
+    assert old["ranks"][1]["replay"]["recv_bytes"] > runs["0.5.9"]["trace"]["mm_bytes"] / 2  # the bytes, pickled
     # an 18.8 MB copy per rank against a map: an order of magnitude apart on any host
     assert min(map_ms["0.5.12.post1"]) > 5 * max(map_ms["0.5.21"]), map_ms
     # how the release takes its features out is its own: the model's setting is refused

@@ -33,6 +33,9 @@ class Transport:
         """Tokenizer side, on the entry rank: returns the seconds it took."""
         return 0.0
 
+    def take(self, s: Any, reqs: list) -> None:
+        """Entry rank, as it takes the requests from the tokenizer, before the recv broadcast."""
+
     def deliver(self, s: Any, reqs: list) -> list:
         """Every rank, after the recv broadcast: returns the requests, rejected ones
         with their mm_inputs dropped."""

@@ -312,6 +312,7 @@ class ReplayScheduler:
                 reqs = [make_request(tr, idx, arr, self.strategy, self.precomputed.get(idx))
                         for idx, tr, arr in admitted]
                 self._tokenizer_side(reqs)
+                self.transport.take(self, reqs)
                 for r in reqs:
                     self.arrivals[r.rid] = (r.arrival, r.idx)
                 done = intake.exhausted and self.globally_held >= intake.admitted and not reqs

@@ -21,7 +21,7 @@ from ..mmpath.timers import PhaseTimers
 from ..mmpath.transport import Transport
 from ..sglang.facts import variant
 from ..strategies.base import Ready, Strategy
-from ..vocab import STRATEGY_PRECOMPUTE, TRANSPORT_SHM
+from ..vocab import STRATEGY_PRECOMPUTE, TRANSPORT_PICKLE, TRANSPORT_SHM
 
 
 def strategy_name(path: Any, enable_broadcast_flag: bool) -> str:
@@ -108,9 +108,9 @@ class InstalledPath(Strategy):
         return tokenizer_side(self.path, raw_mm_inputs) if self.moves_by_shm else 0.0
 
     def release_transport(self, cpu_group, timers: PhaseTimers, prefix: str) -> "ReleaseShmTransport | None":
-        """The install's own shared-memory transport, where it has one (0.5.10+, unpatched by
+        """The install's own shared-memory transport, where it has one (0.5.9+, unpatched by
         mmdiag's `shm`, which brings its own); None elsewhere."""
-        if self.moves_by_shm or self.path.detection.facts.transport != TRANSPORT_SHM:
+        if self.moves_by_shm or not self.path.detection.facts.transport_at:
             return None
         return ReleaseShmTransport(self.path.shm_transport(cpu_group, prefix), timers, prefix)
 
@@ -159,19 +159,22 @@ class ReleaseShmTransport(Transport):
     (ShmPointerMMData writes each segment) is tokenizer_shm; the open when a rank
     unpickles a handle (__setstate__) is shm_open, taken out of `recv` where it runs; its
     unwrap_shm_features (materialize: a clone per rank to 0.5.20, a copy-on-write map from
-    0.5.21) is shm_map; the rest of its receive (barrier, all_reduce) is shm_sync."""
+    0.5.21) is shm_map; the rest of its receive (barrier, all_reduce) is shm_sync.
+    0.5.9 is `pickle`: its entry rank copies each feature out as it unpickles it
+    (__setstate__ clones and unlinks: shm_map), and the recv broadcast pickles the bytes."""
 
-    name = TRANSPORT_SHM
     code = "sglang"
 
     def __init__(self, release, timers: PhaseTimers, prefix: str):
         self.release, self.timers, self.prefix = release, timers, prefix
         self.fallbacks = 0  # features the release kept inline (its /dev/shm-full fallback, 0.5.19+)
         self.rejected = 0   # requests every rank rejected (its all_reduce of failures, 0.5.13+)
+        self.name = TRANSPORT_PICKLE if release.before_broadcast else TRANSPORT_SHM
         ns, cls = release.path.ns, release.ShmPointerMMData
         # Installed once per process (the class and module are), reading the current timers.
         if not getattr(cls, "_mmdiag_timed", False):
-            cls.__setstate__ = _moved_from_recv(cls.__setstate__, release, "shm_open")
+            opened = "shm_map" if release.before_broadcast else "shm_open"
+            cls.__setstate__ = _moved_from_recv(cls.__setstate__, release, opened)
             ns["unwrap_shm_features"] = _timed_by(ns["unwrap_shm_features"], release, "shm_map")
             cls._mmdiag_timed = True
         release.timers = timers
@@ -185,17 +188,27 @@ class ReleaseShmTransport(Transport):
         self.fallbacks += sum(1 for it in mm_items(mm_inputs) if isinstance(it.feature, torch.Tensor))
         return dt
 
+    @staticmethod
+    def _from_tokenizer(s, mm: list) -> None:
+        """The tokenizer's zmq message, unpickled by the entry rank (recv_pyobj), opens the
+        segments there: here the tokenizer side ran in this process, so round-trip it."""
+        with s.timers.phase("recv"):
+            for r in mm:
+                r.mm_inputs = pickle.loads(pickle.dumps(r.mm_inputs))
+
+    def take(self, s, reqs) -> None:
+        mm = [r for r in reqs if r.mm_inputs is not None]
+        if self.release.before_broadcast and mm:
+            self._from_tokenizer(s, mm)
+            self.release.take(mm)
+
     def deliver(self, s, reqs) -> list:
         mm = [r for r in reqs if r.mm_inputs is not None]
-        if not mm:
+        if not mm or self.release.before_broadcast:
             return reqs
         t = s.timers
         if s.is_entry_rank:
-            # The tokenizer's zmq message, unpickled by the entry rank (recv_pyobj), opens the
-            # segments there: here the tokenizer side ran in this process, so round-trip it.
-            with t.phase("recv"):
-                for r in mm:
-                    r.mm_inputs = pickle.loads(pickle.dumps(r.mm_inputs))
+            self._from_tokenizer(s, mm)
         path = self.release.path
         rel = [path.generate_req(r.rid, r.mm_inputs) for r in mm]
         t0, mapped0 = time.perf_counter(), t.get("shm_map")

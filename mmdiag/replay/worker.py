@@ -151,10 +151,12 @@ class _Plan:
         self.prefix = job.shm_prefix or shm.owner_prefix(port)   # torchrun: this rank owns what it writes
 
     def release_transport(self, strategy, group, timers):
-        """With --impl sglang on a shared-memory release: its own transport, not mmdiag's segments."""
-        if self.installed is None or self.transport_of(strategy) != TRANSPORT_SHM:
+        """With --impl sglang on a release that writes segments (0.5.9+): its own transport,
+        where the replay moves features as the release does (not a --transport it does not use)."""
+        if self.installed is None:
             return None
-        return strategy.release_transport(group, timers, self.prefix)
+        own = strategy.release_transport(group, timers, self.prefix)
+        return own if own is not None and own.name == self.transport_of(strategy) else None
 
     def transport_of(self, strategy) -> str:
         return strategy.transport or self.transport

@@ -770,11 +770,11 @@ def _set_pad_values(mm_inputs) -> None:
 
 # ---- the install's own shared-memory feature transport (0.5.10+) ----------------------
 # mm_utils' transport: the write (ShmPointerMMData.__init__ via wrap_shm_features), the open
-# (__setstate__, when a rank unpickles a handle), the copy-out (materialize: a clone to
-# 0.5.20, a copy-on-write map from 0.5.21) and what wraps them; optional ones are later releases'.
-SHM_FUNCTIONS = ("ShmPointerMMData", "wrap_shm_features", "_feature_has_shm",
-                 "has_shm_features", "unwrap_shm_features")
-SHM_FUNCTIONS_LATER = ("_wrap_shm_or_inline", "_wrap_tensor_or_list", "_discard_tensor_or_list",
+# (__setstate__, when a rank unpickles a handle), the copy-out (0.5.9: in __setstate__;
+# materialize: a clone to 0.5.20, a copy-on-write map from 0.5.21) and what wraps them;
+# the optional ones are later releases'.
+SHM_FUNCTIONS = ("ShmPointerMMData", "wrap_shm_features", "unwrap_shm_features")
+SHM_FUNCTIONS_LATER = ("_feature_has_shm", "has_shm_features", "_wrap_shm_or_inline", "_wrap_tensor_or_list", "_discard_tensor_or_list",
                        "discard_shm_features", "_unwrap_tensor_or_list")
 RECEIVE = "_mmdiag_release_shm_receive"  # the receive's name here, whatever the release calls it
 
@@ -820,9 +820,13 @@ class ReleaseShm:
 
         shm = path.shm_transport(cpu_group, prefix)   # every rank, once (prefix: see there)
         shm.wrap(mm_inputs)                           # tokenizer side: the release's segments
-        shm.receive(reqs)                             # every rank, after broadcast_pyobj
+        shm.take(reqs)                                # 0.5.9: the entry rank, before broadcast_pyobj
+        shm.receive(reqs)                             # 0.5.10+: every rank, after broadcast_pyobj
 
-    `receive` is the release's own code after its recv broadcast: from 0.5.13
+    0.5.9 (`before_broadcast`) writes segments too, but its entry rank takes the features
+    out as it unpickles each request from the tokenizer (its __setstate__ clones and
+    unlinks; unwrap_shm_features puts the tensor back), then pickles them into the recv
+    broadcast as before. `receive` is the release's own code after its recv broadcast: from 0.5.13
     SchedulerRequestReceiver._finalize_shm_features (barrier, unwrap_shm_features ->
     materialize, an all_reduce(MAX) of per-request failures), to 0.5.12 the statement of
     Scheduler.recv_requests that does its part of that (barrier, unwrap). Stand-ins are
@@ -832,10 +836,11 @@ class ReleaseShm:
         self.path = path
         ns, pkg = path.ns, path.install.package_dir
         where = path.detection.facts.transport_at  # "file:function:line" of its unwrap call
-        if path.detection.facts.transport != "shm" or not where:
-            raise UnknownLayout("this install moves no features by shared memory after its recv broadcast",
+        if not where:
+            raise UnknownLayout("this install moves no features by shared memory",
                                 where=str(pkg), fix="replay it with --transport pickle")
         rel, fn_name, _ = where.split(":")
+        self.before_broadcast = path.detection.facts.transport != "shm"
         tp = torch.distributed.get_world_size(cpu_group) if cpu_group is not None else 1
         server = types.SimpleNamespace(skip_tokenizer_init=False, enable_dp_attention=False)
         # the parallel state: one TP group, no DP attention (named enable_dp_attention to 0.5.21, then attn_dp_enabled)
@@ -859,19 +864,25 @@ class ReleaseShm:
         mm = path.install.path("mm_utils")
         nodes = _extract(mm, list(SHM_FUNCTIONS)) + _extract(mm, list(SHM_FUNCTIONS_LATER), required=False)
         path.resolver.add_file(mm)
-        nodes.append(_receive_node(pkg / rel, fn_name))
-        path.resolver.add_file(pkg / rel)
+        if not self.before_broadcast:
+            nodes.append(_receive_node(pkg / rel, fn_name))
+            path.resolver.add_file(pkg / rel)
         path._exec(path.resolver.closure(nodes), ns, str(mm))
         if make_name is not None:  # after the release's make_shm_name (0.5.23) was extracted
             ns["make_shm_name"] = make_name
         self.ShmPointerMMData = ns["ShmPointerMMData"]
-        self._receive = ns[RECEIVE]
+        self._receive = ns.get(RECEIVE)
         self.receiver = types.SimpleNamespace(  # `self` of the receive: the receiver (0.5.13+) or scheduler
             model_config=types.SimpleNamespace(is_multimodal=True), server_args=server,
             tp_size=tp, tp_cpu_group=cpu_group, ps=parallel)
 
     def wrap(self, mm_inputs) -> None:
         self.path.ns["wrap_shm_features"](types.SimpleNamespace(mm_inputs=mm_inputs))
+
+    def take(self, reqs: list) -> None:
+        """0.5.9's entry rank on each request it unpickled from the tokenizer."""
+        for req in reqs:
+            self.path.ns["unwrap_shm_features"](req)
 
     def receive(self, reqs: list) -> list:
         """The release's receive on the release's request objects; returns them."""
