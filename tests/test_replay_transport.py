@@ -262,3 +262,24 @@ def test_replay_config_carries_the_clone_of_the_trace_release(tmp_path):
     # asked for: the other way round
     run = replay(_tag_release(trace, "0.5.21"), ReplayOptions(tp=2, strategies=["revert"], shm_map="clone"))
     assert run.config.shm_map == "clone"
+
+
+def test_a_release_that_writes_segments_but_pickles_is_replayed_so(tmp_path):
+    """0.5.9's tokenizer writes each feature into a segment, and its entry rank copies it back
+    out as it takes the request, before the recv broadcast pickles the bytes: the model pays
+    both (tokenizer_shm; shm_map on the entry rank only), 0.5.8's pays neither."""
+    trace = make_trace(tmp_path / "t.jsonl", n=6, rows=1000, concurrency=1, text_every=0)
+    runs = {}
+    for version in ("0.5.8.post1", "0.5.9"):
+        out = tmp_path / f"{version}.json"
+        r = mmdiag_cli("replay", _tag_release(str(trace), version), "--tp", "2", "--strategy", "revert",
+                       "-q", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[version] = json.loads(out.read_text())
+    old, new = runs["0.5.8.post1"]["strategies"]["revert"], runs["0.5.9"]["strategies"]["revert"]
+    assert runs["0.5.9"]["config"]["transport"] == "pickle" and new["ranks_agree"] is True
+    assert new["tokenizer_ms"]["tokenizer_shm"] > 0 and "tokenizer_shm" not in old["tokenizer_ms"]
+    assert new["ranks"][0]["phases_ms"]["shm_map"] > 0 and new["ranks"][1]["phases_ms"]["shm_map"] == 0
+    assert old["ranks"][0]["phases_ms"]["shm_map"] == 0
+    # the bytes still ride in the recv broadcast
+    assert new["ranks"][1]["replay"]["recv_bytes"] > runs["0.5.9"]["trace"]["mm_bytes"] / 2

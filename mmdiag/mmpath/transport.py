@@ -50,7 +50,46 @@ class Transport:
 
 
 class PickleTransport(Transport):
+    """`pickle`; with `via_segment` as 0.5.9 does it: the tokenizer side still writes each
+    feature into a new segment (tokenizer_shm) and the entry rank copies it back out as it
+    takes the request (shm_map), then the recv broadcast pickles the bytes."""
+
     name = TRANSPORT_PICKLE
+
+    def __init__(self, prefix: str = "", via_segment: bool = False):
+        self.prefix, self.via_segment = prefix, via_segment
+        self._seq = itertools.count()
+
+    def encode(self, s, mm_inputs) -> float:
+        if not self.via_segment or mm_inputs is None:
+            return 0.0
+        t0 = time.perf_counter()
+        for item in mm_items(mm_inputs):
+            if isinstance(item.feature, torch.Tensor):
+                item.feature = shm.write_segment(f"{self.prefix}{next(self._seq)}", item.feature) or item.feature
+        return time.perf_counter() - t0
+
+    def take(self, s, reqs) -> None:
+        items = [it for r in reqs if r.mm_inputs is not None
+                 for it in mm_items(r.mm_inputs) if isinstance(it.feature, shm.ShmHandle)]
+        if not items:
+            return
+        t0 = time.perf_counter()
+        with s.timers.phase("shm_map"):
+            for it in items:
+                h = it.feature
+                fd = shm.open_segment(h)
+                mapped = shm.map_segment(fd, h) if fd is not None else None
+                shm.unlink_segment(h)
+                if mapped is None:
+                    raise MmdiagError(f"shared-memory segment {h.name} vanished before the entry rank read it",
+                                      where=shm.shm_dir(), fix="rerun; another process removed mmdiag's segments")
+                it.feature = mapped.clone()
+        s.timers.add("recv", -(time.perf_counter() - t0))  # it runs inside `recv`: booked apart, not twice
+
+    def close(self) -> None:
+        if self.via_segment:
+            shm.sweep(self.prefix)
 
 
 class ShmTransport(Transport):
@@ -126,10 +165,11 @@ class ShmTransport(Transport):
         return self.pool.stats() if self.pool is not None else {}
 
 
-def make(name: str, prefix: str, options: Any = None, clone: bool = False) -> Transport:
-    """The transport `name`, configured from the replay's options (its axes: the segments)."""
+def make(name: str, prefix: str, options: Any = None, clone: bool = False, via_segment: bool = False) -> Transport:
+    """The transport `name`, configured from the replay's options (its axes: the segments);
+    `clone`, `via_segment`: as the release does (facts.shm_clones, facts.entry_rank_copies_out)."""
     if name == PickleTransport.name:
-        return PickleTransport()
+        return PickleTransport(prefix, via_segment)
     if name == ShmTransport.name:
         # The pool holds what one recv may carry and the next being written (mapped features outlive their recv).
         segments = getattr(options, "segments", DEFAULT_SEGMENTS)

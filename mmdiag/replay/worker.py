@@ -29,10 +29,11 @@ from ..mmpath.collectives import broadcast_pyobj, install_torch_timers
 from ..mmpath.timers import PhaseTimers
 from ..run import SGLangConfig
 # What a release implies (variants.toml [defaults]): its transport and tokenizer workers.
-from ..sglang.facts import at_least, default_tokenizer_workers, default_transport, hashes_in_place, shm_clones, since
+from ..sglang.facts import (at_least, default_tokenizer_workers, default_transport, entry_rank_copies_out,
+                            hashes_in_place, shm_clones, since)
 from ..trace import scan
 from ..units import MB
-from ..vocab import AXES, DEFAULT_SEGMENTS, REPLAY_RANK_TITLE, TRANSPORT_SHM
+from ..vocab import AXES, DEFAULT_SEGMENTS, REPLAY_RANK_TITLE, TRANSPORT_PICKLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -144,6 +145,8 @@ class _Plan:
         # The release's own segments: copied out per rank to 0.5.20, mapped copy-on-write after (with
         # no release known, mapped). mmdiag's `shm` patch on a pickling release always maps.
         self.shm_map = o.shm_map or ("clone" if version is not None and shm_clones(version) else "cow")
+        # 0.5.9 pickles features its tokenizer wrote into segments, copied back out by the entry rank.
+        self.via_segment = self.transport == TRANSPORT_PICKLE and entry_rank_copies_out(version)
         # Process-wide, as SGLang's data_hash: the tokenizer stage and every rank hash alike, and
         # feed it as the release does (two copies to 0.5.9, in place from 0.5.10).
         hashing.use(o.hash, in_place=hashes_in_place(version))
@@ -167,7 +170,8 @@ def _measure(job, plan, name, rep, rank, world, group, timers, ctx, results) -> 
     o = job.options
     strategy = plan.make(name, rank, group, results, world, job, ctx["header"], ctx["stats"])
     transport = plan.release_transport(strategy, group, timers) or transport_mod.make(
-        plan.transport_of(strategy), plan.prefix, o, clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone")
+        plan.transport_of(strategy), plan.prefix, o, clone=plan.transport == TRANSPORT_SHM and plan.shm_map == "clone",
+        via_segment=plan.via_segment and strategy.transport is None)
     timers.reset(name)
     sched = ReplayScheduler(rank, world, strategy, timers, cpu_group=group, timeout=ctx["timeout"],
                             forward_ms=o.forward_ms, progress=ctx["progress"], heap_ceiling=ctx["heap_ceiling"],

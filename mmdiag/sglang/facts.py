@@ -120,6 +120,12 @@ def default_transport(version: str | None) -> str:
     return TRANSPORT_SHM if at_least(version, since("shm_family")) else TRANSPORT_PICKLE
 
 
+def entry_rank_copies_out(version: str | None) -> bool:
+    """The release writes segments but pickles the features anyway (0.5.9): its tokenizer
+    writes each one, its entry rank copies it back out before the recv broadcast."""
+    return at_least(version, since("shm_write_family")) and not at_least(version, since("shm_family"))
+
+
 def hashes_in_place(version: str | None) -> bool:
     """Whether the release hashes a feature where it lies (no concat, no tobytes copy)."""
     return at_least(version, since("hash_in_place_family"))
