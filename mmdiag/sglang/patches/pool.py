@@ -226,7 +226,7 @@ def describe(segments: str | None) -> str:
                 f"/dev/shm, at most {POOL_MAX_MB})")
     if segments == SEGMENTS_FRESH:
         return f"fresh (a new segment per feature; `mmdiag apply {NAME}` reuses them)"
-    return "none (no shared-memory writer)"
+    return "none (no segments reach the ranks: features ride the recv broadcast)"
 
 
 def build(det, texts: dict[str, str]) -> Plan:
