@@ -183,10 +183,11 @@ def _rank(r: int, port: int, pkg: str, cmds, results) -> None:
             cmd = cmds.get(timeout=TIMEOUT_S)
             if cmd[0] == "stop":
                 break
-            if cmd[0] == "drop":  # what the kept features read now; then let them go
-                results.put((r, [(rid, _digest(t)) for rid, t in kept]))
+            if cmd[0] == "drop":  # what the kept features read now; then let them go, then answer
+                seen = [(rid, _digest(t)) for rid, t in kept]
                 kept.clear()
                 gc.collect()
+                results.put((r, seen))
                 continue
             _, payload, keep = cmd
             reqs = path.broadcast_pyobj([pickle.loads(payload)] if r == 0 else None, group)
@@ -195,9 +196,10 @@ def _rank(r: int, port: int, pkg: str, cmds, results) -> None:
             assert isinstance(feat, torch.Tensor) and tuple(feat.shape) == (ROWS, 1176), type(feat)
             if keep:
                 kept.append((reqs[0].rid, feat))
-            results.put((r, reqs[0].rid, _digest(feat)))
+            msg = (r, reqs[0].rid, _digest(feat))
             del reqs, feat
-            gc.collect()
+            gc.collect()  # let go of what is not kept before answering: the next write may reuse it
+            results.put(msg)
         torch.distributed.destroy_process_group()
         results.put((r, "stopped"))
     except BaseException:
