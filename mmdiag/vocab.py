@@ -66,8 +66,11 @@ DEFAULT_HASH = "sha256"
 # How the shm transport's writer gets a segment for each feature (mmdiag.mmpath.shm):
 #   fresh  a new segment per feature, as every release 0.5.10-0.5.23 writes them (page faults)
 #   pool   reused, pre-faulted segments, released when every rank has let go (mmdiag's remedy)
-SEGMENTS = ("fresh", "pool")
-DEFAULT_SEGMENTS = "fresh"
+SEGMENTS_FRESH, SEGMENTS_POOL = "fresh", "pool"
+SEGMENTS = (SEGMENTS_FRESH, SEGMENTS_POOL)
+DEFAULT_SEGMENTS = SEGMENTS_FRESH
+# `mmdiag apply pool` (SEGMENTS_POOL) patches the pool into a release's own writer (0.5.10+):
+# mmdiag.sglang.patches.pool; it stacks on a strategy and a content hash.
 
 # The replay's axes with a setting: each is a `mmdiag replay` option of the same name
 # (mmdiag.replay.options), recorded in a Run's config under that name, and compared when Runs

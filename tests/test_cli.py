@@ -144,7 +144,8 @@ def test_help_and_readme_say_what_the_strategy_modules_say():
         assert f"{name} {' '.join(cls.summary.split())}" in help_text, name
     apply_choices = next(p for p in main.commands["apply"].params if p.name == "strategy").type.choices
     from mmdiag.mmpath.hashing import PATCHABLE as PATCHABLE_HASHES  # a content hash stacks on a strategy
-    assert tuple(apply_choices) == tuple(n for n, c in REGISTRY.items() if c.patch) + PATCHABLE_HASHES
+    from mmdiag.vocab import SEGMENTS_POOL  # and so does the segment pool
+    assert tuple(apply_choices) == tuple(n for n, c in REGISTRY.items() if c.patch) + PATCHABLE_HASHES + (SEGMENTS_POOL,)
 
 
 def test_sizes_are_decimal_mb_as_the_readme_says(tmp_path):

@@ -146,6 +146,23 @@ def test_content_hash_the_server_runs(server):
     assert s3.content_hash == "random" and any("random: repeated images miss" in line for line in header_lines(p3.pid))
 
 
+def test_segment_pool_the_server_runs(server):
+    """`apply pool` after the server started is not running yet (fresh segments until a restart);
+    a server started after it runs it, and doctor --pid says so."""
+    titles = ["sglang::scheduler_TP0", "sglang::scheduler_TP1"]
+    p, _, pkg = server("0.5.23", titles, ["--tp", "2"], {})
+    assert read_server(p.pid).segments == "fresh"
+    time.sleep(0.05)
+    A.apply(locate(str(pkg)), "pool")
+    s = read_server(p.pid)
+    assert s.patch == "pool" and s.patch_pending and s.segments == "fresh"
+    time.sleep(1.0)  # process start times are read to about 10 ms
+    p2, _, _ = server("0.5.23", titles, ["--tp", "2"], {}, pkg=pkg)
+    assert read_server(p2.pid).segments == "pool"
+    assert any("mmdiag patch: pool; content hash sha256" in line and "shm segments pool" in line
+               for line in header_lines(p2.pid))
+
+
 def test_server_in_a_venv_reads_the_venvs_release(tmp_path):
     """A server started from a venv's python: /proc/PID/exe resolves to the base interpreter,
     which has no sglang; doctor --pid must still read the venv's (sys.prefix as the process sees it)."""

@@ -10,6 +10,7 @@ from .. import render as out
 from ..errors import MmdiagError
 from ..sglang.patches import PATCHES
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
+from ..vocab import SEGMENTS_POOL
 from . import options as o
 from .analysis_cmds import show_report
 from .app import json_switch, output_option, show
@@ -89,7 +90,9 @@ def _confirm(yes: bool):
 @o.threshold_option("the crossover in the Run `mmdiag recommend` kept last", prefix="with cond: ")
 def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, repeat, criteria, output, threshold):
     """Patch the installed SGLang with STRATEGY, or --undo. A content hash (xxh3) stacks
-    on a strategy: the install hashes features with it instead of sha256; one --undo
+    on a strategy: the install hashes features with it instead of sha256. `pool` stacks
+    too (0.5.10+): the release's own shared-memory writer reuses pre-faulted segments
+    (bound: the server's MMDIAG_SHM_POOL_MB) instead of a new one per feature. One --undo
     restores every file.
 
     With --verify: measure before and after with `mmdiag replay --impl sglang` and judge
@@ -103,6 +106,9 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
     if undo == (strategy is not None):
         raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHES)}")
     if verify:
+        if strategy == SEGMENTS_POOL:  # the writer's segments: `replay --segments` measures them
+            raise MmdiagError(f"--verify measures a strategy; `{strategy}` is the shm writer's segment pool",
+                              fix=f"apply it without --verify; `mmdiag replay --segments {strategy}` measures it")
         if strategy not in PATCHABLE_STRATEGIES:  # a content hash: `replay --hash` measures it
             raise MmdiagError(f"--verify measures a strategy; `{strategy}` is a content hash",
                               fix=f"apply it without --verify; `mmdiag replay --hash {strategy}` measures it")

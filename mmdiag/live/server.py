@@ -33,7 +33,7 @@ import psutil
 from ..sglang.errors import SGLangError
 from ..sglang.facts import Launch, at_least, effective_transport, facts, rust_hashes, since
 from ..mmpath.hashing import PREFIX_CACHE
-from ..vocab import DEFAULT_HASH, TRANSPORT_PICKLE, TRANSPORT_SHM
+from ..vocab import DEFAULT_HASH, SEGMENTS_FRESH, SEGMENTS_POOL, TRANSPORT_PICKLE, TRANSPORT_SHM
 
 _TRUE = ("1", "true", "yes", "on")
 _FIND = ("import importlib.util as u, sys; s = u.find_spec('sglang'); "
@@ -64,6 +64,8 @@ class ServerSettings:
     hashing: str = ""  # who hashes each item, once or on every rank
     # the content hash the running server uses (vocab.HASHES, or "random" under SGLANG_MM_SKIP_COMPUTE_HASH)
     content_hash: str | None = None
+    # how the running server's writer gets its segments (vocab.SEGMENTS); None: no segments reach the ranks
+    segments: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,11 +215,15 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     transport, tsrc = _transport(argv, env, f, version, launch)
     patch, pending = None, False
     content_hash = det.content_hash if det is not None else None
+    segments = det.segments if det is not None else None
     if det is not None and det.manifest:
         patch = "+".join(det.manifest.get("patches") or [det.manifest["strategy"]])
         mm_utils = det.install.path("mm_utils")
         if content_hash != DEFAULT_HASH and mm_utils.exists() and os.stat(mm_utils).st_mtime > t0:
             content_hash = DEFAULT_HASH  # the server imported SGLang's own before the patch
+        if (SEGMENTS_POOL in det.manifest.get("patches", ()) and mm_utils.exists()
+                and os.stat(mm_utils).st_mtime > t0):
+            segments = SEGMENTS_FRESH  # the server imported the release's own writer before the patch
         written = max((os.stat(det.install.package_dir / rel).st_mtime for rel in det.manifest["files"]
                        if (det.install.package_dir / rel).exists()), default=0.0)
         pending = written > t0
@@ -242,7 +248,7 @@ def read_server(pid: int, sglang_path: str | None = None) -> ServerSettings:
     return ServerSettings(proc.pid, argv, started, ranks, tp, dp, flag_on, flag_src, pre, pre_effective,
                           transport, tsrc, str(det.install.package_dir) if det else pkg,
                           det.install.version if det else None, f.family if f else None, patch, pending,
-                          skip, asdict(launch), hashing, content_hash, notes)
+                          skip, asdict(launch), hashing, content_hash, segments, notes)
 
 
 def _skip_hash_note(det, patch: str | None, flag_on: bool, pre_effective: bool) -> str:
@@ -326,6 +332,7 @@ def settings_lines(s: ServerSettings) -> list[str]:
         f"mmdiag patch: {s.patch or 'none'}" + (" (written after the server started: not running yet)"
                                                  if s.patch_pending else "")
         + f"; content hash {s.content_hash or 'unknown'}"
-        + (f" ({PREFIX_CACHE[s.content_hash]})" if s.content_hash in PREFIX_CACHE else ""),
+        + (f" ({PREFIX_CACHE[s.content_hash]})" if s.content_hash in PREFIX_CACHE else "")
+        + (f"; shm segments {s.segments}" if s.segments else ""),
     ]
     return lines + [f"note: {n}" for n in s.notes]

@@ -38,6 +38,8 @@ def fact_rows(det) -> list[tuple[str, str]]:
         rows.append(("SGLANG_MM_PRECOMPUTE_HASH", "absent (every rank hashes; `mmdiag apply precompute` patches it in)"))
     from ..sglang.patches.content_hash import describe
     rows.append(("content hash", describe(det.content_hash)))
+    from ..sglang.patches.pool import describe as describe_segments
+    rows.append(("shm segments", describe_segments(det.segments)))
     rows.append(("feature transport", f"{f.transport}: {f.transport_detail}"
                  + (f" ({f.transport_at})" if f.transport_at else "")))
     if det.launch:

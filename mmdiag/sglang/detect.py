@@ -19,6 +19,7 @@ from .errors import UnknownLayout
 from .facts import effective_transport, facts, file_rel, layouts, release, rust_hashes, variants
 from .locate import SGLangInstall
 from .probes import ReleaseFacts, match_family, probe
+from ..vocab import SEGMENTS_FRESH, TRANSPORT_SHM
 
 PATCH_MARKER_RE = re.compile(r"#\s*mmdiag-patch:\s*([a-z_-]+)")
 MANIFEST_NAME = "manifest.json"
@@ -59,11 +60,20 @@ class Detection:
         from .patches.content_hash import hash_of
         return hash_of(_read(self.install, "mm_utils"))
 
+    @property
+    def segments(self) -> str | None:
+        """How the shared-memory writer gets a segment per feature (vocab.SEGMENTS: fresh, or pool
+        where mmdiag's `pool` or `shm` patch put one); None: no segments reach the ranks."""
+        from .patches.pool import segments_of
+        seg = segments_of(_read(self.install, "mm_utils"), self.manifest)
+        return None if seg == SEGMENTS_FRESH and self.facts.transport != TRANSPORT_SHM else seg
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["install"] = self.install.to_dict()
         d["family"] = self.family
         d["content_hash"] = self.content_hash
+        d["segments"] = self.segments
         return d
 
 

@@ -26,7 +26,8 @@ discards what its thread wrote; what a request rejected after the write leaves
 On broadcast-always releases the 17a57fd broadcast is reverted to per-rank too
 (it would pickle the features again); on broadcast-flag releases the flag stays off.
 
-Reused segments (a pool, bounded by $MMDIAG_SHM_POOL_MB of the server, default a quarter
+Reused segments (mmdiag.sglang.patches.segment_pool, shared with `apply pool`; bounded by
+$MMDIAG_SHM_POOL_MB of the server, default a quarter
 of /dev/shm up to 4 GiB; 0 turns it off): writing into a new segment costs its page
 faults (27-34 ms for 18.8 MB), into a reused, still-mapped one a copy (2-2.6 ms). The
 tokenizer keeps each pooled segment mapped and grows the pool only when no free one is
@@ -50,16 +51,13 @@ from ...vocab import STRATEGY_SHM, TRANSPORT_SHM
 from ..errors import UnknownLayout
 from ..facts import layouts
 from .. import astutil
+from .segment_pool import POOL_ENV, POOL_HELPERS, POOL_MAX_MB, PREFIX, RECLAIM_AFTER_S  # noqa: F401
 from .common import (MARK, Plan, append_module_code, flag_off, insert_after_method, insert_after_statement,
                      per_rank_method, rename_method, replace_method, require_layout)
 
 STRATEGY = STRATEGY_SHM
 DESCRIPTION = "tokenizer hashes once and writes features to shared memory; ranks map them, no pickle"
 TAG = "mmdiag-shm/1"      # first field of a handle tuple
-PREFIX = "mmdiag-shm-"    # segment names: PREFIX<pid>-<random>
-RECLAIM_AFTER_S = 300     # a segment no scheduler took within this is the tokenizer's to remove
-POOL_ENV = "MMDIAG_SHM_POOL_MB"  # the server's bound on reused segments (0: a new segment per feature)
-POOL_MAX_MB = 4096        # the default bound: a quarter of /dev/shm, at most this
 ANCHOR = "TokenizerManager._tokenize_one_request:mm_inputs*"  # variants.toml [layouts]
 
 CALL = f'''
@@ -79,9 +77,6 @@ if mm_inputs:
 TOKENIZER_HELPERS = f'''
 {MARK} shm -- tokenizer side. See mmdiag.sglang.patches.shm.
 _MMDIAG_SHM_TAG = "{TAG}"
-_MMDIAG_SHM_WRITTEN = {{}}  # segment path -> monotonic time written (the scheduler unlinks or frees it)
-_MMDIAG_SHM_POOL = {{}}  # pooled segment path -> (this process's map, its size): reused once freed
-_MMDIAG_SHM_STATE = {{}}  # "lock": guards the pool; "swept": crashed writers' segments removed
 
 
 def _mmdiag_shm_items(mm_inputs):
@@ -161,165 +156,7 @@ def _mmdiag_shm_write(feature):
     return (_MMDIAG_SHM_TAG, path, shape, dtype, nbytes, False)
 
 
-def _mmdiag_shm_unlink(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _mmdiag_shm_pool_bytes():
-    """What the pool may hold: ${POOL_ENV} (0: no pool), else a quarter of the folder, at most {POOL_MAX_MB} MB."""
-    v = os.environ.get("{POOL_ENV}")
-    if v is not None:
-        try:
-            return max(0, int(float(v) * (1 << 20)))
-        except ValueError:
-            return 0
-    try:
-        st = os.statvfs(os.environ.get("{SHM_DIR_ENV}", "/dev/shm"))
-    except OSError:
-        return 0
-    return min(st.f_frsize * st.f_blocks // 4, {POOL_MAX_MB} << 20)
-
-
-def _mmdiag_shm_take(path, fd):
-    """Take a slot back if no rank maps it any more: its name is `<path>.held` (every rank
-    of the call took its shared lock before the entry rank renamed it so) and no shared
-    lock is left (a rank's lock lives as long as its map). The rename back is atomic."""
-    import fcntl
-    if not os.path.exists(path + ".held"):
-        return False  # in flight: not every rank has locked it yet
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False  # a rank still maps it
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    try:
-        os.rename(path + ".held", path)
-    except OSError:
-        return False
-    return True
-
-
-def _mmdiag_shm_acquire(folder, nbytes):
-    """(path, map) of a pooled segment of at least nbytes, now reserved for one feature;
-    None: the pool has none free and may not grow."""
-    import mmap
-    import secrets
-    import threading
-    with _MMDIAG_SHM_STATE.setdefault("lock", threading.Lock()):
-        by_size = sorted(_MMDIAG_SHM_POOL.items(), key=lambda kv: kv[1][1])
-        for path, (mm, size, fd) in by_size:
-            if size >= nbytes:
-                if not _mmdiag_shm_take(path, fd):
-                    continue
-                import time
-                _MMDIAG_SHM_WRITTEN[path] = time.monotonic()  # under the lock: reclaim sees it in flight
-                return path, mm
-        size = -(-nbytes // (1 << 20)) << 20  # whole MB: a slot serves features of nearby sizes
-        cap = _mmdiag_shm_pool_bytes()
-        held = sum(v[1] for v in _MMDIAG_SHM_POOL.values())
-        for path, (mm, old, fd) in by_size:  # make room: drop free slots too small to serve
-            if held + size <= cap:
-                break
-            if _mmdiag_shm_take(path, fd):
-                _mmdiag_shm_drop(path)
-                held -= old
-        if size > cap - held:
-            return None
-        path = os.path.join(folder, f"{PREFIX}{{os.getpid()}}-p{{secrets.token_hex(8)}}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            return None
-        try:
-            os.posix_fallocate(fd, 0, size)  # the pages exist from here on: no fault, no SIGBUS later
-            mm = mmap.mmap(fd, size)
-        except (OSError, ValueError):
-            os.close(fd)
-            _mmdiag_shm_unlink(path)
-            return None
-        import time
-        _MMDIAG_SHM_WRITTEN[path] = time.monotonic()  # under the lock: reclaim sees it in flight
-        if hasattr(mmap, "MADV_POPULATE_WRITE"):  # fault this map's pages in now, once
-            try:
-                mm.madvise(mmap.MADV_POPULATE_WRITE)
-            except OSError:
-                pass
-        if not _MMDIAG_SHM_POOL:
-            import atexit
-            atexit.register(_mmdiag_shm_pool_close)
-        _MMDIAG_SHM_POOL[path] = (mm, size, fd)  # fd: this process's side of the ranks' locks
-        return path, mm
-
-
-def _mmdiag_shm_drop(path):
-    """Take a slot out of the pool: unlink both its names, close this process's map and fd
-    (never rewritten again: a rank that still maps it keeps its bytes)."""
-    slot = _MMDIAG_SHM_POOL.pop(path, None)
-    _mmdiag_shm_unlink(path)
-    _mmdiag_shm_unlink(path + ".held")
-    _MMDIAG_SHM_WRITTEN.pop(path, None)
-    if slot is not None:
-        os.close(slot[2])
-        try:
-            slot[0].close()
-        except BufferError:
-            pass  # still viewed: the map goes with its last view
-
-
-def _mmdiag_shm_pool_close():
-    for path in list(_MMDIAG_SHM_POOL):
-        _mmdiag_shm_drop(path)
-
-
-def _mmdiag_shm_sweep(folder):
-    """Once per process: remove the segments of tokenizers that no longer run (a crash,
-    a kill -9): their names carry the writer's pid."""
-    if _MMDIAG_SHM_STATE.get("swept"):
-        return
-    _MMDIAG_SHM_STATE["swept"] = True
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len("{PREFIX}"):].split("-", 1)[0] if name.startswith("{PREFIX}") else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            _mmdiag_shm_unlink(os.path.join(folder, name))
-        except OSError:
-            pass  # alive, another user's
-
-
-def _mmdiag_shm_reclaim(before):
-    """Forget segments a scheduler already unlinked or freed; remove those written before
-    `before` that no scheduler took (a pooled one leaves the pool: it is never rewritten
-    while a late reader might still open it)."""
-    import threading
-    with _MMDIAG_SHM_STATE.setdefault("lock", threading.Lock()):
-        _mmdiag_shm_reclaim_locked(before)
-
-
-def _mmdiag_shm_reclaim_locked(before):
-    for path, when in list(_MMDIAG_SHM_WRITTEN.items()):
-        pooled = path in _MMDIAG_SHM_POOL
-        if when < before:
-            if pooled and os.path.exists(path + ".held"):
-                _MMDIAG_SHM_WRITTEN.pop(path, None)
-            elif pooled:
-                _mmdiag_shm_drop(path)
-            else:
-                _mmdiag_shm_unlink(path)
-        elif os.path.exists(path):
-            continue
-        elif pooled and not os.path.exists(path + ".held"):
-            _mmdiag_shm_drop(path)  # unlinked by a scheduler whose collective failed
-        _MMDIAG_SHM_WRITTEN.pop(path, None)
+{POOL_HELPERS}
 
 
 def _mmdiag_shm_discard(mm_inputs):
