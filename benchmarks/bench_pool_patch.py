@@ -4,7 +4,7 @@
 
 Takes two copies of a real wheel (tests/sglang_wheels.py; needs MMDIAG_WHEEL_CACHE or network),
 applies `mmdiag apply pool` to one, and loads each one's own ShmPointerMMData, wrap_shm_features
-and _finalize_shm_features (tests/whole_server_target.load_release; a group of one, in this
+and its receive (tests/whole_server_target.load_release; a group of one, in this
 process). Each pair writes the same (rows, 1176) float32 feature (4000 rows: a 1120x700 image,
 18.8 MB) once with the release as shipped (a new segment per feature) and once patched (a pooled
 segment), in alternating order, then receives it as a rank does (unpickle the handle, barrier-free
@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,18 +32,14 @@ def loaded(pkg: Path):
     """(write(feature) -> request, receive(request) -> tensor) of one install's own code."""
     from whole_server_target import load_release
     path = load_release(str(pkg))
-    ns = types.SimpleNamespace
-    path.ns["get_parallel"] = lambda: ns(attn_dp_enabled=False, enable_dp_attention=False, tp_size=1,
-                                         tp_group=ns(cpu_group=None))
-    receiver = ns(model_config=ns(is_multimodal=True), ps=ns(tp_size=1), tp_cpu_group=None)
-    wrap, finalize = path.ns["wrap_shm_features"], path.ns["_finalize_shm_features"]
+    wrap, receive_all = path.ns["wrap_shm_features"], path.shm_transport().receive
 
     def write(feature, rid):
         return wrap(path.generate_req(rid, path.make_mm_inputs([path.make_item(feature)])))
 
     def receive(req):
         reqs = [pickle.loads(pickle.dumps(req))]  # what a rank gets from the recv broadcast
-        finalize(receiver, reqs)
+        receive_all(reqs)
         return reqs[0].mm_inputs.mm_items[0].feature
     return path, write, receive
 

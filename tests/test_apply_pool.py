@@ -18,7 +18,6 @@ import socket
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import pytest
@@ -172,12 +171,7 @@ def _rank(r: int, port: int, pkg: str, cmds, results) -> None:
         group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))
         from whole_server_target import load_release
         path = load_release(pkg, group)
-        finalize = path.ns["_finalize_shm_features"]
-        # the parallel state as 0.5.19 (get_parallel().enable_dp_attention, self.ps) and 0.5.21+ read it
-        ns = types.SimpleNamespace
-        path.ns["get_parallel"] = lambda: ns(attn_dp_enabled=False, enable_dp_attention=False, tp_size=2,
-                                             tp_group=ns(cpu_group=group))
-        receiver = ns(model_config=ns(is_multimodal=True), ps=ns(tp_size=2), tp_cpu_group=group)
+        receive = path.shm_transport().receive  # its _finalize_shm_features, on the parallel state above
         kept = []
         while True:
             cmd = cmds.get(timeout=TIMEOUT_S)
@@ -191,7 +185,7 @@ def _rank(r: int, port: int, pkg: str, cmds, results) -> None:
                 continue
             _, payload, keep = cmd
             reqs = path.broadcast_pyobj([pickle.loads(payload)] if r == 0 else None, group)
-            finalize(receiver, reqs)
+            receive(reqs)
             feat = reqs[0].mm_inputs.mm_items[0].feature
             assert isinstance(feat, torch.Tensor) and tuple(feat.shape) == (ROWS, 1176), type(feat)
             if keep:
@@ -222,7 +216,8 @@ def patched(tmp_path, request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("patched", ["0.5.19", "0.5.23"], indirect=True)  # clone, copy-on-write map
+# clone (receive in recv_requests; in _finalize_shm_features), then copy-on-write map
+@pytest.mark.parametrize("patched", ["0.5.12.post1", "0.5.19", "0.5.23"], indirect=True)
 def test_patched_release_reuses_segments_safely_in_real_processes(patched, monkeypatch):
     version, pkg = patched
     cow = version == "0.5.23"
