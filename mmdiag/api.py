@@ -21,7 +21,7 @@ from . import strategies as registry
 from .errors import MmdiagError
 from .fileio import check_writable
 from .run import Run
-from .vocab import DEFAULT_HASH
+from .vocab import DEFAULT_HASH, DEFAULT_SEGMENTS
 
 Progress = Callable[[dict], None]
 Log = Callable[[str], None]
@@ -112,10 +112,18 @@ def replay_options(**kw: Any):
         raise MmdiagError("--strategy does not apply with --impl sglang",
                           fix="the install's own code decides; use `mmdiag apply STRATEGY` to change it")
     kw["strategies"] = [] if kw.get("impl") == "sglang" else registry.resolve(list(kw.get("strategies") or []))
+    if kw.get("impl") == "sglang":  # the model's settings: the install's own code decides these
+        for flag, given, why, fix in (
+                ("--hash", kw.get("hash") not in (None, DEFAULT_HASH), "hashes with its own code",
+                 f"`mmdiag apply {kw.get('hash')}` changes the install's hash"),
+                ("--segments", kw.get("segments") not in (None, DEFAULT_SEGMENTS), "writes its own segments",
+                 f"`mmdiag apply {kw.get('segments')}` makes the install reuse them"),
+                ("--shm-map", kw.get("shm_map") is not None, "takes each feature out of its segment its own way "
+                 "(a clone to 0.5.20, a copy-on-write map from 0.5.21)", "model the other with --impl mmdiag")):
+            if given:
+                raise MmdiagError(f"with --impl sglang the install {why}", where=flag,
+                                  fix=f"leave {flag} out; {fix}")
     if kw.get("hash") not in (None, DEFAULT_HASH):
-        if kw.get("impl") == "sglang":
-            raise MmdiagError(f"--hash {kw['hash']} with --impl sglang: the install hashes with its own code",
-                              where="--hash", fix=f"leave --hash out; `mmdiag apply {kw['hash']}` changes the install's hash")
         from .mmpath import hashing
         hashing.check(kw["hash"])
     if kw.get("skip_hash"):

@@ -33,7 +33,7 @@ from ..sglang.facts import (at_least, default_tokenizer_workers, default_transpo
                             hashes_in_place, shm_clones, since)
 from ..trace import scan
 from ..units import MB
-from ..vocab import AXES, DEFAULT_SEGMENTS, REPLAY_RANK_TITLE, TRANSPORT_PICKLE, TRANSPORT_SHM
+from ..vocab import AXES, DEFAULT_HASH, DEFAULT_SEGMENTS, REPLAY_RANK_TITLE, TRANSPORT_PICKLE, TRANSPORT_SHM
 from . import heartbeat
 from .assemble import assemble_run, strategy_result
 from .options import job_for_this_rank
@@ -123,13 +123,6 @@ class _Plan:
                 raise MmdiagError(f"--skip-hash: SGLang {version} does not read SGLANG_MM_SKIP_COMPUTE_HASH "
                                   f"(from {since('skip_hash_family')})", where="--sglang",
                                   fix="leave --skip-hash out, or replay a release that reads it")
-            if self.installed.detection.facts.transport == TRANSPORT_SHM:  # its own code moves the features
-                for flag, given, what in (("--shm-map", o.shm_map, "its materialize takes each feature out (a clone "
-                                                                  "to 0.5.20, a copy-on-write map from 0.5.21)"),
-                                          ("--segments", o.segments != DEFAULT_SEGMENTS, "it writes its own segments")):
-                    if given:
-                        raise MmdiagError(f"{flag}: SGLang {version} moves features by its own code: {what}",
-                                          where=flag, fix=f"leave {flag} out, or model it with --impl mmdiag")
         else:
             self.make = _make_strategy
             self.names = strategy_registry.resolve(o.strategies)
@@ -273,6 +266,8 @@ def _write_run(job, plan, results, world, header, stats, described) -> None:
     cfg.axes = {name: getattr(job.options, name) for name in AXES}
     if plan.installed is not None:
         det = plan.installed.detection
+        # what the install's code does: its hash and segments (as `mmdiag apply` left them)
+        cfg.axes.update(hash=det.content_hash or DEFAULT_HASH, segments=det.segments or DEFAULT_SEGMENTS)
         cfg.impl = "sglang"
         cfg.sglang = SGLangConfig(path=str(plan.installed.install.package_dir), version=plan.installed.install.version,
                                   variant=det.variant, patched=det.patched,
