@@ -9,7 +9,8 @@ for Qwen2.5-VL), each primitive mmdiag's replay runs, median of --rounds alterna
 Part 2, per request and configuration: real replays (gloo ranks) of --tp ranks, one 1120x700
 image per request at concurrency 1: the tokenizer stage's ms per request and capacity beside
 the scheduler loop's rate, the throughput, and its ratio to `revert` on pickle with sha256.
-Configurations alternate over --repeat rounds; the median round is printed.
+Configurations alternate over --repeat rounds; the median round (the lower one of an even
+number) is printed.
 
     python benchmarks/bench_tokenizer_stage.py --tp 2 -n 30 --repeat 3       # the 2-core box
     python benchmarks/bench_tokenizer_stage.py --tp 8 -n 60 --repeat 3       # a 16-core host
@@ -124,11 +125,12 @@ def stage_rows(tp: int, n: int, repeat: int, configs, synth_args=C1) -> list[lis
                 s = next(iter(run.strategies.values()))
                 got[label].append(s)
                 print(f"  round {rnd + 1}/{repeat}: {label}: {s.throughput_rps:.1f} req/s", file=sys.stderr, flush=True)
-    base = statistics.median(x.throughput_rps for x in got[configs[0][0]])
+    # the lower median: with an even number of rounds the table never shows the better of two as "the median"
+    base = statistics.median_low(x.throughput_rps for x in got[configs[0][0]])
     rows = []
     for label, _ in configs:
         rs = sorted(got[label], key=lambda x: x.throughput_rps)
-        s = rs[len(rs) // 2]
+        s = rs[(len(rs) - 1) // 2]
         tok = s.tokenizer_ms or {}
         loop = tok.get("loop_rps", s.throughput_rps)
         cap = tok.get("capacity_rps")
