@@ -501,8 +501,10 @@ def test_where_the_tokenizer_bounds_no_scheduler_patch_is_recommended():
         run.bottleneck = bottleneck(run.stages, None, None)
         return run
 
-    rec = recommend([with_tokenizer(94.5)])
-    assert rec.recommended == "none" and "segment" in rec.remedy
+    rec = recommend([with_tokenizer(94.5)])  # the segment write bounds: the segment pool
+    assert rec.recommended == "pool" and rec.command == "mmdiag apply pool" and "segment" in rec.remedy
+    # where the release predates its own segments' handles (0.5.9), mmdiag's shm patch is the pool
+    assert recommend([with_tokenizer(94.5)], release="0.5.9").command == "mmdiag apply shm"
     assert rec.reasons[0].startswith("the tokenizer stage bounds throughput")
     assert any("'revert'" in n and "not recommended" in n for n in rec.notes)
     assert recommend([with_tokenizer(50.0)]).recommended == "revert"   # the scheduler loop bounds

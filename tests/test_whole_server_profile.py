@@ -122,7 +122,8 @@ def test_stages_saved_and_shown(measured, tmp_path):
 def test_recommend_names_the_tokenizer_remedy_not_a_scheduler_patch(measured):
     run, *_ = measured
     rec = recommend([run])
-    assert rec.recommended in ("none", "xxh3") and rec.remedy
+    # the tokenizer-side remedy of its dominant phase (hashing: xxh3; the segment write: pool), never a strategy
+    assert rec.recommended in ("none", "xxh3", "pool") and rec.remedy
     assert rec.reasons[0].startswith("the tokenizer stage bounds throughput")
 
 

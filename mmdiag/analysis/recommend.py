@@ -28,6 +28,8 @@ from ..run import Run, StrategyResult
 from .. import units
 from ..mmpath.hashing import PATCHABLE as PATCHABLE_HASHES
 from ..mmpath.hashing import prefix_cache_of
+from ..sglang.facts import at_least, since
+from ..sglang.patches import PATCHES
 from ..strategies import BASELINE
 from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
 from ..strategies import REGISTRY as STRATEGY_REGISTRY
@@ -176,11 +178,11 @@ def recommend(runs: list[Run], rules: dict[str, Any] | None = None, release: str
                        launch)
         bound = next((r for r in runs if tokenizer_bound(r)), None)
         if bound is not None:
-            _tokenizer_remedy(rec, bound, rules)
+            _tokenizer_remedy(rec, bound, rules, release)
         return rec
     rec = _from_profile(runs[0], rules)
     if tokenizer_bound(runs[0]):
-        _tokenizer_remedy(rec, runs[0], rules)
+        _tokenizer_remedy(rec, runs[0], rules, release)
     return rec
 
 
@@ -190,7 +192,7 @@ def tokenizer_bound(run: Run) -> bool:
     return bool(b) and b.get("stage") == "tokenizer"
 
 
-def _tokenizer_remedy(rec: Recommendation, run: Run, rules: dict[str, Any]) -> None:
+def _tokenizer_remedy(rec: Recommendation, run: Run, rules: dict[str, Any], release: str | None = None) -> None:
     """The tokenizer bounds throughput: a scheduler-side patch speeds up a stage that is not the
     bound, so it is never the fix; the remedy for the tokenizer's dominant phase is."""
     b = run.bottleneck
@@ -200,8 +202,10 @@ def _tokenizer_remedy(rec: Recommendation, run: Run, rules: dict[str, Any]) -> N
     remedy = (rules.get("tokenizer_bound") or {}).get(phase) or {}
     scheduler_pick = rec.recommended if rec.recommended not in (None, NONE) else None
     patch = remedy.get("patch") or ""
-    # a strategy or a content hash (`mmdiag apply xxh3` stacks on whatever strategy is applied)
-    rec.recommended = patch if patch in PATCHABLE_STRATEGIES + PATCHABLE_HASHES else NONE
+    if release and remedy.get("before_shm_family") and not at_least(release, since("shm_family")):
+        patch = remedy["before_shm_family"]
+    # a strategy, a content hash or the segments (`mmdiag apply xxh3` / `pool` stack on a strategy)
+    rec.recommended = patch if patch in PATCHES else NONE
     rec.command = f"mmdiag apply {patch}" if rec.recommended == patch and patch else None
     rec.chosen, rec.leading, rec.tied = None, None, []
     rec.remedy = remedy.get("remedy") or f"a tokenizer-side remedy for its {phase}"
