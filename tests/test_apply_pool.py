@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from sglang_wheels import site_packages, state_of, tree_bytes
 
 import mmdiag.sglang.apply as A
+from mmdiag.live.requests import SegmentCounter
 from mmdiag.cli import main
 from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import NotApplicable
@@ -260,7 +261,13 @@ def test_patched_release_reuses_segments_safely_in_real_processes(patched, monke
         for p in ranks:
             p.start()
         w, wpid = start_writer()
-        names = [one(w, i)[0] for i in range(4)]
+        counter = SegmentCounter([wpid])  # what `mmdiag profile` counts requests by (an inotify watch)
+        assert counter.start(), counter.error
+        try:
+            names = [one(w, i)[0] for i in range(4)]
+            assert counter.read() == 4  # one feature each, though one segment carried them all
+        finally:
+            counter.close()
         assert all(map(_pooled, names)) and len(set(names)) == 1, names  # one segment, reused
         a, da = one(w, 4, keep=True)  # rank 1 keeps feature 4
         b = one(w, 5)[0]

@@ -4,7 +4,8 @@ SGLang 0.5.10+ on one node hands each image feature to the scheduler ranks in a 
 shared-memory segment that its tokenizer side creates (`ShmPointerMMData.__init__`), in
 /dev/shm; from 0.5.16 it names it `sgl_shm_mm_<creator pid>_<random>` (`make_shm_name("mm")`,
 checked in the 0.5.16-0.5.23 wheels; 0.5.10-0.5.13 leave the name to Python, `psm_<random>`,
-which says nothing of its creator: no count there).
+which says nothing of its creator: no count there). Where mmdiag's `pool` (or `shm`) patch
+writes them, a reused segment counts each time its writer takes it back (a rename).
 py-spy's samples carry no timestamps, so they cannot count requests; the kernel can:
 an inotify watch on /dev/shm sees every segment created, however briefly it lives (the
 ranks unlink it within milliseconds). One segment is one feature: a request of k images
@@ -20,9 +21,13 @@ import ctypes.util
 import os
 import struct
 
+from ..sglang.patches.segment_pool import PREFIX as POOL_PREFIX
+
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "sgl_shm_mm_"   # 0.5.23's make_shm_name("mm"): sgl_shm_mm_<pid>_<rand>
-_IN_CREATE, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0o4000, 0o2000000
+# mmdiag's own writers (`apply pool` on 0.5.10+, `apply shm` to 0.5.9) name theirs POOL_PREFIX<pid>-...;
+# a pooled one is created once and then renamed back from `<name>.held` for each feature it carries.
+_IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
 _EVENT = struct.Struct("iIII")
 
 
@@ -31,7 +36,8 @@ class SegmentCounter:
     drains the kernel's queue (call it often: the queue holds 16384 events by default)."""
 
     def __init__(self, pids: list[int], directory: str = SHM_DIR):
-        self.prefixes = tuple(f"{SEGMENT_PREFIX}{p}_" for p in pids)
+        self.prefixes = tuple(f"{SEGMENT_PREFIX}{p}_" for p in pids) + tuple(f"{POOL_PREFIX}{p}-" for p in pids)
+        self.reused = tuple(f"{POOL_PREFIX}{p}-p" for p in pids)  # a pooled segment taken for the next feature
         self.directory = directory
         self.count = 0
         self.fd = -1
@@ -43,7 +49,7 @@ class SegmentCounter:
         if fd < 0:
             self.error = f"inotify_init1: {os.strerror(ctypes.get_errno())}"
             return False
-        if libc.inotify_add_watch(fd, self.directory.encode(), _IN_CREATE) < 0:
+        if libc.inotify_add_watch(fd, self.directory.encode(), _IN_CREATE | _IN_MOVED_TO) < 0:
             self.error = f"inotify_add_watch {self.directory}: {os.strerror(ctypes.get_errno())}"
             os.close(fd)
             return False
@@ -63,6 +69,8 @@ class SegmentCounter:
                 name = buf[off + _EVENT.size: off + _EVENT.size + n].rstrip(b"\0").decode(errors="replace")
                 off += _EVENT.size + n
                 if mask & _IN_CREATE and name.startswith(self.prefixes):
+                    self.count += 1
+                elif mask & _IN_MOVED_TO and name.startswith(self.reused) and not name.endswith(".held"):
                     self.count += 1
         return self.count
 
