@@ -503,3 +503,16 @@ def test_each_side_states_its_prefix_cache(tmp_path):
     live = build_report(profile_run([{"recv": 50, "from_dict": 50}]), profile_run([{"recv": 50, "idle": 50}]),
                         load_criteria())
     assert live.before.prefix_cache is None and "prefix cache" not in render_markdown(live)  # live: not stated
+
+
+def test_the_tokenizer_stage_shows_hashing_and_the_segment_write_apart():
+    """What `apply xxh3` and `apply pool` change is each a phase of the tokenizer stage: the
+    report shows each per multimodal request, before and after."""
+    b, a = _pair()
+    sb, sa = next(iter(b.strategies.values())), next(iter(a.strategies.values()))
+    sb.tokenizer_ms = {"tokenizer_hash": 30.0 * sb.mm_requests, "tokenizer_shm": 12.0 * sb.mm_requests}
+    sa.tokenizer_ms = {"tokenizer_hash": 2.0 * sa.mm_requests, "tokenizer_shm": 3.0 * sa.mm_requests}
+    rows = {m.metric: m for m in build_report(b, a, load_criteria()).metrics}
+    hashing, write = rows["tokenizer hashing per mm request"], rows["tokenizer shared-memory write per mm request"]
+    assert (hashing.before, hashing.after) == pytest.approx((30.0, 2.0))
+    assert (write.before, write.after) == pytest.approx((12.0, 3.0))

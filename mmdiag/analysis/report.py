@@ -233,10 +233,12 @@ def metrics(before: Side, after: Side, throughput: Comparison | None = None) -> 
         rows.append(_row_plain("collectives per request", "", bs.collectives_per_request, as_.collectives_per_request))
         rows.append(_row_plain("MB per request (CPU group)", "MB", bs.bytes_per_request / MB, as_.bytes_per_request / MB))
         rows.append(_row_plain("requests per loop iteration", "", bs.requests_per_iteration, as_.requests_per_iteration))
-        tb = (bs.tokenizer_ms or {}).get("per_mm_request", 0.0)
-        ta = (as_.tokenizer_ms or {}).get("per_mm_request", 0.0)
-        if tb or ta:
-            rows.append(_row_plain("tokenizer hashing per mm request", "ms", tb, ta))
+        # the tokenizer stage's phases (the content hash, the segment write): what xxh3 and pool change
+        for what, key in (("hashing", "tokenizer_hash"), ("shared-memory write", "tokenizer_shm")):
+            tb = (bs.tokenizer_ms or {}).get(key, 0.0) / max(bs.mm_requests, 1)
+            ta = (as_.tokenizer_ms or {}).get(key, 0.0) / max(as_.mm_requests, 1)
+            if tb or ta:
+                rows.append(_row_plain(f"tokenizer {what} per mm request", "ms", tb, ta))
     rows.append(_row_plain("mm path share, busiest rank", "%", _max_rank(before.ranks, B.mm_share),
                            _max_rank(after.ranks, B.mm_share)))
     return rows
