@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..mmpath.hashing import prefix_cache_of
 from ..run import RankResult, Run, StrategyResult
 from ..strategies import BASELINE
+from ..vocab import AXES
 
 SATURATION, EQUAL_LOAD, PER_REQUEST, ANY = "saturation", "equal_load", "per_request", "any"
 # An open loop is sustained when the achieved throughput is at least this share of the
@@ -172,8 +173,18 @@ def remeasure(condition: str, before: Side, after: Side) -> str:
     if run.is_replay and run.config.impl == "sglang":   # apply --verify: the install is the strategy
         sg = run.config.sglang.path if run.config.sglang else None
         where = f" --sglang {sg}" if sg else ""
+        a = _applied(run, after.run) or a
         return (f"{synth} && mmdiag apply --undo -y{where} && mmdiag apply {a} --verify -y{where} "
                 f"--trace {name}.jsonl --tp {run.tp} --repeat 3")
     strategies = " ".join(f"--strategy {s}" for s in dict.fromkeys((b, a)))
     return (f"{synth} && mmdiag replay {name}.jsonl --tp {run.tp} {strategies} --repeat 3 -o {name}.json && "
             f"mmdiag report {name}.json {name}.json --before-strategy {b} --after-strategy {a}")
+
+
+def _applied(before: Run, after: Run) -> str | None:
+    """What `mmdiag apply` changed between two replays of one install: its strategy patch, or
+    the axis (a content hash, the segments) whose setting differs; None: nothing recorded."""
+    patched = [r.config.sglang.patched if r.config.sglang else None for r in (before, after)]
+    if patched[1] and patched[1] != patched[0]:
+        return patched[1]
+    return next((after.config.setting(x) for x in AXES if after.config.setting(x) != before.config.setting(x)), None)

@@ -9,8 +9,6 @@ from .. import api, progress
 from .. import render as out
 from ..errors import MmdiagError
 from ..sglang.patches import PATCHES
-from ..strategies import PATCHABLE as PATCHABLE_STRATEGIES
-from ..vocab import SEGMENTS_POOL
 from . import options as o
 from .analysis_cmds import show_report
 from .app import json_switch, output_option, show
@@ -106,12 +104,6 @@ def apply_command(strategy, sglang_path, dry_run, yes, undo, verify, trace, tp, 
     if undo == (strategy is not None):
         raise MmdiagError(f"give a STRATEGY or --undo (not both); strategies: {', '.join(PATCHES)}")
     if verify:
-        if strategy == SEGMENTS_POOL:  # the writer's segments: `replay --segments` measures them
-            raise MmdiagError(f"--verify measures a strategy; `{strategy}` is the shm writer's segment pool",
-                              fix=f"apply it without --verify; `mmdiag replay --segments {strategy}` measures it")
-        if strategy not in PATCHABLE_STRATEGIES:  # a content hash: `replay --hash` measures it
-            raise MmdiagError(f"--verify measures a strategy; `{strategy}` is a content hash",
-                              fix=f"apply it without --verify; `mmdiag replay --hash {strategy}` measures it")
         if undo or dry_run:
             raise MmdiagError("--verify applies a STRATEGY; it does not combine with --undo or --dry-run")
         with progress.stderr() as bar:
