@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -149,20 +150,28 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
     t0 = time.monotonic()
     if on_window:
         on_window("start")
-    interrupted = False
     end, next_poll = t0 + duration, t0 + CPU_POLL_S
+    # Ctrl-C is taken as a flag the loop reads, not as an exception that could land anywhere
+    # (inside the spawn of the next py-spy block, say): the window ends at once, every time.
+    ctrl_c = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set()) if main else None
     try:
-        while time.monotonic() < end and not sampler.all_exited():
+        while time.monotonic() < end and not sampler.all_exited() and not ctrl_c.is_set():
             sampler.poll()
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            ctrl_c.wait(min(0.05, max(0.0, end - time.monotonic())))
             if time.monotonic() >= next_poll:
                 for c in cpus.values():
                     c.poll()
                 if tick:
                     tick()
                 next_poll += CPU_POLL_S
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt:  # raised before the handler was set, or off the main thread
+        ctrl_c.set()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C raises again (exit 130)
+    interrupted = ctrl_c.is_set()
     for c in cpus.values():
         c.poll()
     t1 = time.monotonic()

@@ -160,6 +160,22 @@ def insert_after_statement(text: str, stmt: ast.stmt, new_source: str) -> str:
     return "".join(lines[: stmt.end_lineno]) + body + "".join(lines[stmt.end_lineno :])
 
 
+def module_constant(text: str | None, name: str) -> tuple[ast.Module | None, object]:
+    """(the parsed text, the string a patch's module-level `name = "..."` holds there, or None);
+    (None, None) where the text is missing or does not parse."""
+    if text is None:
+        return None, None
+    try:
+        tree = astutil.parse(text, "mm_utils.py")
+    except SyntaxError:
+        return None, None
+    for n in tree.body:
+        if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == [name] \
+                and isinstance(n.value, ast.Constant):
+            return tree, n.value.value
+    return tree, None
+
+
 def append_module_code(text: str, new_source: str) -> str:
     sep = "" if text.endswith("\n") else "\n"
     return text + sep + "\n\n" + textwrap.dedent(new_source).strip("\n") + "\n"

@@ -28,7 +28,7 @@ from ...vocab import DEFAULT_HASH
 from .. import astutil
 from ..errors import SGLangError, UnknownLayout
 from ..facts import layouts
-from .common import MARK, Plan, append_module_code
+from .common import MARK, Plan, append_module_code, module_constant
 
 FUNCTIONS = ("data_hash", "tensor_hash", "hash_feature")  # mm_utils' feature hashing, callee to caller
 SHA256 = "hashlib.sha256"
@@ -110,16 +110,9 @@ def _replace_function(text: str, fn: ast.FunctionDef, source: str) -> str:
 
 def hash_of(text: str | None) -> str | None:
     """The content hash a mm_utils.py text hashes features with (vocab.HASHES); None: unknown."""
-    if text is None:
-        return None
-    try:
-        tree = astutil.parse(text, "mm_utils.py")
-    except SyntaxError:
-        return None
-    for n in tree.body:
-        if (isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == [NAME_CONST]
-                and isinstance(n.value, ast.Constant)):
-            return n.value.value
+    tree, applied = module_constant(text, NAME_CONST)
+    if applied is not None or tree is None:
+        return applied
     data_hash = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "data_hash"), None)
     return DEFAULT_HASH if data_hash is not None and _sha256_sites(data_hash) else None
 

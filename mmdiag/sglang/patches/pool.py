@@ -50,7 +50,7 @@ from ...vocab import SEGMENTS_FRESH, SEGMENTS_POOL, STRATEGY_SHM, TRANSPORT_SHM
 from .. import astutil
 from ..errors import NotApplicable, UnknownLayout
 from ..facts import layouts
-from .common import MARK, Plan, append_module_code
+from .common import MARK, Plan, append_module_code, module_constant
 from .segment_pool import POOL_ENV, POOL_HELPERS, POOL_MAX_MB, PREFIX, RECLAIM_AFTER_S
 
 NAME = SEGMENTS_POOL
@@ -206,16 +206,9 @@ def segments_of(text: str | None, manifest: dict | None = None) -> str | None:
     segment, None where no shared-memory writer exists."""
     if manifest and manifest.get("strategy") == STRATEGY_SHM:
         return SEGMENTS_POOL
-    if text is None:
-        return None
-    try:
-        tree = astutil.parse(text, "mm_utils.py")
-    except SyntaxError:
-        return None
-    for n in tree.body:
-        if (isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == [NAME_CONST]
-                and isinstance(n.value, ast.Constant)):
-            return n.value.value
+    tree, applied = module_constant(text, NAME_CONST)
+    if applied is not None or tree is None:
+        return applied
     return SEGMENTS_FRESH if astutil.find_class(tree, CLASS) is not None else None
 
 
