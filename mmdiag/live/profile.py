@@ -153,9 +153,11 @@ def _sample_window(sampler: Sampler, cpus: dict[int, CpuMeter], duration: float,
     end, next_poll = t0 + duration, t0 + CPU_POLL_S
     # Ctrl-C is taken as a flag the loop reads, not as an exception that could land anywhere
     # (inside the spawn of the next py-spy block, say): the window ends at once, every time.
+    # A SIGINT the caller ignores (a background job of a script) stays ignored.
     ctrl_c = threading.Event()
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set()) if main else None
+    take = main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set()) if take else None
     try:
         while time.monotonic() < end and not sampler.all_exited() and not ctrl_c.is_set():
             sampler.poll()
