@@ -4,9 +4,11 @@ SGLang trees patched by `mmdiag apply`, beside mmdiag's model of the same config
 One 1120x700 image per request, one request in flight (the tokenizer stage adds to every
 request), --tp ranks, configurations alternating over --repeat rounds; the median round and
 its ratio to the model's `revert` on pickle with sha256 are printed, with whether the ranks
-agreed. Release trees: `--tree VERSION=PATH` (an unpacked `sglang` package; on a host without
-the test wheels), else the test suite's unpacked wheels (tests/sglang_wheels.py). Each tree is
-copied, xxhash is put beside it (the server's Python must import it), and patched there.
+agreed. The model's rows run an untagged trace (no release: sha256 fed through copies, one
+hashing worker, as to 0.5.9) unless labelled "model as X" (the trace tagged X). Release trees:
+`--tree VERSION=PATH` (an unpacked `sglang` package; on a host without the test wheels), else
+the test suite's unpacked wheels (tests/sglang_wheels.py). Each tree is copied, xxhash is put
+beside it (the server's Python must import it), and patched there.
 
     python benchmarks/bench_release_code.py --tp 2 -n 30 --repeat 2
     python benchmarks/bench_release_code.py --tp 8 -n 60 --repeat 2 --tree 0.5.9=/x/0.5.9/sglang --tree 0.5.23=/x/0.5.23/sglang
@@ -14,6 +16,7 @@ copied, xxhash is put beside it (the server's Python must import it), and patche
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -39,6 +42,10 @@ CONFIGS = [
     ("model: shm, pooled, xxh3", dict(strategies=["shm"], transport="shm", hash="xxh3", segments="pool")),
     ("0.5.9 apply shm, fresh, sha256", ("0.5.9", ["shm"], NO_POOL)),
     ("0.5.9 apply shm + xxh3, pooled", ("0.5.9", ["shm", "xxh3"], {})),
+    # the model of 0.5.23 itself (the trace tagged so): sha256 in place, 2 hashing workers, copy-on-write maps
+    ("model as 0.5.23: shm, fresh, sha256", dict(strategies=["shm"], transport="shm", as_release="0.5.23")),
+    ("model as 0.5.23: shm, pooled, xxh3", dict(strategies=["shm"], transport="shm", hash="xxh3", segments="pool",
+                                               as_release="0.5.23")),
     ("0.5.23 precompute, fresh, sha256", ("0.5.23", [], PRECOMPUTE)),
     ("0.5.23 precompute + apply xxh3, fresh", ("0.5.23", ["xxh3"], PRECOMPUTE)),
     ("0.5.23 precompute + apply xxh3 + pool", ("0.5.23", ["xxh3", "pool"], PRECOMPUTE)),
@@ -67,6 +74,19 @@ def _install(version: str, patches: list[str], given: dict[str, str], into: Path
     return str(site / "sglang")
 
 
+def _tagged(trace: str, version: str) -> str:
+    """The trace as if recorded from a server of `version`: the model follows its release facts."""
+    out = trace.replace(".jsonl", f"-{version}.jsonl")
+    if not os.path.exists(out):
+        with open(trace) as f:
+            head, *rest = f.readlines()
+        h = json.loads(head)
+        h.setdefault("source", {})["sglang_version"] = version
+        with open(out, "w") as f:
+            f.writelines([json.dumps(h) + "\n", *rest])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
@@ -86,7 +106,7 @@ def main() -> int:
         runs = []
         for label, how in CONFIGS:
             if isinstance(how, dict):
-                runs.append((label, how))
+                runs.append((label, dict(how)))
             else:
                 version, patches, env = how
                 runs.append((label, dict(impl="sglang", sglang_path=_install(version, patches, given, d),
@@ -94,7 +114,10 @@ def main() -> int:
         got: dict[str, list] = {label: [] for label, _ in runs}
         for rnd in range(a.repeat):
             for label, kw in runs:
-                s = next(iter(api.replay(trace, tp=a.tp, **kw).strategies.values()))
+                kw = dict(kw)
+                release = kw.pop("as_release", None)
+                s = next(iter(api.replay(_tagged(trace, release) if release else trace, tp=a.tp, **kw)
+                              .strategies.values()))
                 got[label].append(s)
                 print(f"  round {rnd + 1}/{a.repeat}: {label}: {s.throughput_rps:.1f} req/s", file=sys.stderr,
                       flush=True)
