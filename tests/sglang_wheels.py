@@ -112,3 +112,13 @@ def state_of(pkg: Path) -> Path:
     """mmdiag's state folder for the install at pkg (outside the package)."""
     from mmdiag.sglang.locate import locate
     return locate(str(pkg)).state_dir
+
+
+def with_xxhash(site: Path) -> None:
+    """The real xxhash package (from this environment) beside a copied sglang: a server's
+    site-packages that has it (`mmdiag apply xxh3` refuses an install whose Python lacks it)."""
+    import xxhash
+    src = Path(xxhash.__file__).parent
+    shutil.copytree(src, site / "xxhash")
+    for d in src.parent.glob("xxhash-*.dist-info"):
+        shutil.copytree(d, site / d.name)

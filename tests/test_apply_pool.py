@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import site_packages, state_of, tree_bytes
+from sglang_wheels import site_packages, state_of, tree_bytes, with_xxhash
 
 import mmdiag.sglang.apply as A
 from mmdiag.live.requests import SegmentCounter
@@ -43,15 +43,6 @@ def run(*args):
     r = CliRunner().invoke(main, [*[str(a) for a in args]])
     assert "Traceback" not in r.output, r.output
     return r
-
-
-def _with_xxhash(site: Path) -> None:
-    import shutil
-    import xxhash
-    src = Path(xxhash.__file__).parent
-    shutil.copytree(src, site / "xxhash")
-    for d in src.parent.glob("xxhash-*.dist-info"):
-        shutil.copytree(d, site / d.name)
 
 
 @pytest.mark.parametrize("version", POOL_WHEELS)
@@ -86,7 +77,7 @@ def test_apply_pool_and_undo_byte_identical(version, tmp_path):
 @pytest.mark.parametrize("version", ["0.5.12.post1", "0.5.23"])
 def test_pool_stacks_with_xxh3_either_order_and_one_undo_restores_all(version, tmp_path):
     pkg = site_packages(version, tmp_path)
-    _with_xxhash(pkg.parent)
+    with_xxhash(pkg.parent)
     before = tree_bytes(pkg)
     for order in (["pool", "xxh3"], ["xxh3", "pool"]):
         for name in order:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sglang_wheels import FAMILY_WHEELS, checkout, site_packages, state_of, tree_bytes
+from sglang_wheels import FAMILY_WHEELS, checkout, site_packages, state_of, tree_bytes, with_xxhash
 
 import mmdiag.sglang.apply as A
 from mmdiag.cli import main
@@ -33,19 +33,9 @@ def run(*args):
     return r
 
 
-def _with_xxhash(site: Path) -> None:
-    """The real xxhash package (from this environment) beside the copied sglang: a server's
-    site-packages that has it."""
-    import xxhash
-    src = Path(xxhash.__file__).parent
-    shutil.copytree(src, site / "xxhash")
-    for d in src.parent.glob("xxhash-*.dist-info"):
-        shutil.copytree(d, site / d.name)
-
-
 def _install(version: str, tmp_path: Path) -> Path:
     pkg = site_packages(version, tmp_path)
-    _with_xxhash(pkg.parent)
+    with_xxhash(pkg.parent)
     return pkg
 
 
@@ -110,7 +100,7 @@ def test_refused_where_the_servers_python_lacks_xxhash(tmp_path):
     assert out.exit_code != 0 and out.output.startswith("mmdiag: error: ") and len(out.output.splitlines()) == 1
     assert str(venv / "bin") in out.output and "xxhash" in out.output and "nothing was changed" in out.output
     assert tree_bytes(pkg) == before and not (state_of(pkg) / "manifest.json").exists()
-    _with_xxhash(site)  # now that environment has it
+    with_xxhash(site)  # now that environment has it
     ok = run("apply", "xxh3", "--sglang", pkg, "--yes")
     assert ok.exit_code == 0, ok.output
     assert run("apply", "--undo", "--sglang", pkg, "--yes").exit_code == 0

@@ -128,12 +128,12 @@ def test_skip_hash_without_hashing_once_is_called_a_divergence(server):
 def test_content_hash_the_server_runs(server):
     """xxh3 applied after the server started is not running yet (sha256 until a restart); a
     server started after it runs it; SGLANG_MM_SKIP_COMPUTE_HASH=1 makes it random."""
-    from test_sglang_content_hash import _with_xxhash
+    from sglang_wheels import with_xxhash
     titles = ["sglang::scheduler_TP0", "sglang::scheduler_TP1"]
     p, _, pkg = server("0.5.23", titles, ["--tp", "2"], {})
     assert read_server(p.pid).content_hash == "sha256"
     time.sleep(0.05)
-    _with_xxhash(pkg.parent)
+    with_xxhash(pkg.parent)
     A.apply(locate(str(pkg)), "xxh3")
     s = read_server(p.pid)
     assert s.patch == "xxh3" and s.patch_pending and s.content_hash == "sha256"
