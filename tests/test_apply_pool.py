@@ -21,57 +21,35 @@ import traceback
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from sglang_wheels import site_packages, state_of, tree_bytes, with_xxhash
+from axis_patches import MM_UTILS, apply_then_undo, run
+from sglang_wheels import site_packages, tree_bytes, with_xxhash
 
 import mmdiag.sglang.apply as A
 from mmdiag.live.requests import SegmentCounter
-from mmdiag.cli import main
 from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import NotApplicable
 from mmdiag.sglang.locate import locate
 from mmdiag.sglang.patches.segment_pool import POOL_ENV, PREFIX
 
-MM_UTILS = "srt/managers/mm_utils.py"
 SHM = Path("/dev/shm")
 # One wheel per layout family of ShmPointerMMData / its receiver (variants.toml [layouts]).
 POOL_WHEELS = ["0.5.12.post1", "0.5.13", "0.5.16", "0.5.19", "0.5.21", "0.5.23"]
 
 
-def run(*args):
-    r = CliRunner().invoke(main, [*[str(a) for a in args]])
-    assert "Traceback" not in r.output, r.output
-    return r
-
-
 @pytest.mark.parametrize("version", POOL_WHEELS)
 def test_apply_pool_and_undo_byte_identical(version, tmp_path):
     pkg = site_packages(version, tmp_path)
-    before = tree_bytes(pkg)
-    doc = run("doctor", "--sglang", pkg)
-    assert re.search(r"^shm segments\s+fresh ", doc.output, re.M), doc.output
-    r = run("apply", "pool", "--sglang", pkg, "--yes")
-    assert r.exit_code == 0 and "applied `pool`" in r.output, r.output
-    after = tree_bytes(pkg)
-    assert {k for k in before if after[k] != before[k]} == {MM_UTILS}
-    text = after[MM_UTILS].decode()
-    compile(text, MM_UTILS, "exec")
-    # the release's writer and every open by name go through the pool; nothing else of its code changes
-    assert len(re.findall(r"_mmdiag_pool_segment\(nbytes\) or shared_memory\.SharedMemory\(", text)) == 1
-    assert len(re.findall(r"_mmdiag_pool_attach\(self, shared_memory\.SharedMemory\(name=self\.shm_name\)\)", text)) \
-        == text.count("shared_memory.SharedMemory(name=self.shm_name)") >= 1
-    det = detect(locate(str(pkg)))
-    assert det.segments == "pool" and det.patched is None and det.family == detect(locate(str(pkg))).family
-    doc = run("doctor", "--sglang", pkg)
-    assert re.search(r"^shm segments\s+pool ", doc.output, re.M), doc.output
-    assert re.search(r"^mmdiag patch\s+pool \(applied", doc.output, re.M), doc.output
-    again = run("apply", "pool", "--sglang", pkg, "--yes")
-    assert again.exit_code == 0 and "already applied" in again.output, again.output
-    u = run("apply", "--undo", "--sglang", pkg, "--yes")
-    assert u.exit_code == 0 and "undone `pool`" in u.output, u.output
-    assert tree_bytes(pkg) == before
-    assert not (state_of(pkg) / "manifest.json").exists()
+
+    def only_the_writer_and_the_opens(text):
+        # the release's writer and every open by name go through the pool; nothing else of its code changes
+        assert len(re.findall(r"_mmdiag_pool_segment\(nbytes\) or shared_memory\.SharedMemory\(", text)) == 1
+        assert len(re.findall(r"_mmdiag_pool_attach\(self, shared_memory\.SharedMemory\(name=self\.shm_name\)\)",
+                              text)) == text.count("shared_memory.SharedMemory(name=self.shm_name)") >= 1
+        det = detect(locate(str(pkg)))
+        assert det.segments == "pool" and det.patched is None
+
+    apply_then_undo(pkg, "pool", "shm segments", "fresh ", "pool ", only_the_writer_and_the_opens)
 
 
 @pytest.mark.parametrize("version", ["0.5.12.post1", "0.5.23"])

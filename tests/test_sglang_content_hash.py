@@ -12,25 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from axis_patches import apply_then_undo, run
 from sglang_wheels import FAMILY_WHEELS, checkout, site_packages, state_of, tree_bytes, with_xxhash
 
 import mmdiag.sglang.apply as A
-from mmdiag.cli import main
-from mmdiag.mmpath import hashing
 from mmdiag.sglang.detect import detect
 from mmdiag.sglang.errors import AlreadyPatched
 from mmdiag.sglang.locate import locate
 
-MM_UTILS = "srt/managers/mm_utils.py"
 REPO = Path(__file__).resolve().parent.parent
 
-
-def run(*args):
-    r = CliRunner().invoke(main, [*[str(a) for a in args]])
-    assert "Traceback" not in r.output
-    return r
 
 
 def _install(version: str, tmp_path: Path) -> Path:
@@ -42,29 +34,15 @@ def _install(version: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("version", FAMILY_WHEELS)
 def test_apply_xxh3_and_undo_byte_identical(version, tmp_path):
     pkg = _install(version, tmp_path)
-    before = tree_bytes(pkg)
-    doc = run("doctor", "--sglang", pkg)
-    assert re.search(r"^content hash\s+sha256 \(content hash kept\)", doc.output, re.M), doc.output
-    r = run("apply", "xxh3", "--sglang", pkg, "--yes")
-    assert r.exit_code == 0, r.output
-    assert f"+++ b/{MM_UTILS}" in r.output and "applied `xxh3`" in r.output
-    after = tree_bytes(pkg)
-    assert {k for k in before if after[k] != before[k]} == {MM_UTILS}  # only the hashing file
-    text = after[MM_UTILS].decode()
-    assert "hashlib.sha256" not in "".join(re.findall(r"^def (?:data_hash|tensor_hash|hash_feature)\(.*?(?=^def )",
-                                                       text, re.M | re.S))
-    compile(text, MM_UTILS, "exec")
-    det = detect(locate(str(pkg)))
-    assert det.content_hash == "xxh3" and det.patched is None  # no strategy applied
-    doc = run("doctor", "--sglang", pkg)
-    assert re.search(r"^content hash\s+xxh3 \(content hash kept\)", doc.output, re.M), doc.output
-    assert re.search(r"^mmdiag patch\s+xxh3 \(applied", doc.output, re.M), doc.output
-    again = run("apply", "xxh3", "--sglang", pkg, "--yes")
-    assert again.exit_code == 0 and "already applied" in again.output
-    u = run("apply", "--undo", "--sglang", pkg, "--yes")
-    assert u.exit_code == 0 and "undone `xxh3`" in u.output, u.output
-    assert tree_bytes(pkg) == before
-    assert not (state_of(pkg) / "manifest.json").exists()
+
+    def no_sha256_left_in_the_feature_hashing(text):
+        assert "hashlib.sha256" not in "".join(re.findall(
+            r"^def (?:data_hash|tensor_hash|hash_feature)\(.*?(?=^def )", text, re.M | re.S))
+        det = detect(locate(str(pkg)))
+        assert det.content_hash == "xxh3" and det.patched is None  # no strategy applied
+
+    apply_then_undo(pkg, "xxh3", "content hash", r"sha256 \(content hash kept\)", r"xxh3 \(content hash kept\)",
+                    no_sha256_left_in_the_feature_hashing)
 
 
 @pytest.mark.parametrize("version,strategy", [("0.5.4.post1", "shm"), ("0.5.9", "shm"), ("0.5.7", "batch")])
